@@ -1,0 +1,102 @@
+//! The one error type of the HTTP surface: a stable `code` and a message a developer can act
+//! on for 4xx; an opaque body for 5xx, with the cause chain logged.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use callplane_core::auth::AuthError;
+use callplane_core::seams::{PipelineError, StoreError};
+use callplane_core::vapi::ParseError;
+use serde_json::json;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// A 4xx with a stable code.
+    Client { status: StatusCode, code: &'static str, message: String },
+    /// A 5xx; the source is logged, never sent.
+    Internal(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Client { status, code, message: message.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Client { status, .. } => *status,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Client { code, .. } => code,
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::client(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
+    }
+}
+
+impl From<ParseError> for ApiError {
+    fn from(e: ParseError) -> Self {
+        ApiError::client(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Invalid(message) => ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message),
+            StoreError::Backend { .. } => ApiError::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Rejected { code, message, dead_letter_id } => ApiError::client(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                code,
+                format!("{message} (kept as dead letter {dead_letter_id})"),
+            ),
+            PipelineError::DeadLettered { .. } | PipelineError::Lost(_) => ApiError::Internal(Box::new(e)),
+        }
+    }
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Client { status, code, message } => {
+                tracing::info!(status = status.as_u16(), code, %message, "request refused");
+                (status, Json(json!({ "code": code, "message": message }))).into_response()
+            }
+            ApiError::Internal(e) => {
+                tracing::error!(error = %chain(e.as_ref()), "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(json!({ "code": "internal_error", "message": "Something went wrong on our side; it has been logged." })),
+                )
+                    .into_response()
+            }
+        }
+    }
+}

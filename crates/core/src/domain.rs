@@ -1,0 +1,100 @@
+//! Organizations and the identifiers shared by every crate.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// An organization (a business on a minute plan). Every tenant-scoped call takes one first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OrgId(pub Uuid);
+
+impl OrgId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for OrgId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for OrgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for OrgId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s.trim()).map(OrgId)
+    }
+}
+
+/// Where an organization's subscription stands. Only `active` and `past_due` (within the
+/// grace period) may take new calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrgStatus {
+    Active,
+    PastDue,
+    Canceled,
+    Suspended,
+}
+
+impl OrgStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrgStatus::Active => "active",
+            OrgStatus::PastDue => "past_due",
+            OrgStatus::Canceled => "canceled",
+            OrgStatus::Suspended => "suspended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => OrgStatus::Active,
+            "past_due" => OrgStatus::PastDue,
+            "canceled" => OrgStatus::Canceled,
+            "suspended" => OrgStatus::Suspended,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Organization {
+    pub id: OrgId,
+    pub name: String,
+    pub plan: String,
+    pub status: OrgStatus,
+    /// Set when the status became `past_due`; the grace period runs from here.
+    pub status_changed_at: DateTime<Utc>,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    /// The phase-1 usage counter for the current period, in billed seconds.
+    pub seconds_used: i64,
+    /// The VAPI assistant answered to `assistant-request` for this organization.
+    pub default_assistant_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Organization {
+    /// The organization as of `now`: once its billing period has ended without a renewal
+    /// being recorded, the next period has started and nothing is used in it yet.
+    pub fn as_of(mut self, now: DateTime<Utc>) -> Self {
+        if now >= self.period_end {
+            let (start, end) = crate::billing::period_containing(self.period_start, now);
+            self.period_start = start;
+            self.period_end = end;
+            self.seconds_used = 0;
+        }
+        self
+    }
+}

@@ -1,0 +1,145 @@
+//! The seams: one narrow trait per capability, organization id first. Each phase plugs a
+//! backend in behind these; `api` and the pipeline only ever see `Arc<dyn Trait>`.
+
+use crate::domain::{OrgId, Organization};
+use crate::vapi::ServerMessage;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A backend failure. Driver errors are kept as the source, never stringified.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{backend} backend failed")]
+    Backend {
+        backend: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    pub fn backend(backend: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend { backend, source: Box::new(e) }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Organizations and the registries that map VAPI ids to them. Postgres in every phase.
+#[async_trait]
+pub trait OrgDirectory: Send + Sync {
+    async fn get(&self, org: OrgId) -> StoreResult<Option<Organization>>;
+    /// The organization that registered this VAPI phone-number id.
+    async fn by_phone_number(&self, vapi_phone_number_id: &str) -> StoreResult<Option<OrgId>>;
+    /// The organization that registered this VAPI assistant id.
+    async fn by_assistant(&self, vapi_assistant_id: &str) -> StoreResult<Option<OrgId>>;
+}
+
+/// Billed seconds per organization and billing period. The usage ledger is the truth behind
+/// every counter; a counter can always be rebuilt from it.
+#[async_trait]
+pub trait UsageCounter: Send + Sync {
+    fn backend(&self) -> &'static str;
+    /// True when the pipeline raises this counter inside the ledger transaction (the Postgres
+    /// column). Other backends are raised after the ledger row commits.
+    fn raised_in_ledger_transaction(&self) -> bool;
+    async fn add(&self, org: OrgId, period_start: DateTime<Utc>, seconds: i64) -> StoreResult<i64>;
+    async fn used(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64>;
+}
+
+/// A call's transcript and conversation messages.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Transcript {
+    pub text: Option<String>,
+    pub messages: Vec<Value>,
+    /// From the end-of-call report. A final transcript is never replaced by a live one, and
+    /// a live one only by one with at least as many messages, so any arrival order of a
+    /// call's events leaves the same transcript.
+    pub is_final: bool,
+}
+
+#[async_trait]
+pub trait TranscriptStore: Send + Sync {
+    fn backend(&self) -> &'static str;
+    /// Stores (replaces) the transcript of a call created at `call_created_at`.
+    async fn put(&self, org: OrgId, call_id: &str, call_created_at: DateTime<Utc>, t: &Transcript) -> StoreResult<()>;
+    async fn get(&self, org: OrgId, call_id: &str) -> StoreResult<Option<Transcript>>;
+}
+
+/// The data an organization's agent uses during calls: preloaded into the call at
+/// `assistant-request`, and what `tool-calls` are answered from.
+#[async_trait]
+pub trait FunctionData: Send + Sync {
+    fn backend(&self) -> &'static str;
+    async fn preload(&self, org: OrgId) -> StoreResult<Map<String, Value>>;
+    async fn get(&self, org: OrgId, key: &str) -> StoreResult<Option<Value>>;
+    async fn put(&self, org: OrgId, key: &str, value: &Value) -> StoreResult<()>;
+    /// Returns whether the key existed.
+    async fn delete(&self, org: OrgId, key: &str) -> StoreResult<bool>;
+}
+
+/// What the dashboard is told about an organization's calls and usage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RealtimeEvent {
+    pub org_id: OrgId,
+    /// `call.created`, `call.status`, `call.transcript`, `call.ended`, `usage.changed`.
+    pub kind: String,
+    pub call_id: Option<String>,
+    pub data: Value,
+}
+
+#[async_trait]
+pub trait RealtimeBus: Send + Sync {
+    fn backend(&self) -> &'static str;
+    async fn publish(&self, event: &RealtimeEvent) -> StoreResult<()>;
+    /// A stream of the organization's events, and nobody else's.
+    async fn subscribe(&self, org: OrgId) -> StoreResult<BoxStream<'static, RealtimeEvent>>;
+}
+
+/// A verified VAPI message, attributed to an organization, ready for processing.
+#[derive(Clone, Debug)]
+pub struct InboundEvent {
+    pub org_id: OrgId,
+    pub received_at: DateTime<Utc>,
+    pub message: ServerMessage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Processed {
+    /// The event changed stored state.
+    Applied,
+    /// A duplicate or stale event: nothing changed.
+    NoChange,
+    /// The message carries no call; it was acknowledged only.
+    Ignored,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The event can never be processed as sent (e.g. a far-future `createdAt`). It was kept
+    /// in the dead-letter table; the sender gets a 4xx.
+    #[error("{message}")]
+    Rejected { code: &'static str, message: String, dead_letter_id: i64 },
+    /// Processing failed; the event was kept in the dead-letter table for replay.
+    #[error("processing failed and the event was dead-lettered (id {dead_letter_id})")]
+    DeadLettered {
+        dead_letter_id: i64,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Processing failed and even the dead-letter write failed.
+    #[error("processing failed and the event could not be dead-lettered")]
+    Lost(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Processes verified VAPI events: inline in phase 1, through durable workflows later.
+#[async_trait]
+pub trait EventPipeline: Send + Sync {
+    fn backend(&self) -> &'static str;
+    async fn submit(&self, event: InboundEvent) -> Result<Processed, PipelineError>;
+}

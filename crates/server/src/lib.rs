@@ -1,0 +1,11 @@
+//! callplane-server: the `callplane` binary's library half. Configuration, telemetry, and
+//! the composition root that turns configuration into backends behind the seams. This is
+//! the only crate that depends on every other one, and the only place where a phase feature
+//! chooses a backend.
+
+pub mod app;
+pub mod settings;
+pub mod telemetry;
+
+pub use app::App;
+pub use settings::Settings;

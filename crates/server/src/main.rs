@@ -1,0 +1,316 @@
+//! `callplane`: serve the webhook and API, and operate the database.
+
+use anyhow::{Context, bail};
+use callplane_core::OrgId;
+use callplane_core::seams::FunctionData;
+use callplane_server::{App, Settings, telemetry};
+use callplane_storage::{DeadLetterFilter, NewOrganization, PgFunctionData};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "callplane", version, about = "The backend of a voice-AI business on VAPI")]
+struct Cli {
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the VAPI webhook, the API and the operational routes.
+    Serve,
+    /// Apply database migrations and create the partitions ahead.
+    Migrate,
+    /// Print the resolved configuration, secrets masked.
+    Config,
+    /// Organizations.
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// API keys.
+    #[command(subcommand)]
+    Apikey(ApikeyCommand),
+    /// The data an organization's agent uses during calls.
+    #[command(subcommand, name = "function-data")]
+    FunctionData(FunctionDataCommand),
+    /// Monthly partitions of calls and transcripts.
+    #[command(subcommand)]
+    Partitions(PartitionsCommand),
+    /// Dead-lettered events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Subcommand)]
+enum OrgCommand {
+    /// Create an organization; prints its id and VAPI server URL.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        plan: String,
+        /// The VAPI assistant answered to this organization's assistant-requests.
+        #[arg(long)]
+        assistant_id: Option<String>,
+    },
+    /// Register a VAPI phone-number id to an organization (for the shared URL `/vapi`).
+    RegisterPhone {
+        #[arg(long)]
+        org: OrgId,
+        #[arg(long)]
+        vapi_id: String,
+        #[arg(long)]
+        number: Option<String>,
+    },
+    /// Register a VAPI assistant id to an organization (for the shared URL `/vapi`).
+    RegisterAssistant {
+        #[arg(long)]
+        org: OrgId,
+        #[arg(long)]
+        vapi_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApikeyCommand {
+    /// Create an API key; it is printed once and stored only as a hash.
+    Create {
+        #[arg(long)]
+        org: OrgId,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FunctionDataCommand {
+    /// Set KEY to a JSON VALUE.
+    Put {
+        #[arg(long)]
+        org: OrgId,
+        key: String,
+        value: String,
+    },
+    /// Print an organization's function data.
+    List {
+        #[arg(long)]
+        org: OrgId,
+    },
+}
+
+#[derive(Subcommand)]
+enum PartitionsCommand {
+    /// Create partitions from this month to N months ahead.
+    Ensure {
+        #[arg(long)]
+        months_ahead: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Reprocess dead-lettered events, by organization, call or time range.
+    Replay {
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// List dead-lettered events.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Include events already replayed successfully.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct FilterArgs {
+    #[arg(long)]
+    org: Option<OrgId>,
+    #[arg(long)]
+    call: Option<String>,
+    /// RFC 3339, e.g. 2026-11-01T00:00:00Z
+    #[arg(long)]
+    since: Option<DateTime<Utc>>,
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+}
+
+impl FilterArgs {
+    fn filter(&self, include_resolved: bool) -> DeadLetterFilter {
+        DeadLetterFilter {
+            org: self.org,
+            call_id: self.call.clone(),
+            since: self.since,
+            until: self.until,
+            include_resolved,
+        }
+    }
+}
+
+fn print(json_mode: bool, value: &Value, human: impl FnOnce() -> String) {
+    if json_mode {
+        println!("{value}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load()?;
+    telemetry::init(&settings.server.log_format);
+    let j = cli.json;
+    match cli.command {
+        Command::Config => {
+            let v = settings.redacted();
+            print(j, &v, || serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Command::Serve => serve(settings).await?,
+        Command::Migrate => {
+            let store = App::connect(&settings).await?;
+            eprintln!("applying migrations...");
+            store.migrate().await.context("applying migrations")?;
+            eprintln!("creating partitions {} months ahead...", settings.partitions.months_ahead);
+            let r = store.ensure_partitions(Utc::now(), settings.partitions.months_ahead).await?;
+            let v = json!({ "migrated": true, "partitions": r });
+            print(j, &v, || format!("migrated; partitions through {}", r.covered_through.clone().unwrap_or_default()));
+        }
+        Command::Org(cmd) => {
+            let store = App::connect(&settings).await?;
+            match cmd {
+                OrgCommand::Create { name, plan, assistant_id } => {
+                    if !settings.plans.contains_key(&plan) {
+                        bail!(
+                            "unknown plan {plan:?}; configured plans: {}",
+                            settings.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+                        );
+                    }
+                    let org = store
+                        .create_organization(&NewOrganization {
+                            name,
+                            plan,
+                            default_assistant_id: assistant_id,
+                            period_start: Utc::now(),
+                        })
+                        .await?;
+                    let url = settings.vapi_server_url(&org.id);
+                    let v = json!({ "id": org.id, "name": org.name, "plan": org.plan, "vapi_server_url": url,
+                                    "period_start": org.period_start, "period_end": org.period_end });
+                    print(j, &v, || format!("organization {}\nVAPI server URL: {url}", org.id));
+                }
+                OrgCommand::RegisterPhone { org, vapi_id, number } => {
+                    store.register_phone_number(org, &vapi_id, number.as_deref()).await?;
+                    print(j, &json!({ "org": org, "vapi_phone_number_id": vapi_id }), || "registered".into());
+                }
+                OrgCommand::RegisterAssistant { org, vapi_id } => {
+                    store.register_assistant(org, &vapi_id).await?;
+                    print(j, &json!({ "org": org, "vapi_assistant_id": vapi_id }), || "registered".into());
+                }
+            }
+        }
+        Command::Apikey(ApikeyCommand::Create { org, name }) => {
+            let store = App::connect(&settings).await?;
+            let key = store.create_api_key(org, &name).await?;
+            let v = json!({ "id": key.id, "prefix": key.prefix, "key": key.secret });
+            print(j, &v, || format!("{}\n(shown once; store it now)", key.secret));
+        }
+        Command::FunctionData(cmd) => {
+            let data = PgFunctionData(App::connect(&settings).await?);
+            match cmd {
+                FunctionDataCommand::Put { org, key, value } => {
+                    let value: Value =
+                        serde_json::from_str(&value).context("VALUE must be JSON (quote strings: '\"text\"')")?;
+                    data.put(org, &key, &value).await?;
+                    print(j, &json!({ "key": key, "value": value }), || format!("set {key}"));
+                }
+                FunctionDataCommand::List { org } => {
+                    let all = Value::Object(data.preload(org).await?);
+                    print(j, &all, || serde_json::to_string_pretty(&all).unwrap_or_default());
+                }
+            }
+        }
+        Command::Partitions(PartitionsCommand::Ensure { months_ahead }) => {
+            let store = App::connect(&settings).await?;
+            let ahead = months_ahead.unwrap_or(settings.partitions.months_ahead);
+            let r = store.ensure_partitions(Utc::now(), ahead).await?;
+            let v = serde_json::to_value(&r)?;
+            print(j, &v, || {
+                format!("created {} partition(s); calls partitions: {}", r.created.len(), r.calls_partitions.join(", "))
+            });
+        }
+        Command::Events(cmd) => {
+            let app = App::build(settings).await?;
+            match cmd {
+                EventsCommand::List { filter, all } => {
+                    let letters = app.store.dead_letters(&filter.filter(all)).await?;
+                    let v = serde_json::to_value(&letters)?;
+                    print(j, &v, || {
+                        letters
+                            .iter()
+                            .map(|d| {
+                                format!(
+                                    "{} {} {} call={} {}: {}",
+                                    d.id,
+                                    d.received_at,
+                                    d.message_type.as_deref().unwrap_or("-"),
+                                    d.call_id.as_deref().unwrap_or("-"),
+                                    d.error_code,
+                                    d.error
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+                EventsCommand::Replay { filter } => {
+                    let report = app
+                        .pipeline
+                        .replay(&filter.filter(false), &app.store, |r| {
+                            eprint!("\rreplayed {} ({} ok, {} failed)", r.attempted, r.succeeded, r.failed);
+                        })
+                        .await?;
+                    eprintln!();
+                    let v = serde_json::to_value(&report)?;
+                    print(j, &v, || {
+                        format!(
+                            "{} replayed: {} succeeded, {} failed",
+                            report.attempted, report.succeeded, report.failed
+                        )
+                    });
+                    if report.failed > 0 {
+                        std::process::exit(1);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    settings.validate_for_serving()?;
+    let app = App::build(settings).await?;
+    if !app.store.migrations_current().await? {
+        bail!("the database is not migrated; run `callplane migrate` first");
+    }
+    let r = app.store.ensure_partitions(Utc::now(), app.settings.partitions.months_ahead).await?;
+    info!(covered_through = ?r.covered_through, "partitions ready");
+    app.spawn_partition_maintenance();
+    let listener = TcpListener::bind(&app.settings.server.addr)
+        .await
+        .with_context(|| format!("binding server.addr {}", app.settings.server.addr))?;
+    info!(addr = %listener.local_addr()?, "callplane serving");
+    app.serve(listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+        info!("shutting down");
+    })
+    .await
+}

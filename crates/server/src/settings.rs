@@ -1,0 +1,392 @@
+//! Configuration: `config/base.toml` (compiled in), then `config/<CALLPLANE_ENV>.toml`, then
+//! `CALLPLANE__SECTION__KEY` environment variables. Validated as a whole before anything
+//! starts, with errors that name the key.
+
+use anyhow::{Context, bail};
+use callplane_core::agent::AgentSettings;
+use callplane_core::auth::{HmacAlgorithm, HmacSettings, WebhookAuth};
+use callplane_core::billing::{BillingRules, Plan};
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+const BASE: &str = include_str!("../../../config/base.toml");
+
+/// Keys holding lists; in the environment (and overrides) they are comma-separated.
+const LIST_KEYS: &[&str] = &["vapi.extra_secrets", "vapi.hmac.secrets"];
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub vapi: VapiSettings,
+    pub billing: BillingSettings,
+    pub plans: BTreeMap<String, PlanSettings>,
+    pub partitions: PartitionSettings,
+    pub backends: BackendSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ServerSettings {
+    pub addr: String,
+    pub public_url: String,
+    pub max_body_bytes: usize,
+    pub log_format: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct VapiSettings {
+    pub secret: SecretString,
+    pub extra_secrets: Vec<SecretString>,
+    pub allow_unauthenticated: bool,
+    pub fallback_assistant_id: String,
+    pub max_call_seconds: i64,
+    pub hmac: HmacConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct HmacConfig {
+    pub secrets: Vec<SecretString>,
+    pub algorithm: String,
+    pub signature_header: String,
+    pub timestamp_header: String,
+    pub signature_prefix: String,
+    pub payload_format: String,
+    pub max_skew_seconds: i64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct BillingSettings {
+    pub rounding_increment_seconds: i64,
+    pub unbilled_ended_reasons: Vec<String>,
+    pub unbilled_ended_reason_prefixes: Vec<String>,
+    pub past_due_grace_hours: i64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PlanSettings {
+    pub price_cents: i64,
+    pub included_minutes: i64,
+    pub hard_limit: bool,
+    pub overage_cents_per_minute: i64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PartitionSettings {
+    pub months_ahead: u32,
+    pub max_future_skew_hours: i64,
+    pub maintenance_interval_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct BackendSettings {
+    pub usage_counter: String,
+    pub transcripts: String,
+    pub event_pipeline: String,
+    pub function_data: String,
+    pub realtime: String,
+}
+
+/// The backends compiled into this build, per seam. A later phase's backend module adds its
+/// name here under its feature.
+pub fn compiled_backends() -> [(&'static str, Vec<&'static str>); 5] {
+    [
+        ("usage_counter", vec!["postgres"]),
+        ("transcripts", vec!["postgres"]),
+        ("event_pipeline", vec!["inline"]),
+        ("function_data", vec!["postgres"]),
+        ("realtime", vec!["postgres"]),
+    ]
+}
+
+fn non_empty(s: &SecretString) -> Option<Vec<u8>> {
+    let v = s.expose_secret().trim();
+    (!v.is_empty()).then(|| v.as_bytes().to_vec())
+}
+
+impl Settings {
+    /// Loads from the compiled-in base, the environment file and the environment.
+    pub fn load() -> anyhow::Result<Self> {
+        let env_name = std::env::var("CALLPLANE_ENV").unwrap_or_else(|_| "local".into());
+        let dir = std::env::var("CALLPLANE_CONFIG_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("config"));
+        let mut builder = Config::builder()
+            .add_source(File::from_str(BASE, FileFormat::Toml))
+            .add_source(File::from(dir.join(format!("{env_name}.toml"))).required(false))
+            .add_source(
+                Environment::with_prefix("CALLPLANE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key(LIST_KEYS[0])
+                    .with_list_parse_key(LIST_KEYS[1])
+                    .try_parsing(true),
+            );
+        if std::env::var_os("CALLPLANE__DATABASE__URL").is_none()
+            && let Ok(url) = std::env::var("DATABASE_URL")
+        {
+            builder = builder.set_override("database.url", url)?;
+        }
+        let settings: Settings = builder
+            .build()
+            .context("reading configuration")?
+            .try_deserialize()
+            .context("configuration does not match the expected keys (see config/base.toml)")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The compiled-in defaults with `overrides` (dotted keys) on top, ignoring the
+    /// environment and config files. For tests and tools that must not pick up local state.
+    pub fn defaults_with(overrides: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut builder = Config::builder().add_source(File::from_str(BASE, FileFormat::Toml));
+        for (key, value) in overrides {
+            builder = if LIST_KEYS.contains(key) {
+                builder.set_override(*key, value.split(',').map(str::to_owned).collect::<Vec<_>>())?
+            } else {
+                builder.set_override(*key, *value)?
+            };
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the whole configuration; every error names its key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        if self.server.addr.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(format!("server.addr: {:?} is not a socket address like 127.0.0.1:8080", self.server.addr));
+        }
+        if !self.server.public_url.starts_with("http://") && !self.server.public_url.starts_with("https://") {
+            errors.push(format!("server.public_url: {:?} must start with http:// or https://", self.server.public_url));
+        }
+        if !matches!(self.server.log_format.as_str(), "pretty" | "json") {
+            errors.push("server.log_format: expected \"pretty\" or \"json\"".into());
+        }
+        if self.server.max_body_bytes < 1024 {
+            errors.push("server.max_body_bytes: must be at least 1024".into());
+        }
+        if self.plans.is_empty() {
+            errors.push("plans: at least one plan is needed".into());
+        }
+        for (name, p) in &self.plans {
+            if p.included_minutes < 0 || p.price_cents < 0 || p.overage_cents_per_minute < 0 {
+                errors.push(format!("plans.{name}: prices and minutes cannot be negative"));
+            }
+        }
+        if HmacAlgorithm::parse(&self.vapi.hmac.algorithm).is_none() {
+            errors.push(format!("vapi.hmac.algorithm: {:?} is not sha256 or sha512", self.vapi.hmac.algorithm));
+        }
+        if self.vapi.max_call_seconds <= 0 {
+            errors.push("vapi.max_call_seconds: must be positive".into());
+        }
+        if self.billing.rounding_increment_seconds < 1 {
+            errors.push("billing.rounding_increment_seconds: must be at least 1".into());
+        }
+        let selected = [
+            ("usage_counter", &self.backends.usage_counter),
+            ("transcripts", &self.backends.transcripts),
+            ("event_pipeline", &self.backends.event_pipeline),
+            ("function_data", &self.backends.function_data),
+            ("realtime", &self.backends.realtime),
+        ];
+        for ((seam, available), (_, chosen)) in compiled_backends().iter().zip(selected) {
+            if !available.contains(&chosen.as_str()) {
+                errors.push(format!(
+                    "backends.{seam}: {chosen:?} is not compiled into this build; available: {}",
+                    available.join(", ")
+                ));
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { bail!("invalid configuration:\n  {}", errors.join("\n  ")) }
+    }
+
+    /// Refuses to serve webhooks nobody can authenticate, unless explicitly allowed.
+    pub fn validate_for_serving(&self) -> anyhow::Result<()> {
+        let auth = self.webhook_auth();
+        if auth.shared_secrets.is_empty() && auth.hmac.is_none() && !auth.allow_unauthenticated {
+            bail!(
+                "vapi.secret: no VAPI secret is configured, so no webhook could be authenticated. \
+                 Set CALLPLANE__VAPI__SECRET (or vapi.hmac.secrets), or vapi.allow_unauthenticated = true for local use"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn webhook_auth(&self) -> WebhookAuth {
+        let shared_secrets =
+            std::iter::once(&self.vapi.secret).chain(&self.vapi.extra_secrets).filter_map(non_empty).collect();
+        let hmac_secrets: Vec<Vec<u8>> = self.vapi.hmac.secrets.iter().filter_map(non_empty).collect();
+        let h = &self.vapi.hmac;
+        WebhookAuth {
+            shared_secrets,
+            hmac: (!hmac_secrets.is_empty()).then(|| HmacSettings {
+                secrets: hmac_secrets,
+                algorithm: HmacAlgorithm::parse(&h.algorithm).unwrap_or(HmacAlgorithm::Sha256),
+                signature_header: h.signature_header.to_ascii_lowercase(),
+                timestamp_header: h.timestamp_header.to_ascii_lowercase(),
+                signature_prefix: h.signature_prefix.clone(),
+                payload_format: h.payload_format.clone(),
+                max_skew_seconds: h.max_skew_seconds,
+            }),
+            allow_unauthenticated: self.vapi.allow_unauthenticated,
+        }
+    }
+
+    pub fn plans(&self) -> HashMap<String, Plan> {
+        self.plans
+            .iter()
+            .map(|(name, p)| {
+                (
+                    name.clone(),
+                    Plan {
+                        name: name.clone(),
+                        price_cents: p.price_cents,
+                        included_minutes: p.included_minutes,
+                        hard_limit: p.hard_limit,
+                        overage_cents_per_minute: p.overage_cents_per_minute,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub fn billing_rules(&self) -> BillingRules {
+        BillingRules {
+            rounding_increment_seconds: self.billing.rounding_increment_seconds,
+            unbilled_ended_reasons: self.billing.unbilled_ended_reasons.clone(),
+            unbilled_ended_reason_prefixes: self.billing.unbilled_ended_reason_prefixes.clone(),
+        }
+    }
+
+    pub fn agent(&self) -> AgentSettings {
+        AgentSettings {
+            max_call_seconds: self.vapi.max_call_seconds,
+            past_due_grace: chrono::Duration::hours(self.billing.past_due_grace_hours),
+        }
+    }
+
+    pub fn vapi_server_url(&self, org: &callplane_core::OrgId) -> String {
+        format!("{}/vapi/{org}", self.server.public_url.trim_end_matches('/'))
+    }
+
+    /// The resolved configuration with every secret masked, for `callplane config`.
+    pub fn redacted(&self) -> Value {
+        let mask = |s: &SecretString| if s.expose_secret().is_empty() { "" } else { "********" };
+        let url = self.database.url.expose_secret();
+        // Keep the host and database visible, hide any password.
+        let shown_url = match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &url[scheme + 3..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                let masked = if userinfo.contains(':') { format!("{user}:********") } else { user.to_owned() };
+                format!("{}{masked}{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_owned(),
+        };
+        json!({
+            "server": { "addr": self.server.addr, "public_url": self.server.public_url,
+                        "max_body_bytes": self.server.max_body_bytes, "log_format": self.server.log_format },
+            "database": { "url": shown_url, "max_connections": self.database.max_connections },
+            "vapi": {
+                "secret": mask(&self.vapi.secret),
+                "extra_secrets": self.vapi.extra_secrets.iter().map(mask).collect::<Vec<_>>(),
+                "allow_unauthenticated": self.vapi.allow_unauthenticated,
+                "fallback_assistant_id": self.vapi.fallback_assistant_id,
+                "max_call_seconds": self.vapi.max_call_seconds,
+                "hmac": {
+                    "secrets": self.vapi.hmac.secrets.iter().map(mask).collect::<Vec<_>>(),
+                    "algorithm": self.vapi.hmac.algorithm,
+                    "signature_header": self.vapi.hmac.signature_header,
+                    "timestamp_header": self.vapi.hmac.timestamp_header,
+                    "signature_prefix": self.vapi.hmac.signature_prefix,
+                    "payload_format": self.vapi.hmac.payload_format,
+                    "max_skew_seconds": self.vapi.hmac.max_skew_seconds,
+                },
+            },
+            "billing": {
+                "rounding_increment_seconds": self.billing.rounding_increment_seconds,
+                "unbilled_ended_reasons": self.billing.unbilled_ended_reasons,
+                "unbilled_ended_reason_prefixes": self.billing.unbilled_ended_reason_prefixes,
+                "past_due_grace_hours": self.billing.past_due_grace_hours,
+            },
+            "plans": self.plans.iter().map(|(n, p)| (n.clone(), json!({
+                "price_cents": p.price_cents, "included_minutes": p.included_minutes,
+                "hard_limit": p.hard_limit, "overage_cents_per_minute": p.overage_cents_per_minute,
+            }))).collect::<serde_json::Map<_, _>>(),
+            "partitions": {
+                "months_ahead": self.partitions.months_ahead,
+                "max_future_skew_hours": self.partitions.max_future_skew_hours,
+                "maintenance_interval_seconds": self.partitions.maintenance_interval_seconds,
+            },
+            "backends": {
+                "usage_counter": self.backends.usage_counter,
+                "transcripts": self.backends.transcripts,
+                "event_pipeline": self.backends.event_pipeline,
+                "function_data": self.backends.function_data,
+                "realtime": self.backends.realtime,
+            },
+            "compiled_features": compiled_features(),
+        })
+    }
+}
+
+/// The phase features this binary was built with.
+pub fn compiled_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if cfg!(feature = "phase1") {
+        f.push("phase1");
+    }
+    if cfg!(feature = "phase2") {
+        f.push("phase2");
+    }
+    if cfg!(feature = "phase3") {
+        f.push("phase3");
+    }
+    f
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn base() -> Settings {
+        Settings::defaults_with(&[]).expect("base.toml deserializes and validates")
+    }
+
+    /// Run by `cargo xtask test` under every phase feature combination.
+    #[test]
+    fn default_configuration_is_valid_in_this_feature_combination() {
+        let settings = base();
+        assert_eq!(settings.plans().len(), 3);
+        assert_eq!(settings.plans()["starter"].included_minutes, 100);
+    }
+
+    #[test]
+    fn a_backend_not_compiled_in_is_refused_by_name() {
+        let mut settings = base();
+        settings.backends.usage_counter = "memcached".into();
+        let err = settings.validate().unwrap_err().to_string();
+        assert!(err.contains("backends.usage_counter"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_masked_when_printed() {
+        let mut settings = base();
+        settings.vapi.secret = SecretString::from("super-secret-value");
+        settings.database.url = SecretString::from("postgres://app:hunter2@db:5432/callplane");
+        let printed = settings.redacted().to_string();
+        assert!(!printed.contains("super-secret-value") && !printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("postgres://app:********@db:5432/callplane"), "{printed}");
+    }
+}

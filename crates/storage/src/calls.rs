@@ -1,0 +1,365 @@
+//! Calls and the usage ledger: applying a VAPI event to a call, exactly once.
+//!
+//! Every event of a call is merged into one row. The rules that make any order and any
+//! number of duplicates give the same final row:
+//! - `call_keys` fixes the call's `created_at` (its partition) and organization the first
+//!   time the call is seen; an event for the same call id from another organization is refused.
+//! - status only moves forward (`status_rank`); a stale snapshot never moves it back.
+//! - descriptive fields fill in once (`COALESCE`); the end-of-call report's fields win.
+//! - the ledger row is unique per call; the counter is raised only when that insert happens,
+//!   in the same transaction.
+
+use crate::{PgStore, db};
+use callplane_core::OrgId;
+use callplane_core::billing::{BillingRules, period_containing};
+use callplane_core::seams::{StoreError, StoreResult};
+use callplane_core::vapi::{ServerMessage, status_rank};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::Row;
+use tracing::instrument;
+
+/// What applying one event did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CallApplied {
+    pub call_id: String,
+    /// Where the call lives (its partition key), from `call_keys`.
+    pub created_at: DateTime<Utc>,
+    pub inserted: bool,
+    /// The new status, when this event moved it forward.
+    pub status_changed: Option<String>,
+    /// Set the first time the call's ledger row is written: (billable seconds, period start).
+    pub billed: Option<(i64, DateTime<Utc>)>,
+}
+
+/// A stored call, as the API and the tests read it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CallRow {
+    pub id: String,
+    pub organization_id: uuid::Uuid,
+    pub created_at: DateTime<Utc>,
+    pub call_type: Option<String>,
+    pub status: String,
+    pub ended_reason: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub duration_seconds: Option<f64>,
+    pub cost: Option<f64>,
+    pub costs: Option<Value>,
+    pub summary: Option<String>,
+    pub analysis: Option<Value>,
+    pub recording_url: Option<String>,
+    pub assistant_id: Option<String>,
+    pub phone_number_id: Option<String>,
+    pub customer_number: Option<String>,
+    pub billable_seconds: Option<i64>,
+    pub reported_at: Option<DateTime<Utc>>,
+    pub last_event_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LedgerRow {
+    pub call_id: String,
+    pub organization_id: uuid::Uuid,
+    pub period_start: DateTime<Utc>,
+    pub call_started_at: DateTime<Utc>,
+    pub duration_seconds: f64,
+    pub billable_seconds: i64,
+    pub ended_reason: Option<String>,
+}
+
+const CALL_COLUMNS: &str = "id, organization_id, created_at, call_type, status, ended_reason, started_at, \
+    ended_at, duration_seconds, cost, costs, summary, analysis, recording_url, assistant_id, phone_number_id, \
+    customer_number, billable_seconds, reported_at, last_event_at";
+
+fn call_from_row(r: &sqlx::postgres::PgRow) -> Result<CallRow, sqlx::Error> {
+    Ok(CallRow {
+        id: r.try_get("id")?,
+        organization_id: r.try_get("organization_id")?,
+        created_at: r.try_get("created_at")?,
+        call_type: r.try_get("call_type")?,
+        status: r.try_get("status")?,
+        ended_reason: r.try_get("ended_reason")?,
+        started_at: r.try_get("started_at")?,
+        ended_at: r.try_get("ended_at")?,
+        duration_seconds: r.try_get("duration_seconds")?,
+        cost: r.try_get("cost")?,
+        costs: r.try_get("costs")?,
+        summary: r.try_get("summary")?,
+        analysis: r.try_get("analysis")?,
+        recording_url: r.try_get("recording_url")?,
+        assistant_id: r.try_get("assistant_id")?,
+        phone_number_id: r.try_get("phone_number_id")?,
+        customer_number: r.try_get("customer_number")?,
+        billable_seconds: r.try_get("billable_seconds")?,
+        reported_at: r.try_get("reported_at")?,
+        last_event_at: r.try_get("last_event_at")?,
+    })
+}
+
+/// Refusals that no retry can fix.
+#[derive(Debug, thiserror::Error)]
+pub enum CallRefusal {
+    #[error("call {call_id} belongs to another organization")]
+    OtherOrganization { call_id: String },
+}
+
+impl PgStore {
+    /// Merges one event into its call; for an end-of-call report also writes the ledger row
+    /// and, when `raise_counter` is set, raises `organizations.seconds_used` in the same
+    /// transaction. Returns `Ok(None)` for messages that carry no call id.
+    #[instrument(skip_all, fields(org_id = %org, call_id = msg.call_id.as_deref().unwrap_or("")))]
+    pub async fn apply_call_event(
+        &self,
+        org: OrgId,
+        msg: &ServerMessage,
+        received_at: DateTime<Utc>,
+        rules: &BillingRules,
+        raise_counter: bool,
+    ) -> StoreResult<Option<CallApplied>> {
+        let Some(call_id) = msg.call_id.clone() else { return Ok(None) };
+        let event_at = msg.timestamp.unwrap_or(received_at);
+        let claimed_created_at = msg.call_created_at.or(msg.timestamp).unwrap_or(received_at);
+        self.ensure_partition_for(claimed_created_at).await?;
+
+        let mut tx = self.pool.begin().await.map_err(db)?;
+
+        // 1. The call's home: first sight registers it; later events use what was registered.
+        let registered = sqlx::query(
+            "INSERT INTO call_keys (vapi_call_id, organization_id, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (vapi_call_id) DO NOTHING RETURNING organization_id, created_at",
+        )
+        .bind(&call_id)
+        .bind(org.0)
+        .bind(claimed_created_at)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let key = match registered {
+            Some(row) => row,
+            // Registered before (possibly by a transaction that committed while we waited);
+            // a new statement sees it.
+            None => sqlx::query("SELECT organization_id, created_at FROM call_keys WHERE vapi_call_id = $1")
+                .bind(&call_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?,
+        };
+        let owner: uuid::Uuid = key.try_get("organization_id").map_err(db)?;
+        let created_at: DateTime<Utc> = key.try_get("created_at").map_err(db)?;
+        if owner != org.0 {
+            return Err(StoreError::Invalid(CallRefusal::OtherOrganization { call_id }.to_string()));
+        }
+
+        // 2. Insert the call, or merge into it under a row lock so the status change we
+        //    report is exact. (Partitioned tables cannot return `xmax`, hence two steps.)
+        let (status, rank) = match msg.status.as_deref().and_then(|s| status_rank(s).map(|r| (s, r))) {
+            Some((s, r)) => (s.to_owned(), r),
+            None => ("unknown".to_owned(), -1),
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO calls (id, organization_id, created_at, call_type, status, status_rank, ended_reason, \
+                                assistant_id, phone_number_id, customer_number, last_event_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id, created_at) DO NOTHING",
+        )
+        .bind(&call_id)
+        .bind(org.0)
+        .bind(created_at)
+        .bind(&msg.call_type)
+        .bind(&status)
+        .bind(rank)
+        .bind(&msg.ended_reason)
+        .bind(&msg.assistant_id)
+        .bind(&msg.phone_number_id)
+        .bind(&msg.customer_number)
+        .bind(event_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected()
+            == 1;
+        let status_changed = if inserted {
+            (rank >= 0).then(|| status.clone())
+        } else {
+            let before: i16 =
+                sqlx::query_scalar("SELECT status_rank FROM calls WHERE id = $1 AND created_at = $2 FOR UPDATE")
+                    .bind(&call_id)
+                    .bind(created_at)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            sqlx::query(
+                "UPDATE calls SET \
+                    status = CASE WHEN $3 > status_rank THEN $4 ELSE status END, \
+                    status_rank = GREATEST(status_rank, $3), \
+                    call_type = COALESCE(call_type, $5), \
+                    ended_reason = COALESCE(ended_reason, $6), \
+                    assistant_id = COALESCE(assistant_id, $7), \
+                    phone_number_id = COALESCE(phone_number_id, $8), \
+                    customer_number = COALESCE(customer_number, $9), \
+                    last_event_at = GREATEST(last_event_at, $10), \
+                    updated_at = now() \
+                 WHERE id = $1 AND created_at = $2",
+            )
+            .bind(&call_id)
+            .bind(created_at)
+            .bind(rank)
+            .bind(&status)
+            .bind(&msg.call_type)
+            .bind(&msg.ended_reason)
+            .bind(&msg.assistant_id)
+            .bind(&msg.phone_number_id)
+            .bind(&msg.customer_number)
+            .bind(event_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            (rank > before).then(|| status.clone())
+        };
+
+        // 3. The end-of-call report: authoritative final fields, the ledger, the counter.
+        let mut billed = None;
+        if let Some(report) = &msg.report {
+            let billable = rules.billable_seconds(report.duration_seconds, report.ended_reason.as_deref());
+            sqlx::query(
+                "UPDATE calls SET status = 'ended', status_rank = 5, \
+                    ended_reason = COALESCE($3, ended_reason), started_at = COALESCE($4, started_at), \
+                    ended_at = COALESCE($5, ended_at), duration_seconds = $6, cost = COALESCE($7, cost), \
+                    costs = COALESCE($8, costs), summary = COALESCE($9, summary), \
+                    analysis = COALESCE($10, analysis), recording_url = COALESCE($11, recording_url), \
+                    billable_seconds = $12, reported_at = COALESCE(reported_at, $13), updated_at = now() \
+                 WHERE id = $1 AND created_at = $2",
+            )
+            .bind(&call_id)
+            .bind(created_at)
+            .bind(&report.ended_reason)
+            .bind(report.started_at)
+            .bind(report.ended_at)
+            .bind(report.duration_seconds)
+            .bind(report.cost)
+            .bind(&report.costs)
+            .bind(&report.summary)
+            .bind(&report.analysis)
+            .bind(&report.recording_url)
+            .bind(billable)
+            .bind(event_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+
+            let started = report.started_at.unwrap_or(created_at);
+            let anchor: DateTime<Utc> = sqlx::query_scalar("SELECT period_start FROM organizations WHERE id = $1")
+                .bind(org.0)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+            let (period_start, period_end) = period_containing(anchor, started);
+            let ledger_written = sqlx::query(
+                "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
+                                           duration_seconds, billable_seconds, ended_reason) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (call_id) DO NOTHING",
+            )
+            .bind(&call_id)
+            .bind(org.0)
+            .bind(period_start)
+            .bind(started)
+            .bind(report.duration_seconds.unwrap_or(0.0))
+            .bind(billable)
+            .bind(&report.ended_reason)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected()
+                == 1;
+            if ledger_written {
+                if raise_counter && billable > 0 {
+                    // A call in a later period than the org's current one opens that period
+                    // (its counter starts from this call); a call from an earlier period is
+                    // only in the ledger, where that period's total stays readable.
+                    sqlx::query(
+                        "UPDATE organizations SET \
+                            seconds_used = CASE WHEN period_start = $2 THEN seconds_used + $4 ELSE $4 END, \
+                            period_start = $2, period_end = $3, updated_at = now() \
+                         WHERE id = $1 AND period_start <= $2",
+                    )
+                    .bind(org.0)
+                    .bind(period_start)
+                    .bind(period_end)
+                    .bind(billable)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                }
+                billed = Some((billable, period_start));
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Some(CallApplied { call_id, created_at, inserted, status_changed, billed }))
+    }
+
+    /// One call of one organization. Another organization's call id gives `None`.
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn get_call(&self, org: OrgId, call_id: &str) -> StoreResult<Option<CallRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {CALL_COLUMNS} FROM calls c WHERE c.organization_id = $1 AND c.id = $2 \
+             AND c.created_at = (SELECT created_at FROM call_keys WHERE vapi_call_id = $2 AND organization_id = $1)"
+        ))
+        .bind(org.0)
+        .bind(call_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(call_from_row).transpose().map_err(db)
+    }
+
+    /// All calls of an organization created in `[from, to)`, newest first.
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn list_calls(
+        &self,
+        org: OrgId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> StoreResult<Vec<CallRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CALL_COLUMNS} FROM calls WHERE organization_id = $1 AND created_at >= $2 AND created_at < $3 \
+             ORDER BY created_at DESC, id DESC LIMIT $4"
+        ))
+        .bind(org.0)
+        .bind(from)
+        .bind(to)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(call_from_row).collect::<Result<_, _>>().map_err(db)
+    }
+
+    /// The ledger rows of an organization, oldest call first.
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn ledger(&self, org: OrgId) -> StoreResult<Vec<LedgerRow>> {
+        let rows = sqlx::query(
+            "SELECT call_id, organization_id, period_start, call_started_at, duration_seconds, billable_seconds, \
+                    ended_reason FROM usage_ledger WHERE organization_id = $1 ORDER BY call_started_at, call_id",
+        )
+        .bind(org.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(LedgerRow {
+                    call_id: r.try_get("call_id")?,
+                    organization_id: r.try_get("organization_id")?,
+                    period_start: r.try_get("period_start")?,
+                    call_started_at: r.try_get("call_started_at")?,
+                    duration_seconds: r.try_get("duration_seconds")?,
+                    billable_seconds: r.try_get("billable_seconds")?,
+                    ended_reason: r.try_get("ended_reason")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db)
+    }
+}

@@ -1,0 +1,204 @@
+//! Organizations, their VAPI registries and API keys.
+
+use crate::{PgStore, db};
+use async_trait::async_trait;
+use callplane_core::seams::{OrgDirectory, StoreError, StoreResult};
+use callplane_core::{OrgId, OrgStatus, Organization};
+use chrono::{DateTime, Months, Utc};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use tracing::instrument;
+
+#[derive(Clone, Debug)]
+pub struct NewOrganization {
+    pub name: String,
+    pub plan: String,
+    pub default_assistant_id: Option<String>,
+    /// The first billing period starts here (usually now) and lasts a month.
+    pub period_start: DateTime<Utc>,
+}
+
+/// A freshly created API key. `secret` is shown once and never stored.
+#[derive(Clone, Debug)]
+pub struct NewApiKey {
+    pub id: uuid::Uuid,
+    pub prefix: String,
+    pub secret: String,
+}
+
+const ORG_COLUMNS: &str = "id, name, plan, status, status_changed_at, period_start, period_end, \
+                           seconds_used, default_assistant_id, created_at";
+
+fn org_from_row(row: &PgRow) -> StoreResult<Organization> {
+    let status: String = row.try_get("status").map_err(db)?;
+    Ok(Organization {
+        id: OrgId(row.try_get("id").map_err(db)?),
+        name: row.try_get("name").map_err(db)?,
+        plan: row.try_get("plan").map_err(db)?,
+        status: OrgStatus::parse(&status)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown organization status {status}")))?,
+        status_changed_at: row.try_get("status_changed_at").map_err(db)?,
+        period_start: row.try_get("period_start").map_err(db)?,
+        period_end: row.try_get("period_end").map_err(db)?,
+        seconds_used: row.try_get("seconds_used").map_err(db)?,
+        default_assistant_id: row.try_get("default_assistant_id").map_err(db)?,
+        created_at: row.try_get("created_at").map_err(db)?,
+    })
+}
+
+/// API keys look like `cp_` followed by 40 random alphanumerics; the first 11 characters are
+/// the visible prefix.
+pub fn hash_api_key(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+impl PgStore {
+    #[instrument(skip_all, fields(plan = %new.plan))]
+    pub async fn create_organization(&self, new: &NewOrganization) -> StoreResult<Organization> {
+        let id = OrgId::new();
+        let period_end = new
+            .period_start
+            .checked_add_months(Months::new(1))
+            .ok_or_else(|| StoreError::Invalid("period start out of range".into()))?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO organizations (id, name, plan, period_start, period_end, default_assistant_id) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {ORG_COLUMNS}"
+        ))
+        .bind(id.0)
+        .bind(&new.name)
+        .bind(&new.plan)
+        .bind(new.period_start)
+        .bind(period_end)
+        .bind(&new.default_assistant_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        org_from_row(&row)
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn register_phone_number(&self, org: OrgId, vapi_id: &str, number: Option<&str>) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO phone_numbers (vapi_phone_number_id, organization_id, number) VALUES ($1, $2, $3) \
+             ON CONFLICT (vapi_phone_number_id) DO UPDATE SET number = EXCLUDED.number \
+             WHERE phone_numbers.organization_id = EXCLUDED.organization_id",
+        )
+        .bind(vapi_id)
+        .bind(org.0)
+        .bind(number)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn register_assistant(&self, org: OrgId, vapi_id: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO assistants (vapi_assistant_id, organization_id) VALUES ($1, $2) \
+             ON CONFLICT (vapi_assistant_id) DO NOTHING",
+        )
+        .bind(vapi_id)
+        .bind(org.0)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn create_api_key(&self, org: OrgId, name: &str) -> StoreResult<NewApiKey> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+        let body: String = {
+            let mut rng = rand::rng();
+            (0..40).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+        };
+        let secret = format!("cp_{body}");
+        let prefix = secret[..11].to_owned();
+        let id = uuid::Uuid::now_v7();
+        sqlx::query("INSERT INTO api_keys (id, organization_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id)
+            .bind(org.0)
+            .bind(name)
+            .bind(&prefix)
+            .bind(hash_api_key(&secret))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(NewApiKey { id, prefix, secret })
+    }
+
+    /// The organization an unrevoked API key belongs to; records its last use.
+    pub async fn organization_for_api_key(&self, secret: &str) -> StoreResult<Option<OrgId>> {
+        let id: Option<uuid::Uuid> = sqlx::query_scalar(
+            "UPDATE api_keys SET last_used_at = now() WHERE key_hash = $1 AND revoked_at IS NULL \
+             RETURNING organization_id",
+        )
+        .bind(hash_api_key(secret))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(id.map(OrgId))
+    }
+
+    pub async fn organization_by_name(&self, name: &str) -> StoreResult<Option<Organization>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ORG_COLUMNS} FROM organizations WHERE name = $1 ORDER BY created_at LIMIT 1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(org_from_row).transpose()
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn set_organization_status(&self, org: OrgId, status: OrgStatus) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE organizations SET status = $2, status_changed_at = now(), updated_at = now() \
+             WHERE id = $1 AND status <> $2",
+        )
+        .bind(org.0)
+        .bind(status.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+}
+
+#[async_trait]
+impl OrgDirectory for PgStore {
+    #[instrument(skip_all, fields(org_id = %org))]
+    async fn get(&self, org: OrgId) -> StoreResult<Option<Organization>> {
+        let row = sqlx::query(&format!("SELECT {ORG_COLUMNS} FROM organizations WHERE id = $1"))
+            .bind(org.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(org_from_row).transpose()
+    }
+
+    async fn by_phone_number(&self, vapi_phone_number_id: &str) -> StoreResult<Option<OrgId>> {
+        let id: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT organization_id FROM phone_numbers WHERE vapi_phone_number_id = $1")
+                .bind(vapi_phone_number_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(id.map(OrgId))
+    }
+
+    async fn by_assistant(&self, vapi_assistant_id: &str) -> StoreResult<Option<OrgId>> {
+        let id: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT organization_id FROM assistants WHERE vapi_assistant_id = $1")
+                .bind(vapi_assistant_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(id.map(OrgId))
+    }
+}

@@ -1,0 +1,159 @@
+//! The `callplane` binary, run the way an operator runs it.
+
+use crate::helpers::{SECRET, iso, lifecycle, sample};
+use callplane_testkit::admin_url;
+use chrono::{Datelike, Months, Utc};
+use serde_json::Value;
+use sqlx::{Connection, Executor, PgConnection};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+
+struct Cli {
+    db_url: String,
+    addr: String,
+}
+
+impl Cli {
+    /// A brand-new, empty database (no template), as on a fresh install.
+    async fn new() -> Self {
+        let admin = admin_url().unwrap();
+        let name = format!("cp_cli_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin).await.unwrap();
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+        let db_url = format!("{}/{name}", &admin[..admin.rfind('/').unwrap()]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self { db_url, addr: format!("127.0.0.1:{port}") }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_callplane"));
+        c.args(args)
+            .env("CALLPLANE_ENV", "test")
+            .env("CALLPLANE_CONFIG_DIR", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config"))
+            .env("CALLPLANE__DATABASE__URL", &self.db_url)
+            .env("CALLPLANE__SERVER__ADDR", &self.addr)
+            .env("CALLPLANE__SERVER__PUBLIC_URL", format!("http://{}", self.addr))
+            .env("CALLPLANE__VAPI__SECRET", SECRET)
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.run(args);
+        assert!(out.status.success(), "callplane {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    async fn serve(&self) -> Server {
+        let child = self.command(&["serve"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let server = Server(child);
+        let url = format!("http://{}/readyz", self.addr);
+        for _ in 0..100 {
+            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+                return server;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("callplane serve did not become ready");
+    }
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn an_operator_migrates_creates_an_org_and_a_key_serves_and_replays_a_dead_letter() {
+    let cli = Cli::new().await;
+
+    let migrated = cli.json(&["migrate", "--json"]);
+    let ahead = Utc::now().checked_add_months(Months::new(3)).unwrap();
+    assert_eq!(migrated["partitions"]["covered_through"], format!("{:04}-{:02}", ahead.year(), ahead.month()));
+    // Migrating twice is harmless.
+    cli.json(&["migrate", "--json"]);
+
+    let bad = cli.run(&["org", "create", "--name", "Acme", "--plan", "platinum"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown plan"), "{}", String::from_utf8_lossy(&bad.stderr));
+
+    let org = cli.json(&[
+        "org",
+        "create",
+        "--name",
+        "Acme Plumbing",
+        "--plan",
+        "starter",
+        "--assistant-id",
+        "asst-acme",
+        "--json",
+    ]);
+    let org_id = org["id"].as_str().unwrap().to_owned();
+    assert_eq!(org["vapi_server_url"], format!("http://{}/vapi/{org_id}", cli.addr));
+
+    let key = cli.json(&["apikey", "create", "--org", &org_id, "--json"]);
+    let secret = key["key"].as_str().unwrap();
+    assert!(secret.starts_with("cp_") && secret.len() == 43, "{secret}");
+    assert_eq!(key["prefix"].as_str().unwrap(), &secret[..11]);
+
+    let config = cli.command(&["config", "--json"]).output().unwrap();
+    let printed = String::from_utf8_lossy(&config.stdout);
+    assert!(!printed.contains(SECRET) && printed.contains("********"), "{printed}");
+
+    let _server = cli.serve().await;
+    let http = reqwest::Client::new();
+    let mut ask = sample("01-assistant-request.json");
+    ask["message"]["call"]["createdAt"] = Value::String(iso(Utc::now()));
+    let answer: Value = http
+        .post(org["vapi_server_url"].as_str().unwrap())
+        .bearer_auth(SECRET)
+        .json(&ask)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["assistantId"], "asst-acme");
+
+    // Break transcript storage, deliver a report: it is kept as a dead letter.
+    let mut db = PgConnection::connect(&cli.db_url).await.unwrap();
+    db.execute("ALTER TABLE call_transcripts RENAME TO call_transcripts_away").await.unwrap();
+    let report = lifecycle("replayed-call", Utc::now(), 33.3).pop().unwrap();
+    let r = http.post(org["vapi_server_url"].as_str().unwrap()).bearer_auth(SECRET).json(&report).send().await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "internal_error");
+    let listed = cli.json(&["events", "list", "--call", "replayed-call", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["error_code"], "processing_failed");
+
+    // Mend it and replay by call: processed once, resolved, billed once.
+    db.execute("ALTER TABLE call_transcripts_away RENAME TO call_transcripts").await.unwrap();
+    let replay = cli.json(&["events", "replay", "--call", "replayed-call", "--json"]);
+    assert_eq!((replay["attempted"].as_u64(), replay["succeeded"].as_u64()), (Some(1), Some(1)));
+    let transcripts: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM call_transcripts WHERE call_id = 'replayed-call' AND is_final")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(transcripts, 1);
+    let billed: i64 = sqlx::query_scalar("SELECT billable_seconds FROM usage_ledger WHERE call_id = 'replayed-call'")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(billed, 34);
+    let used: i64 = sqlx::query_scalar("SELECT seconds_used FROM organizations").fetch_one(&mut db).await.unwrap();
+    assert_eq!(used, 34);
+    assert!(cli.json(&["events", "list", "--json"]).as_array().unwrap().is_empty());
+    let replay_again = cli.json(&["events", "replay", "--json"]);
+    assert_eq!(replay_again["attempted"], 0);
+}

@@ -1,0 +1,139 @@
+//! `TestApp`: a callplane on a random port with its own database.
+
+use callplane_core::{OrgId, Organization};
+use callplane_server::{App, Settings};
+use callplane_storage::{CallRow, NewOrganization};
+use callplane_testkit::TestDb;
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+pub const SECRET: &str = "test-vapi-secret";
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub db: TestDb,
+    pub app: App,
+}
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/vapi")
+}
+
+/// A sample body from `tests/fixtures/vapi` (copied from VAPI's shared samples).
+pub fn sample(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn iso(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(&[]).await
+    }
+
+    pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
+        // Logs appear in the output of failing tests (nextest captures them).
+        callplane_server::telemetry::init("pretty");
+        let db = TestDb::fresh().await.expect("a fresh test database");
+        let mut all: Vec<(&str, &str)> = vec![("database.url", db.url.as_str()), ("vapi.secret", SECRET)];
+        all.extend_from_slice(overrides);
+        let settings = Settings::defaults_with(&all).expect("test settings");
+        let app = App::with_store(settings, db.store.clone()).expect("app builds");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(app.clone().serve(listener, std::future::pending()));
+        Self { base, http: reqwest::Client::new(), db, app }
+    }
+
+    /// An organization whose current billing period started a day ago.
+    pub async fn org(&self, plan: &str) -> Organization {
+        self.org_from(plan, Utc::now() - Duration::days(1)).await
+    }
+
+    pub async fn org_from(&self, plan: &str, period_start: DateTime<Utc>) -> Organization {
+        self.db
+            .store
+            .create_organization(&NewOrganization {
+                name: format!("Org {}", uuid::Uuid::new_v4().simple()),
+                plan: plan.into(),
+                default_assistant_id: Some(format!("asst-{}", uuid::Uuid::new_v4().simple())),
+                period_start,
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Posts a body to `/vapi/{org}` with the shared secret; returns status and JSON body.
+    pub async fn post_vapi(&self, org: OrgId, body: &Value) -> (StatusCode, Value) {
+        let r =
+            self.http.post(format!("{}/vapi/{org}", self.base)).bearer_auth(SECRET).json(body).send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn call(&self, org: OrgId, id: &str) -> Option<CallRow> {
+        self.db.store.get_call(org, id).await.unwrap()
+    }
+
+    pub async fn seconds_used(&self, org: OrgId) -> i64 {
+        sqlx::query_scalar("SELECT seconds_used FROM organizations WHERE id = $1")
+            .bind(org.0)
+            .fetch_one(self.db.store.pool())
+            .await
+            .unwrap()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(self.db.store.pool()).await.unwrap()
+    }
+}
+
+/// The shared samples re-addressed to a new call: every message's `call.id` and
+/// `call.createdAt`, its `timestamp`, and the report's start, end and duration move so the
+/// call was created at `created_at` and lasted `duration_s` seconds. Returns the messages in
+/// the order VAPI sends them.
+pub fn lifecycle(call_id: &str, created_at: DateTime<Utc>, duration_s: f64) -> Vec<Value> {
+    let names = [
+        "01-assistant-request.json",
+        "02-status-update-in-progress.json",
+        "05-transcript-partial.json",
+        "06-transcript-final.json",
+        "07-conversation-update.json",
+        "04-tool-calls-two-calls.json",
+        "11-function-call-legacy.json",
+        "08-speech-update.json",
+        "10-transfer-destination-request.json",
+        "03-status-update-ended.json",
+        "09-end-of-call-report.json",
+    ];
+    let started = created_at + Duration::seconds(2);
+    let ended = started + Duration::milliseconds((duration_s * 1000.0) as i64);
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut body = sample(name);
+            let m = body["message"].as_object_mut().unwrap();
+            m.insert("timestamp".into(), json!((created_at + Duration::seconds(i as i64 + 1)).timestamp_millis()));
+            if let Some(call) = m.get_mut("call").and_then(Value::as_object_mut) {
+                call.insert("id".into(), json!(call_id));
+                call.insert("createdAt".into(), json!(iso(created_at)));
+                call.insert("updatedAt".into(), json!(iso(created_at)));
+            }
+            if m["type"] == "end-of-call-report" {
+                m.insert("startedAt".into(), json!(iso(started)));
+                m.insert("endedAt".into(), json!(iso(ended)));
+                m.insert("durationSeconds".into(), json!(duration_s));
+                m.insert("durationMs".into(), json!(duration_s * 1000.0));
+                m.insert("durationMinutes".into(), json!(duration_s / 60.0));
+            }
+            body
+        })
+        .collect()
+}

@@ -1,0 +1,44 @@
+//! Tenant isolation in every storage function and through the webhook.
+
+use crate::helpers::{TestApp, lifecycle};
+use callplane_core::seams::{TranscriptStore, UsageCounter};
+use callplane_storage::{DeadLetterFilter, PgTranscriptStore, PgUsageCounter};
+use chrono::{Duration, Utc};
+use reqwest::StatusCode;
+
+#[tokio::test]
+async fn org_b_never_sees_or_changes_org_a_rows() {
+    let app = TestApp::spawn().await;
+    let a = app.org("pro").await;
+    let b = app.org("pro").await;
+    let created = Utc::now() - Duration::hours(1);
+    for event in lifecycle("a-call", created, 90.0) {
+        assert_eq!(app.post_vapi(a.id, &event).await.0, StatusCode::OK);
+    }
+    let a_row = app.call(a.id, "a-call").await.unwrap();
+    let store = &app.db.store;
+
+    assert_eq!(store.get_call(b.id, "a-call").await.unwrap(), None);
+    assert!(store.list_calls(b.id, created - Duration::days(1), Utc::now(), 100).await.unwrap().is_empty());
+    assert_eq!(store.list_calls(a.id, created - Duration::days(1), Utc::now(), 100).await.unwrap().len(), 1);
+    assert!(store.ledger(b.id).await.unwrap().is_empty());
+    assert_eq!(PgTranscriptStore(store.clone()).get(b.id, "a-call").await.unwrap(), None);
+    assert_eq!(PgUsageCounter(store.clone()).used(b.id, b.period_start).await.unwrap(), 0);
+    assert_eq!(PgUsageCounter(store.clone()).used(a.id, a.period_start).await.unwrap(), 90);
+
+    // Org B replaying org A's call id through its own URL changes nothing of A's.
+    for event in lifecycle("a-call", created, 5000.0) {
+        let (status, body) = app.post_vapi(b.id, &event).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["code"], "invalid_event");
+    }
+    assert_eq!(app.call(a.id, "a-call").await.unwrap(), a_row);
+    assert_eq!(app.seconds_used(a.id).await, 90);
+    assert_eq!(app.seconds_used(b.id).await, 0);
+    assert!(store.ledger(b.id).await.unwrap().is_empty());
+
+    // The refused events are kept, under B, for an operator to look at.
+    let b_letters = store.dead_letters(&DeadLetterFilter { org: Some(b.id), ..Default::default() }).await.unwrap();
+    assert!(!b_letters.is_empty());
+    assert!(store.dead_letters(&DeadLetterFilter { org: Some(a.id), ..Default::default() }).await.unwrap().is_empty());
+}

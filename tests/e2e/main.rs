@@ -1,0 +1,15 @@
+//! End-to-end suites: the real server over HTTP on a loopback port, a fresh Postgres
+//! database per test (started by `cargo xtask test`), and the real `callplane` binary where a
+//! user would run it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+
+mod bad_input;
+mod cli;
+mod isolation;
+mod lifecycle;
+mod partitions;
+mod samples;
+mod seams;

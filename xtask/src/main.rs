@@ -1,0 +1,60 @@
+//! `cargo xtask`: the developer entry point of the callplane workspace.
+//!
+//! Every command that needs PostgreSQL runs its own cluster from the server binaries in
+//! `/usr/lib/postgresql/*/bin`, so no system service or configuration is involved.
+
+mod pg;
+mod run;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+Usage: cargo xtask <command>
+
+Commands:
+  test [ARGS...]  Run all tests against a throwaway PostgreSQL cluster (target/xtask/pg-test), then
+                  check that the phase2 and phase3 feature builds validate their default configuration.
+                  ARGS are passed to `cargo nextest run`.
+                  XTASK_SKIP_FEATURE_CHECKS=1 skips the phase2/phase3 checks.
+  run             Start the development PostgreSQL cluster (.data/pg), migrate, create a demo
+                  organization and serve callplane in the foreground until Ctrl-C.
+                  CALLPLANE_PG_PORT (default 54329), CALLPLANE_PORT (default 8080) and
+                  CALLPLANE__VAPI__SECRET (default dev-vapi-secret) configure it;
+                  XTASK_KEEP_PG=1 leaves PostgreSQL running afterwards.
+  stop            Stop the development PostgreSQL cluster.
+  help            Show this message.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match args.split_first() {
+        Some((command, rest)) => (command.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+
+    let result = match command {
+        "test" => test::test(rest),
+        "run" => run::run(),
+        "stop" => run::stop(),
+        // Not in the usage: checks that a test cluster starts, answers and stops.
+        "pg-smoke" => test::pg_smoke(),
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        unknown => {
+            eprint!("xtask: unknown command `{unknown}`\n\n{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+    };
+
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
