@@ -1,8 +1,10 @@
 //! `TestApp`: a callplane on a random port with its own database.
 
+use callplane_core::CallRecord;
+use callplane_core::seams::CallReads;
 use callplane_core::{OrgId, Organization};
 use callplane_server::{App, Settings};
-use callplane_storage::{CallRow, NewOrganization};
+use callplane_storage::NewOrganization;
 use callplane_testkit::TestDb;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use reqwest::StatusCode;
@@ -44,7 +46,7 @@ impl TestApp {
         let mut all: Vec<(&str, &str)> = vec![("database.url", db.url.as_str()), ("vapi.secret", SECRET)];
         all.extend_from_slice(overrides);
         let settings = Settings::defaults_with(&all).expect("test settings");
-        let app = App::with_store(settings, db.store.clone()).expect("app builds");
+        let app = App::with_store(settings, db.store.clone()).await.expect("app builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(app.clone().serve(listener, std::future::pending()));
@@ -77,7 +79,7 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    pub async fn call(&self, org: OrgId, id: &str) -> Option<CallRow> {
+    pub async fn call(&self, org: OrgId, id: &str) -> Option<CallRecord> {
         self.db.store.get_call(org, id).await.unwrap()
     }
 

@@ -1,7 +1,7 @@
 //! Tenant isolation in every storage function and through the webhook.
 
 use crate::helpers::{TestApp, lifecycle};
-use callplane_core::seams::{TranscriptStore, UsageCounter};
+use callplane_core::seams::{CallFilter, CallReads, TranscriptStore, UsageCounter};
 use callplane_storage::{DeadLetterFilter, PgTranscriptStore, PgUsageCounter};
 use chrono::{Duration, Utc};
 use reqwest::StatusCode;
@@ -19,8 +19,26 @@ async fn org_b_never_sees_or_changes_org_a_rows() {
     let store = &app.db.store;
 
     assert_eq!(store.get_call(b.id, "a-call").await.unwrap(), None);
-    assert!(store.list_calls(b.id, created - Duration::days(1), Utc::now(), 100).await.unwrap().is_empty());
-    assert_eq!(store.list_calls(a.id, created - Duration::days(1), Utc::now(), 100).await.unwrap().len(), 1);
+    let window = CallFilter {
+        from: created - Duration::days(1),
+        to: Utc::now(),
+        status: None,
+        ended_reason: None,
+        assistant_id: None,
+        customer_number: None,
+    };
+    assert!(store.list_calls(b.id, &window, None, 100).await.unwrap().calls.is_empty());
+    assert_eq!(store.list_calls(a.id, &window, None, 100).await.unwrap().calls.len(), 1);
+    assert!(store.live_calls(b.id, created - Duration::days(1)).await.unwrap().is_empty());
+    assert!(
+        store
+            .daily_usage(b.id, (created - Duration::days(1)).date_naive(), Utc::now().date_naive())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.period_calls(b.id, b.period_start).await.unwrap(), 0);
+    assert_eq!(store.period_calls(a.id, a.period_start).await.unwrap(), 1);
     assert!(store.ledger(b.id).await.unwrap().is_empty());
     assert_eq!(PgTranscriptStore(store.clone()).get(b.id, "a-call").await.unwrap(), None);
     assert_eq!(PgUsageCounter(store.clone()).used(b.id, b.period_start).await.unwrap(), 0);

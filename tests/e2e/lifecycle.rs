@@ -1,9 +1,10 @@
 //! A call's whole lifecycle: duplicated, shuffled, concurrent. Exactly once, always.
 
 use crate::helpers::{TestApp, lifecycle, sample};
+use callplane_core::CallRecord;
 use callplane_core::OrgStatus;
 use callplane_core::seams::TranscriptStore;
-use callplane_storage::{CallRow, PgTranscriptStore};
+use callplane_storage::PgTranscriptStore;
 use chrono::{Duration, Utc};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -12,7 +13,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 /// The parts of a row that must not depend on arrival order.
-fn comparable(mut row: CallRow) -> CallRow {
+fn comparable(mut row: CallRecord) -> CallRecord {
     row.id = String::new();
     row
 }

@@ -91,7 +91,7 @@ async fn every_sample_is_answered_like_the_sample_responses_and_stored_field_by_
     assert_eq!(app.post_vapi(org.id, &report).await, (StatusCode::OK, json!({})));
     let m = &report["message"];
     let row = app.call(org.id, CALL).await.unwrap();
-    assert_eq!(row.organization_id, org.id.0);
+    assert_eq!(row.organization_id, org.id);
     assert_eq!(row.status, "ended");
     assert_eq!(row.ended_reason.as_deref(), Some("customer-ended-call"));
     assert_eq!(row.started_at, Some(at("2026-03-10T17:02:13.353Z")));

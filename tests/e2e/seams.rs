@@ -31,5 +31,5 @@ async fn pg_usage_counter_passes_the_contract() {
 async fn pg_realtime_bus_passes_the_contract() {
     let app = TestApp::spawn().await;
     let (a, b) = (app.org("pro").await, app.org("pro").await);
-    contracts::realtime_bus(&PgRealtimeBus::start(app.db.store.clone()), a.id, b.id).await;
+    contracts::realtime_bus(&PgRealtimeBus::start(app.db.store.clone(), 64).await.unwrap(), a.id, b.id).await;
 }

@@ -9,6 +9,14 @@ use callplane_core::seams::{PipelineError, StoreError};
 use callplane_core::vapi::ParseError;
 use serde_json::json;
 
+/// Every error body: a stable code to branch on, and a message for the developer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable, e.g. `invalid_filter`, `call_not_found`, `invalid_api_key`.
+    pub code: String,
+    pub message: String,
+}
+
 #[derive(Debug)]
 pub enum ApiError {
     /// A 4xx with a stable code.

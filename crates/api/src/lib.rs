@@ -1,50 +1,105 @@
 //! callplane-api: the HTTP surface. The VAPI webhook endpoint (`POST /vapi/{org_id}`,
-//! `POST /vapi`) and the operational routes (`/healthz`, `/readyz`, `/metrics`).
+//! `POST /vapi`), the dashboard API (`/v1`, with a WebSocket stream), the admin API
+//! (`/admin/v1`), `/openapi.json`, and the operational routes (`/healthz`, `/readyz`,
+//! `/metrics`).
 //!
 //! It knows no backend and has no features: everything it touches is a seam trait object in
 //! [`AppState`]. Only this crate knows HTTP; every error leaves through [`ApiError`].
 
+mod admin;
+mod auth;
+mod dashboard;
 mod error;
+mod extract;
 mod metrics;
+mod openapi;
 mod ops;
+mod realtime;
 mod vapi;
 
+pub use auth::DashboardAuth;
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use openapi::openapi_json;
 pub use ops::Readiness;
+pub use realtime::RealtimeSettings;
 
 use axum::Router;
+use axum::extract::Request;
 use axum::routing::{get, post};
 use callplane_core::agent::AgentSettings;
 use callplane_core::auth::WebhookAuth;
 use callplane_core::billing::Plan;
-use callplane_core::seams::{EventPipeline, FunctionData, OrgDirectory};
+use callplane_core::seams::{
+    CallReads, EventPipeline, FunctionData, OrgAdmin, OrgDirectory, RealtimeBus, TranscriptStore, UsageCounter,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 /// Everything a request may use. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub webhook_auth: Arc<WebhookAuth>,
+    pub dashboard_auth: Arc<DashboardAuth>,
     pub orgs: Arc<dyn OrgDirectory>,
+    pub admin: Arc<dyn OrgAdmin>,
     pub pipeline: Arc<dyn EventPipeline>,
     pub function_data: Arc<dyn FunctionData>,
+    pub calls: Arc<dyn CallReads>,
+    pub transcripts: Arc<dyn TranscriptStore>,
+    pub usage: Arc<dyn UsageCounter>,
+    pub bus: Arc<dyn RealtimeBus>,
     pub plans: Arc<HashMap<String, Plan>>,
     pub agent: AgentSettings,
     /// Answered when an organization has no assistant of its own.
     pub fallback_assistant_id: Option<String>,
+    /// Where VAPI reaches this server; organizations' webhook URLs start with it.
+    pub public_url: String,
     pub max_body_bytes: usize,
+    pub max_function_data_bytes: usize,
+    pub realtime: RealtimeSettings,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<dyn Readiness>,
+    /// Turns true when the server is shutting down; WebSocket sessions close on it.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn router(state: AppState) -> Router {
+    let request_id = axum::http::HeaderName::from_static("x-request-id");
     Router::new()
         .route("/vapi", post(vapi::shared_url))
         .route("/vapi/{org_id}", post(vapi::org_url))
+        .route("/v1/calls", get(dashboard::list_calls))
+        .route("/v1/calls/live", get(dashboard::live_calls))
+        .route("/v1/calls/export.csv", get(dashboard::export_csv))
+        .route("/v1/calls/{id}", get(dashboard::get_call))
+        .route("/v1/usage", get(dashboard::usage))
+        .route("/v1/usage/daily", get(dashboard::usage_daily))
+        .route("/v1/function-data", get(dashboard::list_function_data))
+        .route(
+            "/v1/function-data/{key}",
+            get(dashboard::get_function_data).put(dashboard::put_function_data).delete(dashboard::delete_function_data),
+        )
+        .route("/v1/realtime", get(realtime::realtime))
+        .route("/admin/v1/organizations", post(admin::create_org).get(admin::list_orgs))
+        .route("/admin/v1/organizations/{id}", get(admin::get_org).patch(admin::update_org))
+        .route("/admin/v1/organizations/{id}/api-keys", post(admin::create_key))
+        .route("/admin/v1/organizations/{id}/api-keys/{key_id}", axum::routing::delete(admin::revoke_key))
+        .route("/openapi.json", get(ops::openapi))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .with_state(state)
+        // Every request gets an id (or keeps the caller's), echoed back and on every log line
+        // of its span; the organization is recorded on the span once known. Query strings
+        // are never logged: they may carry an access token.
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id, org_id = tracing::field::Empty)
+        }))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }

@@ -1,20 +1,73 @@
-//! A small Prometheus text registry: counters by label set. No global state; one per app.
+//! A small Prometheus text registry: counters and latency histograms by label. No global
+//! state; one per app. These are the figures the phase advisor reads.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::time::Duration;
+
+/// Seconds; from sub-millisecond answers up to VAPI's 7.5 s assistant-request limit.
+const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5];
+
+#[derive(Clone, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
+#[derive(Default)]
+struct Histograms(Mutex<BTreeMap<&'static str, Histogram>>);
+
+impl Histograms {
+    fn observe(&self, label: &'static str, d: Duration) {
+        if let Ok(mut m) = self.0.lock() {
+            m.entry(label).or_default().observe(d.as_secs_f64());
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, label: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let Ok(m) = self.0.lock() else { return };
+        for (value, h) in m.iter() {
+            for (b, c) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(out, "{name}_bucket{{{label}=\"{value}\",le=\"{b}\"}} {c}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{label}=\"{value}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "{name}_sum{{{label}=\"{value}\"}} {}", h.sum);
+            let _ = writeln!(out, "{name}_count{{{label}=\"{value}\"}} {}", h.count);
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct Metrics {
     /// (message type, outcome) -> count.
     webhook_events: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    webhook_latency: Histograms,
+    api_latency: Histograms,
+    realtime_delivery: Histograms,
+    realtime_lagged: Mutex<u64>,
 }
 
 impl Metrics {
-    pub fn webhook_event(&self, message_type: &'static str, outcome: &'static str) {
+    pub fn webhook_event(&self, message_type: &'static str, outcome: &'static str, took: Duration) {
         if let Ok(mut m) = self.webhook_events.lock() {
             *m.entry((message_type, outcome)).or_default() += 1;
         }
+        self.webhook_latency.observe(message_type, took);
     }
 
     pub fn webhook_count(&self, message_type: &str, outcome: &str) -> u64 {
@@ -22,6 +75,20 @@ impl Metrics {
             .lock()
             .map(|m| m.iter().filter(|((t, o), _)| *t == message_type && *o == outcome).map(|(_, n)| *n).sum())
             .unwrap_or(0)
+    }
+
+    pub fn api_query(&self, route: &'static str, took: Duration) {
+        self.api_latency.observe(route, took);
+    }
+
+    pub fn realtime_delivered(&self, lag: Duration) {
+        self.realtime_delivery.observe("event", lag);
+    }
+
+    pub fn realtime_lagged(&self) {
+        if let Ok(mut n) = self.realtime_lagged.lock() {
+            *n += 1;
+        }
     }
 
     /// Renders in the Prometheus text format, with gauges supplied by the caller.
@@ -34,6 +101,25 @@ impl Metrics {
                 let _ = writeln!(out, "callplane_webhook_events_total{{type=\"{t}\",outcome=\"{o}\"}} {n}");
             }
         }
+        self.webhook_latency.render(
+            &mut out,
+            "callplane_webhook_seconds",
+            "type",
+            "Time to answer a VAPI webhook, by message type.",
+        );
+        self.api_latency.render(&mut out, "callplane_api_seconds", "route", "Dashboard API latency, by route.");
+        self.realtime_delivery.render(
+            &mut out,
+            "callplane_realtime_delivery_seconds",
+            "stream",
+            "From publish to WebSocket send.",
+        );
+        let lagged = self.realtime_lagged.lock().map(|n| *n).unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "# HELP callplane_realtime_lagged_total Subscribers told to resume because they fell behind.\n\
+             # TYPE callplane_realtime_lagged_total counter\ncallplane_realtime_lagged_total {lagged}"
+        );
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }

@@ -36,3 +36,7 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::client(StatusCode::NOT_FOUND, "not_found", format!("no route for {}", uri.path()))
 }
+
+pub async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::openapi_json())
+}

@@ -30,13 +30,14 @@ pub async fn shared_url(State(s): State<AppState>, headers: HeaderMap, body: Bod
 async fn handle(s: AppState, path_org: Option<String>, headers: HeaderMap, body: Body) -> Response {
     let span = info_span!("vapi_webhook", org_id = tracing::field::Empty, kind = tracing::field::Empty);
     async move {
+        let started = std::time::Instant::now();
         let mut kind = "unparsed";
         let result = receive(&s, path_org, &headers, body, &mut kind).await;
         let outcome = match &result {
             Ok((_, outcome)) => *outcome,
             Err(e) => e.code(),
         };
-        s.metrics.webhook_event(kind, outcome_label(outcome));
+        s.metrics.webhook_event(kind, outcome_label(outcome), started.elapsed());
         match result {
             Ok((answer, _)) => (StatusCode::OK, Json(answer)).into_response(),
             Err(e) => e.into_response(),

@@ -98,3 +98,56 @@ impl Organization {
         self
     }
 }
+
+/// A stored call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallRecord {
+    pub id: String,
+    pub organization_id: OrgId,
+    pub created_at: DateTime<Utc>,
+    pub call_type: Option<String>,
+    pub status: String,
+    pub ended_reason: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub duration_seconds: Option<f64>,
+    pub cost: Option<f64>,
+    pub costs: Option<serde_json::Value>,
+    pub summary: Option<String>,
+    pub analysis: Option<serde_json::Value>,
+    pub recording_url: Option<String>,
+    pub assistant_id: Option<String>,
+    pub phone_number_id: Option<String>,
+    pub customer_number: Option<String>,
+    pub billable_seconds: Option<i64>,
+    pub reported_at: Option<DateTime<Utc>>,
+    pub last_event_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewOrganization {
+    pub name: String,
+    pub plan: String,
+    pub default_assistant_id: Option<String>,
+    /// The first billing period starts here (usually now) and lasts a month.
+    pub period_start: DateTime<Utc>,
+}
+
+/// An API key as listed: never the key itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApiKeyInfo {
+    pub id: uuid::Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A freshly created API key. `secret` is shown once and never stored.
+#[derive(Clone, Debug)]
+pub struct NewApiKey {
+    pub id: uuid::Uuid,
+    pub prefix: String,
+    pub secret: String,
+}

@@ -9,7 +9,8 @@ pub mod agent;
 pub mod auth;
 pub mod billing;
 pub mod domain;
+pub mod jwt;
 pub mod seams;
 pub mod vapi;
 
-pub use domain::{OrgId, OrgStatus, Organization};
+pub use domain::{CallRecord, OrgId, OrgStatus, Organization};

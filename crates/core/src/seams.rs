@@ -1,7 +1,7 @@
 //! The seams: one narrow trait per capability, organization id first. Each phase plugs a
 //! backend in behind these; `api` and the pipeline only ever see `Arc<dyn Trait>`.
 
-use crate::domain::{OrgId, Organization};
+use crate::domain::{CallRecord, OrgId, Organization};
 use crate::vapi::ServerMessage;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -38,6 +38,8 @@ pub trait OrgDirectory: Send + Sync {
     async fn by_phone_number(&self, vapi_phone_number_id: &str) -> StoreResult<Option<OrgId>>;
     /// The organization that registered this VAPI assistant id.
     async fn by_assistant(&self, vapi_assistant_id: &str) -> StoreResult<Option<OrgId>>;
+    /// The organization an unrevoked API key belongs to (recording its use).
+    async fn by_api_key(&self, secret: &str) -> StoreResult<Option<OrgId>>;
 }
 
 /// Billed seconds per organization and billing period. The usage ledger is the truth behind
@@ -93,12 +95,95 @@ pub struct RealtimeEvent {
     pub data: Value,
 }
 
+/// An event as published: numbered in its organization's sequence, so a client that
+/// reconnects with the last number it saw can be sent exactly what it missed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PublishedEvent {
+    pub org_id: OrgId,
+    pub seq: i64,
+    pub kind: String,
+    pub call_id: Option<String>,
+    pub data: Value,
+    pub at: DateTime<Utc>,
+}
+
+/// What a live subscription yields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Delivery {
+    Event(std::sync::Arc<PublishedEvent>),
+    /// The subscriber fell behind and events were dropped for it; it must resume from the
+    /// last sequence it saw (the history has them).
+    Lagged,
+}
+
 #[async_trait]
 pub trait RealtimeBus: Send + Sync {
     fn backend(&self) -> &'static str;
-    async fn publish(&self, event: &RealtimeEvent) -> StoreResult<()>;
-    /// A stream of the organization's events, and nobody else's.
-    async fn subscribe(&self, org: OrgId) -> StoreResult<BoxStream<'static, RealtimeEvent>>;
+    /// Publishes an event; returns its sequence number in the organization's stream.
+    async fn publish(&self, event: &RealtimeEvent) -> StoreResult<i64>;
+    /// The organization's live events, and nobody else's, in sequence order.
+    async fn subscribe(&self, org: OrgId) -> StoreResult<BoxStream<'static, Delivery>>;
+    /// Stored events after `after_seq`, oldest first, at most `limit`.
+    async fn history(&self, org: OrgId, after_seq: i64, limit: i64) -> StoreResult<Vec<PublishedEvent>>;
+    /// Live subscriptions in this process.
+    fn subscribers(&self) -> usize;
+}
+
+/// Which calls a dashboard asks for. Every read is bounded in time so the planner prunes
+/// partitions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallFilter {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub status: Option<String>,
+    pub ended_reason: Option<String>,
+    pub assistant_id: Option<String>,
+    pub customer_number: Option<String>,
+}
+
+/// A position in the newest-first order of calls: `(created_at, id)` of the last call seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallPage {
+    pub calls: Vec<CallRecord>,
+    /// Where the next page starts; `None` when there is none.
+    pub next: Option<CallCursor>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DailyUsage {
+    pub day: chrono::NaiveDate,
+    pub calls: i64,
+    pub billable_seconds: i64,
+}
+
+/// The dashboard's reads of calls and usage. Postgres (primary, later a replica).
+#[async_trait]
+pub trait CallReads: Send + Sync {
+    async fn list_calls(
+        &self,
+        org: OrgId,
+        filter: &CallFilter,
+        after: Option<&CallCursor>,
+        limit: i64,
+    ) -> StoreResult<CallPage>;
+    async fn get_call(&self, org: OrgId, call_id: &str) -> StoreResult<Option<CallRecord>>;
+    /// Calls not yet ended, created since `since`.
+    async fn live_calls(&self, org: OrgId, since: DateTime<Utc>) -> StoreResult<Vec<CallRecord>>;
+    /// Billed usage per UTC day of the call's start, from the ledger, for `[from, to]`.
+    async fn daily_usage(
+        &self,
+        org: OrgId,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> StoreResult<Vec<DailyUsage>>;
+    /// Calls in the ledger for a billing period.
+    async fn period_calls(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64>;
 }
 
 /// A verified VAPI message, attributed to an organization, ready for processing.
@@ -142,4 +227,17 @@ pub enum PipelineError {
 pub trait EventPipeline: Send + Sync {
     fn backend(&self) -> &'static str;
     async fn submit(&self, event: InboundEvent) -> Result<Processed, PipelineError>;
+}
+
+/// Operators' changes to organizations and their API keys (the admin surface and the CLI).
+#[async_trait]
+pub trait OrgAdmin: Send + Sync {
+    async fn create(&self, new: &crate::domain::NewOrganization) -> StoreResult<Organization>;
+    async fn list(&self, limit: i64) -> StoreResult<Vec<Organization>>;
+    /// Returns false when there is no such organization.
+    async fn set_plan(&self, org: OrgId, plan: &str) -> StoreResult<bool>;
+    async fn set_status(&self, org: OrgId, status: crate::domain::OrgStatus) -> StoreResult<bool>;
+    async fn create_api_key(&self, org: OrgId, name: &str) -> StoreResult<crate::domain::NewApiKey>;
+    async fn api_keys(&self, org: OrgId) -> StoreResult<Vec<crate::domain::ApiKeyInfo>>;
+    async fn revoke_api_key(&self, org: OrgId, key_id: uuid::Uuid) -> StoreResult<bool>;
 }

@@ -21,14 +21,19 @@ pub struct App {
     pub store: PgStore,
     pub pipeline: Arc<InlinePipeline>,
     pub state: AppState,
+    /// Set on shutdown: WebSocket sessions close with 1001.
+    shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-struct PgReadiness(PgStore);
+struct PgReadiness {
+    store: PgStore,
+    bus: Arc<dyn RealtimeBus>,
+}
 
 #[async_trait]
 impl Readiness for PgReadiness {
     async fn check(&self) -> Result<(), String> {
-        match self.0.migrations_current().await {
+        match self.store.migrations_current().await {
             Ok(true) => Ok(()),
             Ok(false) => Err("migrations are not all applied; run `callplane migrate`".into()),
             Err(e) => Err(format!("database unreachable: {e}")),
@@ -36,13 +41,21 @@ impl Readiness for PgReadiness {
     }
 
     async fn gauges(&self) -> Vec<(&'static str, &'static str, f64)> {
-        let pool = self.0.pool();
+        let pool = self.store.pool();
         let mut g = vec![
             ("callplane_db_pool_connections", "Open database connections.", pool.size() as f64),
             ("callplane_db_pool_idle", "Idle database connections.", pool.num_idle() as f64),
+            (
+                "callplane_realtime_subscribers",
+                "Live WebSocket subscriptions in this process.",
+                self.bus.subscribers() as f64,
+            ),
         ];
-        if let Ok(n) = self.0.open_dead_letter_count().await {
+        if let Ok(n) = self.store.open_dead_letter_count().await {
             g.push(("callplane_dead_letters_open", "Dead-lettered events not yet replayed.", n as f64));
+        }
+        if let Ok(n) = self.store.concurrent_calls().await {
+            g.push(("callplane_concurrent_calls", "Calls in progress across all organizations.", n as f64));
         }
         g
     }
@@ -71,9 +84,9 @@ fn function_data(name: &str, store: &PgStore) -> anyhow::Result<Arc<dyn Function
     }
 }
 
-fn realtime(name: &str, store: &PgStore) -> anyhow::Result<Arc<dyn RealtimeBus>> {
+async fn realtime(name: &str, store: &PgStore, queue: usize) -> anyhow::Result<Arc<dyn RealtimeBus>> {
     match name {
-        "postgres" => Ok(Arc::new(PgRealtimeBus::start(store.clone()))),
+        "postgres" => Ok(Arc::new(PgRealtimeBus::start(store.clone(), queue).await?)),
         other => bail!("backends.realtime: {other:?} is not compiled into this build"),
     }
 }
@@ -89,48 +102,64 @@ impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate()?;
         let store = Self::connect(&settings).await?;
-        Self::with_store(settings, store)
+        Self::with_store(settings, store).await
     }
 
-    pub fn with_store(settings: Settings, store: PgStore) -> anyhow::Result<Self> {
+    pub async fn with_store(settings: Settings, store: PgStore) -> anyhow::Result<Self> {
         let b = &settings.backends;
         if b.event_pipeline != "inline" {
             bail!("backends.event_pipeline: {:?} is not compiled into this build", b.event_pipeline);
         }
+        let counter = usage_counter(&b.usage_counter, &store)?;
+        let transcripts = transcripts(&b.transcripts, &store)?;
+        let bus = realtime(&b.realtime, &store, settings.realtime.queue).await?;
         let pipeline = Arc::new(InlinePipeline::new(
             store.clone(),
-            usage_counter(&b.usage_counter, &store)?,
-            transcripts(&b.transcripts, &store)?,
-            realtime(&b.realtime, &store)?,
+            counter.clone(),
+            transcripts.clone(),
+            bus.clone(),
             PipelineSettings {
                 rules: settings.billing_rules(),
                 max_future_skew: chrono::Duration::hours(settings.partitions.max_future_skew_hours),
             },
         ));
         let fallback = settings.vapi.fallback_assistant_id.trim();
+        let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {
             webhook_auth: Arc::new(settings.webhook_auth()),
+            dashboard_auth: Arc::new(settings.dashboard_auth()),
             orgs: Arc::new(store.clone()),
+            admin: Arc::new(store.clone()),
             pipeline: pipeline.clone(),
             function_data: function_data(&b.function_data, &store)?,
+            calls: Arc::new(store.clone()),
+            transcripts,
+            usage: counter,
+            bus: bus.clone(),
             plans: Arc::new(settings.plans()),
             agent: settings.agent(),
             fallback_assistant_id: (!fallback.is_empty()).then(|| fallback.to_owned()),
+            public_url: settings.server.public_url.clone(),
             max_body_bytes: settings.server.max_body_bytes,
+            max_function_data_bytes: settings.api.max_function_data_bytes,
+            realtime: settings.realtime_settings(),
             metrics: Arc::new(Metrics::default()),
-            readiness: Arc::new(PgReadiness(store.clone())),
+            readiness: Arc::new(PgReadiness { store: store.clone(), bus }),
+            shutdown,
         };
-        Ok(Self { settings, store, pipeline, state })
+        Ok(Self { settings, store, pipeline, state, shutdown: Arc::new(shutdown_tx) })
     }
 
     pub fn router(&self) -> axum::Router {
         callplane_api::router(self.state.clone())
     }
 
-    /// Keeps partitions `months_ahead` ahead: now, then every maintenance interval.
-    pub fn spawn_partition_maintenance(&self) {
+    /// Keeps partitions `months_ahead` ahead and prunes realtime events past their
+    /// retention: now, then every maintenance interval.
+    pub fn spawn_maintenance(&self) {
         let store = self.store.clone();
         let ahead = self.settings.partitions.months_ahead;
+        let retention = chrono::Duration::hours(self.settings.realtime.retention_hours);
         let every = Duration::from_secs(self.settings.partitions.maintenance_interval_seconds.max(60));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -141,16 +170,27 @@ impl App {
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "partition maintenance failed; will retry"),
                 }
+                match store.prune_realtime_events(Utc::now() - retention).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(pruned = n, "realtime events past retention removed"),
+                    Err(e) => warn!(error = %e, "realtime pruning failed; will retry"),
+                }
             }
         });
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Serves until `shutdown` resolves; then WebSocket sessions are closed (1001) and
+    /// in-flight requests finish.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await.context("serving HTTP")
+        let stop = self.shutdown.clone();
+        let signal = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        axum::serve(listener, self.router()).with_graceful_shutdown(signal).await.context("serving HTTP")
     }
 }

@@ -303,14 +303,30 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     let r = app.store.ensure_partitions(Utc::now(), app.settings.partitions.months_ahead).await?;
     info!(covered_through = ?r.covered_through, "partitions ready");
-    app.spawn_partition_maintenance();
+    app.spawn_maintenance();
     let listener = TcpListener::bind(&app.settings.server.addr)
         .await
         .with_context(|| format!("binding server.addr {}", app.settings.server.addr))?;
     info!(addr = %listener.local_addr()?, "callplane serving");
     app.serve(listener, async {
-        let _ = tokio::signal::ctrl_c().await;
+        shutdown_signal().await;
         info!("shutting down");
     })
     .await
+}
+
+/// Ctrl-C or SIGTERM (what process managers send).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }

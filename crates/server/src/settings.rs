@@ -23,6 +23,9 @@ pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub vapi: VapiSettings,
+    pub auth: AuthSettings,
+    pub api: ApiSettings,
+    pub realtime: RealtimeConfig,
     pub billing: BillingSettings,
     pub plans: BTreeMap<String, PlanSettings>,
     pub partitions: PartitionSettings,
@@ -62,6 +65,28 @@ pub struct HmacConfig {
     pub signature_prefix: String,
     pub payload_format: String,
     pub max_skew_seconds: i64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct AuthSettings {
+    pub jwt_secret: SecretString,
+    pub jwt_org_claim: String,
+    pub jwt_audience: String,
+    pub jwt_leeway_seconds: i64,
+    pub admin_token: SecretString,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ApiSettings {
+    pub max_function_data_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct RealtimeConfig {
+    pub retention_hours: i64,
+    pub heartbeat_seconds: u64,
+    pub send_timeout_seconds: u64,
+    pub queue: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -189,6 +214,16 @@ impl Settings {
         if self.vapi.max_call_seconds <= 0 {
             errors.push("vapi.max_call_seconds: must be positive".into());
         }
+        if self.auth.jwt_org_claim.trim().is_empty() {
+            errors.push("auth.jwt_org_claim: must name a claim".into());
+        }
+        let jwt_secret_len = self.auth.jwt_secret.expose_secret().len();
+        if jwt_secret_len > 0 && jwt_secret_len < 32 {
+            errors.push("auth.jwt_secret: must be at least 32 characters".into());
+        }
+        if self.realtime.retention_hours < 1 {
+            errors.push("realtime.retention_hours: must be at least 1".into());
+        }
         if self.billing.rounding_increment_seconds < 1 {
             errors.push("billing.rounding_increment_seconds: must be at least 1".into());
         }
@@ -239,6 +274,25 @@ impl Settings {
                 max_skew_seconds: h.max_skew_seconds,
             }),
             allow_unauthenticated: self.vapi.allow_unauthenticated,
+        }
+    }
+
+    pub fn dashboard_auth(&self) -> callplane_api::DashboardAuth {
+        callplane_api::DashboardAuth {
+            jwt: non_empty(&self.auth.jwt_secret).map(|secret| callplane_core::jwt::JwtSettings {
+                secret,
+                org_claim: self.auth.jwt_org_claim.clone(),
+                audience: (!self.auth.jwt_audience.is_empty()).then(|| self.auth.jwt_audience.clone()),
+                leeway_seconds: self.auth.jwt_leeway_seconds,
+            }),
+            admin_token: non_empty(&self.auth.admin_token),
+        }
+    }
+
+    pub fn realtime_settings(&self) -> callplane_api::RealtimeSettings {
+        callplane_api::RealtimeSettings {
+            heartbeat: std::time::Duration::from_secs(self.realtime.heartbeat_seconds.max(1)),
+            send_timeout: std::time::Duration::from_secs(self.realtime.send_timeout_seconds.max(1)),
         }
     }
 
@@ -312,6 +366,20 @@ impl Settings {
                     "payload_format": self.vapi.hmac.payload_format,
                     "max_skew_seconds": self.vapi.hmac.max_skew_seconds,
                 },
+            },
+            "auth": {
+                "jwt_secret": mask(&self.auth.jwt_secret),
+                "jwt_org_claim": self.auth.jwt_org_claim,
+                "jwt_audience": self.auth.jwt_audience,
+                "jwt_leeway_seconds": self.auth.jwt_leeway_seconds,
+                "admin_token": mask(&self.auth.admin_token),
+            },
+            "api": { "max_function_data_bytes": self.api.max_function_data_bytes },
+            "realtime": {
+                "retention_hours": self.realtime.retention_hours,
+                "heartbeat_seconds": self.realtime.heartbeat_seconds,
+                "send_timeout_seconds": self.realtime.send_timeout_seconds,
+                "queue": self.realtime.queue,
             },
             "billing": {
                 "rounding_increment_seconds": self.billing.rounding_increment_seconds,

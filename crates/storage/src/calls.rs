@@ -16,7 +16,6 @@ use callplane_core::seams::{StoreError, StoreResult};
 use callplane_core::vapi::{ServerMessage, status_rank};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
 use sqlx::Row;
 use tracing::instrument;
 
@@ -33,31 +32,6 @@ pub struct CallApplied {
     pub billed: Option<(i64, DateTime<Utc>)>,
 }
 
-/// A stored call, as the API and the tests read it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct CallRow {
-    pub id: String,
-    pub organization_id: uuid::Uuid,
-    pub created_at: DateTime<Utc>,
-    pub call_type: Option<String>,
-    pub status: String,
-    pub ended_reason: Option<String>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub ended_at: Option<DateTime<Utc>>,
-    pub duration_seconds: Option<f64>,
-    pub cost: Option<f64>,
-    pub costs: Option<Value>,
-    pub summary: Option<String>,
-    pub analysis: Option<Value>,
-    pub recording_url: Option<String>,
-    pub assistant_id: Option<String>,
-    pub phone_number_id: Option<String>,
-    pub customer_number: Option<String>,
-    pub billable_seconds: Option<i64>,
-    pub reported_at: Option<DateTime<Utc>>,
-    pub last_event_at: Option<DateTime<Utc>>,
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LedgerRow {
     pub call_id: String,
@@ -67,35 +41,6 @@ pub struct LedgerRow {
     pub duration_seconds: f64,
     pub billable_seconds: i64,
     pub ended_reason: Option<String>,
-}
-
-const CALL_COLUMNS: &str = "id, organization_id, created_at, call_type, status, ended_reason, started_at, \
-    ended_at, duration_seconds, cost, costs, summary, analysis, recording_url, assistant_id, phone_number_id, \
-    customer_number, billable_seconds, reported_at, last_event_at";
-
-fn call_from_row(r: &sqlx::postgres::PgRow) -> Result<CallRow, sqlx::Error> {
-    Ok(CallRow {
-        id: r.try_get("id")?,
-        organization_id: r.try_get("organization_id")?,
-        created_at: r.try_get("created_at")?,
-        call_type: r.try_get("call_type")?,
-        status: r.try_get("status")?,
-        ended_reason: r.try_get("ended_reason")?,
-        started_at: r.try_get("started_at")?,
-        ended_at: r.try_get("ended_at")?,
-        duration_seconds: r.try_get("duration_seconds")?,
-        cost: r.try_get("cost")?,
-        costs: r.try_get("costs")?,
-        summary: r.try_get("summary")?,
-        analysis: r.try_get("analysis")?,
-        recording_url: r.try_get("recording_url")?,
-        assistant_id: r.try_get("assistant_id")?,
-        phone_number_id: r.try_get("phone_number_id")?,
-        customer_number: r.try_get("customer_number")?,
-        billable_seconds: r.try_get("billable_seconds")?,
-        reported_at: r.try_get("reported_at")?,
-        last_event_at: r.try_get("last_event_at")?,
-    })
 }
 
 /// Refusals that no retry can fix.
@@ -296,44 +241,6 @@ impl PgStore {
         }
         tx.commit().await.map_err(db)?;
         Ok(Some(CallApplied { call_id, created_at, inserted, status_changed, billed }))
-    }
-
-    /// One call of one organization. Another organization's call id gives `None`.
-    #[instrument(skip_all, fields(org_id = %org))]
-    pub async fn get_call(&self, org: OrgId, call_id: &str) -> StoreResult<Option<CallRow>> {
-        let row = sqlx::query(&format!(
-            "SELECT {CALL_COLUMNS} FROM calls c WHERE c.organization_id = $1 AND c.id = $2 \
-             AND c.created_at = (SELECT created_at FROM call_keys WHERE vapi_call_id = $2 AND organization_id = $1)"
-        ))
-        .bind(org.0)
-        .bind(call_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
-        row.as_ref().map(call_from_row).transpose().map_err(db)
-    }
-
-    /// All calls of an organization created in `[from, to)`, newest first.
-    #[instrument(skip_all, fields(org_id = %org))]
-    pub async fn list_calls(
-        &self,
-        org: OrgId,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: i64,
-    ) -> StoreResult<Vec<CallRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {CALL_COLUMNS} FROM calls WHERE organization_id = $1 AND created_at >= $2 AND created_at < $3 \
-             ORDER BY created_at DESC, id DESC LIMIT $4"
-        ))
-        .bind(org.0)
-        .bind(from)
-        .bind(to)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        rows.iter().map(call_from_row).collect::<Result<_, _>>().map_err(db)
     }
 
     /// The ledger rows of an organization, oldest call first.

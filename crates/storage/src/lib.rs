@@ -10,14 +10,15 @@ mod dead_letters;
 mod function_data;
 mod orgs;
 mod partitions;
+mod reads;
 mod realtime;
 mod transcripts;
 mod usage;
 
-pub use calls::{CallApplied, CallRow, LedgerRow};
+pub use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
+pub use calls::{CallApplied, LedgerRow};
 pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter};
 pub use function_data::PgFunctionData;
-pub use orgs::{NewApiKey, NewOrganization};
 pub use partitions::PartitionReport;
 pub use realtime::PgRealtimeBus;
 pub use transcripts::PgTranscriptStore;

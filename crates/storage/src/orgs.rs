@@ -2,31 +2,15 @@
 
 use crate::{PgStore, db};
 use async_trait::async_trait;
+use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
 use callplane_core::seams::{OrgDirectory, StoreError, StoreResult};
 use callplane_core::{OrgId, OrgStatus, Organization};
-use chrono::{DateTime, Months, Utc};
+use chrono::Months;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use tracing::instrument;
-
-#[derive(Clone, Debug)]
-pub struct NewOrganization {
-    pub name: String,
-    pub plan: String,
-    pub default_assistant_id: Option<String>,
-    /// The first billing period starts here (usually now) and lasts a month.
-    pub period_start: DateTime<Utc>,
-}
-
-/// A freshly created API key. `secret` is shown once and never stored.
-#[derive(Clone, Debug)]
-pub struct NewApiKey {
-    pub id: uuid::Uuid,
-    pub prefix: String,
-    pub secret: String,
-}
 
 const ORG_COLUMNS: &str = "id, name, plan, status, status_changed_at, period_start, period_end, \
                            seconds_used, default_assistant_id, created_at";
@@ -130,17 +114,65 @@ impl PgStore {
         Ok(NewApiKey { id, prefix, secret })
     }
 
-    /// The organization an unrevoked API key belongs to; records its last use.
-    pub async fn organization_for_api_key(&self, secret: &str) -> StoreResult<Option<OrgId>> {
-        let id: Option<uuid::Uuid> = sqlx::query_scalar(
-            "UPDATE api_keys SET last_used_at = now() WHERE key_hash = $1 AND revoked_at IS NULL \
-             RETURNING organization_id",
+    /// An organization's API keys, newest first (never the keys themselves).
+    pub async fn api_keys(&self, org: OrgId) -> StoreResult<Vec<ApiKeyInfo>> {
+        let rows = sqlx::query(
+            "SELECT id, name, prefix, created_at, last_used_at, revoked_at FROM api_keys \
+             WHERE organization_id = $1 ORDER BY created_at DESC",
         )
-        .bind(hash_api_key(secret))
-        .fetch_optional(&self.pool)
+        .bind(org.0)
+        .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        Ok(id.map(OrgId))
+        rows.iter()
+            .map(|r| {
+                Ok(ApiKeyInfo {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    prefix: r.try_get("prefix")?,
+                    created_at: r.try_get("created_at")?,
+                    last_used_at: r.try_get("last_used_at")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db)
+    }
+
+    /// Revokes one of an organization's keys; false if it has no such unrevoked key.
+    pub async fn revoke_api_key(&self, org: OrgId, key_id: uuid::Uuid) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND organization_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(key_id)
+        .bind(org.0)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Every organization, oldest first (the admin surface).
+    pub async fn organizations(&self, limit: i64) -> StoreResult<Vec<Organization>> {
+        let rows = sqlx::query(&format!("SELECT {ORG_COLUMNS} FROM organizations ORDER BY created_at LIMIT $1"))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(org_from_row).collect()
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn set_organization_plan(&self, org: OrgId, plan: &str) -> StoreResult<bool> {
+        let n = sqlx::query("UPDATE organizations SET plan = $2, updated_at = now() WHERE id = $1")
+            .bind(org.0)
+            .bind(plan)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        Ok(n == 1)
     }
 
     pub async fn organization_by_name(&self, name: &str) -> StoreResult<Option<Organization>> {
@@ -200,5 +232,53 @@ impl OrgDirectory for PgStore {
                 .await
                 .map_err(db)?;
         Ok(id.map(OrgId))
+    }
+
+    async fn by_api_key(&self, secret: &str) -> StoreResult<Option<OrgId>> {
+        // `last_used_at` is refreshed at most once a minute, so busy keys do not write on
+        // every request.
+        let id: Option<uuid::Uuid> = sqlx::query_scalar(
+            "WITH k AS (SELECT id, organization_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL), \
+                  touched AS (UPDATE api_keys SET last_used_at = now() WHERE id IN (SELECT id FROM k) \
+                              AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds')) \
+             SELECT organization_id FROM k",
+        )
+        .bind(hash_api_key(secret))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(id.map(OrgId))
+    }
+}
+
+#[async_trait]
+impl callplane_core::seams::OrgAdmin for PgStore {
+    async fn create(&self, new: &NewOrganization) -> StoreResult<Organization> {
+        self.create_organization(new).await
+    }
+
+    async fn list(&self, limit: i64) -> StoreResult<Vec<Organization>> {
+        self.organizations(limit).await
+    }
+
+    async fn set_plan(&self, org: OrgId, plan: &str) -> StoreResult<bool> {
+        self.set_organization_plan(org, plan).await
+    }
+
+    async fn set_status(&self, org: OrgId, status: OrgStatus) -> StoreResult<bool> {
+        // Unchanged status is still "found".
+        Ok(self.set_organization_status(org, status).await? || OrgDirectory::get(self, org).await?.is_some())
+    }
+
+    async fn create_api_key(&self, org: OrgId, name: &str) -> StoreResult<NewApiKey> {
+        PgStore::create_api_key(self, org, name).await
+    }
+
+    async fn api_keys(&self, org: OrgId) -> StoreResult<Vec<ApiKeyInfo>> {
+        PgStore::api_keys(self, org).await
+    }
+
+    async fn revoke_api_key(&self, org: OrgId, key_id: uuid::Uuid) -> StoreResult<bool> {
+        PgStore::revoke_api_key(self, org, key_id).await
     }
 }

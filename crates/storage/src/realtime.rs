@@ -1,52 +1,111 @@
-//! `PgRealtimeBus`: an organization's events over Postgres LISTEN/NOTIFY, the phase-1
-//! backend. One listener connection per process fans events out in memory, so every
-//! `callplane serve` on the database delivers every event.
+//! `PgRealtimeBus`: organizations' event streams over Postgres, the phase-1 backend.
+//!
+//! Publishing numbers the event in its organization's sequence, stores it and notifies, in
+//! one statement (`callplane_publish`). One LISTEN connection per process receives every
+//! notification and fans it out in memory to that organization's subscribers only, so every
+//! `callplane serve` on the database delivers every event. Subscribers never block the
+//! publisher: each has a bounded queue, and one that falls behind is told it lagged and must
+//! resume from the stored history.
 
 use crate::{PgStore, db};
 use async_trait::async_trait;
 use callplane_core::OrgId;
-use callplane_core::seams::{RealtimeBus, RealtimeEvent, StoreResult};
+use callplane_core::seams::{Delivery, PublishedEvent, RealtimeBus, RealtimeEvent, StoreError, StoreResult};
 use futures::stream::{self, BoxStream, StreamExt};
+use sqlx::Row;
 use sqlx::postgres::PgListener;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::broadcast;
-use tracing::warn;
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn};
 
 pub const CHANNEL: &str = "callplane_events";
+
+/// The per-organization senders of this process.
+#[derive(Default)]
+struct Fanout {
+    orgs: Mutex<HashMap<OrgId, broadcast::Sender<Delivery>>>,
+}
+
+impl Fanout {
+    fn dispatch(&self, event: PublishedEvent) {
+        let Ok(mut orgs) = self.orgs.lock() else { return };
+        if let Some(tx) = orgs.get(&event.org_id) {
+            if tx.receiver_count() == 0 {
+                orgs.remove(&event.org_id);
+            } else {
+                let _ = tx.send(Delivery::Event(Arc::new(event)));
+            }
+        }
+    }
+
+    /// The listener lost notifications (its connection dropped): every subscriber must
+    /// resume from the history.
+    fn lag_all(&self) {
+        if let Ok(mut orgs) = self.orgs.lock() {
+            for tx in orgs.values() {
+                let _ = tx.send(Delivery::Lagged);
+            }
+            orgs.clear();
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct PgRealtimeBus {
     store: PgStore,
-    fanout: broadcast::Sender<RealtimeEvent>,
+    fanout: Arc<Fanout>,
+    queue: usize,
 }
 
 impl PgRealtimeBus {
-    /// Starts the process's listener task.
-    pub fn start(store: PgStore) -> Self {
-        let (fanout, _) = broadcast::channel(4096);
-        let bus = Self { store, fanout };
+    /// Starts the process's listener and waits until it is listening, so no event published
+    /// after this returns can be missed.
+    pub async fn start(store: PgStore, queue: usize) -> StoreResult<Self> {
+        let bus = Self { store, fanout: Arc::default(), queue: queue.max(16) };
+        let (ready_tx, mut ready_rx) = watch::channel(false);
         let task = bus.clone();
-        tokio::spawn(async move { task.listen_forever().await });
-        bus
+        tokio::spawn(async move { task.listen_forever(ready_tx).await });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|ready| *ready))
+            .await
+            .map_err(|_| StoreError::Invalid("the realtime listener could not connect within 10s".into()))?
+            .map_err(|_| StoreError::Invalid("the realtime listener stopped".into()))?;
+        Ok(bus)
     }
 
-    async fn listen_forever(self) {
+    async fn listen_forever(self, ready: watch::Sender<bool>) {
+        let mut first = true;
         loop {
-            if let Err(e) = self.listen().await {
-                warn!(error = %e, "realtime listener lost its connection; reconnecting");
+            match PgListener::connect_with(self.store.pool()).await {
+                Ok(mut listener) => match listener.listen(CHANNEL).await {
+                    Ok(()) => {
+                        if !first {
+                            info!("realtime listener reconnected");
+                        }
+                        first = false;
+                        let _ = ready.send(true);
+                        if let Err(e) = self.receive(&mut listener).await {
+                            warn!(error = %e, "realtime listener lost its connection; reconnecting");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "LISTEN failed; retrying"),
+                },
+                Err(e) => warn!(error = %e, "realtime listener cannot connect; retrying"),
+            }
+            self.fanout.lag_all();
+            if ready.is_closed() && first {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
-    async fn listen(&self) -> Result<(), sqlx::Error> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await?;
-        listener.listen(CHANNEL).await?;
+    async fn receive(&self, listener: &mut PgListener) -> Result<(), sqlx::Error> {
         loop {
             let n = listener.recv().await?;
-            match serde_json::from_str::<RealtimeEvent>(n.payload()) {
-                // No receivers is fine: nobody is watching that process.
-                Ok(event) => drop(self.fanout.send(event)),
+            match serde_json::from_str::<PublishedEvent>(n.payload()) {
+                Ok(event) => self.fanout.dispatch(event),
                 Err(e) => warn!(error = %e, "ignoring a malformed realtime notification"),
             }
         }
@@ -59,32 +118,83 @@ impl RealtimeBus for PgRealtimeBus {
         "postgres"
     }
 
-    async fn publish(&self, event: &RealtimeEvent) -> StoreResult<()> {
-        let payload =
-            serde_json::to_string(event).map_err(|e| callplane_core::seams::StoreError::backend("postgres", e))?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(payload)
-            .execute(self.store.pool())
+    async fn publish(&self, event: &RealtimeEvent) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT callplane_publish($1, $2, $3, $4)")
+            .bind(event.org_id.0)
+            .bind(&event.kind)
+            .bind(&event.call_id)
+            .bind(&event.data)
+            .fetch_one(self.store.pool())
             .await
-            .map_err(db)?;
-        Ok(())
+            .map_err(db)
     }
 
-    async fn subscribe(&self, org: OrgId) -> StoreResult<BoxStream<'static, RealtimeEvent>> {
-        let rx = self.fanout.subscribe();
-        Ok(stream::unfold(rx, move |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(e) if e.org_id == org => return Some((e, rx)),
-                    Ok(_) => continue,
-                    // A lagging subscriber skips what it missed; resumable streams come with
-                    // the dashboard's sequence numbers.
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
+    async fn subscribe(&self, org: OrgId) -> StoreResult<BoxStream<'static, Delivery>> {
+        let rx = {
+            let mut orgs =
+                self.fanout.orgs.lock().map_err(|_| StoreError::Invalid("realtime fanout poisoned".into()))?;
+            orgs.entry(org).or_insert_with(|| broadcast::channel(self.queue).0).subscribe()
+        };
+        Ok(stream::unfold(Some(rx), |rx| async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Ok(Delivery::Event(e)) => Some((Delivery::Event(e), Some(rx))),
+                // Lagged ends the stream: the subscriber resumes from the history.
+                Ok(Delivery::Lagged) | Err(broadcast::error::RecvError::Lagged(_)) => Some((Delivery::Lagged, None)),
+                Err(broadcast::error::RecvError::Closed) => Some((Delivery::Lagged, None)),
             }
         })
         .boxed())
+    }
+
+    async fn history(&self, org: OrgId, after_seq: i64, limit: i64) -> StoreResult<Vec<PublishedEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, call_id, data, created_at FROM realtime_events \
+             WHERE organization_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(org.0)
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(PublishedEvent {
+                    org_id: org,
+                    seq: r.try_get("seq")?,
+                    kind: r.try_get("kind")?,
+                    call_id: r.try_get("call_id")?,
+                    data: r.try_get("data")?,
+                    at: r.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db)
+    }
+
+    fn subscribers(&self) -> usize {
+        self.fanout.orgs.lock().map(|o| o.values().map(|tx| tx.receiver_count()).sum()).unwrap_or(0)
+    }
+}
+
+impl PgStore {
+    /// Deletes stored events older than the retention window; returns how many.
+    pub async fn prune_realtime_events(&self, older_than: chrono::DateTime<chrono::Utc>) -> StoreResult<u64> {
+        Ok(sqlx::query("DELETE FROM realtime_events WHERE created_at < $1")
+            .bind(older_than)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?
+            .rows_affected())
+    }
+
+    /// The oldest stored sequence number of an organization, if any.
+    pub async fn oldest_realtime_seq(&self, org: OrgId) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar("SELECT min(seq) FROM realtime_events WHERE organization_id = $1")
+            .bind(org.0)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)
     }
 }

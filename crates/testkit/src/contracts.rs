@@ -4,7 +4,9 @@
 
 #![allow(clippy::expect_used)] // Contract suites are test code: a failed call is a failed test.
 use callplane_core::OrgId;
-use callplane_core::seams::{FunctionData, RealtimeBus, RealtimeEvent, Transcript, TranscriptStore, UsageCounter};
+use callplane_core::seams::{
+    Delivery, FunctionData, RealtimeBus, RealtimeEvent, Transcript, TranscriptStore, UsageCounter,
+};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde_json::json;
@@ -67,26 +69,41 @@ pub async fn usage_counter(c: &dyn UsageCounter, a: OrgId, b: OrgId, period_a: D
     assert_eq!(c.used(b, period_b).await.expect("used"), before_b, "org A's usage leaked into org B's counter");
 }
 
-/// Realtime: a subscriber of org B receives B's events and never A's.
+/// Realtime: each organization's events are numbered 1, 2, 3, ... in its own sequence; a
+/// subscriber of org B receives B's events in order and never A's; the history returns what
+/// a reconnecting client missed.
 pub async fn realtime_bus(bus: &dyn RealtimeBus, a: OrgId, b: OrgId) {
     let mut sub_b = bus.subscribe(b).await.expect("subscribe");
-    // Give the listener a moment to be subscribed before publishing.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let ev = |org: OrgId, call: &str| RealtimeEvent {
         org_id: org,
         kind: "call.status".into(),
         call_id: Some(call.into()),
         data: json!({"status": "ringing"}),
     };
-    bus.publish(&ev(a, "a-call")).await.expect("publish");
-    bus.publish(&ev(b, "b-call")).await.expect("publish");
-    let got = tokio::time::timeout(Duration::from_secs(5), sub_b.next())
-        .await
-        .expect("an event within 5s")
-        .expect("stream open");
-    assert_eq!(got, ev(b, "b-call"), "org B's subscriber received another organization's event first");
+    assert_eq!(bus.publish(&ev(a, "a-1")).await.expect("publish"), 1);
+    assert_eq!(bus.publish(&ev(b, "b-1")).await.expect("publish"), 1);
+    assert_eq!(bus.publish(&ev(b, "b-2")).await.expect("publish"), 2);
+    assert_eq!(bus.publish(&ev(a, "a-2")).await.expect("publish"), 2);
+    for want in ["b-1", "b-2"] {
+        let got = tokio::time::timeout(Duration::from_secs(5), sub_b.next())
+            .await
+            .expect("an event within 5s")
+            .expect("stream open");
+        let Delivery::Event(e) = got else { panic!("lagged on an idle bus") };
+        assert_eq!(
+            (e.org_id, e.call_id.as_deref()),
+            (b, Some(want)),
+            "org B's subscriber got another organization's or an out-of-order event"
+        );
+    }
     assert!(
         tokio::time::timeout(Duration::from_millis(300), sub_b.next()).await.is_err(),
-        "org B's subscriber received a second event"
+        "org B's subscriber received a third event"
     );
+    let history = bus.history(b, 1, 100).await.expect("history");
+    assert_eq!(
+        history.iter().map(|e| (e.seq, e.call_id.clone().unwrap_or_default())).collect::<Vec<_>>(),
+        vec![(2, "b-2".to_owned())]
+    );
+    assert!(bus.history(a, 0, 100).await.expect("history").iter().all(|e| e.org_id == a));
 }

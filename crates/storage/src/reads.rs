@@ -1,0 +1,194 @@
+//! `CallReads` on Postgres: the dashboard's reads, each bounded in time so only the
+//! partitions that can hold the answer are scanned.
+
+use crate::{PgStore, db};
+use async_trait::async_trait;
+use callplane_core::billing::month_start;
+use callplane_core::seams::{CallCursor, CallFilter, CallPage, CallReads, DailyUsage, StoreResult};
+use callplane_core::{CallRecord, OrgId};
+use chrono::{DateTime, Months, NaiveDate, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{QueryBuilder, Row};
+use tracing::instrument;
+
+pub(crate) const CALL_COLUMNS: &str = "id, organization_id, created_at, call_type, status, ended_reason, started_at, \
+    ended_at, duration_seconds, cost, costs, summary, analysis, recording_url, assistant_id, phone_number_id, \
+    customer_number, billable_seconds, reported_at, last_event_at";
+
+pub(crate) fn call_from_row(r: &PgRow) -> Result<CallRecord, sqlx::Error> {
+    Ok(CallRecord {
+        id: r.try_get("id")?,
+        organization_id: OrgId(r.try_get("organization_id")?),
+        created_at: r.try_get("created_at")?,
+        call_type: r.try_get("call_type")?,
+        status: r.try_get("status")?,
+        ended_reason: r.try_get("ended_reason")?,
+        started_at: r.try_get("started_at")?,
+        ended_at: r.try_get("ended_at")?,
+        duration_seconds: r.try_get("duration_seconds")?,
+        cost: r.try_get("cost")?,
+        costs: r.try_get("costs")?,
+        summary: r.try_get("summary")?,
+        analysis: r.try_get("analysis")?,
+        recording_url: r.try_get("recording_url")?,
+        assistant_id: r.try_get("assistant_id")?,
+        phone_number_id: r.try_get("phone_number_id")?,
+        customer_number: r.try_get("customer_number")?,
+        billable_seconds: r.try_get("billable_seconds")?,
+        reported_at: r.try_get("reported_at")?,
+        last_event_at: r.try_get("last_event_at")?,
+    })
+}
+
+impl PgStore {
+    /// One month's slice of a listing: calls in `[lo, hi)` matching the filter, before the
+    /// cursor, newest first.
+    async fn calls_in(
+        &self,
+        org: OrgId,
+        f: &CallFilter,
+        lo: DateTime<Utc>,
+        hi: DateTime<Utc>,
+        before: Option<&CallCursor>,
+        limit: i64,
+    ) -> Result<Vec<CallRecord>, sqlx::Error> {
+        let mut q = QueryBuilder::new(format!("SELECT {CALL_COLUMNS} FROM calls WHERE organization_id = "));
+        q.push_bind(org.0).push(" AND created_at >= ").push_bind(lo).push(" AND created_at < ").push_bind(hi);
+        if let Some(c) = before {
+            q.push(" AND (created_at, id) < (").push_bind(c.created_at).push(", ").push_bind(c.id.clone()).push(")");
+        }
+        for (column, value) in [
+            ("status", &f.status),
+            ("ended_reason", &f.ended_reason),
+            ("assistant_id", &f.assistant_id),
+            ("customer_number", &f.customer_number),
+        ] {
+            if let Some(v) = value {
+                q.push(format!(" AND {column} = ")).push_bind(v.clone());
+            }
+        }
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(limit);
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter().map(call_from_row).collect()
+    }
+}
+
+#[async_trait]
+impl CallReads for PgStore {
+    /// Walks back month by month from the cursor (or `to`) until the page is full or `from`
+    /// is reached; each step touches one partition.
+    #[instrument(skip_all, fields(org_id = %org))]
+    async fn list_calls(
+        &self,
+        org: OrgId,
+        f: &CallFilter,
+        after: Option<&CallCursor>,
+        limit: i64,
+    ) -> StoreResult<CallPage> {
+        let limit = limit.max(1);
+        let mut calls: Vec<CallRecord> = Vec::new();
+        let mut upper = match after {
+            Some(c) if c.created_at < f.to => c.created_at,
+            Some(_) | None => f.to,
+        };
+        let mut lo = month_start(upper);
+        // `upper` itself may hold the cursor's call and its same-instant siblings.
+        let mut hi = upper.checked_add_months(Months::new(1)).map(month_start).unwrap_or(upper).min(f.to);
+        while hi > f.from && (calls.len() as i64) <= limit {
+            let from = lo.max(f.from);
+            let want = limit + 1 - calls.len() as i64;
+            calls.extend(self.calls_in(org, f, from, hi, after, want).await.map_err(db)?);
+            upper = lo;
+            hi = upper;
+            let Some(prev) = lo.checked_sub_months(Months::new(1)) else { break };
+            lo = prev;
+        }
+        let next = if calls.len() as i64 > limit {
+            calls.truncate(limit as usize);
+            calls.last().map(|c| CallCursor { created_at: c.created_at, id: c.id.clone() })
+        } else {
+            None
+        };
+        Ok(CallPage { calls, next })
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    async fn get_call(&self, org: OrgId, call_id: &str) -> StoreResult<Option<CallRecord>> {
+        // call_keys says which partition holds the call; another organization's id finds
+        // nothing.
+        let row = sqlx::query(&format!(
+            "SELECT {CALL_COLUMNS} FROM calls c WHERE c.organization_id = $1 AND c.id = $2 \
+             AND c.created_at = (SELECT created_at FROM call_keys WHERE vapi_call_id = $2 AND organization_id = $1)"
+        ))
+        .bind(org.0)
+        .bind(call_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(call_from_row).transpose().map_err(db)
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    async fn live_calls(&self, org: OrgId, since: DateTime<Utc>) -> StoreResult<Vec<CallRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CALL_COLUMNS} FROM calls WHERE organization_id = $1 AND created_at >= $2 AND status_rank < 5 \
+             ORDER BY created_at DESC, id DESC LIMIT 10000"
+        ))
+        .bind(org.0)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(call_from_row).collect::<Result<_, _>>().map_err(db)
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    async fn daily_usage(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
+        let rows = sqlx::query(
+            "SELECT (call_started_at AT TIME ZONE 'UTC')::date AS day, count(*) AS calls, \
+                    COALESCE(sum(billable_seconds), 0)::bigint AS seconds \
+             FROM usage_ledger WHERE organization_id = $1 \
+               AND call_started_at >= ($2::date AT TIME ZONE 'UTC') \
+               AND call_started_at < (($3::date + 1) AT TIME ZONE 'UTC') \
+             GROUP BY 1 ORDER BY 1",
+        )
+        .bind(org.0)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(DailyUsage {
+                    day: r.try_get("day")?,
+                    calls: r.try_get("calls")?,
+                    billable_seconds: r.try_get("seconds")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db)
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    async fn period_calls(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT count(*) FROM usage_ledger WHERE organization_id = $1 AND period_start = $2")
+            .bind(org.0)
+            .bind(period_start)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)
+    }
+}
+
+impl PgStore {
+    /// Calls in progress across every organization (created within the last day).
+    pub async fn concurrent_calls(&self) -> StoreResult<i64> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM calls WHERE created_at >= now() - interval '1 day' AND status_rank < 5",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)
+    }
+}
