@@ -8,21 +8,27 @@ use sqlx::{Connection, Executor, PgConnection};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
-struct Cli {
-    db_url: String,
-    addr: String,
+#[derive(Clone)]
+pub struct Cli {
+    pub db_url: String,
+    pub addr: String,
+}
+
+/// A free loopback address for a server to bind.
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    format!("127.0.0.1:{port}")
 }
 
 impl Cli {
     /// A brand-new, empty database (no template), as on a fresh install.
-    async fn new() -> Self {
+    pub async fn new() -> Self {
         let admin = admin_url().unwrap();
         let name = format!("cp_cli_{}", uuid::Uuid::new_v4().simple());
         let mut conn = PgConnection::connect(&admin).await.unwrap();
         conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
         let db_url = format!("{}/{name}", &admin[..admin.rfind('/').unwrap()]);
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Self { db_url, addr: format!("127.0.0.1:{port}") }
+        Self { db_url, addr: free_addr() }
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -42,14 +48,14 @@ impl Cli {
         self.command(args).output().unwrap()
     }
 
-    fn json(&self, args: &[&str]) -> Value {
+    pub fn json(&self, args: &[&str]) -> Value {
         let out = self.run(args);
         assert!(out.status.success(), "callplane {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
     }
 
-    async fn serve(&self) -> Server {
+    pub async fn serve(&self) -> Server {
         let child = self.command(&["serve"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let server = Server(child);
         let url = format!("http://{}/readyz", self.addr);
@@ -63,7 +69,7 @@ impl Cli {
     }
 }
 
-struct Server(Child);
+pub struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {

@@ -18,7 +18,11 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub db: TestDb,
     pub app: App,
+    /// Dropping or sending on this shuts the server down.
+    pub shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/vapi")
@@ -43,14 +47,18 @@ impl TestApp {
         // Logs appear in the output of failing tests (nextest captures them).
         callplane_server::telemetry::init("pretty");
         let db = TestDb::fresh().await.expect("a fresh test database");
-        let mut all: Vec<(&str, &str)> = vec![("database.url", db.url.as_str()), ("vapi.secret", SECRET)];
+        let mut all: Vec<(&str, &str)> =
+            vec![("database.url", db.url.as_str()), ("vapi.secret", SECRET), ("auth.admin_token", ADMIN_TOKEN)];
         all.extend_from_slice(overrides);
         let settings = Settings::defaults_with(&all).expect("test settings");
         let app = App::with_store(settings, db.store.clone()).await.expect("app builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(app.clone().serve(listener, std::future::pending()));
-        Self { base, http: reqwest::Client::new(), db, app }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.clone().serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Self { base, http: reqwest::Client::new(), db, app, shutdown: Some(tx) }
     }
 
     /// An organization whose current billing period started a day ago.
@@ -77,6 +85,22 @@ impl TestApp {
             self.http.post(format!("{}/vapi/{org}", self.base)).bearer_auth(SECRET).json(body).send().await.unwrap();
         let status = r.status();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A new API key for an organization.
+    pub async fn api_key(&self, org: OrgId) -> String {
+        self.db.store.create_api_key(org, "test").await.unwrap().secret
+    }
+
+    /// GET with a bearer credential; returns status and JSON (Null if not JSON).
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(token).send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("{}/v1/realtime{query}", self.base.replace("http://", "ws://"))
     }
 
     pub async fn call(&self, org: OrgId, id: &str) -> Option<CallRecord> {

@@ -8,8 +8,10 @@ mod helpers;
 
 mod bad_input;
 mod cli;
+mod dashboard;
 mod isolation;
 mod lifecycle;
 mod partitions;
+mod realtime;
 mod samples;
 mod seams;

@@ -1,0 +1,223 @@
+//! The WebSocket stream with a real WebSocket client: order, resume without gap or
+//! duplicate, isolation, two server processes on one database, lag and shutdown.
+
+use crate::helpers::{SECRET, TestApp, lifecycle};
+use callplane_core::seams::{Delivery, RealtimeBus, RealtimeEvent};
+use callplane_storage::PgRealtimeBus;
+use chrono::{Duration, Utc};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::time::Duration as StdDuration;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(url: &str, token: Option<&str>) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let mut req = url.into_client_request().unwrap();
+    if let Some(t) = token {
+        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+}
+
+/// The next JSON text frame (pings are skipped), or None on close/timeout.
+async fn next_json(ws: &mut Socket, wait: StdDuration) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(wait, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Reads frames until `ready`, returning the events before it.
+async fn until_ready(ws: &mut Socket) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let frame = next_json(ws, StdDuration::from_secs(5)).await.expect("a frame before ready");
+        match frame["type"].as_str() {
+            Some("ready") => return events,
+            Some("event") => events.push(frame),
+            other => panic!("unexpected frame {other:?}: {frame}"),
+        }
+    }
+}
+
+/// Collects events until `count` arrived (or 5 s of silence).
+async fn events(ws: &mut Socket, count: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let Some(frame) = next_json(ws, StdDuration::from_secs(5)).await else { break };
+        assert_eq!(frame["type"], "event", "{frame}");
+        out.push(frame);
+    }
+    out
+}
+
+fn seqs(events: &[Value]) -> Vec<i64> {
+    events.iter().map(|e| e["seq"].as_i64().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_client_receives_events_in_order_and_resumes_exactly_where_it_left_off() {
+    let app = TestApp::spawn().await;
+    let org = app.org("pro").await;
+    let key = app.api_key(org.id).await;
+
+    let mut ws = connect(&app.ws_url(""), Some(&key)).await.unwrap();
+    assert!(until_ready(&mut ws).await.is_empty());
+    let created = Utc::now() - Duration::minutes(5);
+    let first = lifecycle("first", created, 42.0);
+    for e in &first {
+        app.post_vapi(org.id, e).await;
+    }
+    // created, ringing, in-progress, transcript (live), ended status, transcript (final),
+    // call.ended, usage.changed.
+    let got = events(&mut ws, 8).await;
+    assert_eq!(seqs(&got), (1..=8).collect::<Vec<_>>(), "{got:?}");
+    let kinds: Vec<&str> = got.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds[0], "call.created");
+    assert!(
+        kinds.contains(&"call.ended") && kinds.contains(&"usage.changed") && kinds.contains(&"call.transcript"),
+        "{kinds:?}"
+    );
+    assert!(got.iter().all(|e| e["call_id"] == "first"));
+    let last = got.last().unwrap()["seq"].as_i64().unwrap();
+    ws.close(None).await.unwrap();
+
+    // Missed while disconnected.
+    for e in lifecycle("second", created, 10.0) {
+        app.post_vapi(org.id, &e).await;
+    }
+    let mut ws = connect(&app.ws_url(&format!("?after={last}")), Some(&key)).await.unwrap();
+    let missed = until_ready(&mut ws).await;
+    assert_eq!(seqs(&missed), (last + 1..=last + 8).collect::<Vec<_>>());
+    assert!(missed.iter().all(|e| e["call_id"] == "second"));
+
+    // Then live, continuing the sequence with no duplicate.
+    app.post_vapi(
+        org.id,
+        &json!({"message": {"type": "status-update", "status": "ringing",
+        "call": {"id": "third", "createdAt": crate::helpers::iso(Utc::now())}}}),
+    )
+    .await;
+    let live = events(&mut ws, 2).await;
+    assert_eq!(seqs(&live), vec![last + 9, last + 10]);
+    assert!(next_json(&mut ws, StdDuration::from_millis(300)).await.is_none(), "a duplicate arrived");
+}
+
+#[tokio::test]
+async fn a_subscriber_never_sees_another_organizations_events_and_needs_credentials() {
+    let app = TestApp::spawn().await;
+    let a = app.org("pro").await;
+    let b = app.org("pro").await;
+    let key_b = app.api_key(b.id).await;
+    let err = connect(&app.ws_url(""), None).await.unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    let err = connect(&app.ws_url(""), Some("cp_wrongwrongwrongwrongwrongwrongwrongwrong")).await.unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+
+    // Browsers pass the key in the query string.
+    let mut ws_b = connect(&app.ws_url(&format!("?access_token={key_b}&after=0")), None).await.unwrap();
+    until_ready(&mut ws_b).await;
+    for e in lifecycle("a-call", Utc::now() - Duration::minutes(1), 5.0) {
+        app.post_vapi(a.id, &e).await;
+    }
+    assert!(next_json(&mut ws_b, StdDuration::from_millis(800)).await.is_none(), "org B received org A's event");
+    app.post_vapi(
+        b.id,
+        &json!({"message": {"type": "status-update", "status": "ringing",
+        "call": {"id": "b-call", "createdAt": crate::helpers::iso(Utc::now())}}}),
+    )
+    .await;
+    let got = events(&mut ws_b, 2).await;
+    assert!(got.iter().all(|e| e["call_id"] == "b-call"), "{got:?}");
+    assert_eq!(seqs(&got), vec![1, 2], "org B's sequence is its own");
+}
+
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_is_told_it_lagged_and_the_history_fills_the_gap() {
+    let app = TestApp::spawn().await;
+    let org = app.org("pro").await;
+    let bus = PgRealtimeBus::start(app.db.store.clone(), 16).await.unwrap();
+    let mut slow = bus.subscribe(org.id).await.unwrap();
+    for i in 0..100 {
+        let e = RealtimeEvent {
+            org_id: org.id,
+            kind: "call.status".into(),
+            call_id: Some(format!("c{i}")),
+            data: json!({}),
+        };
+        bus.publish(&e).await.unwrap();
+    }
+    // Give the listener time to fan out past the 16-event queue.
+    tokio::time::sleep(StdDuration::from_millis(500)).await;
+    let mut seen = Vec::new();
+    while let Some(d) = slow.next().await {
+        match d {
+            Delivery::Event(e) => seen.push(e.seq),
+            Delivery::Lagged => break,
+        }
+    }
+    assert!(seen.len() < 100, "the slow subscriber was never told it lagged");
+    let resume_after = seen.last().copied().unwrap_or(0);
+    let rest = bus.history(org.id, resume_after, 1000).await.unwrap();
+    let all: Vec<i64> = seen.iter().copied().chain(rest.iter().map(|e| e.seq)).collect();
+    assert_eq!(all, (1..=100).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn shutting_down_closes_websockets_with_going_away() {
+    let mut app = TestApp::spawn().await;
+    let org = app.org("pro").await;
+    let key = app.api_key(org.id).await;
+    let mut ws = connect(&app.ws_url(""), Some(&key)).await.unwrap();
+    until_ready(&mut ws).await;
+    let _ = app.shutdown.take().unwrap().send(());
+    let close = tokio::time::timeout(StdDuration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed within 5s");
+    assert_eq!(close, Some(1001));
+}
+
+#[tokio::test]
+async fn an_event_ingested_by_one_server_process_reaches_a_subscriber_on_another() {
+    let cli = crate::cli::Cli::new().await;
+    cli.json(&["migrate", "--json"]);
+    let org = cli.json(&["org", "create", "--name", "Two Servers", "--plan", "pro", "--json"]);
+    let org_id = org["id"].as_str().unwrap().to_owned();
+    let key = cli.json(&["apikey", "create", "--org", &org_id, "--json"])["key"].as_str().unwrap().to_owned();
+    let one = cli.serve().await;
+    let other = crate::cli::Cli { addr: crate::cli::free_addr(), ..cli.clone() };
+    let two = other.serve().await;
+
+    let mut ws = connect(&format!("ws://{}/v1/realtime", other.addr), Some(&key)).await.unwrap();
+    until_ready(&mut ws).await;
+    let event = json!({"message": {"type": "status-update", "status": "in-progress",
+        "call": {"id": "cross-process", "createdAt": crate::helpers::iso(Utc::now())}}});
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/vapi/{org_id}", cli.addr))
+        .bearer_auth(SECRET)
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = events(&mut ws, 2).await;
+    assert_eq!(
+        got.iter().map(|e| e["kind"].as_str().unwrap()).collect::<Vec<_>>(),
+        vec!["call.created", "call.status"]
+    );
+    assert!(got.iter().all(|e| e["call_id"] == "cross-process"));
+    drop((one, two));
+}
