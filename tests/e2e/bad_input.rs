@@ -8,9 +8,14 @@ use serde_json::Value;
 use sha2::Sha256;
 
 async fn nothing_written(app: &TestApp) {
-    for table in ["calls", "call_keys", "usage_ledger", "call_transcripts", "dead_letters"] {
+    for table in ["calls", "call_keys", "usage_ledger", "call_transcripts"] {
         assert_eq!(app.count(&format!("SELECT count(*) FROM {table}")).await, 0, "{table} has rows");
     }
+}
+
+/// Authenticated JSON that could not be processed is kept, with its code, for replay.
+async fn kept(app: &TestApp, code: &str) -> i64 {
+    app.count(&format!("SELECT count(*) FROM dead_letters WHERE error_code = '{code}'")).await
 }
 
 async fn refused(r: reqwest::Response, status: StatusCode, code: &str) -> Value {
@@ -59,6 +64,7 @@ async fn oversized_bodies_are_refused_before_parsing() {
     let body = refused(r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
     assert!(body["message"].as_str().unwrap().contains("4096"));
     nothing_written(&app).await;
+    assert_eq!(app.count("SELECT count(*) FROM dead_letters").await, 0);
 }
 
 #[tokio::test]
@@ -76,6 +82,7 @@ async fn unknown_organizations_are_refused_with_404() {
         refused(r, StatusCode::NOT_FOUND, "unknown_organization").await;
     }
     nothing_written(&app).await;
+    assert_eq!(kept(&app, "unknown_organization").await, 2, "unroutable events are kept for replay");
 }
 
 fn hmac_hex(secret: &str, payload: &str) -> String {

@@ -110,6 +110,13 @@ async fn an_operator_migrates_creates_an_org_and_a_key_serves_and_replays_a_dead
     let secret = key["key"].as_str().unwrap();
     assert!(secret.starts_with("cp_") && secret.len() == 43, "{secret}");
     assert_eq!(key["prefix"].as_str().unwrap(), &secret[..11]);
+    let listed = cli.json(&["apikey", "list", "--org", &org_id, "--json"]);
+    assert_eq!(listed[0]["prefix"], key["prefix"]);
+    assert!(!listed.to_string().contains(secret), "a listing never shows the key");
+    let spare = cli.json(&["apikey", "create", "--org", &org_id, "--json"]);
+    cli.json(&["apikey", "revoke", "--org", &org_id, "--id", spare["id"].as_str().unwrap(), "--json"]);
+    let again = cli.run(&["apikey", "revoke", "--org", &org_id, "--id", spare["id"].as_str().unwrap()]);
+    assert!(!again.status.success(), "revoking twice is an error");
 
     let config = cli.command(&["config", "--json"]).output().unwrap();
     let printed = String::from_utf8_lossy(&config.stdout);

@@ -44,7 +44,7 @@ async fn supabase_jwts_work_and_expired_forged_wrong_audience_or_org_less_ones_d
     let app = TestApp::spawn_with(&[("auth.jwt_secret", f["secret"].as_str().unwrap())]).await;
     // The fixture tokens name a fixed organization; give it a row.
     let org: OrgId = f["organization_id"].as_str().unwrap().parse().unwrap();
-    sqlx::query("INSERT INTO organizations (id, name, plan, period_start, period_end) VALUES ($1, 'JWT Org', 'pro', now(), now() + interval '1 month')")
+    sqlx::query("INSERT INTO organizations (id, name, plan, period_start, period_end, billing_anchor) VALUES ($1, 'JWT Org', 'pro', now(), now() + interval '1 month', now())")
         .bind(org.0)
         .execute(app.db.store.pool())
         .await
@@ -223,6 +223,7 @@ async fn bad_filters_unknown_parameters_and_oversized_function_data_get_clear_40
         ("/v1/calls?from=2026-05-01T00:00:00Z&to=2026-04-01T00:00:00Z", "invalid_filter"),
         ("/v1/calls?from=yesterday", "invalid_query"),
         ("/v1/calls?colour=blue", "invalid_query"),
+        ("/v1/calls?from=2000-01-01T00:00:00Z", "invalid_filter"),
         ("/v1/calls?cursor=bm90LWEtY3Vyc29y", "invalid_cursor"),
         ("/v1/usage/daily?from=2026-05-01&to=2026-01-01", "invalid_filter"),
         ("/v1/calls/export.csv?status=bogus", "invalid_filter"),
@@ -244,6 +245,8 @@ async fn bad_filters_unknown_parameters_and_oversized_function_data_get_clear_40
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "function_data_too_large");
     let r = put("bad%20key", "1".into()).await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "invalid_key");
+    let r = put("callplaneOrgId", "\"forged\"".into()).await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "reserved_key");
     let r = put("ok", "{not json".into()).await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "malformed_json");

@@ -5,7 +5,7 @@ use callplane_core::CallRecord;
 use callplane_core::OrgStatus;
 use callplane_core::seams::TranscriptStore;
 use callplane_storage::PgTranscriptStore;
-use chrono::{Duration, Utc};
+use chrono::{Duration, TimeZone, Utc};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -116,4 +116,60 @@ async fn calls_that_never_connected_are_recorded_but_not_billed() {
     assert_eq!((row.ended_reason.as_deref(), row.billable_seconds), (Some("customer-busy"), Some(0)));
     assert_eq!(app.count("SELECT count(*) FROM usage_ledger WHERE billable_seconds = 0").await, 1);
     assert_eq!(app.seconds_used(org.id).await, 0);
+}
+
+#[tokio::test]
+async fn periods_anchored_on_the_31st_do_not_drift_and_usage_stays_in_its_period() {
+    let app = TestApp::spawn().await;
+    let org = app.org_from("pro", Utc.with_ymd_and_hms(2026, 1, 31, 0, 0, 0).unwrap()).await;
+    for (call, day) in [("mar-1", 1), ("mar-29", 29)] {
+        let report = lifecycle(call, Utc.with_ymd_and_hms(2026, 3, day, 12, 0, 0).unwrap(), 60.0).pop().unwrap();
+        assert_eq!(app.post_vapi(org.id, &report).await.0, StatusCode::OK);
+    }
+    // Both calls are in the period Feb 28 - Mar 31 (anchored on the 31st), and so is the counter.
+    let feb_28 = Utc.with_ymd_and_hms(2026, 2, 28, 0, 0, 0).unwrap();
+    let ledger = app.db.store.ledger(org.id).await.unwrap();
+    assert!(ledger.iter().all(|l| l.period_start == feb_28), "{ledger:?}");
+    assert_eq!(app.seconds_used(org.id).await, 120);
+    let (start, end): (chrono::DateTime<Utc>, chrono::DateTime<Utc>) =
+        sqlx::query_as("SELECT period_start, period_end FROM organizations WHERE id = $1")
+            .bind(org.id.0)
+            .fetch_one(app.db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!((start, end), (feb_28, Utc.with_ymd_and_hms(2026, 3, 31, 0, 0, 0).unwrap()));
+}
+
+#[tokio::test]
+async fn a_report_claiming_a_far_future_start_is_refused_and_moves_no_period() {
+    let app = TestApp::spawn().await;
+    let org = app.org("starter").await;
+    let mut report = lifecycle("time-travel", Utc::now() - Duration::minutes(5), 60.0).pop().unwrap();
+    report["message"]["startedAt"] = json!(crate::helpers::iso(Utc::now() + Duration::days(90)));
+    let (status, body) = app.post_vapi(org.id, &report).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("future_timestamp")));
+    assert_eq!(app.count("SELECT count(*) FROM usage_ledger").await, 0);
+    let start: chrono::DateTime<Utc> = sqlx::query_scalar("SELECT period_start FROM organizations WHERE id = $1")
+        .bind(org.id.0)
+        .fetch_one(app.db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(start, org.period_start);
+}
+
+#[tokio::test]
+async fn when_function_data_cannot_be_read_the_agent_still_gets_200_answers() {
+    let app = TestApp::spawn().await;
+    let org = app.org("pro").await;
+    sqlx::query("ALTER TABLE function_data RENAME TO function_data_away").execute(app.db.store.pool()).await.unwrap();
+    let (status, answer) = app.post_vapi(org.id, &sample("04-tool-calls-two-calls.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert!(results.iter().all(|r| r["error"].as_str().unwrap().contains("temporarily unavailable")), "{answer}");
+    assert_eq!(results[0]["toolCallId"], "call_Qm3kX8vTz1LcR7pA2bN9wEyH");
+    let (status, answer) = app.post_vapi(org.id, &sample("01-assistant-request.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(answer["error"].is_string(), "{answer}");
+    sqlx::query("ALTER TABLE function_data_away RENAME TO function_data").execute(app.db.store.pool()).await.unwrap();
 }

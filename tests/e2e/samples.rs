@@ -50,7 +50,10 @@ async fn every_sample_is_answered_like_the_sample_responses_and_stored_field_by_
     for (k, v) in shape["assistantOverrides"]["variableValues"].as_object().unwrap() {
         assert_eq!(preloaded.get(k), Some(v), "{k}");
     }
-    assert_eq!(answer["assistantOverrides"]["metadata"], json!({"callplaneOrgId": org.id.to_string()}));
+    // The org id rides along in the call's metadata, signed, for the shared URL.
+    let metadata = &answer["assistantOverrides"]["metadata"];
+    assert_eq!(metadata["callplaneOrgId"], org.id.to_string());
+    assert_eq!(metadata["callplaneOrgSig"].as_str().map(str::len), Some(64));
     // Pro has no hard limit: the cap is the configured maximum call length.
     assert_eq!(answer["assistantOverrides"]["maxDurationSeconds"], json!(3600));
     let row = app.call(org.id, CALL).await.expect("assistant-request creates the call");
@@ -164,8 +167,21 @@ async fn the_shared_url_resolves_the_org_from_metadata_phone_number_or_assistant
     };
     assert_eq!(post(msg("via-phone", json!({"phoneNumberId": "phone-1"}))).await.status(), StatusCode::OK);
     assert_eq!(post(msg("via-assistant", json!({"assistantId": "assistant-1"}))).await.status(), StatusCode::OK);
-    let meta = json!({"assistantOverrides": {"metadata": {"callplaneOrgId": by_metadata.id.to_string()}}});
-    assert_eq!(post(msg("via-metadata", meta)).await.status(), StatusCode::OK);
+    // Metadata routes a call only with the signature callplane gave it at assistant-request.
+    let (_, answer) = app.post_vapi(by_metadata.id, &sample("01-assistant-request.json")).await;
+    let signed = answer["assistantOverrides"]["metadata"].clone();
+    assert_eq!(
+        post(msg("via-metadata", json!({"assistantOverrides": {"metadata": signed}}))).await.status(),
+        StatusCode::OK
+    );
+    for forged in [
+        json!({"callplaneOrgId": by_phone.id.to_string()}),
+        json!({"callplaneOrgId": by_phone.id.to_string(), "callplaneOrgSig": signed["callplaneOrgSig"]}),
+    ] {
+        let r = post(msg("forged", json!({"assistantOverrides": {"metadata": forged, "variableValues": {}}}))).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "unsigned or mis-signed metadata routed a call");
+    }
+    assert!(app.call(by_phone.id, "forged").await.is_none());
     assert!(app.call(by_phone.id, "via-phone").await.is_some());
     assert!(app.call(by_assistant.id, "via-assistant").await.is_some());
     assert!(app.call(by_metadata.id, "via-metadata").await.is_some());
@@ -175,6 +191,7 @@ async fn the_shared_url_resolves_the_org_from_metadata_phone_number_or_assistant
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "unknown_organization");
     // An assistant-request nobody can route is still answered, with a spoken error.
     let mut ar = sample("01-assistant-request.json");
+    ar["message"]["call"]["id"] = json!("unroutable-call");
     ar["message"]["call"]["phoneNumberId"] = json!("unregistered");
     ar["message"]["phoneNumber"]["id"] = json!("unregistered");
     let r = post(ar).await;

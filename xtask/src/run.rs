@@ -182,6 +182,8 @@ impl Callplane {
 struct DemoOrg {
     id: String,
     vapi_server_url: String,
+    /// A dashboard API key for the demo organization.
+    api_key: String,
 }
 
 /// Reads the demo organization from `.data/demo-org.json`, or creates and seeds it when that file
@@ -210,15 +212,26 @@ fn demo_org(callplane: &Callplane, database_is_new: bool) -> Result<DemoOrg> {
     create.stderr(Stdio::inherit());
     let output = util::run_captured(&mut create)?;
     let text = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    let org = parse_org(&text).context("`callplane org create --json` printed unexpected output")?;
+    let mut value: Value =
+        serde_json::from_str(&text).context("`callplane org create --json` printed unexpected output")?;
+    let id = value.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
 
-    for (key, value) in DEMO_FUNCTION_DATA {
-        util::run(&mut callplane.command(&["function-data", "put", "--org", &org.id, key, value]))?;
+    for (key, data) in DEMO_FUNCTION_DATA {
+        util::run(&mut callplane.command(&["function-data", "put", "--org", &id, key, data]))?;
     }
+    let mut key = callplane.command(&["apikey", "create", "--org", &id, "--name", "demo dashboard", "--json"]);
+    key.stderr(Stdio::inherit());
+    let key_output = util::run_captured(&mut key)?;
+    let key_json: Value = serde_json::from_slice(&key_output.stdout)
+        .context("`callplane apikey create --json` printed unexpected output")?;
+    if let (Some(object), Some(secret)) = (value.as_object_mut(), key_json.get("key")) {
+        object.insert("api_key".into(), secret.clone());
+    }
+    let text = value.to_string();
 
     // Saved last, so that the file only exists for a fully seeded organization.
     write_file(&path, &format!("{text}\n"))?;
-    Ok(org)
+    parse_org(&text)
 }
 
 /// Extracts `id` and `vapi_server_url` from the organization JSON.
@@ -232,7 +245,7 @@ fn parse_org(text: &str) -> Result<DemoOrg> {
             _ => bail!("the organization JSON has no `{name}` field: {text}"),
         }
     };
-    Ok(DemoOrg { id: field("id")?, vapi_server_url: field("vapi_server_url")? })
+    Ok(DemoOrg { id: field("id")?, vapi_server_url: field("vapi_server_url")?, api_key: field("api_key")? })
 }
 
 fn write_file(path: &Path, contents: &str) -> Result<()> {
@@ -255,6 +268,16 @@ fn print_next_steps(org: &DemoOrg, secret: &str, public_url: &str, database_url:
     for fixture in DEMO_FIXTURES {
         eprintln!("  curl -s -X POST {url} -H {auth} -H 'Content-Type: application/json' --data @{fixture}");
     }
+    let key = shell_quote(&format!("Authorization: Bearer {}", org.api_key));
+    eprintln!("The dashboard API (API key {}):", org.api_key);
+    for path in ["/v1/calls", "/v1/usage", "/v1/calls/live", "/v1/function-data"] {
+        eprintln!("  curl -s {public_url}{path} -H {key}");
+    }
+    eprintln!(
+        "  live events: a WebSocket client on {}/v1/realtime?access_token={}",
+        public_url.replace("http", "ws"),
+        org.api_key
+    );
     eprintln!();
     eprintln!("Ctrl-C stops callplane and PostgreSQL (XTASK_KEEP_PG=1 keeps PostgreSQL; `cargo xtask stop` stops it).");
     eprintln!();

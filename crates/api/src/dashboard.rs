@@ -192,6 +192,7 @@ fn decode_cursor(s: &str) -> Result<CallCursor, ApiError> {
 }
 
 const MAX_PAGE: i64 = 200;
+const MAX_WINDOW_DAYS: i64 = 3 * 366;
 
 fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, ApiError> {
     if let Some(s) = &q.status
@@ -206,6 +207,10 @@ fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, ApiError> {
     let from = q.from.unwrap_or(to - Duration::days(366));
     if from >= to {
         return Err(bad("invalid_filter", "`from` must be before `to`"));
+    }
+    // Each page walks the window a month at a time; keep that walk bounded.
+    if to - from > Duration::days(MAX_WINDOW_DAYS) {
+        return Err(bad("invalid_filter", format!("the window from `from` to `to` is at most {MAX_WINDOW_DAYS} days")));
     }
     Ok(CallFilter {
         from,
@@ -422,7 +427,14 @@ pub async fn usage_daily(
 fn validate_key(key: &str) -> Result<(), ApiError> {
     let ok = (1..=128).contains(&key.len())
         && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok { Ok(()) } else { Err(bad("invalid_key", "keys are 1 to 128 characters of A-Z, a-z, 0-9, _, - and .")) }
+    if !ok {
+        return Err(bad("invalid_key", "keys are 1 to 128 characters of A-Z, a-z, 0-9, _, - and ."));
+    }
+    // Function data is preloaded into the call's variables, next to callplane's own.
+    if key.to_ascii_lowercase().starts_with("callplane") {
+        return Err(bad("reserved_key", "keys starting with `callplane` are reserved"));
+    }
+    Ok(())
 }
 
 /// All of the organization's function data.

@@ -83,33 +83,8 @@ async fn session(s: AppState, org: OrgId, after: Option<i64>, socket: WebSocket)
     };
     let send_timeout = s.realtime.send_timeout;
     let mut last = after.unwrap_or(0);
-    if let Some(after) = after {
-        let mut first = true;
-        loop {
-            let batch = match s.bus.history(org, last, 500).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "realtime history failed");
-                    return tx
-                        .send(Message::Close(Some(CloseFrame { code: 1011, reason: "unavailable".into() })))
-                        .await;
-                }
-            };
-            if first
-                && let Some(e) = batch.first()
-                && e.seq > after + 1
-            {
-                tx.send(text(json!({ "type": "gap", "from": after + 1, "to": e.seq - 1 }))).await?;
-            }
-            first = false;
-            for e in &batch {
-                tx.send(event_frame(e)).await?;
-                last = e.seq;
-            }
-            if batch.len() < 500 {
-                break;
-            }
-        }
+    if after.is_some() && !catch_up(&s, org, &mut last, i64::MAX, &mut tx).await? {
+        return tx.send(Message::Close(Some(CloseFrame { code: 1011, reason: "unavailable".into() }))).await;
     }
     tx.send(text(json!({ "type": "ready", "resumed_from": after }))).await?;
 
@@ -126,6 +101,11 @@ async fn session(s: AppState, org: OrgId, after: Option<i64>, socket: WebSocket)
                 Some(Delivery::Event(e)) => {
                     if e.seq <= last {
                         continue;
+                    }
+                    // Something between `last` and this event did not come live (a listener
+                    // reconnect): send it from the history first.
+                    if e.seq > last + 1 && last > 0 && !catch_up(&s, org, &mut last, e.seq - 1, &mut tx).await? {
+                        return tx.send(Message::Close(Some(CloseFrame { code: 1011, reason: "unavailable".into() }))).await;
                     }
                     match tokio::time::timeout(send_timeout, tx.send(event_frame(&e))).await {
                         Ok(r) => r?,
@@ -153,6 +133,41 @@ async fn session(s: AppState, org: OrgId, after: Option<i64>, socket: WebSocket)
             _ = &mut stop => {
                 return tx.send(Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
             }
+        }
+    }
+}
+
+/// Sends stored events after `last` up to `upto`, announcing any range no longer stored as a
+/// `gap`. Returns false when the history cannot be read.
+async fn catch_up(
+    s: &AppState,
+    org: OrgId,
+    last: &mut i64,
+    upto: i64,
+    tx: &mut (impl SinkExt<Message, Error = axum::Error> + Unpin),
+) -> Result<bool, axum::Error> {
+    loop {
+        let batch = match s.bus.history(org, *last, 500).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "realtime history failed");
+                return Ok(false);
+            }
+        };
+        let full = batch.len() == 500;
+        for e in batch.iter().take_while(|e| e.seq <= upto) {
+            if e.seq > *last + 1 {
+                tx.send(text(json!({ "type": "gap", "from": *last + 1, "to": e.seq - 1 }))).await?;
+            }
+            tx.send(event_frame(e)).await?;
+            *last = e.seq;
+        }
+        if !full || batch.last().is_some_and(|e| e.seq >= upto) {
+            if upto != i64::MAX && *last < upto {
+                tx.send(text(json!({ "type": "gap", "from": *last + 1, "to": upto }))).await?;
+                *last = upto;
+            }
+            return Ok(true);
         }
     }
 }

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use callplane_core::OrgId;
 use callplane_core::agent::{self, Refusal};
 use callplane_core::seams::{InboundEvent, PipelineError, Processed};
-use callplane_core::vapi::{self, MessageKind, ServerMessage};
+use callplane_core::vapi::{self, MessageKind, ParseError, ServerMessage};
 use chrono::Utc;
 use serde_json::{Value, json};
 use tracing::{Instrument, info_span, warn};
@@ -60,10 +60,14 @@ fn outcome_label(outcome: &str) -> &'static str {
         }
         "unknown_organization" => "unknown_organization",
         "internal_error" => "dead_lettered",
-        "future_timestamp" | "invalid_event" => "rejected",
+        "future_timestamp" | "stale_timestamp" | "invalid_event" => "rejected",
         _ => "bad_request",
     }
 }
+
+/// How long an answer waits to learn whether recording the event was refused. The answer
+/// never waits longer for storage: the caller is on the line.
+const RECORDING_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn receive(
     s: &AppState,
@@ -81,20 +85,36 @@ async fn receive(
         )
     })?;
     s.webhook_auth.verify(|name| headers.get(name).and_then(|v| v.to_str().ok()), &bytes, received_at)?;
-    let msg = vapi::parse_body(&bytes)?;
+    let from_path = path_org.as_deref().and_then(|raw| raw.parse::<OrgId>().ok());
+    let msg = match vapi::parse_body(&bytes) {
+        Ok(msg) => msg,
+        Err(e) => {
+            // Authenticated JSON in a shape we cannot read yet is kept for replay; garbage
+            // and bodies without a type are only refused.
+            if matches!(e, ParseError::InvalidTimestamp { .. } | ParseError::InvalidMessage(_)) {
+                keep(s, from_path, &bytes, e.code(), &e.to_string(), received_at).await;
+            }
+            return Err(e.into());
+        }
+    };
     *kind = msg.kind.label();
     tracing::Span::current().record("kind", msg.kind.label());
 
-    let from_path = match path_org {
-        Some(raw) => Some(raw.parse::<OrgId>().map_err(|_| unknown_org(&raw))?),
-        None => None,
+    let resolved = match (&path_org, from_path) {
+        (Some(_), None) => None,
+        _ => agent::resolve_org(s.orgs.as_ref(), from_path, &msg, s.agent.org_hint_key.as_deref()).await?,
     };
-    let Some(org_id) = agent::resolve_org(s.orgs.as_ref(), from_path, &msg).await? else {
+    let Some(org_id) = resolved else {
         if msg.kind == MessageKind::AssistantRequest {
             // The caller is waiting: VAPI speaks an `error` answered with 200.
             return Ok((agent::refusal_answer("Sorry, this number is not in service."), "answered"));
         }
-        return Err(unknown_org(&from_path.map(|o| o.to_string()).unwrap_or_else(|| "(none in the URL)".into())));
+        let e = unknown_org(path_org.as_deref().unwrap_or("(none in the URL, and no registry matched)"));
+        if msg.kind != MessageKind::Unknown {
+            let why = "no organization matched the URL, the call, the phone number, the assistant or signed metadata";
+            keep(s, None, &bytes, e.code(), why, received_at).await;
+        }
+        return Err(e);
     };
     tracing::Span::current().record("org_id", tracing::field::display(org_id));
 
@@ -104,15 +124,18 @@ async fn receive(
         | MessageKind::ToolCalls
         | MessageKind::FunctionCall
         | MessageKind::TransferDestinationRequest => {
-            let (recorded, answer) = tokio::join!(s.pipeline.submit(event), answer(s, org_id, &msg));
-            // The agent's answer goes out even if recording failed: the event is in the
-            // dead-letter table and the caller should not pay for our storage trouble.
-            match recorded {
-                Err(e @ PipelineError::Rejected { .. }) => return Err(e.into()),
-                Err(e) => warn!(error = %e, "recording the event failed; answering anyway"),
-                Ok(_) => {}
+            let pipeline = s.pipeline.clone();
+            let mut recording = tokio::spawn(async move { pipeline.submit(event).await });
+            let answer = answer(s, org_id, &msg).await;
+            match tokio::time::timeout(RECORDING_BUDGET, &mut recording).await {
+                Ok(Ok(Err(e @ PipelineError::Rejected { .. }))) => return Err(e.into()),
+                // Dead-lettered: the answer still goes out, the event waits for replay.
+                Ok(Ok(Err(e))) => warn!(error = %e, "recording the event failed; answering anyway"),
+                Ok(Err(e)) => warn!(error = %e, "recording the event panicked; answering anyway"),
+                Ok(Ok(Ok(_))) => {}
+                Err(_) => warn!("recording is slow; answering without waiting (it continues)"),
             }
-            Ok((answer?, "answered"))
+            Ok((answer, "answered"))
         }
         MessageKind::Unknown => Ok((json!({}), "ignored")),
         _ => {
@@ -126,6 +149,23 @@ async fn receive(
     }
 }
 
+/// Keeps an unprocessable body as a dead letter; failures are logged, never surfaced.
+async fn keep(
+    s: &AppState,
+    org: Option<OrgId>,
+    bytes: &[u8],
+    code: &str,
+    error: &str,
+    received_at: chrono::DateTime<Utc>,
+) {
+    let body: Value =
+        serde_json::from_slice(bytes).unwrap_or_else(|_| json!({ "raw": String::from_utf8_lossy(bytes) }));
+    match s.pipeline.keep_unprocessed(org, &body, code, error, received_at).await {
+        Ok(id) => tracing::info!(dead_letter_id = id, code, "unprocessable webhook kept"),
+        Err(e) => tracing::error!(error = %e, code, "could not keep an unprocessable webhook"),
+    }
+}
+
 fn unknown_org(raw: &str) -> ApiError {
     ApiError::client(
         StatusCode::NOT_FOUND,
@@ -134,7 +174,26 @@ fn unknown_org(raw: &str) -> ApiError {
     )
 }
 
-async fn answer(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Result<Value, ApiError> {
+/// The agent's answer. Storage trouble becomes a spoken or per-tool error with HTTP 200, as
+/// VAPI requires, never a 5xx the caller would hear as silence.
+async fn answer(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Value {
+    match answer_or_fail(s, org_id, msg).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = ?e, "answering the agent failed; sending a spoken error");
+            let unavailable = "The service is temporarily unavailable; please try again in a moment.";
+            match msg.kind {
+                MessageKind::ToolCalls => {
+                    agent::tool_calls_answer(msg.tool_calls.iter().map(|c| (c, Err(unavailable.to_owned()))).collect())
+                }
+                MessageKind::FunctionCall => json!({ "result": unavailable }),
+                _ => agent::refusal_answer("Sorry, we cannot take your call right now. Please try again later."),
+            }
+        }
+    }
+}
+
+async fn answer_or_fail(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Result<Value, ApiError> {
     match msg.kind {
         MessageKind::AssistantRequest => assistant_request(s, org_id).await,
         MessageKind::ToolCalls => {
@@ -190,5 +249,5 @@ async fn assistant_request(s: &AppState, org_id: OrgId) -> Result<Value, ApiErro
         return refuse(Refusal { code: "no_assistant", spoken: "Sorry, this line is not set up yet.".into() });
     };
     let preload = s.function_data.preload(org_id).await?;
-    Ok(agent::assistant_answer(&org, &assistant_id, max_seconds, preload))
+    Ok(agent::assistant_answer(&org, &assistant_id, max_seconds, preload, s.agent.org_hint_key.as_deref()))
 }

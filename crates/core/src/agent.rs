@@ -15,7 +15,7 @@
 use crate::billing::Plan;
 use crate::domain::{OrgId, OrgStatus, Organization};
 use crate::seams::{OrgDirectory, StoreResult};
-use crate::vapi::{ORG_METADATA_KEY, ServerMessage, ToolCall};
+use crate::vapi::{ORG_METADATA_KEY, ORG_SIGNATURE_KEY, ServerMessage, ToolCall};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Map, Value, json};
 
@@ -25,6 +25,25 @@ pub struct AgentSettings {
     pub max_call_seconds: i64,
     /// How long a `past_due` organization keeps taking calls.
     pub past_due_grace: Duration,
+    /// Signs the organization id callplane puts in a call's metadata, so the shared URL can
+    /// trust it later. Without a key, metadata never routes a call.
+    pub org_hint_key: Option<Vec<u8>>,
+}
+
+/// The signature of an organization id in call metadata (HMAC-SHA256, hex).
+pub fn org_hint_signature(key: &[u8], org: OrgId) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    mac.update(b"callplane-org-hint:");
+    mac.update(org.to_string().as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn verified_hint(key: Option<&[u8]>, hint: Option<&(String, String)>) -> Option<OrgId> {
+    use subtle::ConstantTimeEq;
+    let (key, (id, sig)) = (key?, hint?);
+    let org = id.parse::<OrgId>().ok()?;
+    bool::from(org_hint_signature(key, org).as_bytes().ct_eq(sig.as_bytes())).then_some(org)
 }
 
 /// Why a call is refused; the text is spoken to the caller, the code is for logs and metrics.
@@ -58,15 +77,20 @@ pub fn admit(org: &Organization, plan: &Plan, now: DateTime<Utc>, settings: &Age
     }
 }
 
-/// The `assistant-request` answer for an admitted call.
+/// The `assistant-request` answer for an admitted call. The organization id goes into the
+/// call's metadata, signed, so later messages of the call can find their organization.
 pub fn assistant_answer(
     org: &Organization,
     assistant_id: &str,
     max_seconds: i64,
     preload: Map<String, Value>,
+    hint_key: Option<&[u8]>,
 ) -> Value {
     let mut metadata = Map::new();
-    metadata.insert(ORG_METADATA_KEY.into(), Value::String(org.id.to_string()));
+    if let Some(key) = hint_key {
+        metadata.insert(ORG_METADATA_KEY.into(), Value::String(org.id.to_string()));
+        metadata.insert(ORG_SIGNATURE_KEY.into(), Value::String(org_hint_signature(key, org.id)));
+    }
     json!({
         "assistantId": assistant_id,
         "assistantOverrides": {
@@ -135,30 +159,37 @@ pub fn tool_calls_answer(results: Vec<(&ToolCall, Result<String, String>)>) -> V
 }
 
 /// The organization a message belongs to (DESIGN §6): the one named in the webhook URL if
-/// any (and only that one), else the call's `callplaneOrgId` metadata, else the phone-number
-/// registry, else the assistant registry.
+/// any (and only that one); else the organization that already owns the call; else the
+/// phone-number registry, the assistant registry, and last the call's metadata, only when
+/// its signature (made by callplane at `assistant-request`) verifies.
 pub async fn resolve_org(
     dir: &dyn OrgDirectory,
     from_path: Option<OrgId>,
     msg: &ServerMessage,
+    hint_key: Option<&[u8]>,
 ) -> StoreResult<Option<OrgId>> {
     if let Some(org) = from_path {
         return Ok(dir.get(org).await?.map(|o| o.id));
     }
-    if let Some(hint) = msg.metadata_org_id.as_deref().and_then(|s| s.parse::<OrgId>().ok())
-        && dir.get(hint).await?.is_some()
+    if let Some(call) = &msg.call_id
+        && let Some(org) = dir.by_call(call).await?
     {
-        return Ok(Some(hint));
+        return Ok(Some(org));
     }
     if let Some(phone) = &msg.phone_number_id
         && let Some(org) = dir.by_phone_number(phone).await?
     {
         return Ok(Some(org));
     }
-    if let Some(assistant) = &msg.assistant_id {
-        return dir.by_assistant(assistant).await;
+    if let Some(assistant) = &msg.assistant_id
+        && let Some(org) = dir.by_assistant(assistant).await?
+    {
+        return Ok(Some(org));
     }
-    Ok(None)
+    match verified_hint(hint_key, msg.metadata_org_id.as_ref()) {
+        Some(org) => Ok(dir.get(org).await?.map(|o| o.id)),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]
@@ -175,6 +206,7 @@ mod tests {
             status,
             status_changed_at: now - Duration::days(2),
             period_start: now,
+            billing_anchor: now,
             period_end: now,
             seconds_used: used,
             default_assistant_id: Some("a".into()),
@@ -192,7 +224,8 @@ mod tests {
         }
     }
 
-    const SETTINGS: AgentSettings = AgentSettings { max_call_seconds: 1800, past_due_grace: Duration::days(3) };
+    const SETTINGS: AgentSettings =
+        AgentSettings { max_call_seconds: 1800, past_due_grace: Duration::days(3), org_hint_key: None };
 
     #[test]
     fn hard_limit_plans_cap_calls_to_the_minutes_left_and_refuse_when_none_are() {
@@ -210,7 +243,7 @@ mod tests {
     fn past_due_orgs_keep_calling_within_the_grace_period_and_canceled_ones_do_not() {
         let now = Utc::now();
         assert!(admit(&org(OrgStatus::PastDue, 0), &plan(true), now, &SETTINGS).is_ok());
-        let late = AgentSettings { past_due_grace: Duration::days(1), ..SETTINGS };
+        let late = AgentSettings { past_due_grace: Duration::days(1), ..SETTINGS.clone() };
         assert_eq!(admit(&org(OrgStatus::PastDue, 0), &plan(true), now, &late).unwrap_err().code, "payment_overdue");
         assert_eq!(
             admit(&org(OrgStatus::Canceled, 0), &plan(true), now, &SETTINGS).unwrap_err().code,

@@ -78,6 +78,8 @@ pub struct Organization {
     pub status_changed_at: DateTime<Utc>,
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
+    /// Periods are whole months counted from here (the first period's start).
+    pub billing_anchor: DateTime<Utc>,
     /// The phase-1 usage counter for the current period, in billed seconds.
     pub seconds_used: i64,
     /// The VAPI assistant answered to `assistant-request` for this organization.
@@ -90,7 +92,7 @@ impl Organization {
     /// being recorded, the next period has started and nothing is used in it yet.
     pub fn as_of(mut self, now: DateTime<Utc>) -> Self {
         if now >= self.period_end {
-            let (start, end) = crate::billing::period_containing(self.period_start, now);
+            let (start, end) = crate::billing::period_containing(self.billing_anchor, now);
             self.period_start = start;
             self.period_end = end;
             self.seconds_used = 0;
@@ -150,4 +152,17 @@ pub struct NewApiKey {
     pub id: uuid::Uuid,
     pub prefix: String,
     pub secret: String,
+}
+
+/// What applying one event did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallChange {
+    pub call_id: String,
+    /// Where the call lives (its partition key), from `call_keys`.
+    pub created_at: DateTime<Utc>,
+    pub inserted: bool,
+    /// The new status, when this event moved it forward.
+    pub status_changed: Option<String>,
+    /// Set the first time the call's ledger row is written: (billable seconds, period start).
+    pub billed: Option<(i64, DateTime<Utc>)>,
 }

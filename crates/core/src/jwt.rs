@@ -94,10 +94,10 @@ pub fn verify(token: &str, s: &JwtSettings, now: DateTime<Utc>) -> Result<OrgId,
     let claims = decode_json(p)?;
     let now = now.timestamp();
     let exp = numeric(&claims, "exp").ok_or(JwtError::MissingExpiry)?;
-    if now > exp + s.leeway_seconds {
+    if now > exp.saturating_add(s.leeway_seconds) {
         return Err(JwtError::Expired);
     }
-    if numeric(&claims, "nbf").is_some_and(|nbf| now + s.leeway_seconds < nbf) {
+    if numeric(&claims, "nbf").is_some_and(|nbf| now.saturating_add(s.leeway_seconds) < nbf) {
         return Err(JwtError::NotYetValid);
     }
     if let Some(want) = &s.audience {

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod auth;
 pub mod billing;
 pub mod domain;
+pub mod events;
 pub mod jwt;
 pub mod seams;
 pub mod vapi;

@@ -38,6 +38,8 @@ pub trait OrgDirectory: Send + Sync {
     async fn by_phone_number(&self, vapi_phone_number_id: &str) -> StoreResult<Option<OrgId>>;
     /// The organization that registered this VAPI assistant id.
     async fn by_assistant(&self, vapi_assistant_id: &str) -> StoreResult<Option<OrgId>>;
+    /// The organization a VAPI call id is registered to, once seen.
+    async fn by_call(&self, vapi_call_id: &str) -> StoreResult<Option<OrgId>>;
     /// The organization an unrevoked API key belongs to (recording its use).
     async fn by_api_key(&self, secret: &str) -> StoreResult<Option<OrgId>>;
 }
@@ -119,6 +121,10 @@ pub enum Delivery {
 #[async_trait]
 pub trait RealtimeBus: Send + Sync {
     fn backend(&self) -> &'static str;
+    /// True when the store publishes a call's events inside the transaction that changes the
+    /// call (Postgres), so the stream's order is the commit order and nothing committed goes
+    /// unpublished. Other backends are published to after commit.
+    fn publishes_in_transaction(&self) -> bool;
     /// Publishes an event; returns its sequence number in the organization's stream.
     async fn publish(&self, event: &RealtimeEvent) -> StoreResult<i64>;
     /// The organization's live events, and nobody else's, in sequence order.
@@ -227,6 +233,17 @@ pub enum PipelineError {
 pub trait EventPipeline: Send + Sync {
     fn backend(&self) -> &'static str;
     async fn submit(&self, event: InboundEvent) -> Result<Processed, PipelineError>;
+    /// Keeps an authenticated message that could not be routed or parsed (unknown
+    /// organization, a field VAPI sent in a shape we do not read yet) in the dead-letter
+    /// table, so it can be replayed once the cause is fixed. Returns its id.
+    async fn keep_unprocessed(
+        &self,
+        org: Option<OrgId>,
+        body: &Value,
+        code: &str,
+        error: &str,
+        received_at: DateTime<Utc>,
+    ) -> StoreResult<i64>;
 }
 
 /// Operators' changes to organizations and their API keys (the admin surface and the CLI).

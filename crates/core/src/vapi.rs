@@ -306,8 +306,10 @@ pub struct ServerMessage {
     pub phone_number: Option<String>,
     pub assistant_id: Option<String>,
     pub customer_number: Option<String>,
-    /// `callplaneOrgId` from the call's overrides metadata / variable values, if present.
-    pub metadata_org_id: Option<String>,
+    /// `callplaneOrgId` from the call's overrides metadata / variable values, if present,
+    /// with its signature `callplaneOrgSig`. Trusted only when the signature verifies: web
+    /// and outbound callers can set these values themselves.
+    pub metadata_org_id: Option<(String, String)>,
     pub report: Option<CallReport>,
     pub tool_calls: Vec<ToolCall>,
     /// Conversation so far (`conversation-update`), full history each time.
@@ -319,6 +321,8 @@ pub struct ServerMessage {
 /// The metadata key callplane puts in `assistantOverrides.metadata` so later messages of the
 /// call can be traced back to the organization.
 pub const ORG_METADATA_KEY: &str = "callplaneOrgId";
+/// The signature of `callplaneOrgId`, next to it.
+pub const ORG_SIGNATURE_KEY: &str = "callplaneOrgSig";
 
 /// Parses a webhook body. Only `message.type` is required.
 pub fn parse_body(body: &[u8]) -> Result<ServerMessage, ParseError> {
@@ -395,9 +399,12 @@ fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.trim().is_empty())
 }
 
-fn org_hint(call: &RawCall, artifact: Option<&RawArtifact>) -> Option<String> {
+fn org_hint(call: &RawCall, artifact: Option<&RawArtifact>) -> Option<(String, String)> {
     let from = |m: Option<&Map<String, Value>>| {
-        m.and_then(|m| m.get(ORG_METADATA_KEY)).and_then(Value::as_str).map(str::to_owned)
+        let m = m?;
+        let id = m.get(ORG_METADATA_KEY).and_then(Value::as_str)?;
+        let sig = m.get(ORG_SIGNATURE_KEY).and_then(Value::as_str)?;
+        Some((id.to_owned(), sig.to_owned()))
     };
     let overrides = call.assistant_overrides.as_ref();
     from(overrides.and_then(|o| o.metadata.as_ref()))

@@ -121,6 +121,8 @@ impl App {
             PipelineSettings {
                 rules: settings.billing_rules(),
                 max_future_skew: chrono::Duration::hours(settings.partitions.max_future_skew_hours),
+                max_past: chrono::Duration::days(settings.partitions.max_past_days),
+                org_hint_key: settings.org_hint_key(),
             },
         ));
         let fallback = settings.vapi.fallback_assistant_id.trim();

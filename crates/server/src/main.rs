@@ -85,6 +85,18 @@ enum ApikeyCommand {
         #[arg(long, default_value = "")]
         name: String,
     },
+    /// List an organization's keys (prefixes, never the keys).
+    List {
+        #[arg(long)]
+        org: OrgId,
+    },
+    /// Revoke a key by its id.
+    Revoke {
+        #[arg(long)]
+        org: OrgId,
+        #[arg(long)]
+        id: uuid::Uuid,
+    },
 }
 
 #[derive(Subcommand)]
@@ -216,11 +228,34 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Apikey(ApikeyCommand::Create { org, name }) => {
+        Command::Apikey(cmd) => {
             let store = App::connect(&settings).await?;
-            let key = store.create_api_key(org, &name).await?;
-            let v = json!({ "id": key.id, "prefix": key.prefix, "key": key.secret });
-            print(j, &v, || format!("{}\n(shown once; store it now)", key.secret));
+            match cmd {
+                ApikeyCommand::Create { org, name } => {
+                    let key = store.create_api_key(org, &name).await?;
+                    let v = json!({ "id": key.id, "prefix": key.prefix, "key": key.secret });
+                    print(j, &v, || format!("{}\n(shown once; store it now)", key.secret));
+                }
+                ApikeyCommand::List { org } => {
+                    let keys = store.api_keys(org).await?;
+                    let v = serde_json::to_value(&keys)?;
+                    print(j, &v, || {
+                        keys.iter()
+                            .map(|k| {
+                                let state = if k.revoked_at.is_some() { "revoked" } else { "active" };
+                                format!("{} {}... {} {state}", k.id, k.prefix, k.name)
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+                ApikeyCommand::Revoke { org, id } => {
+                    if !store.revoke_api_key(org, id).await? {
+                        bail!("organization {org} has no unrevoked key {id}");
+                    }
+                    print(j, &json!({ "revoked": id }), || format!("revoked {id}"));
+                }
+            }
         }
         Command::FunctionData(cmd) => {
             let data = PgFunctionData(App::connect(&settings).await?);

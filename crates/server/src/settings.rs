@@ -109,6 +109,7 @@ pub struct PlanSettings {
 pub struct PartitionSettings {
     pub months_ahead: u32,
     pub max_future_skew_hours: i64,
+    pub max_past_days: i64,
     pub maintenance_interval_seconds: u64,
 }
 
@@ -326,7 +327,16 @@ impl Settings {
         AgentSettings {
             max_call_seconds: self.vapi.max_call_seconds,
             past_due_grace: chrono::Duration::hours(self.billing.past_due_grace_hours),
+            org_hint_key: self.org_hint_key(),
         }
+    }
+
+    /// The key that signs organization ids in call metadata, derived from the first webhook
+    /// secret so every process agrees on it without another setting.
+    pub fn org_hint_key(&self) -> Option<Vec<u8>> {
+        let auth = self.webhook_auth();
+        let secret = auth.shared_secrets.first().or(auth.hmac.as_ref().and_then(|h| h.secrets.first()))?;
+        Some(callplane_core::agent::org_hint_signature(secret, callplane_core::OrgId(uuid::Uuid::nil())).into_bytes())
     }
 
     pub fn vapi_server_url(&self, org: &callplane_core::OrgId) -> String {
@@ -394,6 +404,7 @@ impl Settings {
             "partitions": {
                 "months_ahead": self.partitions.months_ahead,
                 "max_future_skew_hours": self.partitions.max_future_skew_hours,
+                "max_past_days": self.partitions.max_past_days,
                 "maintenance_interval_seconds": self.partitions.maintenance_interval_seconds,
             },
             "backends": {

@@ -12,25 +12,13 @@
 use crate::{PgStore, db};
 use callplane_core::OrgId;
 use callplane_core::billing::{BillingRules, period_containing};
+use callplane_core::domain::CallChange;
 use callplane_core::seams::{StoreError, StoreResult};
 use callplane_core::vapi::{ServerMessage, status_rank};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
 use tracing::instrument;
-
-/// What applying one event did.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CallApplied {
-    pub call_id: String,
-    /// Where the call lives (its partition key), from `call_keys`.
-    pub created_at: DateTime<Utc>,
-    pub inserted: bool,
-    /// The new status, when this event moved it forward.
-    pub status_changed: Option<String>,
-    /// Set the first time the call's ledger row is written: (billable seconds, period start).
-    pub billed: Option<(i64, DateTime<Utc>)>,
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LedgerRow {
@@ -53,7 +41,7 @@ pub enum CallRefusal {
 impl PgStore {
     /// Merges one event into its call; for an end-of-call report also writes the ledger row
     /// and, when `raise_counter` is set, raises `organizations.seconds_used` in the same
-    /// transaction. Returns `Ok(None)` for messages that carry no call id.
+    /// transaction; when `publish` is set, publishes the change's realtime events in it too. Returns `Ok(None)` for messages that carry no call id.
     #[instrument(skip_all, fields(org_id = %org, call_id = msg.call_id.as_deref().unwrap_or("")))]
     pub async fn apply_call_event(
         &self,
@@ -62,7 +50,8 @@ impl PgStore {
         received_at: DateTime<Utc>,
         rules: &BillingRules,
         raise_counter: bool,
-    ) -> StoreResult<Option<CallApplied>> {
+        publish: bool,
+    ) -> StoreResult<Option<CallChange>> {
         let Some(call_id) = msg.call_id.clone() else { return Ok(None) };
         let event_at = msg.timestamp.unwrap_or(received_at);
         let claimed_created_at = msg.call_created_at.or(msg.timestamp).unwrap_or(received_at);
@@ -193,8 +182,10 @@ impl PgStore {
             .await
             .map_err(db)?;
 
-            let started = report.started_at.unwrap_or(created_at);
-            let anchor: DateTime<Utc> = sqlx::query_scalar("SELECT period_start FROM organizations WHERE id = $1")
+            // A call cannot start before VAPI created it; the pipeline has refused far-future
+            // times already.
+            let started = report.started_at.map_or(created_at, |s| s.max(created_at));
+            let anchor: DateTime<Utc> = sqlx::query_scalar("SELECT billing_anchor FROM organizations WHERE id = $1")
                 .bind(org.0)
                 .fetch_one(&mut *tx)
                 .await
@@ -239,8 +230,23 @@ impl PgStore {
                 billed = Some((billable, period_start));
             }
         }
+        let change = CallChange { call_id, created_at, inserted, status_changed, billed };
+        if publish {
+            // Last lock of the transaction (after the organization row): the organization's
+            // event sequence follows the commit order of its calls' changes.
+            for e in callplane_core::events::for_change(org, &change) {
+                sqlx::query("SELECT callplane_publish($1, $2, $3, $4)")
+                    .bind(e.org_id.0)
+                    .bind(&e.kind)
+                    .bind(&e.call_id)
+                    .bind(&e.data)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+        }
         tx.commit().await.map_err(db)?;
-        Ok(Some(CallApplied { call_id, created_at, inserted, status_changed, billed }))
+        Ok(Some(change))
     }
 
     /// The ledger rows of an organization, oldest call first.

@@ -15,8 +15,9 @@ mod realtime;
 mod transcripts;
 mod usage;
 
+pub use callplane_core::domain::CallChange;
 pub use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
-pub use calls::{CallApplied, LedgerRow};
+pub use calls::LedgerRow;
 pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter};
 pub use function_data::PgFunctionData;
 pub use partitions::PartitionReport;

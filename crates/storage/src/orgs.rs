@@ -12,7 +12,7 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use tracing::instrument;
 
-const ORG_COLUMNS: &str = "id, name, plan, status, status_changed_at, period_start, period_end, \
+const ORG_COLUMNS: &str = "id, name, plan, status, status_changed_at, period_start, period_end, billing_anchor, \
                            seconds_used, default_assistant_id, created_at";
 
 fn org_from_row(row: &PgRow) -> StoreResult<Organization> {
@@ -25,6 +25,7 @@ fn org_from_row(row: &PgRow) -> StoreResult<Organization> {
             .ok_or_else(|| StoreError::Invalid(format!("unknown organization status {status}")))?,
         status_changed_at: row.try_get("status_changed_at").map_err(db)?,
         period_start: row.try_get("period_start").map_err(db)?,
+        billing_anchor: row.try_get("billing_anchor").map_err(db)?,
         period_end: row.try_get("period_end").map_err(db)?,
         seconds_used: row.try_get("seconds_used").map_err(db)?,
         default_assistant_id: row.try_get("default_assistant_id").map_err(db)?,
@@ -47,8 +48,8 @@ impl PgStore {
             .checked_add_months(Months::new(1))
             .ok_or_else(|| StoreError::Invalid("period start out of range".into()))?;
         let row = sqlx::query(&format!(
-            "INSERT INTO organizations (id, name, plan, period_start, period_end, default_assistant_id) \
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {ORG_COLUMNS}"
+            "INSERT INTO organizations (id, name, plan, period_start, period_end, billing_anchor, default_assistant_id) \
+             VALUES ($1, $2, $3, $4, $5, $4, $6) RETURNING {ORG_COLUMNS}"
         ))
         .bind(id.0)
         .bind(&new.name)
@@ -228,6 +229,16 @@ impl OrgDirectory for PgStore {
         let id: Option<uuid::Uuid> =
             sqlx::query_scalar("SELECT organization_id FROM assistants WHERE vapi_assistant_id = $1")
                 .bind(vapi_assistant_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(id.map(OrgId))
+    }
+
+    async fn by_call(&self, vapi_call_id: &str) -> StoreResult<Option<OrgId>> {
+        let id: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT organization_id FROM call_keys WHERE vapi_call_id = $1")
+                .bind(vapi_call_id)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db)?;

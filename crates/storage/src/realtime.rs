@@ -103,10 +103,17 @@ impl PgRealtimeBus {
 
     async fn receive(&self, listener: &mut PgListener) -> Result<(), sqlx::Error> {
         loop {
-            let n = listener.recv().await?;
-            match serde_json::from_str::<PublishedEvent>(n.payload()) {
-                Ok(event) => self.fanout.dispatch(event),
-                Err(e) => warn!(error = %e, "ignoring a malformed realtime notification"),
+            // `try_recv` reports a dropped connection as `None` (and reconnects on the next
+            // call); notifications sent meanwhile are lost, so subscribers must resume.
+            match listener.try_recv().await? {
+                Some(n) => match serde_json::from_str::<PublishedEvent>(n.payload()) {
+                    Ok(event) => self.fanout.dispatch(event),
+                    Err(e) => warn!(error = %e, "ignoring a malformed realtime notification"),
+                },
+                None => {
+                    warn!("realtime listener reconnecting; subscribers will resume from history");
+                    self.fanout.lag_all();
+                }
             }
         }
     }
@@ -116,6 +123,10 @@ impl PgRealtimeBus {
 impl RealtimeBus for PgRealtimeBus {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn publishes_in_transaction(&self) -> bool {
+        true
     }
 
     async fn publish(&self, event: &RealtimeEvent) -> StoreResult<i64> {

@@ -3,12 +3,13 @@
 use async_trait::async_trait;
 use callplane_core::OrgId;
 use callplane_core::billing::BillingRules;
+use callplane_core::events;
 use callplane_core::seams::{
     EventPipeline, InboundEvent, OrgDirectory, PipelineError, Processed, RealtimeBus, RealtimeEvent, StoreError,
     Transcript, TranscriptStore, UsageCounter,
 };
 use callplane_core::vapi::{MessageKind, parse_message};
-use callplane_storage::{CallApplied, DeadLetterFilter, NewDeadLetter, PgStore};
+use callplane_storage::{CallChange, DeadLetterFilter, NewDeadLetter, PgStore};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -20,6 +21,11 @@ pub struct PipelineSettings {
     /// A call created further than this in the future is refused: it would need a partition
     /// that should not exist yet.
     pub max_future_skew: Duration,
+    /// A call created longer ago than this is refused: it would open a partition for a
+    /// month long gone (and VAPI does not deliver such events).
+    pub max_past: Duration,
+    /// Verifies organization ids in call metadata when replaying events that had none.
+    pub org_hint_key: Option<Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -42,8 +48,10 @@ pub struct ReplayReport {
 /// Why one event could not be processed.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    #[error("call created at {created_at} is more than {max_hours}h in the future")]
-    FutureTimestamp { created_at: DateTime<Utc>, max_hours: i64 },
+    #[error("`{field}` {at} is more than {max_hours}h in the future")]
+    FutureTimestamp { field: &'static str, at: DateTime<Utc>, max_hours: i64 },
+    #[error("`{field}` {at} is more than {max_days} days in the past")]
+    PastTimestamp { field: &'static str, at: DateTime<Utc>, max_days: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -52,6 +60,7 @@ impl Failure {
     fn code(&self) -> &'static str {
         match self {
             Failure::FutureTimestamp { .. } => "future_timestamp",
+            Failure::PastTimestamp { .. } => "stale_timestamp",
             Failure::Store(StoreError::Invalid(_)) => "invalid_event",
             Failure::Store(StoreError::Backend { .. }) => "processing_failed",
         }
@@ -61,10 +70,6 @@ impl Failure {
     fn is_rejection(&self) -> bool {
         !matches!(self, Failure::Store(StoreError::Backend { .. }))
     }
-}
-
-fn event(org: OrgId, kind: &str, call_id: &str, data: Value) -> RealtimeEvent {
-    RealtimeEvent { org_id: org, kind: kind.to_owned(), call_id: Some(call_id.to_owned()), data }
 }
 
 impl InlinePipeline {
@@ -78,39 +83,70 @@ impl InlinePipeline {
         Self { store, counter, transcripts, bus, settings }
     }
 
+    /// Times that would open partitions (or billing periods) far from now are refused.
+    fn check_times(&self, ev: &InboundEvent) -> Result<(), Failure> {
+        let msg = &ev.message;
+        let report = msg.report.as_ref();
+        let times = [
+            ("call.createdAt", msg.call_created_at.or(msg.timestamp)),
+            ("startedAt", report.and_then(|r| r.started_at)),
+            ("endedAt", report.and_then(|r| r.ended_at)),
+        ];
+        let latest = ev.received_at + self.settings.max_future_skew;
+        let earliest = ev.received_at - self.settings.max_past;
+        for (field, at) in times {
+            match at {
+                Some(at) if at > latest => {
+                    return Err(Failure::FutureTimestamp {
+                        field,
+                        at,
+                        max_hours: self.settings.max_future_skew.num_hours(),
+                    });
+                }
+                Some(at) if at < earliest => {
+                    return Err(Failure::PastTimestamp { field, at, max_days: self.settings.max_past.num_days() });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     async fn process(&self, ev: &InboundEvent) -> Result<Processed, Failure> {
         let msg = &ev.message;
         if msg.kind == MessageKind::Unknown || msg.call_id.is_none() {
             return Ok(Processed::Ignored);
         }
-        if let Some(created) = msg.call_created_at.or(msg.timestamp)
-            && created > ev.received_at + self.settings.max_future_skew
-        {
-            return Err(Failure::FutureTimestamp {
-                created_at: created,
-                max_hours: self.settings.max_future_skew.num_hours(),
-            });
-        }
+        self.check_times(ev)?;
         let raise_in_tx = self.counter.raised_in_ledger_transaction();
-        let Some(applied) =
-            self.store.apply_call_event(ev.org_id, msg, ev.received_at, &self.settings.rules, raise_in_tx).await?
+        let publish_in_tx = self.bus.publishes_in_transaction();
+        let Some(change) = self
+            .store
+            .apply_call_event(ev.org_id, msg, ev.received_at, &self.settings.rules, raise_in_tx, publish_in_tx)
+            .await?
         else {
             return Ok(Processed::Ignored);
         };
-        if let (Some((seconds, period)), false) = (applied.billed, raise_in_tx)
+        if let (Some((seconds, period)), false) = (change.billed, raise_in_tx)
             && seconds > 0
         {
             // The ledger row is committed; a counter that fails here is rebuilt from it.
             self.counter.add(ev.org_id, period, seconds).await?;
         }
-        let transcript_changed = self.store_transcript(ev, &applied).await?;
-        self.publish(ev.org_id, &applied, transcript_changed).await;
+        if !publish_in_tx {
+            self.publish(&events::for_change(ev.org_id, &change)).await;
+        }
+        let transcript = self.store_transcript(ev, &change).await?;
+        if let Some(is_final) = transcript {
+            self.publish(&[events::transcript_changed(ev.org_id, &change.call_id, is_final)]).await;
+        }
         let changed =
-            applied.inserted || applied.status_changed.is_some() || applied.billed.is_some() || transcript_changed;
+            change.inserted || change.status_changed.is_some() || change.billed.is_some() || transcript.is_some();
         Ok(if changed { Processed::Applied } else { Processed::NoChange })
     }
 
-    async fn store_transcript(&self, ev: &InboundEvent, applied: &CallApplied) -> Result<bool, Failure> {
+    /// Stores the transcript a message carries; returns whether it was final, if any.
+    async fn store_transcript(&self, ev: &InboundEvent, applied: &CallChange) -> Result<Option<bool>, Failure> {
         let msg = &ev.message;
         let transcript = match (&msg.report, &msg.conversation) {
             (Some(r), _) => Transcript {
@@ -119,34 +155,15 @@ impl InlinePipeline {
                 is_final: true,
             },
             (None, Some(messages)) => Transcript { text: None, messages: messages.clone(), is_final: false },
-            _ => return Ok(false),
+            _ => return Ok(None),
         };
         self.transcripts.put(ev.org_id, &applied.call_id, applied.created_at, &transcript).await?;
-        Ok(true)
+        Ok(Some(transcript.is_final))
     }
 
-    /// Realtime delivery is best effort here; the dashboard can always re-read the call.
-    async fn publish(&self, org: OrgId, a: &CallApplied, transcript_changed: bool) {
-        let mut events = Vec::new();
-        if a.inserted {
-            events.push(event(org, "call.created", &a.call_id, json!({ "created_at": a.created_at })));
-        }
-        if let Some(status) = &a.status_changed {
-            events.push(event(org, "call.status", &a.call_id, json!({ "status": status })));
-        }
-        if transcript_changed {
-            events.push(event(org, "call.transcript", &a.call_id, json!({})));
-        }
-        if let Some((seconds, period)) = a.billed {
-            events.push(event(org, "call.ended", &a.call_id, json!({ "billable_seconds": seconds })));
-            events.push(RealtimeEvent {
-                org_id: org,
-                kind: "usage.changed".into(),
-                call_id: Some(a.call_id.clone()),
-                data: json!({ "period_start": period, "added_seconds": seconds }),
-            });
-        }
-        for e in &events {
+    /// Events published after commit are best effort: the dashboard can always re-read.
+    async fn publish(&self, events: &[RealtimeEvent]) {
+        for e in events {
             if let Err(err) = self.bus.publish(e).await {
                 warn!(error = %err, kind = %e.kind, "realtime publish failed");
             }
@@ -188,7 +205,10 @@ impl InlinePipeline {
                 Ok(msg) => {
                     let org = match letter.organization_id {
                         Some(id) => Some(OrgId(id)),
-                        None => callplane_core::agent::resolve_org(orgs, None, &msg).await?,
+                        None => {
+                            callplane_core::agent::resolve_org(orgs, None, &msg, self.settings.org_hint_key.as_deref())
+                                .await?
+                        }
                     };
                     match org {
                         None => {
@@ -224,6 +244,30 @@ impl InlinePipeline {
 impl EventPipeline for InlinePipeline {
     fn backend(&self) -> &'static str {
         "inline"
+    }
+
+    async fn keep_unprocessed(
+        &self,
+        org: Option<OrgId>,
+        body: &Value,
+        code: &str,
+        error: &str,
+        received_at: DateTime<Utc>,
+    ) -> Result<i64, StoreError> {
+        let message = body.get("message");
+        let text = |key: &str| message.and_then(|m| m.get(key)).and_then(Value::as_str);
+        let call_id = message.and_then(|m| m.get("call")).and_then(|c| c.get("id")).and_then(Value::as_str);
+        self.store
+            .record_dead_letter(&NewDeadLetter {
+                org,
+                call_id,
+                message_type: text("type"),
+                error_code: code,
+                error,
+                payload: body,
+                received_at,
+            })
+            .await
     }
 
     #[instrument(skip_all, fields(org_id = %ev.org_id, kind = ev.message.kind.label(), call_id = ev.message.call_id.as_deref().unwrap_or("")))]

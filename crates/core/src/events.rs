@@ -1,0 +1,35 @@
+//! The realtime events a change to a call produces, in the order the dashboard sees them.
+
+use crate::domain::{CallChange, OrgId};
+use crate::seams::RealtimeEvent;
+use serde_json::json;
+
+fn event(org: OrgId, kind: &str, call_id: &str, data: serde_json::Value) -> RealtimeEvent {
+    RealtimeEvent { org_id: org, kind: kind.to_owned(), call_id: Some(call_id.to_owned()), data }
+}
+
+/// `call.created`, `call.status`, `call.ended` and `usage.changed`, as they apply.
+pub fn for_change(org: OrgId, c: &CallChange) -> Vec<RealtimeEvent> {
+    let mut events = Vec::new();
+    if c.inserted {
+        events.push(event(org, "call.created", &c.call_id, json!({ "created_at": c.created_at })));
+    }
+    if let Some(status) = &c.status_changed {
+        events.push(event(org, "call.status", &c.call_id, json!({ "status": status })));
+    }
+    if let Some((seconds, period)) = c.billed {
+        events.push(event(org, "call.ended", &c.call_id, json!({ "billable_seconds": seconds })));
+        events.push(event(
+            org,
+            "usage.changed",
+            &c.call_id,
+            json!({ "period_start": period, "added_seconds": seconds }),
+        ));
+    }
+    events
+}
+
+/// `call.transcript`: the call's transcript was stored or replaced.
+pub fn transcript_changed(org: OrgId, call_id: &str, is_final: bool) -> RealtimeEvent {
+    event(org, "call.transcript", call_id, json!({ "final": is_final }))
+}
