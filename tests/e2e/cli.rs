@@ -31,7 +31,7 @@ impl Cli {
         Self { db_url, addr: free_addr() }
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_callplane"));
         c.args(args)
             .env("CALLPLANE_ENV", "test")

@@ -7,6 +7,7 @@
 mod helpers;
 
 mod bad_input;
+mod billing;
 mod cli;
 mod dashboard;
 mod isolation;

@@ -114,6 +114,16 @@ pub struct Usage {
     pub hard_limit: bool,
     /// Calls billed in this period.
     pub calls: i64,
+    /// Thresholds of the included minutes reached this period (80, 90, 100), oldest first.
+    pub alerts: Vec<UsageAlertView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageAlertView {
+    /// 80, 90 or 100 (% of the included minutes).
+    pub threshold: i32,
+    pub seconds_used: i64,
+    pub at: DateTime<Utc>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -377,6 +387,7 @@ pub async fn usage(State(s): State<AppState>, caller: Caller) -> Result<Json<Usa
     let hard_limit = plan.is_some_and(|p| p.hard_limit);
     let overage_minutes = if hard_limit { 0 } else { (minutes_used - included).max(0) };
     let calls = s.calls.period_calls(org.id, org.period_start).await?;
+    let alerts = s.calls.usage_alerts(org.id, org.period_start).await?;
     s.metrics.api_query("usage", started.elapsed());
     Ok(Json(Usage {
         plan: org.plan.clone(),
@@ -390,6 +401,10 @@ pub async fn usage(State(s): State<AppState>, caller: Caller) -> Result<Json<Usa
         overage_cents: overage_minutes * plan.map(|p| p.overage_cents_per_minute).unwrap_or(0),
         hard_limit,
         calls,
+        alerts: alerts
+            .into_iter()
+            .map(|a| UsageAlertView { threshold: a.threshold, seconds_used: a.seconds_used, at: a.at })
+            .collect(),
     }))
 }
 

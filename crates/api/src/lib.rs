@@ -8,6 +8,7 @@
 
 mod admin;
 mod auth;
+mod billing;
 mod dashboard;
 mod error;
 mod extract;
@@ -31,7 +32,8 @@ use callplane_core::agent::AgentSettings;
 use callplane_core::auth::WebhookAuth;
 use callplane_core::billing::Plan;
 use callplane_core::seams::{
-    CallReads, EventPipeline, FunctionData, OrgAdmin, OrgDirectory, RealtimeBus, TranscriptStore, UsageCounter,
+    BillingProvider, BillingWebhooks, CallReads, EventPipeline, FunctionData, OrgAdmin, OrgDirectory, RealtimeBus,
+    TranscriptStore, UsageCounter,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,6 +53,8 @@ pub struct AppState {
     pub transcripts: Arc<dyn TranscriptStore>,
     pub usage: Arc<dyn UsageCounter>,
     pub bus: Arc<dyn RealtimeBus>,
+    pub billing: Arc<dyn BillingProvider>,
+    pub billing_webhooks: Arc<dyn BillingWebhooks>,
     pub plans: Arc<HashMap<String, Plan>>,
     pub agent: AgentSettings,
     /// Answered when an organization has no assistant of its own.
@@ -83,6 +87,9 @@ pub fn router(state: AppState) -> Router {
             get(dashboard::get_function_data).put(dashboard::put_function_data).delete(dashboard::delete_function_data),
         )
         .route("/v1/realtime", get(realtime::realtime))
+        .route("/v1/billing/checkout", post(billing::checkout))
+        .route("/v1/billing/portal", post(billing::portal))
+        .route("/stripe/webhook", post(billing::stripe_webhook))
         .route("/admin/v1/organizations", post(admin::create_org).get(admin::list_orgs))
         .route("/admin/v1/organizations/{id}", get(admin::get_org).patch(admin::update_org))
         .route("/admin/v1/organizations/{id}/api-keys", post(admin::create_key))

@@ -45,6 +45,8 @@ impl Modify for Security {
         crate::dashboard::put_function_data,
         crate::dashboard::delete_function_data,
         crate::realtime::realtime,
+        crate::billing::checkout,
+        crate::billing::portal,
         crate::admin::create_org,
         crate::admin::list_orgs,
         crate::admin::get_org,

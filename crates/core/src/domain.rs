@@ -166,3 +166,13 @@ pub struct CallChange {
     /// Set the first time the call's ledger row is written: (billable seconds, period start).
     pub billed: Option<(i64, DateTime<Utc>)>,
 }
+
+/// An organization reached 80, 90 or 100% of its included minutes in a period.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageAlert {
+    pub threshold: i32,
+    pub period_start: DateTime<Utc>,
+    pub seconds_used: i64,
+    pub included_seconds: i64,
+    pub at: DateTime<Utc>,
+}

@@ -33,3 +33,14 @@ pub fn for_change(org: OrgId, c: &CallChange) -> Vec<RealtimeEvent> {
 pub fn transcript_changed(org: OrgId, call_id: &str, is_final: bool) -> RealtimeEvent {
     event(org, "call.transcript", call_id, json!({ "final": is_final }))
 }
+
+/// `usage.alert`: 80, 90 or 100% of the included minutes reached in this period.
+pub fn usage_alert(org: OrgId, call_id: &str, a: &crate::domain::UsageAlert) -> RealtimeEvent {
+    event(
+        org,
+        "usage.alert",
+        call_id,
+        json!({ "threshold": a.threshold, "period_start": a.period_start, "seconds_used": a.seconds_used,
+                "included_seconds": a.included_seconds }),
+    )
+}

@@ -190,6 +190,12 @@ pub trait CallReads: Send + Sync {
     ) -> StoreResult<Vec<DailyUsage>>;
     /// Calls in the ledger for a billing period.
     async fn period_calls(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64>;
+    /// The usage alerts (80/90/100%) reached in a billing period.
+    async fn usage_alerts(
+        &self,
+        org: OrgId,
+        period_start: DateTime<Utc>,
+    ) -> StoreResult<Vec<crate::domain::UsageAlert>>;
 }
 
 /// A verified VAPI message, attributed to an organization, ready for processing.
@@ -257,4 +263,120 @@ pub trait OrgAdmin: Send + Sync {
     async fn create_api_key(&self, org: OrgId, name: &str) -> StoreResult<crate::domain::NewApiKey>;
     async fn api_keys(&self, org: OrgId) -> StoreResult<Vec<crate::domain::ApiKeyInfo>>;
     async fn revoke_api_key(&self, org: OrgId, key_id: uuid::Uuid) -> StoreResult<bool>;
+}
+
+/// A change to an organization's subscription, as the billing provider reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubscriptionChange {
+    pub org: OrgId,
+    /// The plan, when the subscription's price maps to a configured plan.
+    pub plan: Option<String>,
+    pub status: crate::domain::OrgStatus,
+    /// The billing period, when the event carries one.
+    pub period: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    pub customer_id: Option<String>,
+    pub subscription_id: Option<String>,
+    /// When the provider created the event; older events never roll an organization back.
+    pub event_at: DateTime<Utc>,
+}
+
+/// What became of a billing event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BillingOutcome {
+    Applied,
+    /// Seen before (same event id): acknowledged, not applied again.
+    Duplicate,
+    /// Older than what the organization already reflects.
+    Stale,
+    /// A type callplane does not act on, or no organization matched.
+    Ignored,
+}
+
+impl BillingOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingOutcome::Applied => "applied",
+            BillingOutcome::Duplicate => "duplicate",
+            BillingOutcome::Stale => "stale",
+            BillingOutcome::Ignored => "ignored",
+        }
+    }
+}
+
+/// Billing state in Postgres: event deduplication and subscription changes.
+#[async_trait]
+pub trait BillingStore: Send + Sync {
+    /// Records a provider event id; false when it was recorded before.
+    async fn record_event(&self, id: &str, event_type: &str, created: DateTime<Utc>) -> StoreResult<bool>;
+    async fn finish_event(&self, id: &str, org: Option<OrgId>, outcome: BillingOutcome) -> StoreResult<()>;
+    /// Applies a subscription change unless the organization already reflects a newer event.
+    async fn apply_subscription(&self, change: &SubscriptionChange) -> StoreResult<BillingOutcome>;
+    /// The organization that owns a provider customer id.
+    async fn org_by_customer(&self, customer_id: &str) -> StoreResult<Option<OrgId>>;
+    async fn set_customer(&self, org: OrgId, customer_id: &str) -> StoreResult<()>;
+    async fn customer_of(&self, org: OrgId) -> StoreResult<Option<String>>;
+}
+
+/// Why a billing webhook was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Receives the billing provider's webhooks: verifies, deduplicates and applies them.
+#[async_trait]
+pub trait BillingWebhooks: Send + Sync {
+    /// `signature` is the provider's signature header; `body` the raw bytes.
+    async fn receive(
+        &self,
+        signature: Option<&str>,
+        body: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<BillingOutcome, WebhookError>;
+}
+
+/// A hosted page the organization is sent to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BillingLink {
+    pub url: String,
+    pub customer_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error("billing is not configured: {0}")]
+    NotConfigured(String),
+    #[error("the billing provider refused the request: {0}")]
+    Provider(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The billing provider's hosted pages: subscribe or change plan (checkout), manage the
+/// subscription (portal).
+#[async_trait]
+pub trait BillingProvider: Send + Sync {
+    fn backend(&self) -> &'static str;
+    async fn checkout(&self, org: &Organization, plan: &str) -> Result<BillingLink, BillingError>;
+    async fn portal(&self, org: &Organization) -> Result<BillingLink, BillingError>;
+}
+
+/// Phase 3: usage reported to the provider's meters (Stripe Billing Meter events) with
+/// deterministic identifiers, so a resend is never counted twice, and a reconciliation of
+/// our totals against the provider's. Phase 1 and 2 keep usage in Postgres only.
+#[async_trait]
+pub trait BillingSync: Send + Sync {
+    fn backend(&self) -> &'static str;
+    /// Reports `seconds` of usage for an organization's customer, identified by
+    /// `identifier` (e.g. `org:period:hour`), idempotently.
+    async fn report_usage(
+        &self,
+        customer_id: &str,
+        identifier: &str,
+        seconds: i64,
+        at: DateTime<Utc>,
+    ) -> Result<(), BillingError>;
 }

@@ -4,6 +4,7 @@ use crate::settings::Settings;
 use anyhow::{Context, bail};
 use async_trait::async_trait;
 use callplane_api::{AppState, Metrics, Readiness};
+use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
 use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore, UsageCounter};
 use callplane_storage::{PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
 use callplane_workflow::{InlinePipeline, PipelineSettings};
@@ -123,6 +124,7 @@ impl App {
                 max_future_skew: chrono::Duration::hours(settings.partitions.max_future_skew_hours),
                 max_past: chrono::Duration::days(settings.partitions.max_past_days),
                 org_hint_key: settings.org_hint_key(),
+                included_seconds: settings.plans().into_iter().map(|(name, p)| (name, p.included_seconds())).collect(),
             },
         ));
         let fallback = settings.vapi.fallback_assistant_id.trim();
@@ -138,6 +140,16 @@ impl App {
             transcripts,
             usage: counter,
             bus: bus.clone(),
+            billing: match settings.stripe_settings() {
+                Some(stripe) => Arc::new(StripeBilling::new(Arc::new(store.clone()), stripe)?),
+                None => Arc::new(BillingOff),
+            },
+            billing_webhooks: Arc::new(StripeWebhooks::new(
+                Arc::new(store.clone()),
+                settings.stripe_webhook_secrets(),
+                settings.stripe.webhook_tolerance_seconds,
+                settings.plans_by_price(),
+            )),
             plans: Arc::new(settings.plans()),
             agent: settings.agent(),
             fallback_assistant_id: (!fallback.is_empty()).then(|| fallback.to_owned()),

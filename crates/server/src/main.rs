@@ -44,6 +44,16 @@ enum Command {
     /// Dead-lettered events.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Stripe billing.
+    #[command(subcommand)]
+    Billing(BillingCommand),
+}
+
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// Create (or find) the Stripe products, prices and overage meter for the configured plans
+    /// and print the ids to put in configuration. Safe to run again.
+    Setup,
 }
 
 #[derive(Subcommand)]
@@ -279,6 +289,48 @@ async fn main() -> anyhow::Result<()> {
             let v = serde_json::to_value(&r)?;
             print(j, &v, || {
                 format!("created {} partition(s); calls partitions: {}", r.created.len(), r.calls_partitions.join(", "))
+            });
+        }
+        Command::Billing(BillingCommand::Setup) => {
+            let Some(stripe) = settings.stripe_settings() else {
+                bail!("stripe.secret_key is not set (CALLPLANE__STRIPE__SECRET_KEY)");
+            };
+            let plans: Vec<callplane_billing::PlanCatalog> = settings
+                .plans
+                .iter()
+                .map(|(name, p)| callplane_billing::PlanCatalog {
+                    name: name.clone(),
+                    price_cents: p.price_cents,
+                    overage_cents_per_minute: if p.hard_limit { 0 } else { p.overage_cents_per_minute },
+                })
+                .collect();
+            let ids = callplane_billing::setup_catalog(
+                &stripe.secret_key,
+                &stripe.api_base,
+                &settings.stripe.currency,
+                &settings.stripe.meter_event_name,
+                &plans,
+                |step| eprintln!("{step}"),
+            )
+            .await?;
+            let v = serde_json::to_value(&ids)?;
+            print(j, &v, || {
+                let mut out = String::from(
+                    "# Put these in your configuration (or CALLPLANE__PLANS__<PLAN>__STRIPE_PRICE_ID=...):\n",
+                );
+                for (name, p) in &ids.plans {
+                    out.push_str(&format!("[plans.{name}]\nstripe_price_id = \"{}\"\n", p.price_id));
+                    if let Some(o) = &p.overage_price_id {
+                        out.push_str(&format!("stripe_overage_price_id = \"{o}\"\n"));
+                    }
+                }
+                out.push_str(&format!(
+                    "# overage meter: {} ({})\n# created this run: {}",
+                    ids.meter_id,
+                    ids.meter_event_name,
+                    if ids.created.is_empty() { "nothing".to_owned() } else { ids.created.join(", ") }
+                ));
+                out
             });
         }
         Command::Events(cmd) => {

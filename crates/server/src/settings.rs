@@ -16,7 +16,7 @@ use std::path::PathBuf;
 const BASE: &str = include_str!("../../../config/base.toml");
 
 /// Keys holding lists; in the environment (and overrides) they are comma-separated.
-const LIST_KEYS: &[&str] = &["vapi.extra_secrets", "vapi.hmac.secrets"];
+const LIST_KEYS: &[&str] = &["vapi.extra_secrets", "vapi.hmac.secrets", "stripe.webhook_secrets"];
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct Settings {
@@ -28,8 +28,22 @@ pub struct Settings {
     pub realtime: RealtimeConfig,
     pub billing: BillingSettings,
     pub plans: BTreeMap<String, PlanSettings>,
+    pub stripe: StripeConfig,
     pub partitions: PartitionSettings,
     pub backends: BackendSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct StripeConfig {
+    pub secret_key: SecretString,
+    pub api_base: String,
+    pub webhook_secrets: Vec<SecretString>,
+    pub webhook_tolerance_seconds: i64,
+    pub currency: String,
+    pub meter_event_name: String,
+    pub checkout_success_url: String,
+    pub checkout_cancel_url: String,
+    pub portal_return_url: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -103,6 +117,8 @@ pub struct PlanSettings {
     pub included_minutes: i64,
     pub hard_limit: bool,
     pub overage_cents_per_minute: i64,
+    pub stripe_price_id: String,
+    pub stripe_overage_price_id: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -154,6 +170,7 @@ impl Settings {
                     .list_separator(",")
                     .with_list_parse_key(LIST_KEYS[0])
                     .with_list_parse_key(LIST_KEYS[1])
+                    .with_list_parse_key(LIST_KEYS[2])
                     .try_parsing(true),
             );
         if std::env::var_os("CALLPLANE__DATABASE__URL").is_none()
@@ -290,6 +307,39 @@ impl Settings {
         }
     }
 
+    /// Stripe, when a secret key is configured.
+    pub fn stripe_settings(&self) -> Option<callplane_billing::StripeSettings> {
+        let key = self.stripe.secret_key.expose_secret().trim();
+        if key.is_empty() {
+            return None;
+        }
+        let ids = |f: fn(&PlanSettings) -> &String| {
+            self.plans.iter().filter(|(_, p)| !f(p).is_empty()).map(|(n, p)| (n.clone(), f(p).clone())).collect()
+        };
+        Some(callplane_billing::StripeSettings {
+            secret_key: key.to_owned(),
+            api_base: self.stripe.api_base.clone(),
+            checkout_success_url: self.stripe.checkout_success_url.clone(),
+            checkout_cancel_url: self.stripe.checkout_cancel_url.clone(),
+            portal_return_url: self.stripe.portal_return_url.clone(),
+            plan_prices: ids(|p| &p.stripe_price_id),
+            overage_prices: ids(|p| &p.stripe_overage_price_id),
+        })
+    }
+
+    pub fn stripe_webhook_secrets(&self) -> Vec<Vec<u8>> {
+        self.stripe.webhook_secrets.iter().filter_map(non_empty).collect()
+    }
+
+    /// Stripe price id -> plan name.
+    pub fn plans_by_price(&self) -> HashMap<String, String> {
+        self.plans
+            .iter()
+            .filter(|(_, p)| !p.stripe_price_id.is_empty())
+            .map(|(n, p)| (p.stripe_price_id.clone(), n.clone()))
+            .collect()
+    }
+
     pub fn realtime_settings(&self) -> callplane_api::RealtimeSettings {
         callplane_api::RealtimeSettings {
             heartbeat: std::time::Duration::from_secs(self.realtime.heartbeat_seconds.max(1)),
@@ -400,7 +450,19 @@ impl Settings {
             "plans": self.plans.iter().map(|(n, p)| (n.clone(), json!({
                 "price_cents": p.price_cents, "included_minutes": p.included_minutes,
                 "hard_limit": p.hard_limit, "overage_cents_per_minute": p.overage_cents_per_minute,
+                "stripe_price_id": p.stripe_price_id, "stripe_overage_price_id": p.stripe_overage_price_id,
             }))).collect::<serde_json::Map<_, _>>(),
+            "stripe": {
+                "secret_key": mask(&self.stripe.secret_key),
+                "api_base": self.stripe.api_base,
+                "webhook_secrets": self.stripe.webhook_secrets.iter().map(mask).collect::<Vec<_>>(),
+                "webhook_tolerance_seconds": self.stripe.webhook_tolerance_seconds,
+                "currency": self.stripe.currency,
+                "meter_event_name": self.stripe.meter_event_name,
+                "checkout_success_url": self.stripe.checkout_success_url,
+                "checkout_cancel_url": self.stripe.checkout_cancel_url,
+                "portal_return_url": self.stripe.portal_return_url,
+            },
             "partitions": {
                 "months_ahead": self.partitions.months_ahead,
                 "max_future_skew_hours": self.partitions.max_future_skew_hours,

@@ -31,6 +31,57 @@ pub struct LedgerRow {
     pub ended_reason: Option<String>,
 }
 
+/// How an event is applied.
+pub struct ApplyOptions<'a> {
+    pub rules: &'a BillingRules,
+    /// Raise `organizations.seconds_used` in the ledger transaction (the Postgres counter).
+    pub raise_counter: bool,
+    /// Publish the change's realtime events in the transaction (the Postgres bus).
+    pub publish: bool,
+    /// Included seconds of a plan, for the usage alerts.
+    pub included_seconds: &'a (dyn Fn(&str) -> Option<i64> + Sync),
+}
+
+/// Records the 80/90/100% thresholds `used` has reached, each once per period; returns the
+/// ones reached just now.
+async fn crossed_thresholds(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    org: OrgId,
+    period_start: DateTime<Utc>,
+    used: i64,
+    included: i64,
+) -> StoreResult<Vec<callplane_core::domain::UsageAlert>> {
+    let mut crossed = Vec::new();
+    for threshold in [80_i32, 90, 100] {
+        if used * 100 < included * i64::from(threshold) {
+            break;
+        }
+        let new = sqlx::query(
+            "INSERT INTO usage_alerts (organization_id, period_start, threshold, seconds_used) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(org.0)
+        .bind(period_start)
+        .bind(threshold)
+        .bind(used)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?
+        .rows_affected()
+            == 1;
+        if new {
+            crossed.push(callplane_core::domain::UsageAlert {
+                threshold,
+                period_start,
+                seconds_used: used,
+                included_seconds: included,
+                at: Utc::now(),
+            });
+        }
+    }
+    Ok(crossed)
+}
+
 /// Refusals that no retry can fix.
 #[derive(Debug, thiserror::Error)]
 pub enum CallRefusal {
@@ -48,9 +99,7 @@ impl PgStore {
         org: OrgId,
         msg: &ServerMessage,
         received_at: DateTime<Utc>,
-        rules: &BillingRules,
-        raise_counter: bool,
-        publish: bool,
+        opts: &ApplyOptions<'_>,
     ) -> StoreResult<Option<CallChange>> {
         let Some(call_id) = msg.call_id.clone() else { return Ok(None) };
         let event_at = msg.timestamp.unwrap_or(received_at);
@@ -154,8 +203,9 @@ impl PgStore {
 
         // 3. The end-of-call report: authoritative final fields, the ledger, the counter.
         let mut billed = None;
+        let mut alerts = Vec::new();
         if let Some(report) = &msg.report {
-            let billable = rules.billable_seconds(report.duration_seconds, report.ended_reason.as_deref());
+            let billable = opts.rules.billable_seconds(report.duration_seconds, report.ended_reason.as_deref());
             sqlx::query(
                 "UPDATE calls SET status = 'ended', status_rank = 5, \
                     ended_reason = COALESCE($3, ended_reason), started_at = COALESCE($4, started_at), \
@@ -209,32 +259,38 @@ impl PgStore {
             .rows_affected()
                 == 1;
             if ledger_written {
-                if raise_counter && billable > 0 {
+                if opts.raise_counter && billable > 0 {
                     // A call in a later period than the org's current one opens that period
                     // (its counter starts from this call); a call from an earlier period is
                     // only in the ledger, where that period's total stays readable.
-                    sqlx::query(
+                    let raised: Option<(i64, String)> = sqlx::query_as(
                         "UPDATE organizations SET \
                             seconds_used = CASE WHEN period_start = $2 THEN seconds_used + $4 ELSE $4 END, \
                             period_start = $2, period_end = $3, updated_at = now() \
-                         WHERE id = $1 AND period_start <= $2",
+                         WHERE id = $1 AND period_start <= $2 RETURNING seconds_used, plan",
                     )
                     .bind(org.0)
                     .bind(period_start)
                     .bind(period_end)
                     .bind(billable)
-                    .execute(&mut *tx)
+                    .fetch_optional(&mut *tx)
                     .await
                     .map_err(db)?;
+                    if let Some((used, plan)) = raised
+                        && let Some(included) = (opts.included_seconds)(&plan).filter(|i| *i > 0)
+                    {
+                        alerts = crossed_thresholds(&mut tx, org, period_start, used, included).await?;
+                    }
                 }
                 billed = Some((billable, period_start));
             }
         }
         let change = CallChange { call_id, created_at, inserted, status_changed, billed };
-        if publish {
+        if opts.publish {
             // Last lock of the transaction (after the organization row): the organization's
             // event sequence follows the commit order of its calls' changes.
-            for e in callplane_core::events::for_change(org, &change) {
+            let usage_alerts = alerts.iter().map(|a| callplane_core::events::usage_alert(org, &change.call_id, a));
+            for e in callplane_core::events::for_change(org, &change).into_iter().chain(usage_alerts) {
                 sqlx::query("SELECT callplane_publish($1, $2, $3, $4)")
                     .bind(e.org_id.0)
                     .bind(&e.kind)

@@ -5,6 +5,7 @@
 //! phase-1 backends of the seams (`PgUsageCounter`, `PgTranscriptStore`, `PgFunctionData`,
 //! `PgRealtimeBus`). Depends on `callplane-core` and sqlx only; never on `api` or `server`.
 
+mod billing;
 mod calls;
 mod dead_letters;
 mod function_data;
@@ -17,7 +18,7 @@ mod usage;
 
 pub use callplane_core::domain::CallChange;
 pub use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
-pub use calls::LedgerRow;
+pub use calls::{ApplyOptions, LedgerRow};
 pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter};
 pub use function_data::PgFunctionData;
 pub use partitions::PartitionReport;

@@ -179,6 +179,35 @@ impl CallReads for PgStore {
             .await
             .map_err(db)
     }
+
+    #[instrument(skip_all, fields(org_id = %org))]
+    async fn usage_alerts(
+        &self,
+        org: OrgId,
+        period_start: DateTime<Utc>,
+    ) -> StoreResult<Vec<callplane_core::domain::UsageAlert>> {
+        let rows = sqlx::query(
+            "SELECT a.threshold, a.period_start, a.seconds_used, a.created_at FROM usage_alerts a \
+             WHERE a.organization_id = $1 AND a.period_start = $2 ORDER BY a.threshold",
+        )
+        .bind(org.0)
+        .bind(period_start)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(callplane_core::domain::UsageAlert {
+                    threshold: r.try_get("threshold")?,
+                    period_start: r.try_get("period_start")?,
+                    seconds_used: r.try_get("seconds_used")?,
+                    included_seconds: 0,
+                    at: r.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db)
+    }
 }
 
 impl PgStore {

@@ -9,7 +9,7 @@ use callplane_core::seams::{
     Transcript, TranscriptStore, UsageCounter,
 };
 use callplane_core::vapi::{MessageKind, parse_message};
-use callplane_storage::{CallChange, DeadLetterFilter, NewDeadLetter, PgStore};
+use callplane_storage::{ApplyOptions, CallChange, DeadLetterFilter, NewDeadLetter, PgStore};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -26,6 +26,8 @@ pub struct PipelineSettings {
     pub max_past: Duration,
     /// Verifies organization ids in call metadata when replaying events that had none.
     pub org_hint_key: Option<Vec<u8>>,
+    /// Included seconds per plan name, for the 80/90/100% usage alerts.
+    pub included_seconds: std::collections::HashMap<String, i64>,
 }
 
 #[derive(Clone)]
@@ -122,7 +124,17 @@ impl InlinePipeline {
         let publish_in_tx = self.bus.publishes_in_transaction();
         let Some(change) = self
             .store
-            .apply_call_event(ev.org_id, msg, ev.received_at, &self.settings.rules, raise_in_tx, publish_in_tx)
+            .apply_call_event(
+                ev.org_id,
+                msg,
+                ev.received_at,
+                &ApplyOptions {
+                    rules: &self.settings.rules,
+                    raise_counter: raise_in_tx,
+                    publish: publish_in_tx,
+                    included_seconds: &|plan| self.settings.included_seconds.get(plan).copied(),
+                },
+            )
             .await?
         else {
             return Ok(Processed::Ignored);
