@@ -423,3 +423,19 @@ async fn metrics_report_latencies_by_message_type_and_route() {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn readiness_follows_the_database_and_its_migrations() {
+    let app = TestApp::spawn().await;
+    let ready = app.http.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(app.http.get(format!("{}/healthz", app.base)).send().await.unwrap().status(), StatusCode::OK);
+    // A migration this build expects is missing: not ready, and it says why.
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
+        .execute(app.db.store.pool())
+        .await
+        .unwrap();
+    let r = app.http.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.json::<Value>().await.unwrap()["reason"].as_str().unwrap().contains("callplane migrate"));
+}
