@@ -3,6 +3,7 @@
 //! Every command that needs PostgreSQL runs its own cluster from the server binaries in
 //! `/usr/lib/postgresql/*/bin`, so no system service or configuration is involved.
 
+mod bench;
 mod pg;
 mod run;
 mod test;
@@ -17,15 +18,37 @@ Commands:
   test [ARGS...]  Run all tests against a throwaway PostgreSQL cluster (target/xtask/pg-test), then
                   check that the phase2 and phase3 feature builds validate their default configuration.
                   ARGS are passed to `cargo nextest run`.
-                  XTASK_SKIP_FEATURE_CHECKS=1 skips the phase2/phase3 checks.
+                  XTASK_SKIP_FEATURE_CHECKS=1 skips the phase2/phase3 checks; then the quick
+                  benchmarks run (`bench --quick`) unless XTASK_SKIP_BENCH=1.
   run             Start the development PostgreSQL cluster (.data/pg), migrate, create a demo
                   organization and serve callplane in the foreground until Ctrl-C.
                   CALLPLANE_PG_PORT (default 54329), CALLPLANE_PORT (default 8080) and
                   CALLPLANE__VAPI__SECRET (default dev-vapi-secret) configure it;
                   XTASK_KEEP_PG=1 leaves PostgreSQL running afterwards.
   stop            Stop the development PostgreSQL cluster.
+  bench [--quick] Benchmarks next to the machine's raw limits (own PostgreSQL cluster and callplane):
+                  ingest, agent latency, hot organization, dashboard, real time, memory. Results in
+                  target/bench/results.json and docs/BENCHMARKS.md (quick: target/bench/results.md).
+                  --quick runs small sizes on a dev build and checks only that each benchmark ran and
+                  the books balanced; --only NAME,... picks benchmarks; --release builds release;
+                  CALLPLANE_BIN=PATH benchmarks a prebuilt callplane.
+  simulate ARGS   Run `callplane-loadgen simulate ARGS` against a running callplane (see --help).
   help            Show this message.
 ";
+
+/// `cargo xtask simulate -- ARGS`: builds the loadgen and runs its `simulate` command.
+fn loadgen(args: &[String]) -> anyhow::Result<ExitCode> {
+    // `cargo xtask simulate -- --calls 10` passes the `--` through; drop it.
+    let args: Vec<&String> = args.iter().skip_while(|a| a.as_str() == "--").collect();
+    util::run(util::cargo().args(["build", "--release", "-p", "callplane-loadgen"]))?;
+    let binary = util::target_dir().join("release").join("callplane-loadgen");
+    let status = std::process::Command::new(binary)
+        .arg("simulate")
+        .args(args)
+        .status()
+        .map_err(|e| anyhow::anyhow!("could not start callplane-loadgen: {e}"))?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +61,8 @@ fn main() -> ExitCode {
         "test" => test::test(rest),
         "run" => run::run(),
         "stop" => run::stop(),
+        "bench" => bench::bench(rest),
+        "simulate" => loadgen(rest),
         // Not in the usage: checks that a test cluster starts, answers and stops.
         "pg-smoke" => test::pg_smoke(),
         "help" | "-h" | "--help" => {

@@ -1,10 +1,12 @@
 //! `cargo xtask test`: the whole test suite against a throwaway PostgreSQL cluster, followed by a
-//! check that every phase feature combination builds and validates its default configuration.
+//! check that every phase feature combination builds and validates its default configuration,
+//! and by the quick benchmarks (`cargo xtask bench --quick`).
 
 use std::process::{ExitCode, Stdio};
 
 use anyhow::{Result, bail};
 
+use crate::bench;
 use crate::pg::{self, Cluster, StopOnDrop};
 use crate::util::{self, Report};
 
@@ -39,17 +41,25 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
 
         if util::env_flag("XTASK_SKIP_FEATURE_CHECKS") {
             report.skip("phase feature checks", "XTASK_SKIP_FEATURE_CHECKS is set");
-            return;
+        } else {
+            for phase in PHASES {
+                report.step(&format!("default configuration with --features {phase}"), || {
+                    let mut command = util::cargo();
+                    command
+                        .args(["test", "-p", "callplane-server", "--lib", "--no-default-features"])
+                        .args(["--features", phase, "--", "default_configuration"])
+                        .env(TEST_DATABASE_ENV, &url);
+                    util::run(&mut command)
+                });
+            }
         }
-        for phase in PHASES {
-            report.step(&format!("default configuration with --features {phase}"), || {
-                let mut command = util::cargo();
-                command
-                    .args(["test", "-p", "callplane-server", "--lib", "--no-default-features"])
-                    .args(["--features", phase, "--", "default_configuration"])
-                    .env(TEST_DATABASE_ENV, &url);
-                util::run(&mut command)
-            });
+
+        // Every benchmark at small sizes, on its own cluster and server: they run, and the
+        // simulations' books balance. No timing is asserted.
+        if util::env_flag("XTASK_SKIP_BENCH") {
+            report.skip("benchmarks (cargo xtask bench --quick)", "XTASK_SKIP_BENCH is set");
+        } else {
+            report.step("benchmarks (cargo xtask bench --quick)", bench::quick_for_tests);
         }
     })
 }

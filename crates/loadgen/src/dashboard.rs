@@ -1,0 +1,220 @@
+//! `dashboard`: latency of the dashboard's call list on a loaded database, against the same
+//! query on an unpartitioned copy of the calls.
+//!
+//! For a sample of organizations (from a bulk load) it times `GET /v1/calls` (the first page,
+//! newest first) and `GET /v1/calls?status=ended` through the API, then the equivalent SQL
+//! straight on `calls` and on `calls_flat`, a plain-table copy with the same
+//! `(organization_id, created_at DESC, id DESC)` index. The API walks the partitions a month at
+//! a time; the flat table answers in one index scan. Both use the API's default window (the
+//! last 366 days) and page size (50, fetching 51 to know whether there is a next page).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+use crate::client::Server;
+use crate::stats::{LatencySummary, Recorder};
+
+/// The columns the API reads (`CALL_COLUMNS` in callplane-storage).
+const CALL_COLUMNS: &str = "id, organization_id, created_at, call_type, status, ended_reason, started_at, ended_at, \
+    duration_seconds, cost, costs, summary, analysis, recording_url, assistant_id, phone_number_id, customer_number, \
+    billable_seconds, reported_at, last_event_at";
+
+#[derive(Clone, Debug)]
+pub struct DashboardConfig {
+    pub database_url: String,
+    /// Organizations sampled (each gets an API key).
+    pub orgs: usize,
+    /// Requests per query and side.
+    pub requests: usize,
+    pub concurrency: usize,
+    /// Only organizations whose name starts with this (a bulk load's prefix).
+    pub org_prefix: String,
+    /// Rebuild `calls_flat` even if it exists with as many rows as `calls`.
+    pub rebuild_flat: bool,
+    pub quiet: bool,
+}
+
+/// The figures of one query.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct QueryFigures {
+    pub api: LatencySummary,
+    pub sql_partitioned: LatencySummary,
+    pub sql_flat: LatencySummary,
+    /// Mean calls per page through the API (to show the pages were full).
+    pub mean_page_size: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DashboardSummary {
+    pub stored_calls: i64,
+    pub orgs_sampled: usize,
+    pub flat_build_seconds: f64,
+    pub first_page: QueryFigures,
+    pub filtered_page: QueryFigures,
+    pub errors: u64,
+}
+
+pub async fn run(server: Server, config: DashboardConfig) -> Result<DashboardSummary> {
+    let pool = PgPoolOptions::new()
+        .max_connections(config.concurrency.max(1) as u32 + 1)
+        .connect(&config.database_url)
+        .await
+        .context("connecting to Postgres")?;
+    let stored_calls: i64 = sqlx::query_scalar("SELECT count(*) FROM call_keys").fetch_one(&pool).await?;
+    let orgs: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM organizations WHERE starts_with(name, $1) ORDER BY md5(id::text) LIMIT $2")
+            .bind(&config.org_prefix)
+            .bind(config.orgs.max(1) as i64)
+            .fetch_all(&pool)
+            .await?;
+    if orgs.is_empty() {
+        bail!("no organization's name starts with {:?}; run `load` first", config.org_prefix);
+    }
+    let mut keys = Vec::with_capacity(orgs.len());
+    for org in &orgs {
+        keys.push((*org, server.create_api_key(&org.to_string()).await?));
+    }
+    let flat_build_seconds = ensure_flat(&pool, stored_calls, config.rebuild_flat, config.quiet).await?;
+
+    let mut errors = 0;
+    let mut figures = Vec::new();
+    for status in [None, Some("ended")] {
+        let (api, mean_page_size, failed) = time_api(&server, &keys, status, &config).await;
+        errors += failed;
+        let sql_partitioned = time_sql(&pool, "calls", &orgs, status, &config).await?;
+        let sql_flat = time_sql(&pool, "calls_flat", &orgs, status, &config).await?;
+        if !config.quiet {
+            let what = if status.is_some() { "?status=ended" } else { "first page  " };
+            eprintln!("loadgen: GET /v1/calls {what} API         {}", api.line());
+            eprintln!("loadgen:                          SQL on calls {}", sql_partitioned.line());
+            eprintln!("loadgen:                          SQL on flat  {}", sql_flat.line());
+        }
+        figures.push(QueryFigures { api, sql_partitioned, sql_flat, mean_page_size });
+    }
+    pool.close().await;
+    let mut figures = figures.into_iter();
+    Ok(DashboardSummary {
+        stored_calls,
+        orgs_sampled: orgs.len(),
+        flat_build_seconds,
+        first_page: figures.next().unwrap_or_default(),
+        filtered_page: figures.next().unwrap_or_default(),
+        errors,
+    })
+}
+
+/// Creates `calls_flat` (an unpartitioned copy of `calls` with the list index) unless it is
+/// already there with every call. Returns how long building took (0 when reused).
+async fn ensure_flat(pool: &PgPool, stored_calls: i64, rebuild: bool, quiet: bool) -> Result<f64> {
+    let existing: Option<i64> = sqlx::query_scalar(
+        "SELECT CASE WHEN to_regclass('calls_flat') IS NULL THEN NULL ELSE (SELECT count(*) FROM calls_flat) END",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or(None);
+    if !rebuild && existing == Some(stored_calls) {
+        return Ok(0.0);
+    }
+    if !quiet {
+        eprintln!("loadgen: building calls_flat, an unpartitioned copy of {stored_calls} calls");
+    }
+    let started = Instant::now();
+    for statement in [
+        "DROP TABLE IF EXISTS calls_flat",
+        "CREATE TABLE calls_flat AS SELECT * FROM calls",
+        "CREATE INDEX calls_flat_org_created ON calls_flat (organization_id, created_at DESC, id DESC)",
+        "ANALYZE calls_flat",
+    ] {
+        sqlx::query(statement).execute(pool).await.with_context(|| statement.to_owned())?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Requests sent first and not timed, so that caches and prepared statements are warm.
+fn warmup(requests: usize) -> usize {
+    (requests / 5).clamp(5, 50)
+}
+
+/// Times the API; returns the latencies, the mean page size and the failed requests.
+async fn time_api(
+    server: &Server,
+    keys: &[(Uuid, String)],
+    status: Option<&str>,
+    config: &DashboardConfig,
+) -> (LatencySummary, f64, u64) {
+    let recorder = Arc::new(Recorder::default());
+    let query = status.map(|s| format!("?status={s}")).unwrap_or_default();
+    let warmup = warmup(config.requests);
+    let results: Vec<Option<usize>> = futures::stream::iter(0..warmup + config.requests)
+        .map(|i| {
+            let (recorder, url) = (recorder.clone(), format!("{}/v1/calls{query}", server.base));
+            let key = keys[i % keys.len()].1.clone();
+            async move {
+                let sent = Instant::now();
+                let response = server.http().get(url).bearer_auth(key).send().await.ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
+                let body: serde_json::Value = response.json().await.ok()?;
+                if i >= warmup {
+                    recorder.record(sent.elapsed());
+                }
+                body.get("data").and_then(serde_json::Value::as_array).map(Vec::len)
+            }
+        })
+        .buffer_unordered(config.concurrency.max(1))
+        .collect()
+        .await;
+    let pages: Vec<usize> = results.iter().flatten().copied().collect();
+    let failed = (results.len() - pages.len()) as u64;
+    let mean = pages.iter().sum::<usize>() as f64 / pages.len().max(1) as f64;
+    (recorder.summary(), mean, failed)
+}
+
+/// Times the list query straight on `table`, with the API's default window.
+async fn time_sql(
+    pool: &PgPool,
+    table: &str,
+    orgs: &[Uuid],
+    status: Option<&str>,
+    config: &DashboardConfig,
+) -> Result<LatencySummary> {
+    let filter = if status.is_some() { " AND status = $4" } else { "" };
+    let sql = format!(
+        "SELECT {CALL_COLUMNS} FROM {table} WHERE organization_id = $1 AND created_at >= $2 AND created_at < $3{filter} \
+         ORDER BY created_at DESC, id DESC LIMIT 51"
+    );
+    let recorder = Arc::new(Recorder::default());
+    let warmup = warmup(config.requests);
+    let results: Vec<Result<()>> = futures::stream::iter(0..warmup + config.requests)
+        .map(|i| {
+            let (recorder, sql, org) = (recorder.clone(), sql.clone(), orgs[i % orgs.len()]);
+            async move {
+                let to = Utc::now() + chrono::Duration::days(1);
+                let from = to - chrono::Duration::days(366);
+                let sent = Instant::now();
+                let mut query = sqlx::query(&sql).bind(org).bind(from).bind(to);
+                if let Some(status) = status {
+                    query = query.bind(status);
+                }
+                query.fetch_all(pool).await?;
+                if i >= warmup {
+                    recorder.record(sent.elapsed());
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(config.concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>>>()?;
+    Ok(recorder.summary())
+}

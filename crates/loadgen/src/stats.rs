@@ -1,0 +1,152 @@
+//! Latency samples and their percentiles.
+//!
+//! Samples are kept whole (microseconds as `u32`, four bytes each) rather than bucketed: a
+//! benchmark run records at most a few million of them, and exact nearest-rank percentiles
+//! are easier to trust than a histogram's approximations.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The nearest-rank percentile `p` (0 to 100) of sorted samples: the smallest sample such that
+/// at least `p`% of the samples are less than or equal to it. `None` when there are no samples.
+pub fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let p = p.clamp(0.0, 100.0);
+    // Rank is 1-based; p = 0 means the smallest sample.
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    let index = rank.clamp(1, sorted.len()) - 1;
+    sorted.get(index).copied()
+}
+
+/// A summary of latency samples, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct LatencySummary {
+    pub count: usize,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl LatencySummary {
+    /// Summarises samples given in microseconds; sorts them in place.
+    pub fn from_micros(samples: &mut [u32]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable();
+        let ms = |p: f64| percentile(samples, p).map_or(0.0, |us| f64::from(us) / 1000.0);
+        let total: u64 = samples.iter().map(|&us| u64::from(us)).sum();
+        Self {
+            count: samples.len(),
+            mean_ms: total as f64 / samples.len() as f64 / 1000.0,
+            p50_ms: ms(50.0),
+            p95_ms: ms(95.0),
+            p99_ms: ms(99.0),
+            p999_ms: ms(99.9),
+            max_ms: ms(100.0),
+        }
+    }
+
+    /// One line for the console, e.g. `n=1000 p50=1.20ms p99=4.51ms p99.9=9.80ms`.
+    pub fn line(&self) -> String {
+        format!(
+            "n={} p50={:.2}ms p95={:.2}ms p99={:.2}ms p99.9={:.2}ms max={:.2}ms",
+            self.count, self.p50_ms, self.p95_ms, self.p99_ms, self.p999_ms, self.max_ms
+        )
+    }
+}
+
+/// Converts a duration to whole microseconds, saturating at `u32::MAX` (71 minutes).
+pub fn micros(duration: Duration) -> u32 {
+    u32::try_from(duration.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// A thread-safe collection of latency samples.
+#[derive(Default)]
+pub struct Recorder {
+    samples: Mutex<Vec<u32>>,
+}
+
+impl Recorder {
+    pub fn record(&self, duration: Duration) {
+        if let Ok(mut samples) = self.samples.lock() {
+            samples.push(micros(duration));
+        }
+    }
+
+    /// Summarises what was recorded so far.
+    pub fn summary(&self) -> LatencySummary {
+        let mut samples = self.samples.lock().map(|s| s.clone()).unwrap_or_default();
+        LatencySummary::from_micros(&mut samples)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let sorted: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&sorted, 50.0), Some(50));
+        assert_eq!(percentile(&sorted, 99.0), Some(99));
+        assert_eq!(percentile(&sorted, 99.9), Some(100));
+        assert_eq!(percentile(&sorted, 100.0), Some(100));
+        assert_eq!(percentile(&sorted, 0.0), Some(1));
+        assert_eq!(percentile(&[], 50.0), None);
+        // One sample is every percentile.
+        assert_eq!(percentile(&[7], 0.0), Some(7));
+        assert_eq!(percentile(&[7], 99.9), Some(7));
+        // Out-of-range requests are clamped rather than panicking.
+        assert_eq!(percentile(&sorted, 150.0), Some(100));
+        assert_eq!(percentile(&sorted, -3.0), Some(1));
+    }
+
+    #[test]
+    fn small_sets_round_up_to_the_next_sample() {
+        // With 10 samples, p95 is the 10th (rank ceil(9.5) = 10) and p50 the 5th.
+        let sorted = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100];
+        assert_eq!(percentile(&sorted, 95.0), Some(100));
+        assert_eq!(percentile(&sorted, 50.0), Some(50));
+        assert_eq!(percentile(&sorted, 51.0), Some(60));
+    }
+
+    #[test]
+    fn summary_sorts_and_converts_to_milliseconds() {
+        let mut samples = vec![3000, 1000, 2000, 4000];
+        let summary = LatencySummary::from_micros(&mut samples);
+        assert_eq!(summary.count, 4);
+        assert_eq!(summary.p50_ms, 2.0);
+        assert_eq!(summary.max_ms, 4.0);
+        assert!((summary.mean_ms - 2.5).abs() < 1e-9);
+        assert_eq!(LatencySummary::from_micros(&mut []), LatencySummary::default());
+    }
+
+    #[test]
+    fn recorder_collects_from_many_threads() {
+        let recorder = std::sync::Arc::new(Recorder::default());
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let recorder = recorder.clone();
+                std::thread::spawn(move || {
+                    for ms in 1..=25 {
+                        recorder.record(Duration::from_millis(ms));
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        let summary = recorder.summary();
+        assert_eq!(summary.count, 100);
+        assert_eq!(summary.max_ms, 25.0);
+    }
+}

@@ -1,0 +1,1140 @@
+//! `cargo xtask bench [--quick]`: callplane's benchmarks, each next to the raw limit of the same
+//! machine measured in the same run on the same services.
+//!
+//! The xtask starts its own PostgreSQL cluster (`target/xtask/pg-bench`) and a `callplane
+//! serve`, then drives them with `callplane-loadgen` and `pgbench`:
+//!
+//! 1. Ingest: end-of-call reports per second through the whole HTTP pipeline, against pgbench
+//!    running the same writes (call key, partitioned call row, ledger row, counter) as one
+//!    transaction.
+//! 2. Agent latency: `assistant-request` and `tool-calls` percentiles with many calls in flight,
+//!    against `GET /healthz` on the same server at the same concurrency and rate.
+//! 3. Hot organization: all traffic on one organization, against pgbench's hot-row update.
+//! 4. Dashboard: `GET /v1/calls` (first page, and `status=ended`) on a bulk-loaded history,
+//!    against the same query on an unpartitioned copy of the table (full mode: 1M and 10M calls).
+//! 5. Real time: WebSocket delivery to many subscribers, against NOTIFY → LISTEN → plain
+//!    WebSockets.
+//! 6. Memory: the server's resident set idle and at its peak during benchmark 1.
+//!
+//! Every simulation checks its books (each call recorded once, every second billed once) and
+//! the run fails if they do not balance. Results go to `target/bench/results.json` and a
+//! markdown table: `docs/BENCHMARKS.md` in full mode, `target/bench/results.md` in quick mode.
+//! `--quick` runs everything small (a dev build, well under three minutes on two cores) and
+//! asserts only that each benchmark ran and the books balanced, never a timing.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::pg::{self, Cluster, StopOnDrop};
+use crate::util::{self, Report, describe};
+
+const DATABASE: &str = "callplane";
+const VAPI_SECRET: &str = "bench-vapi-secret";
+const HMAC_SECRET: &str = "bench-hmac-secret";
+const ADMIN_TOKEN: &str = "bench-admin-token";
+/// Where the generated results go in `docs/BENCHMARKS.md`.
+const MARK_START: &str = "<!-- bench:results:start -->";
+const MARK_END: &str = "<!-- bench:results:end -->";
+
+/// The benchmarks, by the names `--only` takes.
+const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory"];
+
+const USAGE: &str = "\
+Usage: cargo xtask bench [--quick] [--release] [--only NAME,...]
+
+  --quick      small sizes, a dev build; checks that every benchmark runs and the books balance
+  --release    build the release profile in quick mode too (full mode always does)
+  --only       run some benchmarks: ingest, hot, agent, realtime, dashboard, memory
+
+CALLPLANE_BIN=/path/to/callplane benchmarks that binary instead of building callplane-server.
+";
+
+/// Command-line options.
+#[derive(Clone, Debug)]
+struct Options {
+    quick: bool,
+    release: bool,
+    only: Vec<String>,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut options = Self { quick: false, release: false, only: ALL.iter().map(|s| s.to_string()).collect() };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => options.quick = true,
+                "--release" => options.release = true,
+                "--only" => {
+                    let list = args.next().context("--only needs a list of benchmarks")?;
+                    options.only = list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                    if let Some(unknown) = options.only.iter().find(|name| !ALL.contains(&name.as_str())) {
+                        bail!("unknown benchmark {unknown:?}; known: {}", ALL.join(", "));
+                    }
+                }
+                "-h" | "--help" => {
+                    print!("{USAGE}");
+                    std::process::exit(0);
+                }
+                other => bail!("unknown argument {other:?}\n{USAGE}"),
+            }
+        }
+        Ok(options)
+    }
+
+    fn runs(&self, name: &str) -> bool {
+        self.only.iter().any(|n| n == name)
+    }
+
+    fn release_build(&self) -> bool {
+        self.release || !self.quick
+    }
+}
+
+/// How big each benchmark is.
+struct Sizes {
+    /// Concurrent HTTP clients (and pgbench clients) for the ingest benchmarks.
+    ingest_clients: usize,
+    ingest_orgs: usize,
+    ingest_seconds: u64,
+    /// Calls in flight for the agent-latency benchmark, and how many calls in all.
+    agent_in_flight: usize,
+    agent_calls: usize,
+    agent_gap_ms: u64,
+    agent_duration_mean: u64,
+    probe_seconds: u64,
+    realtime_subscribers: Vec<usize>,
+    realtime_events: usize,
+    /// Calls to add before each dashboard measurement (cumulative sizes 1M, 10M in full mode),
+    /// with organizations in proportion.
+    dashboard_loads: Vec<(u64, u64)>,
+    dashboard_months: u32,
+    dashboard_transcript_share: f64,
+    dashboard_requests: usize,
+    /// Time limits for one loadgen invocation.
+    short_timeout: Duration,
+    long_timeout: Duration,
+    settings: &'static [&'static str],
+}
+
+impl Sizes {
+    fn quick() -> Self {
+        Self {
+            ingest_clients: 8,
+            ingest_orgs: 10,
+            ingest_seconds: 5,
+            agent_in_flight: 40,
+            agent_calls: 100,
+            agent_gap_ms: 250,
+            agent_duration_mean: 60,
+            probe_seconds: 4,
+            realtime_subscribers: vec![20],
+            realtime_events: 30,
+            dashboard_loads: vec![(20_000, 200)],
+            dashboard_months: 12,
+            dashboard_transcript_share: 1.0,
+            dashboard_requests: 100,
+            short_timeout: Duration::from_secs(120),
+            long_timeout: Duration::from_secs(300),
+            // Speed over durability: nothing timed is asserted.
+            settings: &[
+                "fsync=off",
+                "synchronous_commit=off",
+                "full_page_writes=off",
+                "max_connections=200",
+                "shared_buffers=256MB",
+            ],
+        }
+    }
+
+    fn full() -> Self {
+        Self {
+            ingest_clients: 16,
+            ingest_orgs: 100,
+            ingest_seconds: 30,
+            agent_in_flight: 1000,
+            agent_calls: 2500,
+            agent_gap_ms: 3000,
+            agent_duration_mean: 90,
+            probe_seconds: 20,
+            realtime_subscribers: vec![100, 1000, 5000],
+            realtime_events: 60,
+            dashboard_loads: vec![(1_000_000, 2_000), (9_000_000, 18_000)],
+            dashboard_months: 24,
+            dashboard_transcript_share: 0.1,
+            dashboard_requests: 500,
+            short_timeout: Duration::from_secs(900),
+            long_timeout: Duration::from_secs(3600),
+            // Production-like durability: every commit is flushed.
+            settings: &[
+                "max_connections=300",
+                "shared_buffers=1GB",
+                "max_wal_size=8GB",
+                "checkpoint_timeout=15min",
+                "effective_cache_size=8GB",
+            ],
+        }
+    }
+}
+
+/// One line of the results table. `ratio` is callplane / baseline: for a throughput, the share
+/// of the raw limit callplane reaches; for a latency, how many times the raw time it takes.
+#[derive(Clone, Debug)]
+struct Row {
+    benchmark: String,
+    metric: String,
+    unit: &'static str,
+    callplane: f64,
+    baseline: Option<f64>,
+    baseline_is: String,
+    note: String,
+}
+
+impl Row {
+    fn ratio(&self) -> Option<f64> {
+        self.baseline.filter(|b| *b > 0.0).map(|b| self.callplane / b)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "benchmark": self.benchmark, "metric": self.metric, "unit": self.unit,
+            "callplane": self.callplane, "baseline": self.baseline, "ratio": self.ratio(),
+            "baseline_is": self.baseline_is, "note": self.note,
+        })
+    }
+}
+
+/// A simulation's books, for the results.
+struct BooksLine {
+    benchmark: String,
+    calls: u64,
+    seconds: i64,
+    balanced: bool,
+}
+
+/// The running `callplane serve`, stopped (SIGTERM, then SIGKILL) when dropped.
+struct ServerProcess {
+    child: Child,
+}
+
+impl ServerProcess {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        // Only this process, by its id: it closes its WebSockets and drains.
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        self.child.kill().context("could not kill callplane serve")?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Err(error) = self.stop() {
+            eprintln!("xtask: warning: could not stop callplane serve: {error:#}");
+        }
+    }
+}
+
+/// Everything a benchmark needs.
+struct Bench {
+    options: Options,
+    sizes: Sizes,
+    out_dir: PathBuf,
+    loadgen: PathBuf,
+    cluster_port: u16,
+    cluster: Option<StopOnDrop>,
+    server: Option<ServerProcess>,
+    http_port: u16,
+    rows: Vec<Row>,
+    books: Vec<BooksLine>,
+    raw: serde_json::Map<String, Value>,
+    idle_rss_kb: Option<u64>,
+    peak_rss_kb: Option<u64>,
+}
+
+/// `cargo xtask bench ...`.
+pub fn bench(args: &[String]) -> Result<ExitCode> {
+    let options = Options::parse(args)?;
+    util::install_ctrlc_handler()?;
+    let mut report = Report::default();
+    run(options, &mut report)?;
+    report.print_summary();
+    Ok(report.exit_code())
+}
+
+/// The quick benchmarks as one step of `cargo xtask test` (which installed the Ctrl-C handler).
+pub fn quick_for_tests() -> Result<()> {
+    let options = Options { quick: true, release: false, only: ALL.iter().map(|s| s.to_string()).collect() };
+    let mut report = Report::default();
+    run(options, &mut report)?;
+    report.print_summary();
+    if !report.all_passed() {
+        bail!("a benchmark failed (see the summary above)");
+    }
+    Ok(())
+}
+
+fn run(options: Options, report: &mut Report) -> Result<()> {
+    let bin = pg::bin_dir()?;
+    let sizes = if options.quick { Sizes::quick() } else { Sizes::full() };
+    let profile = if options.release_build() { "release" } else { "debug" };
+    let target = util::target_dir().join(profile);
+    let started_at = utc_now();
+    let mut bench = Bench {
+        sizes,
+        out_dir: util::target_dir().join("bench"),
+        loadgen: target.join("callplane-loadgen"),
+        cluster_port: 0,
+        cluster: None,
+        server: None,
+        http_port: pg::free_port()?,
+        rows: Vec::new(),
+        books: Vec::new(),
+        raw: serde_json::Map::new(),
+        idle_rss_kb: None,
+        peak_rss_kb: None,
+        options: options.clone(),
+    };
+    fs::create_dir_all(&bench.out_dir).with_context(|| format!("could not create {}", bench.out_dir.display()))?;
+
+    // CALLPLANE_BIN benchmarks a callplane built elsewhere (another checkout, another commit).
+    let prebuilt = std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let mut built = false;
+    report.step("build callplane and callplane-loadgen", || {
+        let mut command = util::cargo();
+        command.args(["build", "-p", "callplane-loadgen"]);
+        if prebuilt.is_none() {
+            command.args(["-p", "callplane-server"]);
+        }
+        if options.release_build() {
+            command.arg("--release");
+        }
+        util::run(&mut command)?;
+        built = true;
+        Ok(())
+    });
+    if !built {
+        return Ok(());
+    }
+    let callplane = prebuilt.unwrap_or_else(|| target.join("callplane"));
+
+    let mut ready = false;
+    report.step("start PostgreSQL and callplane", || {
+        bench.start(&bin, &callplane)?;
+        ready = true;
+        Ok(())
+    });
+    if ready {
+        let facts = bench.machine_facts(&started_at);
+        bench.run_benchmarks(report);
+        report.always("stop callplane serve", || bench.server.take().map_or(Ok(()), |mut s| s.stop()));
+        report.always("stop PostgreSQL bench cluster", || bench.cluster.take().map_or(Ok(()), |mut c| c.stop()));
+        report.always("write results", || bench.write_results(&facts?, &started_at));
+    } else {
+        bench.server = None;
+        bench.cluster = None;
+    }
+    Ok(())
+}
+
+impl Bench {
+    /// Starts a fresh cluster, migrates, and starts `callplane serve`.
+    fn start(&mut self, bin: &Path, callplane: &Path) -> Result<()> {
+        let data = util::target_dir().join("xtask/pg-bench");
+        let cluster = Cluster::new(bin.to_path_buf(), data, pg::free_port()?)?;
+        cluster.destroy()?;
+        cluster.init()?;
+        cluster.start(self.sizes.settings)?;
+        self.cluster_port = cluster.port();
+        let guard = StopOnDrop::new(cluster);
+        let port = self.cluster_port.to_string();
+        let mut createdb = guard.cluster().client("createdb");
+        createdb.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", DATABASE]);
+        util::run_captured(&mut createdb)?;
+        self.cluster = Some(guard);
+
+        let mut migrate = Command::new(callplane);
+        migrate.arg("migrate").envs(self.server_env()).current_dir(util::repo_root()).stdout(Stdio::null());
+        util::run(&mut migrate)?;
+
+        // Logs go to a file; the open-files limit is raised for thousands of WebSockets.
+        let log_path = self.out_dir.join("server.log");
+        let log = fs::File::create(&log_path).with_context(|| format!("could not create {}", log_path.display()))?;
+        let mut serve = raise_open_files(callplane);
+        serve.arg("serve").envs(self.server_env()).current_dir(util::repo_root()).stdout(log.try_clone()?).stderr(log);
+        eprintln!("xtask: $ {} (log: {})", describe(&serve), log_path.display());
+        self.server = Some(ServerProcess { child: serve.spawn().context("could not start callplane serve")? });
+        let health = format!("{}/healthz", self.base_url());
+        self.loadgen_json(&format!("wait {health} --timeout-secs 60"), Duration::from_secs(90), false)?;
+        // Settle before measuring the idle footprint.
+        thread::sleep(Duration::from_secs(2));
+        self.idle_rss_kb = self.server.as_ref().and_then(|s| rss_kb(s.pid()));
+        Ok(())
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    fn database_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", self.cluster_port)
+    }
+
+    fn server_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CALLPLANE__DATABASE__URL", self.database_url()),
+            ("CALLPLANE__SERVER__ADDR", format!("127.0.0.1:{}", self.http_port)),
+            ("CALLPLANE__SERVER__PUBLIC_URL", self.base_url()),
+            ("CALLPLANE__VAPI__SECRET", VAPI_SECRET.to_string()),
+            ("CALLPLANE__VAPI__HMAC__SECRETS", HMAC_SECRET.to_string()),
+            ("CALLPLANE__AUTH__ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+        ]
+    }
+
+    fn run_benchmarks(&mut self, report: &mut Report) {
+        type Step = fn(&mut Bench) -> Result<()>;
+        let steps: [(&str, &str, Step); 6] = [
+            ("ingest", "1. ingest: end-of-call reports vs pgbench", Bench::ingest),
+            ("hot", "3. hot organization vs pgbench hot-row update", Bench::hot_org),
+            ("agent", "2. agent latency with calls in flight vs /healthz", Bench::agent_latency),
+            ("realtime", "5. real time: WebSocket delivery vs raw NOTIFY", Bench::realtime),
+            ("dashboard", "4. dashboard: /v1/calls vs an unpartitioned table", Bench::dashboard),
+            ("memory", "6. memory: server RSS idle and under ingest", Bench::memory),
+        ];
+        for (name, title, step) in steps {
+            if self.options.runs(name) {
+                report.step(title, || step(self));
+            } else {
+                report.skip(title, "not in --only");
+            }
+        }
+    }
+
+    /// Runs the loadgen with the server's environment and returns the JSON it printed. `args` is
+    /// split on whitespace (no argument contains any). Progress (stderr) goes to the terminal.
+    /// The process is killed after `timeout`.
+    fn loadgen_json(&self, args: &str, timeout: Duration, raise_limit: bool) -> Result<Value> {
+        let mut command = if raise_limit { raise_open_files(&self.loadgen) } else { Command::new(&self.loadgen) };
+        command
+            .args(args.split_whitespace())
+            .envs(self.server_env())
+            .env("LOADGEN_BASE_URL", self.base_url())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        eprintln!("xtask: $ callplane-loadgen {args}");
+        let output = run_with_timeout(command, timeout)?;
+        let json = output.lines().rev().find(|l| l.trim_start().starts_with('{'));
+        match json {
+            Some(line) => serde_json::from_str(line).context("the loadgen printed invalid JSON"),
+            None => Ok(Value::Null),
+        }
+    }
+
+    /// Runs psql on the bench database and returns its unaligned output.
+    fn psql(&self, sql: &str) -> Result<String> {
+        let cluster = self.cluster.as_ref().context("no cluster")?.cluster();
+        let port = self.cluster_port.to_string();
+        let mut command = cluster.client("psql");
+        command.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port]);
+        command.args(["-U", "postgres", "-d", DATABASE, "-c", sql]);
+        let output = util::run_captured(&mut command)?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    }
+
+    /// Runs pgbench with a script for `seconds` and returns its transactions per second.
+    fn pgbench(
+        &self,
+        script: &str,
+        name: &str,
+        clients: usize,
+        seconds: u64,
+        defines: &[(&str, String)],
+    ) -> Result<f64> {
+        let path = self.out_dir.join(format!("{name}.sql"));
+        fs::write(&path, script).with_context(|| format!("could not write {}", path.display()))?;
+        let cluster = self.cluster.as_ref().context("no cluster")?.cluster();
+        let port = self.cluster_port.to_string();
+        let mut command = cluster.client("pgbench");
+        command.args(["-n", "-M", "prepared", "-c", &clients.to_string(), "-j", &clients.min(2).to_string()]);
+        command.args(["-T", &seconds.to_string(), "-P", "5", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"]);
+        for (name, value) in defines {
+            command.arg("-D").arg(format!("{name}={value}"));
+        }
+        command.arg("-f").arg(&path).arg(DATABASE);
+        command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        eprintln!("xtask: $ {}", describe(&command));
+        let output = run_with_timeout(command, Duration::from_secs(seconds + 120))?;
+        let tps = output
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("tps = "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse::<f64>().ok());
+        match tps {
+            Some(tps) if tps > 0.0 => {
+                eprintln!("xtask: pgbench {name}: {tps:.0} transactions/s");
+                Ok(tps)
+            }
+            _ => bail!("pgbench {name} reported no throughput:\n{output}"),
+        }
+    }
+
+    /// Organizations for pgbench, listed in `bench_orgs(n, id)` so scripts can pick one by number.
+    fn pgbench_orgs(&self, count: usize) -> Result<()> {
+        self.psql(&format!(
+            "DROP TABLE IF EXISTS bench_orgs; \
+             CREATE TABLE bench_orgs (n int PRIMARY KEY, id uuid NOT NULL); \
+             INSERT INTO bench_orgs SELECT g, gen_random_uuid() FROM generate_series(1, {count}) g; \
+             INSERT INTO organizations (id, name, plan, period_start, period_end, billing_anchor) \
+             SELECT id, 'pgbench ' || n, 'business', date_trunc('month', now()), \
+                    date_trunc('month', now()) + interval '1 month', date_trunc('month', now()) FROM bench_orgs;"
+        ))?;
+        Ok(())
+    }
+
+    /// Checks a simulation's summary: no errors, books balanced; records the books.
+    fn check_simulation(&mut self, benchmark: &str, summary: &Value) -> Result<()> {
+        let errors = summary.get("errors").and_then(Value::as_u64).unwrap_or(u64::MAX);
+        let books = summary.get("books").context("the simulation did not check its books")?;
+        let balanced = books.get("problem_count").and_then(Value::as_u64) == Some(0)
+            && books.get("database_checked").and_then(Value::as_bool) == Some(true);
+        let calls = books.get("expected_calls").and_then(Value::as_u64).unwrap_or(0);
+        self.books.push(BooksLine {
+            benchmark: benchmark.to_string(),
+            calls,
+            seconds: books.get("expected_seconds").and_then(Value::as_i64).unwrap_or(0),
+            balanced,
+        });
+        if errors != 0 {
+            bail!("{benchmark}: {errors} requests failed: {}", summary.get("error_samples").unwrap_or(&Value::Null));
+        }
+        if !balanced {
+            bail!("{benchmark}: the books do not balance: {}", books.get("problems").unwrap_or(&Value::Null));
+        }
+        if calls == 0 {
+            bail!("{benchmark}: no call was simulated");
+        }
+        Ok(())
+    }
+
+    /// A report-only simulation: end-of-call reports as fast as `clients` connections allow.
+    fn ingest_simulation(&self, label: &str, orgs: usize, skew: &str) -> Result<Value> {
+        let s = &self.sizes;
+        let (clients, seconds, calls) = (s.ingest_clients, s.ingest_seconds, s.ingest_seconds * 5_000);
+        self.loadgen_json(
+            &format!(
+                "simulate --lifecycle report-only --orgs {orgs} --plans pro=1,business=1 --calls {calls} \
+                 --max-concurrent {clients} --time-limit-secs {seconds} --skew {skew} --duplicate-rate 0 \
+                 --out-of-order-rate 0 --label {label} --seed 11 --json"
+            ),
+            s.short_timeout,
+            false,
+        )
+    }
+
+    fn ingest(&mut self) -> Result<()> {
+        let pid = self.server.as_ref().context("no server")?.pid();
+        let sampler = RssSampler::start(pid);
+        let summary = self.ingest_simulation("ingest", self.sizes.ingest_orgs, "0");
+        self.peak_rss_kb = Some(sampler.stop());
+        let summary = summary?;
+        self.check_simulation("1. ingest", &summary)?;
+        let reports = number(&summary, "/reports_per_second")?;
+
+        self.pgbench_orgs(self.sizes.ingest_orgs)?;
+        let (clients, seconds) = (self.sizes.ingest_clients, self.sizes.ingest_seconds);
+        let orgs = self.sizes.ingest_orgs.to_string();
+        let tps = self.pgbench(INGEST_SCRIPT, "ingest", clients, seconds, &[("orgs", orgs)])?;
+        // The same transaction with the transcript row too, using a median transcript of the run
+        // (its full-text column is computed on insert, as callplane's are).
+        self.psql(
+            "DROP TABLE IF EXISTS bench_transcript; \
+             CREATE TABLE bench_transcript AS SELECT transcript, messages FROM call_transcripts \
+             WHERE transcript IS NOT NULL ORDER BY length(transcript) \
+             OFFSET (SELECT count(*) / 2 FROM call_transcripts WHERE transcript IS NOT NULL) LIMIT 1",
+        )?;
+        let transcript_bytes = self.psql("SELECT length(transcript) + length(messages::text) FROM bench_transcript")?;
+        let script = INGEST_SCRIPT.replace("END;", &format!("{TRANSCRIPT_INSERT}END;"));
+        let orgs = self.sizes.ingest_orgs.to_string();
+        let with_transcript = self.pgbench(&script, "ingest-with-transcript", clients, seconds, &[("orgs", orgs)])?;
+        let metric = format!("end-of-call reports/s, {clients} clients, {} orgs", self.sizes.ingest_orgs);
+        self.rows.push(Row {
+            benchmark: "1. Ingest".into(),
+            metric: metric.clone(),
+            unit: "/s",
+            callplane: reports,
+            baseline: Some(tps),
+            baseline_is: "pgbench: call key + partitioned call + ledger row + counter, one transaction".into(),
+            note: "callplane also stores the transcript and publishes realtime events".into(),
+        });
+        self.rows.push(Row {
+            benchmark: "1. Ingest".into(),
+            metric,
+            unit: "/s",
+            callplane: reports,
+            baseline: Some(with_transcript),
+            baseline_is: format!(
+                "pgbench: the same plus the transcript row ({transcript_bytes} bytes, median of the run)"
+            ),
+            note: String::new(),
+        });
+        self.raw.insert("ingest".into(), summary);
+        Ok(())
+    }
+
+    fn hot_org(&mut self) -> Result<()> {
+        let summary = self.ingest_simulation("hot", 1, "1")?;
+        self.check_simulation("3. hot organization", &summary)?;
+        let reports = number(&summary, "/reports_per_second")?;
+        let (clients, seconds) = (self.sizes.ingest_clients, self.sizes.ingest_seconds);
+        let hot = self.psql("SELECT id FROM bench_orgs WHERE n = 1").or_else(|_| {
+            self.pgbench_orgs(1)?;
+            self.psql("SELECT id FROM bench_orgs WHERE n = 1")
+        })?;
+        let update = self.pgbench(HOT_ROW_SCRIPT, "hot-row", clients, seconds, &[("hot", hot)])?;
+        let one_org = self.pgbench(INGEST_SCRIPT, "ingest-one-org", clients, seconds, &[("orgs", "1".into())])?;
+        self.rows.push(Row {
+            benchmark: "3. Hot organization".into(),
+            metric: format!("end-of-call reports/s, all on one org, {clients} clients"),
+            unit: "/s",
+            callplane: reports,
+            baseline: Some(update),
+            baseline_is: "pgbench: UPDATE organizations SET seconds_used = seconds_used + 1 on one row".into(),
+            note: String::new(),
+        });
+        self.rows.push(Row {
+            benchmark: "3. Hot organization".into(),
+            metric: format!("end-of-call reports/s, all on one org, {clients} clients"),
+            unit: "/s",
+            callplane: reports,
+            baseline: Some(one_org),
+            baseline_is: "pgbench: benchmark 1's raw transaction, all on one org".into(),
+            note: String::new(),
+        });
+        self.raw.insert("hot_org".into(), summary);
+        Ok(())
+    }
+
+    fn agent_latency(&mut self) -> Result<()> {
+        let s = &self.sizes;
+        let (in_flight, steady, calls) = (s.agent_in_flight, s.agent_in_flight * 3 / 4, s.agent_calls);
+        let (gap, mean, probe_seconds) = (s.agent_gap_ms, s.agent_duration_mean, s.probe_seconds);
+        let (long_timeout, short_timeout) = (s.long_timeout, s.short_timeout);
+        // A call sends about 1.25 webhooks a turn (a turn every 9 s) plus six, `gap` apart. Calls
+        // start 1.5 times as fast as they finish at full concurrency, so the in-flight count
+        // ramps up over two thirds of a call and then stays at the limit.
+        let call_seconds = (mean as f64 / 9.0 * 1.25 + 6.0) * gap as f64 / 1000.0;
+        let rate = in_flight as f64 / call_seconds * 1.5;
+        let summary = self.loadgen_json(
+            &format!(
+                "simulate --orgs 20 --plans pro=1,business=1 --calls {calls} --max-concurrent {in_flight} \
+                 --rate {rate:.2} --event-gap-ms {gap} --duration-mean {mean} --duration-max {max} \
+                 --steady-in-flight {steady} --label agent --seed 22 --json",
+                max = mean * 5
+            ),
+            long_timeout,
+            true,
+        )?;
+        self.check_simulation("2. agent latency", &summary)?;
+        // The baseline gets the rate of the steady state, not of the whole run with its ramps.
+        let events_per_second = number(&summary, "/steady_deliveries_per_second")?;
+        if events_per_second <= 0.0 {
+            bail!("the simulation never reached {steady} calls in flight");
+        }
+        let peak = number(&summary, "/max_in_flight")?;
+
+        let health = format!("{}/healthz", self.base_url());
+        let probe = self.loadgen_json(
+            &format!(
+                "probe --url {health} --concurrency {in_flight} --rate {events_per_second:.1} \
+                 --duration-secs {probe_seconds} --json"
+            ),
+            short_timeout,
+            true,
+        )?;
+        if number(&probe, "/latency/count")? <= 0.0 {
+            bail!("the /healthz probe measured nothing");
+        }
+        for kind in ["assistant-request", "tool-calls"] {
+            let count = number(&summary, &format!("/latency/{kind}/count"))?;
+            if count <= 0.0 {
+                bail!("no {kind} latency was recorded with the calls in flight");
+            }
+            for (label, field) in [("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")] {
+                self.rows.push(Row {
+                    benchmark: "2. Agent latency".into(),
+                    metric: format!("{kind} {label}, {peak:.0} calls in flight ({count:.0} samples)"),
+                    unit: "ms",
+                    callplane: number(&summary, &format!("/latency/{kind}/{field}"))?,
+                    baseline: Some(number(&probe, &format!("/latency/{field}"))?),
+                    baseline_is: format!("GET /healthz, same server, {in_flight} clients at {events_per_second:.0}/s"),
+                    note: String::new(),
+                });
+            }
+        }
+        self.raw.insert("agent".into(), json!({ "simulation": summary, "healthz": probe }));
+        Ok(())
+    }
+
+    fn realtime(&mut self) -> Result<()> {
+        let mut runs = Vec::new();
+        for &subscribers in &self.sizes.realtime_subscribers.clone() {
+            let events = self.sizes.realtime_events;
+            let summary = self.loadgen_json(
+                &format!("realtime --subscribers {subscribers} --events {events} --rate 20 --timeout-secs 120 --json"),
+                self.sizes.short_timeout,
+                true,
+            )?;
+            for side in ["callplane", "baseline"] {
+                let delivered = number(&summary, &format!("/{side}/delivered"))?;
+                let expected = number(&summary, &format!("/{side}/expected"))?;
+                if delivered != expected || expected <= 0.0 {
+                    bail!("{side}: {delivered} of {expected} events delivered to {subscribers} subscribers");
+                }
+            }
+            for (label, field) in [("p50", "p50_ms"), ("p99", "p99_ms")] {
+                self.rows.push(Row {
+                    benchmark: "5. Real time".into(),
+                    metric: format!("webhook sent → event on the WebSocket, {label}, {subscribers} subscribers"),
+                    unit: "ms",
+                    callplane: number(&summary, &format!("/callplane/latency/{field}"))?,
+                    baseline: Some(number(&summary, &format!("/baseline/latency/{field}"))?),
+                    baseline_is: "pg_notify → one LISTEN → broadcast → plain tokio-tungstenite sockets".into(),
+                    note: String::new(),
+                });
+            }
+            runs.push(summary);
+        }
+        self.raw.insert("realtime".into(), Value::Array(runs));
+        Ok(())
+    }
+
+    fn dashboard(&mut self) -> Result<()> {
+        let mut loaded = 0;
+        let mut runs = Vec::new();
+        let db = self.database_url();
+        for (seed, &(calls, orgs)) in self.sizes.dashboard_loads.clone().iter().enumerate() {
+            let (months, share) = (self.sizes.dashboard_months, self.sizes.dashboard_transcript_share);
+            let load = self.loadgen_json(
+                &format!(
+                    "load --database-url {db} --calls {calls} --orgs {orgs} --months {months} \
+                     --transcript-share {share} --seed {} --json",
+                    100 + seed
+                ),
+                self.sizes.long_timeout,
+                false,
+            )?;
+            loaded += calls;
+            let requests = self.sizes.dashboard_requests;
+            let summary = self.loadgen_json(
+                &format!("dashboard --database-url {db} --requests {requests} --orgs 50 --json"),
+                self.sizes.long_timeout,
+                false,
+            )?;
+            if number(&summary, "/errors")? != 0.0 {
+                bail!("dashboard requests failed at {loaded} calls");
+            }
+            let stored = number(&summary, "/stored_calls")?;
+            let size = human_count(loaded);
+            for (page, pointer) in [("first page", "first_page"), ("?status=ended", "filtered_page")] {
+                if number(&summary, &format!("/{pointer}/mean_page_size"))? <= 0.0 {
+                    bail!("GET /v1/calls {page} returned empty pages");
+                }
+                for (label, field) in [("p50", "p50_ms"), ("p95", "p95_ms")] {
+                    let partitioned = number(&summary, &format!("/{pointer}/sql_partitioned/{field}"))?;
+                    self.rows.push(Row {
+                        benchmark: "4. Dashboard".into(),
+                        metric: format!("GET /v1/calls {page} {label}, {size} calls loaded"),
+                        unit: "ms",
+                        callplane: number(&summary, &format!("/{pointer}/api/{field}"))?,
+                        baseline: Some(number(&summary, &format!("/{pointer}/sql_flat/{field}"))?),
+                        baseline_is: "the same SQL on an unpartitioned copy with the same index".into(),
+                        note: format!("SQL on the partitioned table {partitioned:.2} ms; {stored:.0} calls stored"),
+                    });
+                }
+            }
+            runs.push(json!({ "load": load, "dashboard": summary }));
+        }
+        self.raw.insert("dashboard".into(), Value::Array(runs));
+        Ok(())
+    }
+
+    fn memory(&mut self) -> Result<()> {
+        let idle = self.idle_rss_kb.context("the idle RSS was not measured")?;
+        if idle == 0 {
+            bail!("the idle RSS reads as zero");
+        }
+        self.rows.push(Row {
+            benchmark: "6. Memory".into(),
+            metric: "server RSS, idle after start".into(),
+            unit: "MiB",
+            callplane: idle as f64 / 1024.0,
+            baseline: None,
+            baseline_is: "—".into(),
+            note: String::new(),
+        });
+        match self.peak_rss_kb {
+            Some(peak) if peak > 0 => self.rows.push(Row {
+                benchmark: "6. Memory".into(),
+                metric: "server RSS, peak during benchmark 1".into(),
+                unit: "MiB",
+                callplane: peak as f64 / 1024.0,
+                baseline: Some(idle as f64 / 1024.0),
+                baseline_is: "the same server idle".into(),
+                note: String::new(),
+            }),
+            Some(_) => bail!("the RSS under load reads as zero"),
+            None => eprintln!("xtask: benchmark 1 did not run, so there is no RSS under load"),
+        }
+        Ok(())
+    }
+
+    /// Facts about the machine and the database, recorded with the results.
+    fn machine_facts(&self, started_at: &str) -> Result<Value> {
+        let settings = self.psql(
+            "SELECT string_agg(name || '=' || setting || COALESCE(unit, ''), ', ' ORDER BY name) FROM pg_settings \
+             WHERE name IN ('shared_buffers', 'max_connections', 'fsync', 'synchronous_commit', \
+                            'full_page_writes', 'work_mem', 'max_wal_size', 'effective_cache_size')",
+        )?;
+        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kb = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+            .map(str::trim)
+            .unwrap_or("unknown")
+            .to_string();
+        Ok(json!({
+            "date": started_at,
+            "mode": if self.options.quick { "quick" } else { "full" },
+            "build": if self.options.release_build() { "release" } else { "dev" },
+            "nproc": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpu": cpu,
+            "memory_gib": memory_kb as f64 / 1024.0 / 1024.0,
+            "kernel": command_output("uname", &["-r"]),
+            "postgres": self.psql("SHOW server_version")?,
+            "postgres_settings": settings,
+            "commit": command_output("git", &["-C", &util::repo_root().to_string_lossy(), "describe", "--always", "--dirty"]),
+            "callplane_bin": std::env::var("CALLPLANE_BIN").ok().filter(|v| !v.is_empty()),
+        }))
+    }
+
+    /// Writes `results.json` and the markdown table.
+    fn write_results(&self, facts: &Value, started_at: &str) -> Result<()> {
+        let results = json!({
+            "machine": facts,
+            "started_at": started_at,
+            "finished_at": utc_now(),
+            "results": self.rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+            "books": self.books.iter().map(|b| json!({
+                "benchmark": b.benchmark, "calls": b.calls, "billable_seconds": b.seconds, "balanced": b.balanced,
+            })).collect::<Vec<_>>(),
+            "raw": self.raw,
+        });
+        let json_path = self.out_dir.join("results.json");
+        fs::write(&json_path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("could not write {}", json_path.display()))?;
+        let markdown = self.markdown(facts);
+        eprintln!("\n{markdown}");
+        // Only a full run of every benchmark replaces the published results.
+        if self.options.quick || self.options.only.len() < ALL.len() {
+            let path = self.out_dir.join("results.md");
+            fs::write(&path, &markdown).with_context(|| format!("could not write {}", path.display()))?;
+            eprintln!("xtask: results in {} and {}", json_path.display(), path.display());
+        } else {
+            let path = util::repo_root().join("docs/BENCHMARKS.md");
+            update_section(&path, &markdown)?;
+            eprintln!("xtask: results in {} and {}", json_path.display(), path.display());
+        }
+        Ok(())
+    }
+
+    fn markdown(&self, facts: &Value) -> String {
+        let text = |key: &str| facts.get(key).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
+        let mut out = String::new();
+        out.push_str(&format!(
+            "### Results: {} run of {}\n\n",
+            text("mode").unwrap_or_default(),
+            text("date").unwrap_or_default()
+        ));
+        out.push_str(&format!(
+            "Machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}. PostgreSQL {} ({}). callplane {}, {} build; \
+             server, PostgreSQL and load generator share the machine.\n\n",
+            text("nproc").unwrap_or_default(),
+            text("cpu").unwrap_or_default(),
+            facts.get("memory_gib").and_then(Value::as_f64).unwrap_or(0.0),
+            text("kernel").unwrap_or_default(),
+            text("postgres").unwrap_or_default(),
+            text("postgres_settings").unwrap_or_default(),
+            match facts.get("callplane_bin").and_then(Value::as_str) {
+                Some(path) => format!("binary {path}"),
+                None => text("commit").unwrap_or_default(),
+            },
+            text("build").unwrap_or_default(),
+        ));
+        out.push_str("| Benchmark | Metric | callplane | Raw baseline | Ratio | Baseline | Note |\n");
+        out.push_str("|---|---|---:|---:|---:|---|---|\n");
+        for row in &self.rows {
+            let baseline = row.baseline.map_or_else(|| "—".to_string(), |b| format_value(b, row.unit));
+            let ratio = row.ratio().map_or_else(|| "—".to_string(), |r| format!("{r:.2}"));
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                row.benchmark,
+                row.metric,
+                format_value(row.callplane, row.unit),
+                baseline,
+                ratio,
+                row.baseline_is,
+                row.note
+            ));
+        }
+        out.push_str("\nBooks (every simulated call recorded once; ledger, counters and `GET /v1/usage` equal to the simulated billable seconds; no dead letters):\n\n");
+        for books in &self.books {
+            out.push_str(&format!(
+                "- {}: {} calls, {} billable seconds: {}\n",
+                books.benchmark,
+                books.calls,
+                books.seconds,
+                if books.balanced { "balanced" } else { "DO NOT BALANCE" }
+            ));
+        }
+        out
+    }
+}
+
+/// Benchmark 1's raw transaction, per call: what the pipeline writes for an end-of-call report.
+const INGEST_SCRIPT: &str = r"\set n random(1, 1000000000000)
+\set org random(1, :orgs)
+BEGIN;
+INSERT INTO call_keys (vapi_call_id, organization_id, created_at)
+  SELECT 'pgb-' || :client_id || '-' || :n, id, now() FROM bench_orgs WHERE n = :org;
+INSERT INTO calls (id, organization_id, created_at, call_type, status, status_rank, ended_reason, started_at, ended_at,
+                   duration_seconds, billable_seconds, reported_at, last_event_at)
+  SELECT 'pgb-' || :client_id || '-' || :n, id, now(), 'inboundPhoneCall', 'ended', 5, 'customer-ended-call',
+         now() - interval '181 seconds', now(), 180.5, 181, now(), now() FROM bench_orgs WHERE n = :org;
+INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, duration_seconds, billable_seconds,
+                          ended_reason)
+  SELECT 'pgb-' || :client_id || '-' || :n, id, date_trunc('month', now()), now() - interval '181 seconds', 180.5, 181,
+         'customer-ended-call' FROM bench_orgs WHERE n = :org;
+UPDATE organizations SET seconds_used = seconds_used + 181, updated_at = now()
+  WHERE id = (SELECT id FROM bench_orgs WHERE n = :org);
+END;
+";
+
+/// The transcript row, added to [`INGEST_SCRIPT`] for the second baseline.
+const TRANSCRIPT_INSERT: &str = r"INSERT INTO call_transcripts (call_id, organization_id, created_at, transcript, messages, is_final)
+  SELECT 'pgb-' || :client_id || '-' || :n, o.id, now(), t.transcript, t.messages, true
+  FROM bench_orgs o, bench_transcript t WHERE o.n = :org;
+";
+
+/// Benchmark 3's raw limit: one row updated by every client.
+const HOT_ROW_SCRIPT: &str =
+    "UPDATE organizations SET seconds_used = seconds_used + 1 WHERE id = CAST(:hot AS uuid);\n";
+
+/// A command that runs `program` with the open-files limit raised to the hard limit (thousands
+/// of WebSockets need thousands of descriptors; setrlimit itself needs libc).
+fn raise_open_files(program: &Path) -> Command {
+    let mut command = Command::new("sh");
+    command.args(["-c", r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@""#]).arg(program);
+    command
+}
+
+/// Spawns `command`, collects its stdout, and kills it (by its own process id) if it runs
+/// past `timeout` or the user presses Ctrl-C. Fails when it does not exit successfully.
+fn run_with_timeout(mut command: Command, timeout: Duration) -> Result<String> {
+    let line = describe(&command);
+    let mut child = command.spawn().with_context(|| format!("could not start `{line}`"))?;
+    let mut stdout = child.stdout.take().context("stdout was not captured")?;
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline || util::interrupted() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("`{line}` did not finish within {timeout:?}; stopped it");
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let output = reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(output)
+}
+
+/// The resident set of a process in KiB, from `/proc/<pid>/status`.
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|r| r.split_whitespace().next())?.parse().ok()
+}
+
+/// Samples a process's RSS every 100 ms on a thread and keeps the peak.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let (stop, peak) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (stop_flag, peak_value) = (stop.clone(), peak.clone());
+        let thread = thread::spawn(move || {
+            while !stop_flag.load(Ordering::Relaxed) {
+                if let Some(kb) = rss_kb(pid) {
+                    peak_value.fetch_max(kb, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Self { stop, peak, thread }
+    }
+
+    /// Stops sampling and returns the peak in KiB.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// A number at a JSON pointer, or an error naming it.
+fn number(value: &Value, pointer: &str) -> Result<f64> {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_f64)
+        .with_context(|| format!("no number at {pointer} in the loadgen's summary"))
+}
+
+/// Formats a figure for the table: rates and sizes without decimals, latencies with two.
+fn format_value(value: f64, unit: &str) -> String {
+    match unit {
+        "ms" => format!("{value:.2} ms"),
+        "MiB" => format!("{value:.1} MiB"),
+        "/s" => format!("{value:.0}/s"),
+        other => format!("{value:.2} {other}"),
+    }
+}
+
+/// `1000000` → `1M`, `20000` → `20k`.
+fn human_count(n: u64) -> String {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1_000 && n.is_multiple_of(1_000) {
+        format!("{}k", n / 1_000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// The current UTC time as `2026-11-28T12:00:00Z` (from `date`, to need no time crate).
+fn utc_now() -> String {
+    command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+}
+
+/// A command's trimmed stdout, or `unknown`.
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// Replaces the generated section of `path` (between the markers), or appends one.
+fn update_section(path: &Path, section: &str) -> Result<()> {
+    let current = fs::read_to_string(path).unwrap_or_default();
+    let block = format!("{MARK_START}\n{section}{MARK_END}\n");
+    let updated = match (current.find(MARK_START), current.find(MARK_END)) {
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{block}{}", &current[..start], current[end + MARK_END.len()..].trim_start_matches('\n'))
+        }
+        _ => format!("{}\n{block}", current.trim_end()),
+    };
+    fs::write(path, updated).with_context(|| format!("could not write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse() {
+        let options = Options::parse(&["--quick".into(), "--only".into(), "ingest,memory".into()]).unwrap();
+        assert!(options.quick && !options.release_build());
+        assert!(options.runs("ingest") && options.runs("memory") && !options.runs("agent"));
+        assert!(Options::parse(&["--only".into(), "nope".into()]).is_err());
+        assert!(Options::parse(&[]).unwrap().release_build());
+    }
+
+    #[test]
+    fn sections_are_replaced_between_markers() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("B.md");
+        fs::write(&path, "# Title\n\nIntro.\n").unwrap();
+        update_section(&path, "first\n").unwrap();
+        update_section(&path, "second\n").unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# Title\n\nIntro.\n"));
+        assert!(text.contains("second") && !text.contains("first"));
+        assert_eq!(text.matches(MARK_START).count(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn figures_are_formatted() {
+        assert_eq!(human_count(1_000_000), "1M");
+        assert_eq!(human_count(20_000), "20k");
+        assert_eq!(human_count(1_234), "1234");
+        assert_eq!(format_value(1.234, "ms"), "1.23 ms");
+        assert_eq!(format_value(1234.4, "/s"), "1234/s");
+        let row = Row {
+            benchmark: "b".into(),
+            metric: "m".into(),
+            unit: "/s",
+            callplane: 50.0,
+            baseline: Some(200.0),
+            baseline_is: String::new(),
+            note: String::new(),
+        };
+        assert_eq!(row.ratio(), Some(0.25));
+    }
+}
