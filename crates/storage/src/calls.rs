@@ -290,12 +290,14 @@ impl PgStore {
             // Last lock of the transaction (after the organization row): the organization's
             // event sequence follows the commit order of its calls' changes.
             let usage_alerts = alerts.iter().map(|a| callplane_core::events::usage_alert(org, &change.call_id, a));
-            for e in callplane_core::events::for_change(org, &change).into_iter().chain(usage_alerts) {
-                sqlx::query("SELECT callplane_publish($1, $2, $3, $4)")
-                    .bind(e.org_id.0)
-                    .bind(&e.kind)
-                    .bind(&e.call_id)
-                    .bind(&e.data)
+            let events: Vec<_> =
+                callplane_core::events::for_change(org, &change).into_iter().chain(usage_alerts).collect();
+            if !events.is_empty() {
+                sqlx::query("SELECT callplane_publish_batch($1, $2, $3, $4)")
+                    .bind(org.0)
+                    .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+                    .bind(events.iter().map(|e| e.call_id.clone()).collect::<Vec<_>>())
+                    .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
                     .execute(&mut *tx)
                     .await
                     .map_err(db)?;
