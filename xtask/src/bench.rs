@@ -352,7 +352,9 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         bench.run_benchmarks(report);
         report.always("stop callplane serve", || bench.server.take().map_or(Ok(()), |mut s| s.stop()));
         report.always("stop PostgreSQL bench cluster", || bench.cluster.take().map_or(Ok(()), |mut c| c.stop()));
-        report.always("write results", || bench.write_results(&facts?, &started_at));
+        // A run with a failed benchmark never replaces the published results.
+        let all_passed = report.all_passed();
+        report.always("write results", || bench.write_results(&facts?, &started_at, all_passed));
     } else {
         bench.server = None;
         bench.cluster = None;
@@ -674,6 +676,7 @@ impl Bench {
             short_timeout,
             true,
         )?;
+        let probe_rate = number(&probe, "/requests_per_second")?;
         if number(&probe, "/latency/count")? <= 0.0 {
             bail!("the /healthz probe measured nothing");
         }
@@ -689,7 +692,7 @@ impl Bench {
                     unit: "ms",
                     callplane: number(&summary, &format!("/latency/{kind}/{field}"))?,
                     baseline: Some(number(&probe, &format!("/latency/{field}"))?),
-                    baseline_is: format!("GET /healthz, same server, {in_flight} clients at {events_per_second:.0}/s"),
+                    baseline_is: format!("GET /healthz, same server, {in_flight} clients at {probe_rate:.0}/s"),
                     note: String::new(),
                 });
             }
@@ -848,7 +851,7 @@ impl Bench {
     }
 
     /// Writes `results.json` and the markdown table.
-    fn write_results(&self, facts: &Value, started_at: &str) -> Result<()> {
+    fn write_results(&self, facts: &Value, started_at: &str, all_passed: bool) -> Result<()> {
         let results = json!({
             "machine": facts,
             "started_at": started_at,
@@ -864,8 +867,8 @@ impl Bench {
             .with_context(|| format!("could not write {}", json_path.display()))?;
         let markdown = self.markdown(facts);
         eprintln!("\n{markdown}");
-        // Only a full run of every benchmark replaces the published results.
-        if self.options.quick || self.options.only.len() < ALL.len() {
+        // Only a successful full run of every benchmark replaces the published results.
+        if self.options.quick || self.options.only.len() < ALL.len() || !all_passed {
             let path = self.out_dir.join("results.md");
             fs::write(&path, &markdown).with_context(|| format!("could not write {}", path.display()))?;
             eprintln!("xtask: results in {} and {}", json_path.display(), path.display());
