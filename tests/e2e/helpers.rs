@@ -34,6 +34,12 @@ pub fn sample(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A new, empty inbox directory for one server.
+pub fn inbox_dir() -> String {
+    let dir = std::env::temp_dir().join(format!("callplane-test-inbox-{}", uuid::Uuid::new_v4().simple()));
+    dir.to_string_lossy().into_owned()
+}
+
 pub fn iso(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -47,8 +53,13 @@ impl TestApp {
         // Logs appear in the output of failing tests (nextest captures them).
         callplane_server::telemetry::init("pretty");
         let db = TestDb::fresh().await.expect("a fresh test database");
-        let mut all: Vec<(&str, &str)> =
-            vec![("database.url", db.url.as_str()), ("vapi.secret", SECRET), ("auth.admin_token", ADMIN_TOKEN)];
+        let inbox = inbox_dir();
+        let mut all: Vec<(&str, &str)> = vec![
+            ("database.url", db.url.as_str()),
+            ("vapi.secret", SECRET),
+            ("auth.admin_token", ADMIN_TOKEN),
+            ("inbox.dir", inbox.as_str()),
+        ];
         all.extend_from_slice(overrides);
         let settings = Settings::defaults_with(&all).expect("test settings");
         let app = App::with_store(settings, db.store.clone()).await.expect("app builds");

@@ -14,5 +14,6 @@ mod isolation;
 mod lifecycle;
 mod partitions;
 mod realtime;
+mod reconcile;
 mod samples;
 mod seams;

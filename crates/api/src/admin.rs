@@ -177,6 +177,7 @@ pub async fn update_org(
     if let Some(status) = status {
         s.admin.set_status(id, status).await?;
     }
+    s.agents.invalidate(id);
     let org = s.orgs.get(id).await?.ok_or_else(|| org_not_found(id))?;
     Ok(Json(view(&s, org)))
 }

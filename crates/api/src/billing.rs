@@ -22,7 +22,14 @@ pub async fn stripe_webhook(
 ) -> Result<Json<Value>, ApiError> {
     let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
     match s.billing_webhooks.receive(signature, &body, Utc::now()).await {
-        Ok(outcome) => Ok(Json(json!({ "received": true, "outcome": outcome.as_str() }))),
+        Ok(outcome) => {
+            // A plan or status changed: this process's next answers read organizations again
+            // (other processes hear of it by notification).
+            if outcome == callplane_core::seams::BillingOutcome::Applied {
+                s.agents.invalidate_all();
+            }
+            Ok(Json(json!({ "received": true, "outcome": outcome.as_str() })))
+        }
         Err(WebhookError::Refused { code, message }) => Err(ApiError::client(StatusCode::BAD_REQUEST, code, message)),
         Err(WebhookError::Store(e)) => Err(e.into()),
     }

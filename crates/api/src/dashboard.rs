@@ -498,6 +498,8 @@ pub async fn put_function_data(
     let value: Value =
         serde_json::from_slice(&body).map_err(|e| bad("malformed_json", format!("the body is not valid JSON: {e}")))?;
     s.function_data.put(caller.org_id, &key, &value).await?;
+    // This process's next answer reads the change (others hear of it by notification).
+    s.agents.invalidate(caller.org_id);
     Ok(Json(FunctionDataEntry { key, value }))
 }
 
@@ -511,6 +513,7 @@ pub async fn delete_function_data(
 ) -> Result<StatusCode, ApiError> {
     validate_key(&key)?;
     if s.function_data.delete(caller.org_id, &key).await? {
+        s.agents.invalidate(caller.org_id);
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(key_not_found(&key))

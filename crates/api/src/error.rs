@@ -5,7 +5,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use callplane_core::auth::AuthError;
-use callplane_core::seams::{PipelineError, StoreError};
+use callplane_core::seams::{IntakeError, PipelineError, StoreError};
 use callplane_core::vapi::ParseError;
 use serde_json::json;
 
@@ -23,6 +23,9 @@ pub enum ApiError {
     Client { status: StatusCode, code: &'static str, message: String },
     /// A 5xx; the source is logged, never sent.
     Internal(Box<dyn std::error::Error + Send + Sync>),
+    /// A 503 with `Retry-After`: a backend is away or full; the same request can succeed
+    /// later. The source is logged, never sent.
+    Unavailable { retry_after_seconds: u32, source: Option<Box<dyn std::error::Error + Send + Sync>> },
 }
 
 impl ApiError {
@@ -34,6 +37,7 @@ impl ApiError {
         match self {
             ApiError::Client { status, .. } => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -41,6 +45,7 @@ impl ApiError {
         match self {
             ApiError::Client { code, .. } => code,
             ApiError::Internal(_) => "internal_error",
+            ApiError::Unavailable { .. } => "overloaded",
         }
     }
 }
@@ -62,6 +67,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Invalid(message) => ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message),
             StoreError::Backend { .. } => ApiError::Internal(Box::new(e)),
+            StoreError::Unavailable { .. } => {
+                ApiError::Unavailable { retry_after_seconds: 5, source: Some(Box::new(e)) }
+            }
         }
     }
 }
@@ -74,7 +82,23 @@ impl From<PipelineError> for ApiError {
                 code,
                 format!("{message} (kept as dead letter {dead_letter_id})"),
             ),
+            PipelineError::Unavailable(_) => {
+                ApiError::Unavailable { retry_after_seconds: 5, source: Some(Box::new(e)) }
+            }
             PipelineError::DeadLettered { .. } | PipelineError::Lost(_) => ApiError::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<IntakeError> for ApiError {
+    fn from(e: IntakeError) -> Self {
+        match e {
+            IntakeError::Rejected { code, message } => {
+                ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, code, format!("{message} (kept as a dead letter)"))
+            }
+            IntakeError::Overloaded { retry_after_seconds, .. } => {
+                ApiError::Unavailable { retry_after_seconds, source: Some(Box::new(e)) }
+            }
         }
     }
 }
@@ -102,6 +126,18 @@ impl IntoResponse for ApiError {
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     Json(json!({ "code": "internal_error", "message": "Something went wrong on our side; it has been logged." })),
+                )
+                    .into_response()
+            }
+            ApiError::Unavailable { retry_after_seconds, source } => {
+                match &source {
+                    Some(e) => tracing::warn!(error = %chain(e.as_ref()), "unavailable; asked to retry"),
+                    None => tracing::warn!("unavailable; asked to retry"),
+                }
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, retry_after_seconds.to_string())],
+                    Json(json!({ "code": "overloaded", "message": format!("Unavailable for now; retry in {retry_after_seconds} s.") })),
                 )
                     .into_response()
             }

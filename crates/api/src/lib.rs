@@ -32,8 +32,8 @@ use callplane_core::agent::AgentSettings;
 use callplane_core::auth::WebhookAuth;
 use callplane_core::billing::Plan;
 use callplane_core::seams::{
-    BillingProvider, BillingWebhooks, CallReads, EventPipeline, FunctionData, OrgAdmin, OrgDirectory, RealtimeBus,
-    TranscriptStore, UsageCounter,
+    AgentDirectory, BillingProvider, BillingWebhooks, CallReads, EventIntake, FunctionData, OrgAdmin, OrgDirectory,
+    RealtimeBus, TranscriptStore, UsageCounter,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,7 +47,17 @@ pub struct AppState {
     pub dashboard_auth: Arc<DashboardAuth>,
     pub orgs: Arc<dyn OrgDirectory>,
     pub admin: Arc<dyn OrgAdmin>,
-    pub pipeline: Arc<dyn EventPipeline>,
+    /// Where webhooks go: durable first, processed at once or later.
+    pub intake: Arc<dyn EventIntake>,
+    /// What the agent's answers are read from, in memory.
+    pub agents: Arc<dyn AgentDirectory>,
+    /// Answers VAPI waits for go out within this, whatever the database does.
+    pub answer_deadline: std::time::Duration,
+    /// How long a state-changing webhook waits for its processing before it is answered as
+    /// queued.
+    pub inline_budget: std::time::Duration,
+    /// `/readyz` reports not ready while the intake's oldest event is older than this.
+    pub ready_max_backlog_seconds: f64,
     pub function_data: Arc<dyn FunctionData>,
     pub calls: Arc<dyn CallReads>,
     pub transcripts: Arc<dyn TranscriptStore>,

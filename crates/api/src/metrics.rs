@@ -91,8 +91,8 @@ impl Metrics {
         }
     }
 
-    /// Renders in the Prometheus text format, with gauges supplied by the caller.
-    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+    /// Renders in the Prometheus text format, with gauges and counters supplied by the caller.
+    pub fn render(&self, gauges: &[(&str, &str, f64)], counters: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         out.push_str("# HELP callplane_webhook_events_total VAPI webhook messages by type and outcome.\n");
         out.push_str("# TYPE callplane_webhook_events_total counter\n");
@@ -122,6 +122,9 @@ impl Metrics {
         );
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
         out
     }

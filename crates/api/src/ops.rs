@@ -21,16 +21,66 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
+/// Ready when the database answers with every migration applied and the intake keeps up.
+/// Answers within a second whatever the database does (its check has its own timeout), and
+/// says why when not ready.
 pub async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    match s.readiness.check().await {
-        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not_ready", "reason": why }))),
+    let database = match tokio::time::timeout(std::time::Duration::from_millis(800), s.readiness.check()).await {
+        Ok(result) => result,
+        Err(_) => Err("the database check did not finish within 800 ms".into()),
+    };
+    let intake = s.intake.status();
+    let mut reasons = Vec::new();
+    if let Err(why) = &database {
+        reasons.push(why.clone());
+    }
+    if !intake.accepting {
+        reasons.push("the inbox is full: new events are processed directly or refused".into());
+    }
+    if intake.oldest_age_seconds > s.ready_max_backlog_seconds {
+        reasons.push(format!(
+            "the inbox's oldest event has waited {:.0} s (backlog of {} events)",
+            intake.oldest_age_seconds, intake.depth
+        ));
+    }
+    let detail = json!({
+        "database": match &database { Ok(()) => json!({ "ok": true }), Err(why) => json!({ "ok": false, "error": why }) },
+        "intake": intake,
+    });
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready", "checks": detail })))
+    } else {
+        let reason = reasons.join("; ");
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not_ready", "reason": reason, "checks": detail })))
     }
 }
 
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let gauges = s.readiness.gauges().await;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&gauges))
+    let mut gauges = s.readiness.gauges().await;
+    let intake = s.intake.status();
+    gauges.extend([
+        ("callplane_inbox_depth", "Accepted events waiting in the intake to be processed.", intake.depth as f64),
+        ("callplane_inbox_bytes", "Bytes of accepted events waiting in the intake.", intake.bytes as f64),
+        ("callplane_inbox_oldest_seconds", "Age of the oldest event waiting in the intake.", intake.oldest_age_seconds),
+    ]);
+    let counters = [
+        (
+            "callplane_inbox_drained_total",
+            "Events processed (or kept as dead letters) out of the intake by this process.",
+            intake.drained_total,
+        ),
+        (
+            "callplane_events_lost_total",
+            "Events acknowledged to VAPI that could be stored nowhere. Should read 0.",
+            intake.lost_total,
+        ),
+        (
+            "callplane_webhook_shed_total",
+            "Webhooks refused with 503 because neither the inbox nor the database could take them.",
+            intake.shed_total,
+        ),
+    ];
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&gauges, &counters))
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

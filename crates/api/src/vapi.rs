@@ -1,9 +1,11 @@
 //! `POST /vapi/{org_id}` and `POST /vapi`: every VAPI server message.
 //!
 //! Order of work: read the body (size-limited), authenticate the raw bytes, parse, resolve
-//! the organization, then answer. Messages that need an answer (`assistant-request`,
-//! `tool-calls`, `function-call`, `transfer-destination-request`) are answered while the
-//! event is recorded alongside; the rest are recorded and acknowledged with `{}`.
+//! the organization, hand the event to the intake (durable on local disk before anything is
+//! acknowledged), then answer. Messages that need an answer (`assistant-request`,
+//! `tool-calls`, `function-call`, `transfer-destination-request`) are answered from memory
+//! within `vapi.answer_deadline_ms`, whatever the database does; the rest are acknowledged
+//! with `{}` once processed, or once queued when processing cannot finish now.
 
 use crate::{ApiError, AppState};
 use axum::Json;
@@ -13,10 +15,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use callplane_core::OrgId;
 use callplane_core::agent::{self, Refusal};
-use callplane_core::seams::{InboundEvent, PipelineError, Processed};
+use callplane_core::seams::{
+    Accepted, InboundEvent, IntakeError, Processed, ReceivedWebhook, StoreError, Unprocessable,
+};
 use callplane_core::vapi::{self, MessageKind, ParseError, ServerMessage};
 use chrono::Utc;
 use serde_json::{Value, json};
+use std::time::{Duration, Instant};
 use tracing::{Instrument, info_span, warn};
 
 pub async fn org_url(State(s): State<AppState>, Path(org): Path<String>, headers: HeaderMap, body: Body) -> Response {
@@ -54,20 +59,24 @@ fn outcome_label(outcome: &str) -> &'static str {
         "no_change" => "no_change",
         "ignored" => "ignored",
         "answered" => "answered",
+        "queued" => "queued",
+        "dead_lettered" => "dead_lettered",
+        "overloaded" => "shed",
         "payload_too_large" => "too_large",
         "missing_credentials" | "invalid_credentials" | "invalid_signature_timestamp" | "expired_signature" => {
             "unauthorized"
         }
         "unknown_organization" => "unknown_organization",
-        "internal_error" => "dead_lettered",
-        "future_timestamp" | "stale_timestamp" | "invalid_event" => "rejected",
+        "internal_error" => "failed",
+        "future_timestamp" | "stale_timestamp" | "invalid_event" | "processing_failed" => "rejected",
         _ => "bad_request",
     }
 }
 
-/// How long an answer waits to learn whether recording the event was refused. The answer
-/// never waits longer for storage: the caller is on the line.
-const RECORDING_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long an answer waits to learn whether recording the event was refused (another
+/// organization's call id, a far-future time). The answer never waits longer, nor past the
+/// deadline: the caller is on the line, and the event is safe in the intake already.
+const RECORDING_BUDGET: Duration = Duration::from_millis(500);
 
 async fn receive(
     s: &AppState,
@@ -76,6 +85,7 @@ async fn receive(
     body: Body,
     kind: &mut &'static str,
 ) -> Result<(Value, &'static str), ApiError> {
+    let started = Instant::now();
     let received_at = Utc::now();
     let bytes: Bytes = axum::body::to_bytes(body, s.max_body_bytes).await.map_err(|_| {
         ApiError::client(
@@ -86,83 +96,151 @@ async fn receive(
     })?;
     s.webhook_auth.verify(|name| headers.get(name).and_then(|v| v.to_str().ok()), &bytes, received_at)?;
     let from_path = path_org.as_deref().and_then(|raw| raw.parse::<OrgId>().ok());
+    let webhook = |org: Option<OrgId>, unprocessable: Option<Unprocessable>| ReceivedWebhook {
+        received_at,
+        path_org: path_org.clone(),
+        org,
+        body: bytes.to_vec(),
+        unprocessable,
+    };
     let msg = match vapi::parse_body(&bytes) {
         Ok(msg) => msg,
         Err(e) => {
             // Authenticated JSON in a shape we cannot read yet is kept for replay; garbage
             // and bodies without a type are only refused.
             if matches!(e, ParseError::InvalidTimestamp { .. } | ParseError::InvalidMessage(_)) {
-                keep(s, from_path, &bytes, e.code(), &e.to_string(), received_at).await;
+                keep(s, webhook(from_path, Some(Unprocessable { code: e.code().into(), reason: e.to_string() }))).await;
             }
             return Err(e.into());
         }
     };
     *kind = msg.kind.label();
     tracing::Span::current().record("kind", msg.kind.label());
-
-    let resolved = match (&path_org, from_path) {
-        (Some(_), None) => None,
-        _ => agent::resolve_org(s.orgs.as_ref(), from_path, &msg, s.agent.org_hint_key.as_deref()).await?,
-    };
-    let Some(org_id) = resolved else {
-        if msg.kind == MessageKind::AssistantRequest {
-            // The caller is waiting: VAPI speaks an `error` answered with 200.
-            return Ok((agent::refusal_answer("Sorry, this number is not in service."), "answered"));
-        }
-        let e = unknown_org(path_org.as_deref().unwrap_or("(none in the URL, and no registry matched)"));
-        if msg.kind != MessageKind::Unknown {
-            let why = "no organization matched the URL, the call, the phone number, the assistant or signed metadata";
-            keep(s, None, &bytes, e.code(), why, received_at).await;
-        }
-        return Err(e);
-    };
-    tracing::Span::current().record("org_id", tracing::field::display(org_id));
-
-    let event = InboundEvent { org_id, received_at, message: msg.clone() };
-    match msg.kind {
+    let answers = matches!(
+        msg.kind,
         MessageKind::AssistantRequest
-        | MessageKind::ToolCalls
-        | MessageKind::FunctionCall
-        | MessageKind::TransferDestinationRequest => {
-            let pipeline = s.pipeline.clone();
-            let mut recording = tokio::spawn(async move { pipeline.submit(event).await });
-            let answer = answer(s, org_id, &msg).await;
-            match tokio::time::timeout(RECORDING_BUDGET, &mut recording).await {
-                Ok(Ok(Err(e @ PipelineError::Rejected { .. }))) => return Err(e.into()),
-                // Dead-lettered: the answer still goes out, the event waits for replay.
-                Ok(Ok(Err(e))) => warn!(error = %e, "recording the event failed; answering anyway"),
-                Ok(Err(e)) => warn!(error = %e, "recording the event panicked; answering anyway"),
-                Ok(Ok(Ok(_))) => {}
-                Err(_) => warn!("recording is slow; answering without waiting (it continues)"),
-            }
-            Ok((answer, "answered"))
-        }
-        MessageKind::Unknown => Ok((json!({}), "ignored")),
+            | MessageKind::ToolCalls
+            | MessageKind::FunctionCall
+            | MessageKind::TransferDestinationRequest
+    );
+    let deadline = s.answer_deadline;
+
+    // The organization, from memory when known. A lookup the database cannot finish in time
+    // leaves it open: the event is kept all the same and resolved when it is processed.
+    let resolved = match (&path_org, from_path) {
+        (Some(_), None) => Ok(None),
         _ => {
-            let outcome = match s.pipeline.submit(event).await? {
-                Processed::Applied => "applied",
-                Processed::NoChange => "no_change",
-                Processed::Ignored => "ignored",
-            };
-            Ok((json!({}), outcome))
+            let lookup = agent::resolve_org(s.agents.as_ref(), from_path, &msg, s.agent.org_hint_key.as_deref());
+            match tokio::time::timeout(deadline, lookup).await {
+                Ok(result) => result.map_err(Unresolved::Store),
+                Err(_) => Err(Unresolved::Deadline),
+            }
         }
+    };
+    let org_id = match resolved {
+        Ok(Some(org_id)) => Some(org_id),
+        Ok(None) => {
+            if msg.kind == MessageKind::AssistantRequest {
+                // The caller is waiting: VAPI speaks an `error` answered with 200.
+                return Ok((agent::refusal_answer("Sorry, this number is not in service."), "answered"));
+            }
+            let e = unknown_org(path_org.as_deref().unwrap_or("(none in the URL, and no registry matched)"));
+            if msg.kind != MessageKind::Unknown {
+                let why =
+                    "no organization matched the URL, the call, the phone number, the assistant or signed metadata";
+                keep(s, webhook(None, Some(Unprocessable { code: e.code().into(), reason: why.into() }))).await;
+            }
+            return Err(e);
+        }
+        Err(e) => {
+            warn!(error = %e, "the organization could not be resolved now; keeping the event to resolve later");
+            None
+        }
+    };
+    if let Some(org_id) = org_id {
+        tracing::Span::current().record("org_id", tracing::field::display(org_id));
+    }
+    if msg.kind == MessageKind::Unknown {
+        return Ok((json!({}), "ignored"));
+    }
+
+    let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg.clone() });
+    let webhook = webhook(org_id, None);
+    if !answers {
+        let outcome = match s.intake.accept(webhook, event, s.inline_budget, false).await? {
+            Accepted::Processed(Processed::Applied) => "applied",
+            Accepted::Processed(Processed::NoChange) => "no_change",
+            Accepted::Processed(Processed::Ignored) => "ignored",
+            Accepted::Queued => "queued",
+            Accepted::DeadLettered => "dead_lettered",
+        };
+        // A report changes what the organization has left: the next answer reads it again.
+        if let (Some(org_id), "applied") = (org_id, outcome) {
+            s.agents.invalidate(org_id);
+        }
+        return Ok((json!({}), outcome));
+    }
+
+    // The caller is on the line: record the event (on disk before we answer, processing on
+    // its own) while the answer is made, and answer within the deadline whatever happens.
+    let intake = s.intake.clone();
+    let recording_budget = RECORDING_BUDGET.min(deadline.saturating_sub(started.elapsed()));
+    let mut recording = tokio::spawn(async move { intake.accept(webhook, event, recording_budget, true).await });
+    let remaining = deadline.saturating_sub(started.elapsed());
+    let answer = match org_id {
+        Some(org_id) => match tokio::time::timeout(remaining, answer(s, org_id, &msg)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                warn!(deadline_ms = deadline.as_millis() as u64, "the answer was not ready by the deadline");
+                unavailable_answer(&msg)
+            }
+        },
+        None => unavailable_answer(&msg),
+    };
+    match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), &mut recording).await {
+        Ok(Ok(Err(IntakeError::Rejected { code, message }))) => {
+            return Err(ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, code, message));
+        }
+        // Counted as lost by the intake.
+        Ok(Ok(Err(e @ IntakeError::Overloaded { .. }))) => {
+            tracing::error!(error = ?e, "an answered event could not be stored")
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "recording an answered event panicked"),
+        Ok(Ok(Ok(_))) => {}
+        // Still writing to disk at the deadline: the task goes on; the answer goes now.
+        Err(_) => warn!("recording is slow; answering without waiting (it continues)"),
+    }
+    Ok((answer, "answered"))
+}
+
+/// Why the organization is not known yet.
+#[derive(Debug, thiserror::Error)]
+enum Unresolved {
+    #[error("looking it up took past the answer deadline")]
+    Deadline,
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// Keeps an unprocessable body (through the intake, so it survives the database being away)
+/// to become a dead letter; failures are logged, never surfaced.
+async fn keep(s: &AppState, webhook: ReceivedWebhook) {
+    let code = webhook.unprocessable.as_ref().map(|u| u.code.clone()).unwrap_or_default();
+    if let Err(e) = s.intake.accept(webhook, None, Duration::ZERO, true).await {
+        tracing::error!(error = %e, code, "could not keep an unprocessable webhook");
     }
 }
 
-/// Keeps an unprocessable body as a dead letter; failures are logged, never surfaced.
-async fn keep(
-    s: &AppState,
-    org: Option<OrgId>,
-    bytes: &[u8],
-    code: &str,
-    error: &str,
-    received_at: chrono::DateTime<Utc>,
-) {
-    let body: Value =
-        serde_json::from_slice(bytes).unwrap_or_else(|_| json!({ "raw": String::from_utf8_lossy(bytes) }));
-    match s.pipeline.keep_unprocessed(org, &body, code, error, received_at).await {
-        Ok(id) => tracing::info!(dead_letter_id = id, code, "unprocessable webhook kept"),
-        Err(e) => tracing::error!(error = %e, code, "could not keep an unprocessable webhook"),
+/// What VAPI is told when the answer cannot be made in time.
+fn unavailable_answer(msg: &ServerMessage) -> Value {
+    let unavailable = "The service is temporarily unavailable; please try again in a moment.";
+    match msg.kind {
+        MessageKind::ToolCalls => {
+            agent::tool_calls_answer(msg.tool_calls.iter().map(|c| (c, Err(unavailable.to_owned()))).collect())
+        }
+        MessageKind::FunctionCall => json!({ "result": unavailable }),
+        MessageKind::TransferDestinationRequest => json!({ "error": unavailable }),
+        _ => agent::refusal_answer("Sorry, we cannot take your call right now. Please try again later."),
     }
 }
 
@@ -181,14 +259,7 @@ async fn answer(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Value {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(error = ?e, "answering the agent failed; sending a spoken error");
-            let unavailable = "The service is temporarily unavailable; please try again in a moment.";
-            match msg.kind {
-                MessageKind::ToolCalls => {
-                    agent::tool_calls_answer(msg.tool_calls.iter().map(|c| (c, Err(unavailable.to_owned()))).collect())
-                }
-                MessageKind::FunctionCall => json!({ "result": unavailable }),
-                _ => agent::refusal_answer("Sorry, we cannot take your call right now. Please try again later."),
-            }
+            unavailable_answer(msg)
         }
     }
 }
@@ -197,19 +268,16 @@ async fn answer_or_fail(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Res
     match msg.kind {
         MessageKind::AssistantRequest => assistant_request(s, org_id).await,
         MessageKind::ToolCalls => {
-            let mut results = Vec::with_capacity(msg.tool_calls.len());
-            for call in &msg.tool_calls {
-                let data = s.function_data.get(org_id, &call.name).await?;
-                results.push((call, agent::tool_result(call, data.as_ref())));
-            }
-            Ok(agent::tool_calls_answer(results))
+            let data = s.agents.function_data(org_id).await?;
+            let results = msg.tool_calls.iter().map(|call| (call, agent::tool_result(call, data.get(&call.name))));
+            Ok(agent::tool_calls_answer(results.collect()))
         }
         MessageKind::FunctionCall => {
             let Some(call) = msg.tool_calls.first() else {
                 return Ok(json!({ "result": "No function was named." }));
             };
-            let data = s.function_data.get(org_id, &call.name).await?;
-            Ok(match agent::tool_result(call, data.as_ref()) {
+            let data = s.agents.function_data(org_id).await?;
+            Ok(match agent::tool_result(call, data.get(&call.name)) {
                 Ok(result) => json!({ "result": result }),
                 Err(error) => json!({ "result": error }),
             })
@@ -217,7 +285,8 @@ async fn answer_or_fail(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Res
         // `transferDestination` holds either the whole answer (`{"destination", "message"}`)
         // or just the destination.
         MessageKind::TransferDestinationRequest => {
-            Ok(match s.function_data.get(org_id, "transferDestination").await? {
+            let data = s.agents.function_data(org_id).await?;
+            Ok(match data.get("transferDestination").cloned() {
                 Some(answer) if answer.get("destination").is_some() => answer,
                 Some(destination) => json!({ "destination": destination }),
                 None => json!({ "error": "No transfer destination is configured." }),
@@ -229,7 +298,7 @@ async fn answer_or_fail(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Res
 
 async fn assistant_request(s: &AppState, org_id: OrgId) -> Result<Value, ApiError> {
     let now = Utc::now();
-    let Some(org) = s.orgs.get(org_id).await? else {
+    let Some(org) = s.agents.get(org_id).await? else {
         return Ok(agent::refusal_answer("Sorry, this number is not in service."));
     };
     let org = org.as_of(now);
@@ -248,6 +317,6 @@ async fn assistant_request(s: &AppState, org_id: OrgId) -> Result<Value, ApiErro
     let Some(assistant_id) = org.default_assistant_id.clone().or_else(|| s.fallback_assistant_id.clone()) else {
         return refuse(Refusal { code: "no_assistant", spoken: "Sorry, this line is not set up yet.".into() });
     };
-    let preload = s.function_data.preload(org_id).await?;
-    Ok(agent::assistant_answer(&org, &assistant_id, max_seconds, preload, s.agent.org_hint_key.as_deref()))
+    let preload = s.agents.function_data(org_id).await?;
+    Ok(agent::assistant_answer(&org, &assistant_id, max_seconds, (*preload).clone(), s.agent.org_hint_key.as_deref()))
 }

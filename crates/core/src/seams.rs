@@ -18,6 +18,15 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The backend could not be reached or did not answer in time (connection refused or
+    /// lost, a pool or statement timeout, a lock wait given up). Trying again later can
+    /// succeed; nothing about the request itself is wrong.
+    #[error("{backend} backend unavailable")]
+    Unavailable {
+        backend: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -25,6 +34,15 @@ pub enum StoreError {
 impl StoreError {
     pub fn backend(backend: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Backend { backend, source: Box::new(e) }
+    }
+
+    pub fn unavailable(backend: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Unavailable { backend, source: Box::new(e) }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
     }
 }
 
@@ -42,6 +60,20 @@ pub trait OrgDirectory: Send + Sync {
     async fn by_call(&self, vapi_call_id: &str) -> StoreResult<Option<OrgId>>;
     /// The organization an unrevoked API key belongs to (recording its use).
     async fn by_api_key(&self, secret: &str) -> StoreResult<Option<OrgId>>;
+}
+
+/// What the agent's answers are read from (`assistant-request`, `tool-calls`): the
+/// organization directory and function data, kept in memory so an answer never waits on a
+/// database in trouble. Reads are current when the database answers in time and the last
+/// known state otherwise.
+#[async_trait]
+pub trait AgentDirectory: OrgDirectory {
+    /// The organization's function data.
+    async fn function_data(&self, org: OrgId) -> StoreResult<std::sync::Arc<Map<String, Value>>>;
+    /// Forgets what is known of an organization: it changed here, read it again.
+    fn invalidate(&self, org: OrgId);
+    /// Forgets what is known of every organization.
+    fn invalidate_all(&self);
 }
 
 /// Billed seconds per organization and billing period. The usage ledger is the truth behind
@@ -229,6 +261,10 @@ pub enum PipelineError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A backend was unavailable (the database down, a timeout): nothing was changed or
+    /// kept. Whoever holds the event keeps it and tries again later.
+    #[error("processing is unavailable for now")]
+    Unavailable(#[source] StoreError),
     /// Processing failed and even the dead-letter write failed.
     #[error("processing failed and the event could not be dead-lettered")]
     Lost(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -238,6 +274,7 @@ pub enum PipelineError {
 #[async_trait]
 pub trait EventPipeline: Send + Sync {
     fn backend(&self) -> &'static str;
+    /// Applies the event. Idempotent on the call: applying an event again changes nothing.
     async fn submit(&self, event: InboundEvent) -> Result<Processed, PipelineError>;
     /// Keeps an authenticated message that could not be routed or parsed (unknown
     /// organization, a field VAPI sent in a shape we do not read yet) in the dead-letter
@@ -379,4 +416,94 @@ pub trait BillingSync: Send + Sync {
         seconds: i64,
         at: DateTime<Utc>,
     ) -> Result<(), BillingError>;
+}
+
+/// An authenticated VAPI webhook as it arrived, before anything that can fail: what the
+/// intake keeps until its effects have committed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReceivedWebhook {
+    pub received_at: DateTime<Utc>,
+    /// The organization segment of the URL (`/vapi/{org_id}`), as sent.
+    pub path_org: Option<String>,
+    /// The organization, when the receiver resolved it already.
+    pub org: Option<OrgId>,
+    /// The body, byte for byte.
+    pub body: Vec<u8>,
+    /// Set when the body can never be processed as sent (unparseable, no organization): it
+    /// is to be kept as a dead letter with this code and reason.
+    pub unprocessable: Option<Unprocessable>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unprocessable {
+    pub code: String,
+    pub reason: String,
+}
+
+/// What became of an accepted webhook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Processed at once; its effects are committed.
+    Processed(Processed),
+    /// Stored durably; it will be processed (or dead-lettered) later.
+    Queued,
+    /// Processing failed for a reason retrying will not fix; the event is kept as a dead
+    /// letter in the database, to be replayed once the cause is mended.
+    DeadLettered,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// The event can never be processed as sent; it was kept as a dead letter (or is being
+    /// kept) and the sender is told so.
+    #[error("{message}")]
+    Rejected { code: &'static str, message: String },
+    /// No durable store could take the event (the inbox full or its disk failing, and the
+    /// database unavailable): the sender should retry after a pause.
+    #[error("cannot take the event now")]
+    Overloaded {
+        retry_after_seconds: u32,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+/// What the intake holds now, for metrics, `/readyz` and `callplane inbox status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct IntakeStatus {
+    pub backend: &'static str,
+    /// Events stored and not yet processed.
+    pub depth: u64,
+    pub bytes: u64,
+    /// Age in seconds of the oldest stored event.
+    pub oldest_age_seconds: f64,
+    /// Events processed (or dead-lettered) out of the store since this process started.
+    pub drained_total: u64,
+    /// Events acknowledged to VAPI that could be stored nowhere. Should read 0.
+    pub lost_total: u64,
+    /// Events refused with 503 because nothing could take them.
+    pub shed_total: u64,
+    /// Whether the store can take more.
+    pub accepting: bool,
+}
+
+/// Takes every authenticated webhook that changes state and makes sure its effects happen:
+/// stored durably outside the database first (a local inbox in phase 1, Temporal in phase
+/// 2), processed at once when there is capacity, drained later otherwise.
+#[async_trait]
+pub trait EventIntake: Send + Sync {
+    fn backend(&self) -> &'static str;
+    /// Stores `webhook` durably, then processes it at once when capacity allows, waiting at
+    /// most `budget` for the outcome (the processing goes on after that). `event` is the
+    /// parsed message when the caller has it with its organization. `acknowledged` says the
+    /// sender is answered 200 whatever this returns (an answer VAPI waits for): if the event
+    /// can be stored nowhere, it is counted as lost.
+    async fn accept(
+        &self,
+        webhook: ReceivedWebhook,
+        event: Option<InboundEvent>,
+        budget: std::time::Duration,
+        acknowledged: bool,
+    ) -> Result<Accepted, IntakeError>;
+    fn status(&self) -> IntakeStatus;
 }

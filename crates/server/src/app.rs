@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use callplane_api::{AppState, Metrics, Readiness};
 use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
 use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore, UsageCounter};
-use callplane_storage::{PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
-use callplane_workflow::{InlinePipeline, PipelineSettings};
+use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
+use callplane_workflow::{Inbox, InlinePipeline, LocalIntake, PipelineSettings};
 use chrono::Utc;
 use secrecy::ExposeSecret;
 use std::sync::Arc;
@@ -15,12 +15,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-/// A built application: its store, its pipeline and the HTTP state.
+/// A built application: its store, its pipeline, its intake and the HTTP state.
 #[derive(Clone)]
 pub struct App {
     pub settings: Settings,
     pub store: PgStore,
     pub pipeline: Arc<InlinePipeline>,
+    pub intake: LocalIntake,
+    pub agents: PgAgentDirectory,
     pub state: AppState,
     /// Set on shutdown: WebSocket sessions close with 1001.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
@@ -31,13 +33,17 @@ struct PgReadiness {
     bus: Arc<dyn RealtimeBus>,
 }
 
+/// How long `/readyz` and `/metrics` wait for the database before saying it did not answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+
 #[async_trait]
 impl Readiness for PgReadiness {
     async fn check(&self) -> Result<(), String> {
-        match self.store.migrations_current().await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("migrations are not all applied; run `callplane migrate`".into()),
-            Err(e) => Err(format!("database unreachable: {e}")),
+        match tokio::time::timeout(PROBE_TIMEOUT, self.store.migrations_current()).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err("migrations are not all applied; run `callplane migrate`".into()),
+            Ok(Err(e)) => Err(format!("database unreachable: {e}")),
+            Err(_) => Err(format!("database did not answer within {} ms", PROBE_TIMEOUT.as_millis())),
         }
     }
 
@@ -52,10 +58,15 @@ impl Readiness for PgReadiness {
                 self.bus.subscribers() as f64,
             ),
         ];
-        if let Ok(n) = self.store.open_dead_letter_count().await {
+        // The database's figures are left out when it cannot answer in time.
+        let (dead, live) = tokio::join!(
+            tokio::time::timeout(PROBE_TIMEOUT, self.store.open_dead_letter_count()),
+            tokio::time::timeout(PROBE_TIMEOUT, self.store.concurrent_calls()),
+        );
+        if let Ok(Ok(n)) = dead {
             g.push(("callplane_dead_letters_open", "Dead-lettered events not yet replayed.", n as f64));
         }
-        if let Ok(n) = self.store.concurrent_calls().await {
+        if let Ok(Ok(n)) = live {
             g.push(("callplane_concurrent_calls", "Calls in progress across all organizations.", n as f64));
         }
         g
@@ -106,6 +117,38 @@ impl App {
         Self::with_store(settings, store).await
     }
 
+    /// The event processor alone (for commands that replay or reconcile without serving).
+    pub async fn pipeline(settings: &Settings, store: &PgStore) -> anyhow::Result<InlinePipeline> {
+        let b = &settings.backends;
+        if b.event_pipeline != "inline" {
+            bail!("backends.event_pipeline: {:?} is not compiled into this build", b.event_pipeline);
+        }
+        let counter = usage_counter(&b.usage_counter, store)?;
+        let transcripts = transcripts(&b.transcripts, store)?;
+        let bus = realtime(&b.realtime, store, settings.realtime.queue).await?;
+        Ok(InlinePipeline::new(store.clone(), counter, transcripts, bus, Self::pipeline_settings(settings)))
+    }
+
+    fn pipeline_settings(settings: &Settings) -> PipelineSettings {
+        PipelineSettings {
+            rules: settings.billing_rules(),
+            max_future_skew: chrono::Duration::hours(settings.partitions.max_future_skew_hours),
+            max_past: chrono::Duration::days(settings.partitions.max_past_days),
+            org_hint_key: settings.org_hint_key(),
+            included_seconds: settings.plans().into_iter().map(|(name, p)| (name, p.included_seconds())).collect(),
+        }
+    }
+
+    /// Opens the inbox in `inbox.dir`; only one process may hold it.
+    pub fn open_inbox(settings: &Settings) -> anyhow::Result<Inbox> {
+        Inbox::open(&settings.inbox.dir, settings.inbox_limits()).with_context(|| {
+            format!(
+                "opening the inbox in inbox.dir {} (each `callplane serve` needs a directory of its own)",
+                settings.inbox.dir.display()
+            )
+        })
+    }
+
     pub async fn with_store(settings: Settings, store: PgStore) -> anyhow::Result<Self> {
         let b = &settings.backends;
         if b.event_pipeline != "inline" {
@@ -119,14 +162,23 @@ impl App {
             counter.clone(),
             transcripts.clone(),
             bus.clone(),
-            PipelineSettings {
-                rules: settings.billing_rules(),
-                max_future_skew: chrono::Duration::hours(settings.partitions.max_future_skew_hours),
-                max_past: chrono::Duration::days(settings.partitions.max_past_days),
-                org_hint_key: settings.org_hint_key(),
-                included_seconds: settings.plans().into_iter().map(|(name, p)| (name, p.included_seconds())).collect(),
-            },
+            Self::pipeline_settings(&settings),
         ));
+        let deadline = settings.answer_deadline();
+        let answers = PgStore::answer_pool(
+            settings.database.url.expose_secret(),
+            settings.database.answer_pool_connections,
+            deadline,
+        )
+        .context("the answer pool (database.url)")?;
+        let agents = PgAgentDirectory::new(answers, store.clone(), deadline / 4);
+        agents.spawn_listener();
+        let intake = LocalIntake::new(
+            Self::open_inbox(&settings)?,
+            pipeline.clone(),
+            Arc::new(agents.clone()),
+            settings.intake_settings(),
+        );
         let fallback = settings.vapi.fallback_assistant_id.trim();
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {
@@ -134,7 +186,11 @@ impl App {
             dashboard_auth: Arc::new(settings.dashboard_auth()),
             orgs: Arc::new(store.clone()),
             admin: Arc::new(store.clone()),
-            pipeline: pipeline.clone(),
+            intake: Arc::new(intake.clone()),
+            agents: Arc::new(agents.clone()),
+            answer_deadline: deadline,
+            inline_budget: Duration::from_millis(settings.inbox.inline_budget_ms),
+            ready_max_backlog_seconds: settings.inbox.ready_max_age_seconds,
             function_data: function_data(&b.function_data, &store)?,
             calls: Arc::new(store.clone()),
             transcripts,
@@ -161,7 +217,9 @@ impl App {
             readiness: Arc::new(PgReadiness { store: store.clone(), bus }),
             shutdown,
         };
-        Ok(Self { settings, store, pipeline, state, shutdown: Arc::new(shutdown_tx) })
+        // Whatever a previous process left in the inbox is drained from now on.
+        intake.spawn_drainer();
+        Ok(Self { settings, store, pipeline, intake, agents, state, shutdown: Arc::new(shutdown_tx) })
     }
 
     pub fn router(&self) -> axum::Router {

@@ -11,6 +11,11 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tracing::info;
 
+// mimalloc gives freed memory back to the system; glibc's malloc keeps what a burst of
+// requests took in per-thread arenas, so RSS stayed near its peak long after the burst.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "callplane", version, about = "The backend of a voice-AI business on VAPI")]
 struct Cli {
@@ -47,6 +52,26 @@ enum Command {
     /// Stripe billing.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// The local inbox of accepted webhooks (`inbox.dir`).
+    #[command(subcommand)]
+    Inbox(InboxCommand),
+}
+
+#[derive(Subcommand)]
+enum InboxCommand {
+    /// What the inbox holds: depth, size, the oldest event, and the events failing.
+    Status {
+        /// Events to list.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Process what the inbox holds now (with `callplane serve` stopped; a running server
+    /// drains its own inbox).
+    Drain {
+        /// Give up on events still failing after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        patience_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -333,11 +358,13 @@ async fn main() -> anyhow::Result<()> {
                 out
             });
         }
+        Command::Inbox(cmd) => inbox(cmd, settings, j).await?,
         Command::Events(cmd) => {
-            let app = App::build(settings).await?;
+            settings.validate()?;
+            let store = App::connect(&settings).await?;
             match cmd {
                 EventsCommand::List { filter, all } => {
-                    let letters = app.store.dead_letters(&filter.filter(all)).await?;
+                    let letters = store.dead_letters(&filter.filter(all)).await?;
                     let v = serde_json::to_value(&letters)?;
                     print(j, &v, || {
                         letters
@@ -358,9 +385,9 @@ async fn main() -> anyhow::Result<()> {
                     });
                 }
                 EventsCommand::Replay { filter } => {
-                    let report = app
-                        .pipeline
-                        .replay(&filter.filter(false), &app.store, |r| {
+                    let pipeline = App::pipeline(&settings, &store).await?;
+                    let report = pipeline
+                        .replay(&filter.filter(false), &store, |r| {
                             eprint!("\rreplayed {} ({} ok, {} failed)", r.attempted, r.succeeded, r.failed);
                         })
                         .await?;
@@ -376,6 +403,70 @@ async fn main() -> anyhow::Result<()> {
                         std::process::exit(1);
                     }
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn inbox(cmd: InboxCommand, settings: Settings, j: bool) -> anyhow::Result<()> {
+    let inbox = App::open_inbox(&settings)?;
+    match cmd {
+        InboxCommand::Status { limit } => {
+            let events = inbox.list(limit)?;
+            let oldest = inbox.oldest();
+            let v = json!({
+                "dir": settings.inbox.dir,
+                "depth": inbox.depth(),
+                "bytes": inbox.bytes(),
+                "oldest_received_at": oldest,
+                "events": events.iter().map(|e| json!({
+                    "id": e.id, "received_at": e.webhook.received_at, "org": e.webhook.org,
+                    "path_org": e.webhook.path_org, "bytes": e.webhook.body.len(), "attempts": e.attempts,
+                    "next_attempt_at": e.next_attempt_at, "last_error": e.last_error,
+                })).collect::<Vec<_>>(),
+            });
+            print(j, &v, || {
+                let mut out = format!(
+                    "{}: {} events, {} bytes{}",
+                    settings.inbox.dir.display(),
+                    inbox.depth(),
+                    inbox.bytes(),
+                    oldest.map(|t| format!(", oldest received {t}")).unwrap_or_default()
+                );
+                for e in &events {
+                    out.push_str(&format!(
+                        "\n{} {} {} attempts{}",
+                        e.id,
+                        e.webhook.received_at,
+                        e.attempts,
+                        e.last_error.as_deref().map(|x| format!(": {x}")).unwrap_or_default()
+                    ));
+                }
+                out
+            });
+        }
+        InboxCommand::Drain { patience_secs } => {
+            let store = App::connect(&settings).await?;
+            let pipeline = std::sync::Arc::new(App::pipeline(&settings, &store).await?);
+            let intake = callplane_workflow::LocalIntake::new(
+                inbox,
+                pipeline,
+                std::sync::Arc::new(store),
+                settings.intake_settings(),
+            );
+            let report = intake
+                .drain_all(std::time::Duration::from_secs(patience_secs), |r| {
+                    eprint!("\rprocessed {}, dead-lettered {}, left {}", r.processed, r.dead_lettered, r.left);
+                })
+                .await;
+            eprintln!();
+            let v = serde_json::to_value(&report)?;
+            print(j, &v, || {
+                format!("processed {}, dead-lettered {}, {} left", report.processed, report.dead_lettered, report.left)
+            });
+            if report.left > 0 {
+                std::process::exit(1);
             }
         }
     }

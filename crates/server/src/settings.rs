@@ -30,7 +30,20 @@ pub struct Settings {
     pub plans: BTreeMap<String, PlanSettings>,
     pub stripe: StripeConfig,
     pub partitions: PartitionSettings,
+    pub inbox: InboxSettings,
     pub backends: BackendSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct InboxSettings {
+    pub dir: PathBuf,
+    pub max_events: u64,
+    pub max_megabytes: u64,
+    pub workers: usize,
+    pub inline_budget_ms: u64,
+    pub max_attempts: u32,
+    pub max_backoff_seconds: u64,
+    pub ready_max_age_seconds: f64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -58,6 +71,7 @@ pub struct ServerSettings {
 pub struct DatabaseSettings {
     pub url: SecretString,
     pub max_connections: u32,
+    pub answer_pool_connections: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -67,6 +81,7 @@ pub struct VapiSettings {
     pub allow_unauthenticated: bool,
     pub fallback_assistant_id: String,
     pub max_call_seconds: i64,
+    pub answer_deadline_ms: u64,
     pub hmac: HmacConfig,
 }
 
@@ -232,6 +247,24 @@ impl Settings {
         if self.vapi.max_call_seconds <= 0 {
             errors.push("vapi.max_call_seconds: must be positive".into());
         }
+        if !(50..=7000).contains(&self.vapi.answer_deadline_ms) {
+            errors.push("vapi.answer_deadline_ms: must be between 50 and 7000 (VAPI gives up at 7500)".into());
+        }
+        if self.database.answer_pool_connections == 0 {
+            errors.push("database.answer_pool_connections: must be at least 1".into());
+        }
+        if self.inbox.dir.as_os_str().is_empty() {
+            errors.push("inbox.dir: must name a directory".into());
+        }
+        if self.inbox.max_events == 0 || self.inbox.max_megabytes == 0 {
+            errors.push("inbox.max_events, inbox.max_megabytes: must be positive".into());
+        }
+        if self.inbox.workers == 0 {
+            errors.push("inbox.workers: must be at least 1".into());
+        }
+        if self.inbox.max_attempts == 0 {
+            errors.push("inbox.max_attempts: must be at least 1".into());
+        }
         if self.auth.jwt_org_claim.trim().is_empty() {
             errors.push("auth.jwt_org_claim: must name a claim".into());
         }
@@ -389,6 +422,26 @@ impl Settings {
         Some(callplane_core::agent::org_hint_signature(secret, callplane_core::OrgId(uuid::Uuid::nil())).into_bytes())
     }
 
+    pub fn answer_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.vapi.answer_deadline_ms)
+    }
+
+    pub fn inbox_limits(&self) -> callplane_workflow::InboxLimits {
+        callplane_workflow::InboxLimits {
+            max_events: self.inbox.max_events,
+            max_bytes: self.inbox.max_megabytes.saturating_mul(1 << 20),
+        }
+    }
+
+    pub fn intake_settings(&self) -> callplane_workflow::IntakeSettings {
+        callplane_workflow::IntakeSettings {
+            workers: self.inbox.workers,
+            max_attempts: self.inbox.max_attempts,
+            max_backoff: std::time::Duration::from_secs(self.inbox.max_backoff_seconds.max(1)),
+            org_hint_key: self.org_hint_key(),
+        }
+    }
+
     pub fn vapi_server_url(&self, org: &callplane_core::OrgId) -> String {
         format!("{}/vapi/{org}", self.server.public_url.trim_end_matches('/'))
     }
@@ -410,13 +463,15 @@ impl Settings {
         json!({
             "server": { "addr": self.server.addr, "public_url": self.server.public_url,
                         "max_body_bytes": self.server.max_body_bytes, "log_format": self.server.log_format },
-            "database": { "url": shown_url, "max_connections": self.database.max_connections },
+            "database": { "url": shown_url, "max_connections": self.database.max_connections,
+                          "answer_pool_connections": self.database.answer_pool_connections },
             "vapi": {
                 "secret": mask(&self.vapi.secret),
                 "extra_secrets": self.vapi.extra_secrets.iter().map(mask).collect::<Vec<_>>(),
                 "allow_unauthenticated": self.vapi.allow_unauthenticated,
                 "fallback_assistant_id": self.vapi.fallback_assistant_id,
                 "max_call_seconds": self.vapi.max_call_seconds,
+                "answer_deadline_ms": self.vapi.answer_deadline_ms,
                 "hmac": {
                     "secrets": self.vapi.hmac.secrets.iter().map(mask).collect::<Vec<_>>(),
                     "algorithm": self.vapi.hmac.algorithm,
@@ -468,6 +523,16 @@ impl Settings {
                 "max_future_skew_hours": self.partitions.max_future_skew_hours,
                 "max_past_days": self.partitions.max_past_days,
                 "maintenance_interval_seconds": self.partitions.maintenance_interval_seconds,
+            },
+            "inbox": {
+                "dir": self.inbox.dir,
+                "max_events": self.inbox.max_events,
+                "max_megabytes": self.inbox.max_megabytes,
+                "workers": self.inbox.workers,
+                "inline_budget_ms": self.inbox.inline_budget_ms,
+                "max_attempts": self.inbox.max_attempts,
+                "max_backoff_seconds": self.inbox.max_backoff_seconds,
+                "ready_max_age_seconds": self.inbox.ready_max_age_seconds,
             },
             "backends": {
                 "usage_counter": self.backends.usage_counter,

@@ -5,6 +5,7 @@
 //! phase-1 backends of the seams (`PgUsageCounter`, `PgTranscriptStore`, `PgFunctionData`,
 //! `PgRealtimeBus`). Depends on `callplane-core` and sqlx only; never on `api` or `server`.
 
+mod agent_directory;
 mod billing;
 mod calls;
 mod dead_letters;
@@ -14,8 +15,10 @@ mod partitions;
 mod reads;
 mod realtime;
 mod transcripts;
+mod unfinished;
 mod usage;
 
+pub use agent_directory::{CACHE_CHANNEL, PgAgentDirectory};
 pub use callplane_core::domain::CallChange;
 pub use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
 pub use calls::{ApplyOptions, LedgerRow};
@@ -24,6 +27,7 @@ pub use function_data::PgFunctionData;
 pub use partitions::PartitionReport;
 pub use realtime::PgRealtimeBus;
 pub use transcripts::PgTranscriptStore;
+pub use unfinished::{UnfinishedCall, UnfinishedFilter};
 pub use usage::PgUsageCounter;
 
 use callplane_core::seams::StoreError;
@@ -37,7 +41,32 @@ use std::time::Duration;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
-    StoreError::backend("postgres", e)
+    if is_transient(&e) { StoreError::unavailable("postgres", e) } else { StoreError::backend("postgres", e) }
+}
+
+/// Errors that say the database is unreachable, overloaded or gave up waiting, not that the
+/// statement is wrong: the same work may succeed later.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources; 57: operator
+            // intervention (shutdown, statement_timeout, cannot connect now); 40001/40P01:
+            // serialization failure and deadlock; 55P03: lock_timeout.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57")
+                || code == "40001"
+                || code == "40P01"
+                || code == "55P03"
+        }),
+        _ => false,
+    }
 }
 
 /// The Postgres store. Cheap to clone; all clones share one pool.
@@ -57,6 +86,23 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(db)?;
+        Ok(Self::from_pool(pool))
+    }
+
+    /// A store over a small pool for answers VAPI waits for: it connects lazily (so a server
+    /// starts while the database is away), waits at most `deadline` for a connection, and
+    /// every statement on it gives up after `deadline` (`statement_timeout`) or a lock wait
+    /// after half of it (`lock_timeout`).
+    pub fn answer_pool(url: &str, max_connections: u32, deadline: Duration) -> Result<Self, StoreError> {
+        let ms = deadline.as_millis().max(1);
+        let options = PgConnectOptions::from_str(url)
+            .map_err(db)?
+            .application_name("callplane-answers")
+            .options([("statement_timeout", ms.to_string()), ("lock_timeout", (ms / 2).max(1).to_string())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(deadline)
+            .connect_lazy_with(options);
         Ok(Self::from_pool(pool))
     }
 

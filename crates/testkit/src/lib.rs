@@ -1,7 +1,7 @@
 //! callplane-testkit: what every test suite shares. A fresh, migrated database per test
 //! (cloned from a template built once per migration set), and one contract suite per seam
-//! that every backend must pass, tenant isolation included, and a Stripe-compatible stub
-//! server for the endpoints callplane calls. A dev-dependency only.
+//! that every backend must pass, tenant isolation included, and Stripe- and VAPI-compatible
+//! stub servers for the endpoints callplane calls. A dev-dependency only.
 
 // The Stripe stub's objects are large `json!` literals.
 #![recursion_limit = "256"]
@@ -9,5 +9,6 @@
 pub mod contracts;
 mod db;
 pub mod stripe_stub;
+pub mod vapi_stub;
 
 pub use db::{TestDb, admin_url};

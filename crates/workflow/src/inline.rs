@@ -65,12 +65,13 @@ impl Failure {
             Failure::PastTimestamp { .. } => "stale_timestamp",
             Failure::Store(StoreError::Invalid(_)) => "invalid_event",
             Failure::Store(StoreError::Backend { .. }) => "processing_failed",
+            Failure::Store(StoreError::Unavailable { .. }) => "unavailable",
         }
     }
 
     /// Whether the sender should be told its event is wrong (4xx) rather than acknowledged.
     fn is_rejection(&self) -> bool {
-        !matches!(self, Failure::Store(StoreError::Backend { .. }))
+        !matches!(self, Failure::Store(StoreError::Backend { .. } | StoreError::Unavailable { .. }))
     }
 }
 
@@ -286,6 +287,9 @@ impl EventPipeline for InlinePipeline {
     async fn submit(&self, ev: InboundEvent) -> Result<Processed, PipelineError> {
         let failure = match self.process(&ev).await {
             Ok(p) => return Ok(p),
+            // The database is away: nothing to keep here, the caller's durable copy (the
+            // inbox, a workflow) is tried again later.
+            Err(Failure::Store(e)) if e.is_transient() => return Err(PipelineError::Unavailable(e)),
             Err(f) => f,
         };
         match self.dead_letter(&ev, &failure).await {

@@ -1,10 +1,16 @@
 //! callplane-workflow: the event pipeline behind the `EventPipeline` seam.
 //!
-//! Phase 1 processes each verified VAPI event inline, in the webhook request. Phase 2 adds
-//! Temporal workflows behind the same seam. Whatever the backend, an event that fails is
-//! kept in the dead-letter table and can be replayed. Depends on `core` and `storage`;
+//! Phase 1 keeps every accepted VAPI event in a local, fsync'd inbox (`LocalIntake`), then
+//! processes it inline in the webhook request or, when that cannot finish, from the inbox.
+//! Phase 2 adds Temporal workflows behind the same seams. Whatever the backend, an event that
+//! cannot be processed is kept in the dead-letter table and can be replayed. Depends on `core` and `storage`;
 //! never on `api` or `server`.
 
+mod inbox;
 mod inline;
+mod intake;
+pub mod reconcile;
 
+pub use inbox::{Inbox, InboxError, InboxLimits, StoredEvent};
 pub use inline::{InlinePipeline, PipelineSettings, ReplayReport};
+pub use intake::{DrainReport, IntakeSettings, LocalIntake};

@@ -1,0 +1,259 @@
+//! `PgAgentDirectory`: organizations, function data and the routing registries in memory,
+//! for answers VAPI waits for.
+//!
+//! An entry is current until a change notification (`callplane_cache`, raised by triggers on
+//! the tables) or a local write marks it stale. A stale entry is read again from the database
+//! within a short budget; when the database cannot answer in time the stale entry is served
+//! and the read finishes in the background, so a locked table or a stopped server costs an
+//! answer at most the budget. Reads use their own small pool whose connections carry
+//! `statement_timeout` and `lock_timeout`, so they never queue behind event processing.
+//!
+//! Registry and call lookups are cached only when found: a mapping, once made, never moves to
+//! another organization.
+
+use crate::{PgFunctionData, PgStore};
+use async_trait::async_trait;
+use callplane_core::seams::{AgentDirectory, FunctionData, OrgDirectory, StoreResult};
+use callplane_core::{OrgId, Organization};
+use serde_json::{Map, Value};
+use sqlx::postgres::PgListener;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+pub const CACHE_CHANNEL: &str = "callplane_cache";
+
+/// Entries older than this are read again even without a notification (a safety net for a
+/// notification lost outside a reconnect).
+const MAX_AGE: Duration = Duration::from_secs(60);
+/// The most call ids remembered; past it the map starts over.
+const MAX_CALLS: usize = 100_000;
+
+#[derive(Clone)]
+struct Known {
+    org: Option<Organization>,
+    data: Arc<Map<String, Value>>,
+    read_at: Instant,
+    stale: bool,
+    refreshing: bool,
+}
+
+#[derive(Default)]
+struct Maps {
+    orgs: HashMap<OrgId, Known>,
+    registry: HashMap<String, OrgId>,
+    calls: HashMap<String, OrgId>,
+}
+
+struct Inner {
+    /// A store over the answer pool (statement and lock timeouts on every connection).
+    answers: PgStore,
+    /// The main store, for what answers never need (API keys).
+    primary: PgStore,
+    maps: Mutex<Maps>,
+    /// How long a stale entry's refresh is awaited before the stale entry is served.
+    refresh_budget: Duration,
+}
+
+#[derive(Clone)]
+pub struct PgAgentDirectory {
+    inner: Arc<Inner>,
+}
+
+impl PgAgentDirectory {
+    /// `answers` should be a store over a small pool of its own (see [`PgStore::answer_pool`]).
+    pub fn new(answers: PgStore, primary: PgStore, refresh_budget: Duration) -> Self {
+        Self { inner: Arc::new(Inner { answers, primary, maps: Mutex::default(), refresh_budget }) }
+    }
+
+    /// Listens for change notifications for as long as the process runs.
+    pub fn spawn_listener(&self) {
+        let directory = self.clone();
+        tokio::spawn(async move { directory.listen_forever().await });
+    }
+
+    async fn listen_forever(self) {
+        loop {
+            match PgListener::connect_with(self.inner.primary.pool()).await {
+                Ok(mut listener) => match listener.listen(CACHE_CHANNEL).await {
+                    Ok(()) => {
+                        // Changes made while nobody listened are unknown: read everything again.
+                        self.mark_all_stale();
+                        if let Err(e) = self.receive(&mut listener).await {
+                            warn!(error = %e, "cache listener lost its connection; reconnecting");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "LISTEN callplane_cache failed; retrying"),
+                },
+                Err(e) => warn!(error = %e, "cache listener cannot connect; retrying"),
+            }
+            self.mark_all_stale();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn receive(&self, listener: &mut PgListener) -> Result<(), sqlx::Error> {
+        loop {
+            match listener.try_recv().await? {
+                Some(n) => self.on_notification(n.payload()),
+                None => {
+                    info!("cache listener reconnecting; cached organizations will be read again");
+                    self.mark_all_stale();
+                }
+            }
+        }
+    }
+
+    fn on_notification(&self, payload: &str) {
+        match payload.split_once(':') {
+            Some(("org", id)) => {
+                if let Ok(id) = id.parse::<uuid::Uuid>() {
+                    self.invalidate(OrgId(id));
+                }
+            }
+            Some(("registry", _)) => {
+                if let Ok(mut maps) = self.inner.maps.lock() {
+                    maps.registry.clear();
+                }
+            }
+            _ => warn!(payload, "ignoring an unknown cache notification"),
+        }
+    }
+
+    fn mark_all_stale(&self) {
+        if let Ok(mut maps) = self.inner.maps.lock() {
+            maps.orgs.values_mut().for_each(|k| {
+                k.stale = true;
+                k.refreshing = false;
+            });
+            maps.registry.clear();
+        }
+    }
+
+    /// Reads an organization and its function data from the database and remembers them.
+    async fn load(inner: &Inner, org: OrgId) -> StoreResult<Known> {
+        let data = PgFunctionData(inner.answers.clone());
+        let (row, data) = tokio::try_join!(inner.answers.get(org), data.preload(org))?;
+        let known = Known { org: row, data: Arc::new(data), read_at: Instant::now(), stale: false, refreshing: false };
+        if let Ok(mut maps) = inner.maps.lock() {
+            // A notification that arrived during the read leaves the entry stale.
+            let stale_meanwhile = maps.orgs.get(&org).is_some_and(|k| k.stale && !k.refreshing);
+            let mut stored = known.clone();
+            stored.stale = stale_meanwhile;
+            maps.orgs.insert(org, stored);
+        }
+        Ok(known)
+    }
+
+    /// The organization's entry: from memory when current; read again when stale, serving the
+    /// stale entry if the read does not finish within the budget.
+    async fn known(&self, org: OrgId) -> StoreResult<Known> {
+        let cached = self.inner.maps.lock().ok().and_then(|mut maps| {
+            let entry = maps.orgs.get_mut(&org)?;
+            let current = !entry.stale && entry.read_at.elapsed() < MAX_AGE;
+            if current || entry.refreshing {
+                return Some((entry.clone(), false));
+            }
+            entry.refreshing = true;
+            Some((entry.clone(), true))
+        });
+        match cached {
+            None => Self::load(&self.inner, org).await,
+            Some((known, false)) => Ok(known),
+            Some((stale, true)) => {
+                let inner = self.inner.clone();
+                let refresh = tokio::spawn(async move {
+                    let result = Self::load(&inner, org).await;
+                    if result.is_err()
+                        && let Ok(mut maps) = inner.maps.lock()
+                        && let Some(entry) = maps.orgs.get_mut(&org)
+                    {
+                        entry.refreshing = false;
+                    }
+                    result
+                });
+                match tokio::time::timeout(self.inner.refresh_budget, refresh).await {
+                    Ok(Ok(Ok(fresh))) => Ok(fresh),
+                    Ok(Ok(Err(e))) => {
+                        warn!(org_id = %org, error = %e, "reading an organization failed; answering from memory");
+                        Ok(stale)
+                    }
+                    _ => Ok(stale),
+                }
+            }
+        }
+    }
+
+    fn remembered(&self, key: &str) -> Option<OrgId> {
+        self.inner.maps.lock().ok().and_then(|m| m.registry.get(key).copied())
+    }
+
+    fn remember(&self, key: String, org: Option<OrgId>) -> Option<OrgId> {
+        if let (Some(org), Ok(mut maps)) = (org, self.inner.maps.lock()) {
+            maps.registry.insert(key, org);
+        }
+        org
+    }
+}
+
+#[async_trait]
+impl OrgDirectory for PgAgentDirectory {
+    async fn get(&self, org: OrgId) -> StoreResult<Option<Organization>> {
+        Ok(self.known(org).await?.org)
+    }
+
+    async fn by_phone_number(&self, id: &str) -> StoreResult<Option<OrgId>> {
+        let key = format!("phone:{id}");
+        match self.remembered(&key) {
+            Some(org) => Ok(Some(org)),
+            None => Ok(self.remember(key, self.inner.answers.by_phone_number(id).await?)),
+        }
+    }
+
+    async fn by_assistant(&self, id: &str) -> StoreResult<Option<OrgId>> {
+        let key = format!("assistant:{id}");
+        match self.remembered(&key) {
+            Some(org) => Ok(Some(org)),
+            None => Ok(self.remember(key, self.inner.answers.by_assistant(id).await?)),
+        }
+    }
+
+    async fn by_call(&self, id: &str) -> StoreResult<Option<OrgId>> {
+        if let Some(org) = self.inner.maps.lock().ok().and_then(|m| m.calls.get(id).copied()) {
+            return Ok(Some(org));
+        }
+        let org = self.inner.answers.by_call(id).await?;
+        if let (Some(org), Ok(mut maps)) = (org, self.inner.maps.lock()) {
+            if maps.calls.len() >= MAX_CALLS {
+                maps.calls.clear();
+            }
+            maps.calls.insert(id.to_owned(), org);
+        }
+        Ok(org)
+    }
+
+    async fn by_api_key(&self, secret: &str) -> StoreResult<Option<OrgId>> {
+        self.inner.primary.by_api_key(secret).await
+    }
+}
+
+#[async_trait]
+impl AgentDirectory for PgAgentDirectory {
+    async fn function_data(&self, org: OrgId) -> StoreResult<Arc<Map<String, Value>>> {
+        Ok(self.known(org).await?.data)
+    }
+
+    fn invalidate(&self, org: OrgId) {
+        if let Ok(mut maps) = self.inner.maps.lock()
+            && let Some(entry) = maps.orgs.get_mut(&org)
+        {
+            entry.stale = true;
+            entry.refreshing = false;
+        }
+    }
+
+    fn invalidate_all(&self) {
+        self.mark_all_stale();
+    }
+}

@@ -1,0 +1,428 @@
+//! `LocalIntake`: the phase-1 `EventIntake`. Every accepted webhook goes to the local inbox
+//! first (durable on return), then through the pipeline: at once in the request when a worker
+//! is free within the budget, else by the drainer. An event leaves the inbox only once its
+//! effects have committed, or once it is kept as a dead letter in the database.
+//!
+//! Processing is bounded by one semaphore shared by requests and the drainer, so a burst of
+//! webhooks fills the inbox (cheap, on disk) instead of memory and database connections.
+
+use crate::inbox::{Failure, Inbox, InboxError, StoredEvent};
+use async_trait::async_trait;
+use callplane_core::OrgId;
+use callplane_core::seams::{
+    Accepted, EventIntake, EventPipeline, InboundEvent, IntakeError, IntakeStatus, OrgDirectory, PipelineError,
+    Processed, ReceivedWebhook,
+};
+use callplane_core::vapi;
+use chrono::Utc;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+use tracing::{info, warn};
+
+#[derive(Clone, Debug)]
+pub struct IntakeSettings {
+    /// Events processed at once, by requests and the drainer together.
+    pub workers: usize,
+    /// Failed attempts (the database reachable but the event still failing) before the event
+    /// is kept as a dead letter instead.
+    pub max_attempts: u32,
+    /// The longest pause between two attempts at one event.
+    pub max_backoff: Duration,
+    /// Verifies organization ids in signed call metadata.
+    pub org_hint_key: Option<Vec<u8>>,
+}
+
+/// What one attempt at an event came to.
+enum Outcome {
+    Done(Processed),
+    /// Failed, and kept as a dead letter by the pipeline.
+    DeadLettered,
+    /// Kept as a dead letter; the sender is told why.
+    Rejected {
+        code: &'static str,
+        message: String,
+    },
+    /// Not processed; try again later.
+    Retry(String),
+}
+
+/// How long an event the inbox could not take may take to process directly.
+const DIRECT_BUDGET: Duration = Duration::from_secs(5);
+
+struct Inner {
+    inbox: Inbox,
+    pipeline: Arc<dyn EventPipeline>,
+    orgs: Arc<dyn OrgDirectory>,
+    settings: IntakeSettings,
+    workers: Arc<Semaphore>,
+    /// Events being processed now, which the drainer must not pick up again.
+    claimed: Mutex<HashSet<u64>>,
+    wake: Notify,
+    drained: AtomicU64,
+    lost: AtomicU64,
+    shed: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct LocalIntake {
+    inner: Arc<Inner>,
+}
+
+/// What a drain did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DrainReport {
+    pub processed: u64,
+    pub dead_lettered: u64,
+    pub retrying: u64,
+    pub left: u64,
+}
+
+impl LocalIntake {
+    pub fn new(
+        inbox: Inbox,
+        pipeline: Arc<dyn EventPipeline>,
+        orgs: Arc<dyn OrgDirectory>,
+        settings: IntakeSettings,
+    ) -> Self {
+        let workers = Arc::new(Semaphore::new(settings.workers.max(1)));
+        Self {
+            inner: Arc::new(Inner {
+                inbox,
+                pipeline,
+                orgs,
+                settings,
+                workers,
+                claimed: Mutex::new(HashSet::new()),
+                wake: Notify::new(),
+                drained: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+                shed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn inbox(&self) -> &Inbox {
+        &self.inner.inbox
+    }
+
+    /// Drains the inbox for as long as the process runs: whatever a previous process left at
+    /// start, then whatever requests could not process at once.
+    pub fn spawn_drainer(&self) -> tokio::task::JoinHandle<()> {
+        let intake = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let report = intake.drain_due().await;
+                if report.processed + report.dead_lettered > 0 {
+                    info!(
+                        processed = report.processed,
+                        dead_lettered = report.dead_lettered,
+                        left = report.left,
+                        "inbox drained"
+                    );
+                }
+                // A full batch means more is waiting; otherwise sleep until woken or a second
+                // has passed (postponed events come due).
+                if report.processed + report.dead_lettered + report.retrying == 0 || report.retrying > 0 {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), intake.inner.wake.notified()).await;
+                }
+            }
+        })
+    }
+
+    /// One pass over the events due now, processed with the shared workers.
+    pub async fn drain_due(&self) -> DrainReport {
+        let inner = &self.inner;
+        let skip = inner.claimed.lock().map(|c| c.clone()).unwrap_or_default();
+        let due = match inner.inbox.due(Utc::now(), 256, &skip) {
+            Ok(due) => due,
+            Err(e) => {
+                warn!(error = %e, "reading the inbox failed");
+                return DrainReport { left: inner.inbox.depth(), ..DrainReport::default() };
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for stored in due {
+            let Ok(permit) = inner.workers.clone().acquire_owned().await else { break };
+            if !self.claim(stored.id) {
+                continue;
+            }
+            let intake = self.clone();
+            tasks.spawn(async move {
+                let mut outcome = intake.attempt(&stored, None).await;
+                if matches!(outcome, Outcome::Retry(_)) && stored.attempts + 1 >= intake.inner.settings.max_attempts {
+                    outcome = intake.give_up(&stored, &outcome).await;
+                }
+                let kind = intake.settle(&stored, outcome);
+                drop(permit);
+                kind
+            });
+        }
+        let mut report = DrainReport::default();
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Settled::Processed) => report.processed += 1,
+                Ok(Settled::DeadLettered) => report.dead_lettered += 1,
+                Ok(Settled::Retrying) => report.retrying += 1,
+                Err(e) => warn!(error = %e, "an inbox task panicked; the event stays for the next pass"),
+            }
+        }
+        report.left = inner.inbox.depth();
+        report
+    }
+
+    /// Drains until nothing is due (what `callplane inbox drain` runs); events postponed
+    /// past `patience` are left for later.
+    pub async fn drain_all(&self, patience: Duration, mut progress: impl FnMut(&DrainReport)) -> DrainReport {
+        let started = tokio::time::Instant::now();
+        let mut total = DrainReport::default();
+        loop {
+            let pass = self.drain_due().await;
+            total.processed += pass.processed;
+            total.dead_lettered += pass.dead_lettered;
+            total.retrying = pass.retrying;
+            total.left = pass.left;
+            progress(&total);
+            if pass.left == 0 || started.elapsed() >= patience {
+                return total;
+            }
+            if pass.processed + pass.dead_lettered == 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    fn claim(&self, id: u64) -> bool {
+        self.inner.claimed.lock().map(|mut c| c.insert(id)).unwrap_or(false)
+    }
+
+    fn release(&self, id: u64) {
+        if let Ok(mut c) = self.inner.claimed.lock() {
+            c.remove(&id);
+        }
+    }
+
+    /// Processes one stored event. `event` is the parsed message when the receiver had it.
+    async fn attempt(&self, stored: &StoredEvent, event: Option<InboundEvent>) -> Outcome {
+        let inner = &self.inner;
+        let webhook = &stored.webhook;
+        if let Some(why) = &webhook.unprocessable {
+            return self.keep(webhook, None, &why.code, &why.reason).await;
+        }
+        let event = match event {
+            Some(event) => event,
+            None => {
+                let message = match vapi::parse_body(&webhook.body) {
+                    Ok(message) => message,
+                    Err(e) => return self.keep(webhook, None, e.code(), &e.to_string()).await,
+                };
+                let from_path = webhook.path_org.as_deref().and_then(|raw| raw.parse::<OrgId>().ok());
+                let org = match webhook.org {
+                    Some(org) => Some(org),
+                    None => {
+                        match callplane_core::agent::resolve_org(
+                            inner.orgs.as_ref(),
+                            from_path,
+                            &message,
+                            inner.settings.org_hint_key.as_deref(),
+                        )
+                        .await
+                        {
+                            Ok(org) => org,
+                            Err(e) => return Outcome::Retry(error_chain(&e)),
+                        }
+                    }
+                };
+                let Some(org_id) = org else {
+                    let why =
+                        "no organization matched the URL, the call, the phone number, the assistant or signed metadata";
+                    return self.keep(webhook, None, "unknown_organization", why).await;
+                };
+                InboundEvent { org_id, received_at: webhook.received_at, message }
+            }
+        };
+        match inner.pipeline.submit(event).await {
+            Ok(processed) => Outcome::Done(processed),
+            Err(PipelineError::Rejected { code, message, .. }) => Outcome::Rejected { code, message },
+            // Kept in the dead-letter table by the pipeline: the database has it now.
+            Err(PipelineError::DeadLettered { .. }) => Outcome::DeadLettered,
+            Err(e @ (PipelineError::Unavailable(_) | PipelineError::Lost(_))) => Outcome::Retry(error_chain(&e)),
+        }
+    }
+
+    /// Keeps an event that can never be processed as sent as a dead letter.
+    async fn keep(&self, webhook: &ReceivedWebhook, org: Option<OrgId>, code: &str, reason: &str) -> Outcome {
+        let body: Value = serde_json::from_slice(&webhook.body)
+            .unwrap_or_else(|_| json!({ "raw": String::from_utf8_lossy(&webhook.body) }));
+        let org = org.or(webhook.org);
+        match self.inner.pipeline.keep_unprocessed(org, &body, code, reason, webhook.received_at).await {
+            Ok(id) => {
+                info!(dead_letter_id = id, code, "unprocessable webhook kept as a dead letter");
+                Outcome::Done(Processed::Ignored)
+            }
+            Err(e) => Outcome::Retry(format!("keeping it as a dead letter failed: {}", error_chain(&e))),
+        }
+    }
+
+    /// Removes a finished event from the inbox or postpones it; releases its claim.
+    fn settle(&self, stored: &StoredEvent, outcome: Outcome) -> Settled {
+        let inner = &self.inner;
+        let settled = match outcome {
+            Outcome::Done(_) => Settled::Processed,
+            Outcome::Rejected { .. } | Outcome::DeadLettered => Settled::DeadLettered,
+            Outcome::Retry(error) => {
+                let attempts = stored.attempts.saturating_add(1);
+                let backoff =
+                    Duration::from_millis(500u64.saturating_mul(1 << attempts.min(16))).min(inner.settings.max_backoff);
+                let next_attempt_at = Utc::now() + chrono::Duration::from_std(backoff).unwrap_or_default();
+                warn!(event = stored.id, attempts, %error, "event not processed; it stays in the inbox");
+                inner.inbox.record_failure(stored.id, Failure { attempts, next_attempt_at, error });
+                self.release(stored.id);
+                return Settled::Retrying;
+            }
+        };
+        inner.inbox.remove(stored.id);
+        inner.drained.fetch_add(1, Ordering::Relaxed);
+        self.release(stored.id);
+        settled
+    }
+
+    /// The last resort for an event that keeps failing while the database answers: keep it as
+    /// a dead letter so it is replayable and the inbox moves on.
+    async fn give_up(&self, stored: &StoredEvent, last: &Outcome) -> Outcome {
+        let Outcome::Retry(why) = last else { return Outcome::Retry("nothing to give up".into()) };
+        let why = format!("failed {} times; last: {why}", stored.attempts + 1);
+        match self.keep(&stored.webhook, stored.webhook.org, "processing_failed", &why).await {
+            Outcome::Done(_) => Outcome::DeadLettered,
+            other => other,
+        }
+    }
+}
+
+enum Settled {
+    Processed,
+    DeadLettered,
+    Retrying,
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[async_trait]
+impl EventIntake for LocalIntake {
+    fn backend(&self) -> &'static str {
+        "inbox"
+    }
+
+    async fn accept(
+        &self,
+        webhook: ReceivedWebhook,
+        event: Option<InboundEvent>,
+        budget: Duration,
+        acknowledged: bool,
+    ) -> Result<Accepted, IntakeError> {
+        let inner = &self.inner;
+        let started = tokio::time::Instant::now();
+        let id = match inner.inbox.append(&webhook).await {
+            Ok(id) => id,
+            Err(e) => {
+                let result = self.without_inbox(webhook, event, e).await;
+                if acknowledged && matches!(result, Err(IntakeError::Overloaded { .. })) {
+                    inner.lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("an acknowledged event could be stored nowhere; it is lost");
+                }
+                return result;
+            }
+        };
+        let stored = StoredEvent { id, webhook, attempts: 0, next_attempt_at: Utc::now(), last_error: None };
+        let permit = match tokio::time::timeout(budget, inner.workers.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                inner.wake.notify_one();
+                return Ok(Accepted::Queued);
+            }
+        };
+        if !self.claim(id) {
+            return Ok(Accepted::Queued);
+        }
+        // Processing runs on its own task: a request that stops waiting (its budget spent,
+        // or the client gone) never leaves an event half-handled.
+        let intake = self.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let outcome = intake.attempt(&stored, event).await;
+            let answer = match &outcome {
+                Outcome::Done(p) => Ok(Accepted::Processed(*p)),
+                Outcome::DeadLettered => Ok(Accepted::DeadLettered),
+                Outcome::Rejected { code, message } => Err(IntakeError::Rejected { code, message: message.clone() }),
+                Outcome::Retry(_) => Ok(Accepted::Queued),
+            };
+            intake.settle(&stored, outcome);
+            drop(permit);
+            let _ = tx.send(answer);
+        });
+        match tokio::time::timeout(budget.saturating_sub(started.elapsed()), rx).await {
+            Ok(Ok(answer)) => answer,
+            _ => Ok(Accepted::Queued),
+        }
+    }
+
+    fn status(&self) -> IntakeStatus {
+        let inner = &self.inner;
+        let depth = inner.inbox.depth();
+        IntakeStatus {
+            backend: "inbox",
+            depth,
+            bytes: inner.inbox.bytes(),
+            oldest_age_seconds: if depth == 0 {
+                0.0
+            } else {
+                inner.inbox.oldest().map_or(0.0, |t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+            },
+            drained_total: inner.drained.load(Ordering::Relaxed),
+            lost_total: inner.lost.load(Ordering::Relaxed),
+            shed_total: inner.shed.load(Ordering::Relaxed),
+            accepting: inner.inbox.has_room(0),
+        }
+    }
+}
+
+impl LocalIntake {
+    /// The inbox refused the event (full, or its disk failing): the database is the other
+    /// durable place. Processing it there at once keeps it; if that fails too, the sender is
+    /// told to come back later.
+    async fn without_inbox(
+        &self,
+        webhook: ReceivedWebhook,
+        event: Option<InboundEvent>,
+        why: InboxError,
+    ) -> Result<Accepted, IntakeError> {
+        let inner = &self.inner;
+        warn!(error = %why, "the inbox cannot take the event; processing it directly");
+        let stored = StoredEvent { id: 0, webhook, attempts: 0, next_attempt_at: Utc::now(), last_error: None };
+        let outcome = match inner.workers.clone().try_acquire_owned() {
+            Ok(_permit) => tokio::time::timeout(DIRECT_BUDGET, self.attempt(&stored, event)).await.ok(),
+            Err(_) => None,
+        };
+        match outcome {
+            Some(Outcome::Done(p)) => Ok(Accepted::Processed(p)),
+            Some(Outcome::DeadLettered) => Ok(Accepted::DeadLettered),
+            Some(Outcome::Rejected { code, message }) => Err(IntakeError::Rejected { code, message }),
+            Some(Outcome::Retry(_)) | None => {
+                inner.shed.fetch_add(1, Ordering::Relaxed);
+                Err(IntakeError::Overloaded { retry_after_seconds: 5, source: Some(Box::new(why)) })
+            }
+        }
+    }
+}
