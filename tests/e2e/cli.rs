@@ -76,7 +76,7 @@ impl Cli {
     }
 }
 
-pub struct Server(Child);
+pub struct Server(pub Child);
 
 impl Drop for Server {
     fn drop(&mut self) {

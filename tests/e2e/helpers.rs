@@ -6,6 +6,7 @@ use callplane_core::{OrgId, Organization};
 use callplane_server::{App, Settings};
 use callplane_storage::NewOrganization;
 use callplane_testkit::TestDb;
+use callplane_testkit::fault_proxy::FaultProxy;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -50,9 +51,27 @@ impl TestApp {
     }
 
     pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
+        let db = TestDb::fresh().await.expect("a fresh test database");
+        let store = db.store.clone();
+        Self::serve_on(db, store, overrides).await
+    }
+
+    /// A callplane that reaches its database only through `FaultProxy`, which the test can
+    /// cut off. `db.store` still reaches the database directly, for the test's own reads.
+    pub async fn spawn_behind_proxy(overrides: &[(&str, &str)]) -> (Self, FaultProxy) {
+        let db = TestDb::fresh().await.expect("a fresh test database");
+        let target = db.url.split_once('@').map_or("", |(_, h)| h.split(['/', '?']).next().unwrap_or(""));
+        let proxy = FaultProxy::start(target).await.expect("the fault proxy starts");
+        let url = proxy.url_through(&db.url);
+        let store = callplane_storage::PgStore::connect(&url, 8).await.expect("connects through the proxy");
+        let mut all = vec![("database.url", url.as_str())];
+        all.extend_from_slice(overrides);
+        (Self::serve_on(db, store, &all).await, proxy)
+    }
+
+    async fn serve_on(db: TestDb, store: callplane_storage::PgStore, overrides: &[(&str, &str)]) -> Self {
         // Logs appear in the output of failing tests (nextest captures them).
         callplane_server::telemetry::init("pretty");
-        let db = TestDb::fresh().await.expect("a fresh test database");
         let inbox = inbox_dir();
         let mut all: Vec<(&str, &str)> = vec![
             ("database.url", db.url.as_str()),
@@ -62,7 +81,7 @@ impl TestApp {
         ];
         all.extend_from_slice(overrides);
         let settings = Settings::defaults_with(&all).expect("test settings");
-        let app = App::with_store(settings, db.store.clone()).await.expect("app builds");
+        let app = App::with_store(settings, store).await.expect("app builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

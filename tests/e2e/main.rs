@@ -10,6 +10,7 @@ mod bad_input;
 mod billing;
 mod cli;
 mod dashboard;
+mod durability;
 mod isolation;
 mod lifecycle;
 mod partitions;

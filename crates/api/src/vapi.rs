@@ -174,10 +174,6 @@ async fn receive(
             Accepted::Queued => "queued",
             Accepted::DeadLettered => "dead_lettered",
         };
-        // A report changes what the organization has left: the next answer reads it again.
-        if let (Some(org_id), "applied") = (org_id, outcome) {
-            s.agents.invalidate(org_id);
-        }
         return Ok((json!({}), outcome));
     }
 

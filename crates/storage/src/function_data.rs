@@ -3,7 +3,7 @@
 use crate::{PgStore, db};
 use async_trait::async_trait;
 use callplane_core::OrgId;
-use callplane_core::seams::{FunctionData, StoreResult};
+use callplane_core::seams::{AgentDirectory, FunctionData, StoreResult};
 use serde_json::{Map, Value};
 use sqlx::Row;
 use tracing::instrument;
@@ -66,4 +66,17 @@ impl FunctionData for PgFunctionData {
             .rows_affected();
         Ok(n == 1)
     }
+}
+
+/// The directory read straight from the database, with nothing remembered (for commands that
+/// process events without serving answers).
+#[async_trait]
+impl AgentDirectory for PgStore {
+    async fn function_data(&self, org: OrgId) -> StoreResult<std::sync::Arc<Map<String, Value>>> {
+        Ok(std::sync::Arc::new(PgFunctionData(self.clone()).preload(org).await?))
+    }
+
+    fn invalidate(&self, _org: OrgId) {}
+
+    fn invalidate_all(&self) {}
 }

@@ -8,6 +8,7 @@
 
 pub mod contracts;
 mod db;
+pub mod fault_proxy;
 pub mod stripe_stub;
 pub mod vapi_stub;
 

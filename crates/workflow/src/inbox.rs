@@ -284,11 +284,14 @@ fn write_loop(db: &Database, counts: &Counts, ops: &mpsc::Receiver<Op>) {
     }
 }
 
-/// Applies a batch; returns (events, bytes) added and removed.
-fn apply(db: &Database, batch: &[Op]) -> Result<((u64, u64), (u64, u64)), redb::Error> {
+/// Events and bytes.
+type Amount = (u64, u64);
+
+/// Applies a batch; returns what was added and what was removed.
+fn apply(db: &Database, batch: &[Op]) -> Result<(Amount, Amount), redb::Error> {
     let tx = db.begin_write()?;
-    let mut added = (0, 0);
-    let mut removed = (0, 0);
+    let mut added: Amount = (0, 0);
+    let mut removed: Amount = (0, 0);
     {
         let mut bodies = tx.open_table(BODIES)?;
         let mut metas = tx.open_table(META)?;

@@ -10,7 +10,7 @@ use crate::inbox::{Failure, Inbox, InboxError, StoredEvent};
 use async_trait::async_trait;
 use callplane_core::OrgId;
 use callplane_core::seams::{
-    Accepted, EventIntake, EventPipeline, InboundEvent, IntakeError, IntakeStatus, OrgDirectory, PipelineError,
+    Accepted, AgentDirectory, EventIntake, EventPipeline, InboundEvent, IntakeError, IntakeStatus, PipelineError,
     Processed, ReceivedWebhook,
 };
 use callplane_core::vapi;
@@ -56,7 +56,8 @@ const DIRECT_BUDGET: Duration = Duration::from_secs(5);
 struct Inner {
     inbox: Inbox,
     pipeline: Arc<dyn EventPipeline>,
-    orgs: Arc<dyn OrgDirectory>,
+    /// Resolves organizations, and is told when one changed so answers read it again.
+    orgs: Arc<dyn AgentDirectory>,
     settings: IntakeSettings,
     workers: Arc<Semaphore>,
     /// Events being processed now, which the drainer must not pick up again.
@@ -85,7 +86,7 @@ impl LocalIntake {
     pub fn new(
         inbox: Inbox,
         pipeline: Arc<dyn EventPipeline>,
-        orgs: Arc<dyn OrgDirectory>,
+        orgs: Arc<dyn AgentDirectory>,
         settings: IntakeSettings,
     ) -> Self {
         let workers = Arc::new(Semaphore::new(settings.workers.max(1)));
@@ -244,8 +245,15 @@ impl LocalIntake {
                 InboundEvent { org_id, received_at: webhook.received_at, message }
             }
         };
+        let org_id = event.org_id;
         match inner.pipeline.submit(event).await {
-            Ok(processed) => Outcome::Done(processed),
+            Ok(processed) => {
+                // A report changes what the organization has left: its next answer reads it.
+                if processed == Processed::Applied {
+                    inner.orgs.invalidate(org_id);
+                }
+                Outcome::Done(processed)
+            }
             Err(PipelineError::Rejected { code, message, .. }) => Outcome::Rejected { code, message },
             // Kept in the dead-letter table by the pipeline: the database has it now.
             Err(PipelineError::DeadLettered { .. }) => Outcome::DeadLettered,
