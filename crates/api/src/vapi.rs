@@ -100,7 +100,7 @@ async fn receive(
         received_at,
         path_org: path_org.clone(),
         org,
-        body: bytes.to_vec(),
+        body: bytes.clone(),
         unprocessable,
     };
     let msg = match vapi::parse_body(&bytes) {
@@ -164,9 +164,9 @@ async fn receive(
         return Ok((json!({}), "ignored"));
     }
 
-    let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg.clone() });
     let webhook = webhook(org_id, None);
     if !answers {
+        let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg });
         let outcome = match s.intake.accept(webhook, event, s.inline_budget, false).await? {
             Accepted::Processed(Processed::Applied) => "applied",
             Accepted::Processed(Processed::NoChange) => "no_change",
@@ -177,6 +177,7 @@ async fn receive(
         return Ok((json!({}), outcome));
     }
 
+    let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg.clone() });
     // The caller is on the line: record the event (on disk before we answer, processing on
     // its own) while the answer is made, and answer within the deadline whatever happens.
     let intake = s.intake.clone();

@@ -420,15 +420,15 @@ pub trait BillingSync: Send + Sync {
 
 /// An authenticated VAPI webhook as it arrived, before anything that can fail: what the
 /// intake keeps until its effects have committed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReceivedWebhook {
     pub received_at: DateTime<Utc>,
     /// The organization segment of the URL (`/vapi/{org_id}`), as sent.
     pub path_org: Option<String>,
     /// The organization, when the receiver resolved it already.
     pub org: Option<OrgId>,
-    /// The body, byte for byte.
-    pub body: Vec<u8>,
+    /// The body, byte for byte (shared, not copied, between the request and the intake).
+    pub body: bytes::Bytes,
     /// Set when the body can never be processed as sent (unparseable, no organization): it
     /// is to be kept as a dead letter with this code and reason.
     pub unprocessable: Option<Unprocessable>,

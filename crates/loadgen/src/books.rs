@@ -4,8 +4,13 @@
 //!
 //! The comparison ([`check`]) is pure; [`read_database`] and [`read_api`] gather what callplane
 //! recorded, from Postgres and from `GET /v1/usage`.
+//!
+//! A run can be saved ([`RunRecord`], `--run-file`) and its books checked later
+//! (`callplane-loadgen books`): a server that accepts events into a durable inbox and processes
+//! them afterwards balances only once its inbox is drained, and the fault suite waits for that.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -14,12 +19,13 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::client::Server;
+use crate::simulate::Org;
 
 /// At most this many problems are listed; the count covers all of them.
 const PROBLEMS_LISTED: usize = 20;
 
 /// A call the simulator completed, and what it must have cost.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExpectedCall {
     pub call_id: String,
     pub org_id: Uuid,
@@ -64,10 +70,19 @@ pub struct ApiUsage {
 
 /// The outcome of the check.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Books {
     pub expected_calls: usize,
     pub calls_found: usize,
     pub ledger_rows: usize,
+    /// Simulated calls without a ledger row: their end-of-call report was lost or never
+    /// processed (database checked only).
+    pub unbilled_calls: usize,
+    /// Simulated calls with more than one ledger row.
+    pub double_billed_calls: usize,
+    /// Seconds counted beyond the calls' sum, over every organization whose counter (or
+    /// `GET /v1/usage`) says more than its calls add up to.
+    pub over_counted_seconds: i64,
     pub expected_seconds: i64,
     pub ledger_seconds: i64,
     pub counter_seconds: i64,
@@ -148,6 +163,9 @@ pub fn check(expected: &[ExpectedCall], orgs: &[Uuid], recorded: Option<&Recorde
         books.api_orgs_checked = api.len();
         for usage in api {
             let (seconds, calls) = per_org.get(&usage.org_id).copied().unwrap_or((0, 0));
+            if recorded.is_none() {
+                books.over_counted_seconds += (usage.seconds_used - seconds).max(0);
+            }
             if usage.seconds_used != seconds || usage.calls != calls {
                 books.problem(format!(
                     "GET /v1/usage for {} says {} seconds in {} calls; simulated {} seconds in {} calls",
@@ -225,9 +243,16 @@ fn check_rows(
             }
         }
         for call in expected {
-            match counts.get(call.call_id.as_str()).copied().unwrap_or(0) {
-                1 => {}
-                n => books.problem(format!("{table} has {n} rows for call {}", call.call_id)),
+            let n = counts.get(call.call_id.as_str()).copied().unwrap_or(0);
+            if n != 1 {
+                books.problem(format!("{table} has {n} rows for call {}", call.call_id));
+            }
+            if compare_seconds {
+                match n {
+                    0 => books.unbilled_calls += 1,
+                    1 => {}
+                    _ => books.double_billed_calls += 1,
+                }
             }
         }
     }
@@ -238,6 +263,7 @@ fn check_rows(
     for org in org_ids {
         let (seconds, _) = per_org[org];
         let counter = recorded.counters.get(org).copied();
+        books.over_counted_seconds += counter.map_or(0, |c| (c - seconds).max(0));
         if counter != Some(seconds) {
             books.problem(format!("organization {org} counts {counter:?} seconds, the calls add up to {seconds}"));
         }
@@ -335,6 +361,49 @@ pub async fn read_api(server: &Server, orgs: &[(Uuid, String)]) -> Result<Vec<Ap
     results.into_iter().collect()
 }
 
+/// What a run sent, saved so that its books can be checked later: the organizations it created
+/// (with their API keys), every call it completed, and when it began.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub started_at: DateTime<Utc>,
+    pub orgs: Vec<Org>,
+    pub expected: Vec<ExpectedCall>,
+}
+
+impl RunRecord {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string(self).context("serializing the run record")?;
+        std::fs::write(path, text).with_context(|| format!("could not write {}", path.display()))
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("could not read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a run record", path.display()))
+    }
+}
+
+/// Reads the books of `record` from `GET /v1/usage` and, given a URL, from Postgres, and
+/// compares them with what was sent.
+pub async fn check_run(server: &Server, record: &RunRecord, database_url: Option<&str>) -> Result<Books> {
+    let org_ids: Vec<Uuid> = record.orgs.iter().map(|o| o.id).collect();
+    let keys: Vec<(Uuid, String)> = record.orgs.iter().map(|o| (o.id, o.api_key.clone())).collect();
+    let api = read_api(server, &keys).await?;
+    let recorded = match database_url {
+        Some(url) => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(url)
+                .await
+                .context("connecting to Postgres to check the books")?;
+            let recorded = read_database(&pool, &org_ids, record.started_at).await?;
+            pool.close().await;
+            Some(recorded)
+        }
+        None => None,
+    };
+    Ok(check(&record.expected, &org_ids, recorded.as_ref(), Some(&api)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,7 +462,9 @@ mod tests {
         let api_only = check(&expected, &orgs, None, Some(&api));
         assert!(api_only.balanced() && !api_only.database_checked);
         let wrong = [ApiUsage { org_id: org(2), seconds_used: 31, calls: 1 }];
-        assert!(!check(&expected, &orgs, None, Some(&wrong)).balanced());
+        let books = check(&expected, &orgs, None, Some(&wrong));
+        assert!(!books.balanced());
+        assert_eq!(books.over_counted_seconds, 1);
     }
 
     #[test]
@@ -412,6 +483,7 @@ mod tests {
             books.problems
         );
         assert_eq!(books.calls_found, 2);
+        assert_eq!((books.unbilled_calls, books.double_billed_calls), (0, 1));
     }
 
     #[test]
@@ -429,6 +501,8 @@ mod tests {
         assert!(text.contains("counts Some(60) seconds, the calls add up to 30"), "{text}");
         assert!(text.contains("2 events were dead-lettered"), "{text}");
         assert_eq!(books.problem_count, 4);
+        assert_eq!(books.over_counted_seconds, 30);
+        assert_eq!((books.unbilled_calls, books.double_billed_calls), (0, 0));
     }
 
     #[test]
@@ -458,5 +532,31 @@ mod tests {
         // Each call is missing from calls, call_keys and the ledger.
         assert_eq!(books.problem_count, 150);
         assert_eq!(books.problems.len(), PROBLEMS_LISTED);
+    }
+
+    #[test]
+    fn run_records_round_trip_through_a_file() {
+        let record = RunRecord {
+            started_at: Utc::now(),
+            orgs: vec![Org {
+                id: org(1),
+                name: "o".into(),
+                plan: "pro".into(),
+                assistant_id: "a".into(),
+                url: "http://x/vapi/1".into(),
+                api_key: "cp_k".into(),
+            }],
+            expected: vec![ExpectedCall { call_id: "a".into(), org_id: org(1), billable_seconds: 75 }],
+        };
+        let path = std::env::temp_dir().join(format!("loadgen-run-{}.json", std::process::id()));
+        record.save(&path).unwrap();
+        let loaded = RunRecord::load(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(loaded.expected, record.expected);
+        assert_eq!(loaded.orgs[0].api_key, "cp_k");
+        assert_eq!(loaded.started_at, record.started_at);
+        // A summary from before these fields existed still reads.
+        let old: Books = serde_json::from_str(r#"{"expected_calls": 3, "problem_count": 0}"#).unwrap();
+        assert!(old.balanced() && old.double_billed_calls == 0);
     }
 }

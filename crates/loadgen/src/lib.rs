@@ -4,6 +4,9 @@
 //!   transcripts, conversation updates, tool calls, end-of-call report) against a running
 //!   callplane over HTTP, signed like VAPI's HMAC credential, with duplicated and reordered
 //!   deliveries, and then checks the books: every call recorded once, every second billed once.
+//! - [`burst`] opens thousands of webhooks at the same instant, in the middle of real call
+//!   lifecycles, for the fault suite (`cargo xtask chaos`); [`client`] can retry deliveries
+//!   like a load balancer with a healthy peer, and counts answers by class.
 //! - [`load`] fills a database with millions of synthetic calls and transcripts over many months
 //!   and thousands of organizations, at COPY speed, for the dashboard benchmarks.
 //! - [`probe`], [`realtime`] and [`dashboard`] drive the other benchmarks of `cargo xtask bench`
@@ -14,6 +17,7 @@
 //! tested here; the rest is exercised end to end by `cargo xtask bench --quick`.
 
 pub mod books;
+pub mod burst;
 pub mod client;
 pub mod dashboard;
 pub mod load;

@@ -6,6 +6,7 @@
 //! `CALLPLANE__DATABASE__URL`), so one environment serves both. With `--json` a command prints
 //! its summary as one JSON object on stdout; progress always goes to stderr.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,11 +14,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use callplane_loadgen::client::{Server, WebhookAuth, wait_ready};
+use callplane_loadgen::books::{self, RunRecord};
+use callplane_loadgen::client::{RetryPolicy, Server, WebhookAuth, wait_ready};
 use callplane_loadgen::messages::{CallOwner, CallScript};
 use callplane_loadgen::plan::{CallSpec, DurationDist, Lifecycle, PlanMix, TrafficConfig, stream};
 use callplane_loadgen::random::item_rng;
-use callplane_loadgen::{dashboard, load, probe, realtime, simulate};
+use callplane_loadgen::{burst, dashboard, load, probe, realtime, simulate};
 
 #[derive(Parser)]
 #[command(name = "callplane-loadgen", version, about = "VAPI traffic simulator and benchmark drivers for callplane")]
@@ -30,6 +32,11 @@ struct Cli {
 enum Command {
     /// Play VAPI call lifecycles against a running callplane, then check the books.
     Simulate(SimulateArgs),
+    /// Open many webhooks at once (assistant requests, end-of-call reports and the messages in
+    /// between, of distinct calls), completing every call around them; then check the books.
+    Burst(BurstArgs),
+    /// Check the books of a run saved with `--run-file`.
+    Books(BooksArgs),
     /// Fill a database with synthetic calls and transcripts, COPY-fast.
     Load(LoadArgs),
     /// Time a plain GET at a given concurrency and rate (the latency baseline).
@@ -77,6 +84,9 @@ struct ServerArgs {
     /// Or send this shared secret as `Authorization: Bearer`.
     #[arg(long, env = "CALLPLANE__VAPI__SECRET", hide_env_values = true)]
     vapi_secret: Option<String>,
+    /// Give up on a request after this many seconds (counted as a timeout).
+    #[arg(long, default_value_t = 60.0)]
+    request_timeout_secs: f64,
 }
 
 impl ServerArgs {
@@ -87,7 +97,26 @@ impl ServerArgs {
             (None, Some(secret)) => WebhookAuth::Bearer(secret.to_owned()),
             (None, None) => bail!("no webhook credentials: give --hmac-secret or --vapi-secret"),
         };
-        Server::new(&self.base_url, self.admin_token.clone().filter(|t| !t.is_empty()), auth)
+        let timeout = Duration::from_secs_f64(self.request_timeout_secs.max(0.1));
+        Server::with_timeout(&self.base_url, self.admin_token.clone().filter(|t| !t.is_empty()), auth, timeout)
+    }
+}
+
+/// How deliveries are retried and where the run is saved.
+#[derive(Args, Clone)]
+struct DeliveryArgs {
+    /// Send a delivery again after a refused or reset connection, or a 503 (after its
+    /// Retry-After), for up to this many seconds; 0 sends each delivery once.
+    #[arg(long, default_value_t = 0.0)]
+    retry_secs: f64,
+    /// Save the organizations and calls sent, for `callplane-loadgen books --run-file`.
+    #[arg(long)]
+    run_file: Option<PathBuf>,
+}
+
+impl DeliveryArgs {
+    fn retry(&self) -> RetryPolicy {
+        RetryPolicy::within(Duration::from_secs_f64(self.retry_secs.max(0.0)))
     }
 }
 
@@ -155,9 +184,59 @@ struct SimulateArgs {
     /// Skip the books check.
     #[arg(long)]
     no_check: bool,
+    #[command(flatten)]
+    delivery: DeliveryArgs,
     /// A word for the organizations' names.
     #[arg(long, default_value = "loadgen")]
     label: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BurstArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Postgres, to read the books from (without it only `GET /v1/usage` is compared).
+    #[arg(long, env = "CALLPLANE__DATABASE__URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Requests opened at once.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    #[arg(long, default_value_t = 50)]
+    orgs: usize,
+    #[arg(long, default_value = "starter=0.5,pro=0.35,business=0.15")]
+    plans: PlanMix,
+    /// Calls played at once before and after the burst.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Mean call duration in seconds (log-normal); short calls keep the lifecycles around the
+    /// burst short.
+    #[arg(long, default_value_t = 40.0)]
+    duration_mean: f64,
+    #[arg(long, default_value_t = 8)]
+    max_turns: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    no_check: bool,
+    #[command(flatten)]
+    delivery: DeliveryArgs,
+    #[arg(long, default_value = "burst")]
+    label: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BooksArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[arg(long, env = "CALLPLANE__DATABASE__URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The file a run saved with `--run-file`.
+    #[arg(long)]
+    run_file: PathBuf,
     #[arg(long)]
     json: bool,
 }
@@ -303,6 +382,8 @@ async fn run(command: Command) -> Result<bool> {
                 steady_in_flight: args.steady_in_flight,
                 database_url: args.database_url,
                 check_books: !args.no_check,
+                retry: args.delivery.retry(),
+                run_file: args.delivery.run_file.clone(),
                 label: args.label,
                 quiet: false,
             };
@@ -310,6 +391,44 @@ async fn run(command: Command) -> Result<bool> {
             emit(args.json, &summary)?;
             let books_ok = summary.books.as_ref().is_none_or(|b| b.balanced());
             Ok(summary.errors == 0 && books_ok)
+        }
+        Command::Burst(args) => {
+            let traffic = TrafficConfig {
+                orgs: args.orgs,
+                plans: args.plans,
+                durations: DurationDist { mean_seconds: args.duration_mean, ..DurationDist::default() },
+                max_turns: args.max_turns,
+                seed: args.seed,
+                ..TrafficConfig::default()
+            };
+            let summary = burst::run(
+                args.server.server()?,
+                burst::BurstConfig {
+                    traffic,
+                    requests: args.requests,
+                    concurrency: args.concurrency,
+                    retry: args.delivery.retry(),
+                    database_url: args.database_url,
+                    check_books: !args.no_check,
+                    run_file: args.delivery.run_file.clone(),
+                    label: args.label,
+                    quiet: false,
+                },
+            )
+            .await?;
+            emit(args.json, &summary)?;
+            let books_ok = summary.books.as_ref().is_none_or(|b| b.balanced());
+            Ok(summary.errors == 0 && books_ok)
+        }
+        Command::Books(args) => {
+            let record = RunRecord::load(&args.run_file)?;
+            let books = books::check_run(&args.server.server()?, &record, args.database_url.as_deref()).await?;
+            eprintln!("loadgen: {}", books.line());
+            for problem in &books.problems {
+                eprintln!("loadgen:   {problem}");
+            }
+            emit(args.json, &books)?;
+            Ok(books.balanced())
         }
         Command::Load(args) => {
             let summary = load::run(load::LoadConfig {

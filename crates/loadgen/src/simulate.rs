@@ -5,8 +5,15 @@
 //! `--max-concurrent` in flight; each plays its webhooks in order (give or take the
 //! duplicates and reorderings the plan asks for), `--event-gap-ms` apart. A line of progress is
 //! printed every second. At the end the books are read from Postgres and `GET /v1/usage`.
+//!
+//! Every attempt is counted by class and message kind (2xx, 503, other 5xx, connection errors),
+//! with the slowest answer of each kind. With `--retry-secs` a delivery that meets a refused
+//! connection or a 503 is sent again within that budget, as a load balancer with a healthy peer
+//! would; without it every delivery is sent once. `--run-file` saves what was sent so that
+//! `callplane-loadgen books` can check the books later.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,12 +27,12 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::books::{self, Books, ExpectedCall};
-use crate::client::Server;
+use crate::books::{self, Books, ExpectedCall, RunRecord};
+use crate::client::{RetryPolicy, Server};
 use crate::messages::{CallOwner, CallScript, EventSpec};
 use crate::plan::{CallSpec, TrafficConfig, TrafficPlan, deliveries, stream};
 use crate::random::item_rng;
-use crate::stats::{LatencySummary, Recorder, micros};
+use crate::stats::{AnswerTally, LatencySummary, Recorder, StatusCounts, micros};
 
 /// How the simulation runs (the traffic's shape is in [`TrafficConfig`]).
 #[derive(Clone, Debug)]
@@ -43,6 +50,10 @@ pub struct RunConfig {
     /// Postgres, for the books; without it only the API is checked.
     pub database_url: Option<String>,
     pub check_books: bool,
+    /// When to send a delivery again (never, by default).
+    pub retry: RetryPolicy,
+    /// Where to save what was sent, for a later books check.
+    pub run_file: Option<PathBuf>,
     /// A label for the organizations' names.
     pub label: String,
     pub quiet: bool,
@@ -77,6 +88,17 @@ pub struct Summary {
     pub reports_per_second: f64,
     pub max_in_flight: i64,
     pub latency: BTreeMap<String, LatencySummary>,
+    /// Every attempt by message kind and class, retries included.
+    #[serde(default)]
+    pub statuses: BTreeMap<String, StatusCounts>,
+    #[serde(default)]
+    pub status_total: StatusCounts,
+    /// The slowest answer of each message kind, in milliseconds, whatever its status and
+    /// whether or not the steady state held.
+    #[serde(default)]
+    pub max_answer_ms: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub retry_budget_seconds: f64,
     pub books: Option<Books>,
     pub hot_org: Option<Uuid>,
 }
@@ -149,6 +171,7 @@ struct Shared {
     config: RunConfig,
     counters: Counters,
     latency: BTreeMap<&'static str, Recorder>,
+    answers: AnswerTally,
     error_samples: Mutex<Vec<String>>,
     expected: Mutex<Vec<ExpectedCall>>,
 }
@@ -198,7 +221,7 @@ impl Shared {
     }
 }
 
-const KINDS: [&str; 6] =
+pub(crate) const KINDS: [&str; 6] =
     ["assistant-request", "status-update", "transcript", "conversation-update", "tool-calls", "end-of-call-report"];
 
 /// Runs the simulation with organizations created for it.
@@ -224,6 +247,7 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
         config: config.clone(),
         counters,
         latency: KINDS.iter().map(|k| (*k, Recorder::default())).collect(),
+        answers: AnswerTally::default(),
         error_samples: Mutex::new(Vec::new()),
         expected: Mutex::new(Vec::with_capacity(plan.calls.len())),
     });
@@ -264,8 +288,19 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
     let counters = &shared.counters;
     let deliveries = counters.deliveries.load(Ordering::Relaxed);
     let reports = counters.reports.load(Ordering::Relaxed);
-    let expected = shared.expected.lock().map(|e| e.clone()).unwrap_or_default();
-    let books = if config.check_books { Some(check_books(&shared, &expected, run_started_at).await?) } else { None };
+    let record = RunRecord {
+        started_at: run_started_at,
+        orgs: shared.orgs.clone(),
+        expected: shared.expected.lock().map(|e| e.clone()).unwrap_or_default(),
+    };
+    if let Some(path) = &config.run_file {
+        record.save(path)?;
+    }
+    let books = if config.check_books {
+        Some(books::check_run(&shared.server, &record, config.database_url.as_deref()).await?)
+    } else {
+        None
+    };
     let summary = Summary {
         calls_planned: config.traffic.calls,
         calls_started: counters.started.load(Ordering::Relaxed),
@@ -285,6 +320,10 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
             .map(|(kind, recorder)| (kind.to_string(), recorder.summary()))
             .filter(|(_, summary)| summary.count > 0)
             .collect(),
+        statuses: shared.answers.statuses(),
+        status_total: shared.answers.total(),
+        max_answer_ms: shared.answers.max_answer_ms(),
+        retry_budget_seconds: config.retry.budget.as_secs_f64(),
         books,
         hot_org,
     };
@@ -326,7 +365,9 @@ async fn play(shared: &Shared, spec: &CallSpec) -> Result<()> {
         }
         let event = script.events[index];
         let body = script.render(event)?;
-        let delivery = shared.server.post_webhook(&org.url, body).await;
+        let kind = event.kind();
+        let delivery =
+            shared.server.deliver(&org.url, &body, config.retry, |attempt| shared.answers.observe(kind, attempt)).await;
         shared.counters.deliveries.fetch_add(1, Ordering::Relaxed);
         shared.record_steady_delivery();
         let delivery = match delivery {
@@ -354,7 +395,7 @@ async fn play(shared: &Shared, spec: &CallSpec) -> Result<()> {
 
 /// Checks the answers VAPI acts on: an admitted assistant with room for the whole call, and a
 /// result (or error) for every tool call.
-fn check_answer(script: &CallScript, event: EventSpec, body: &[u8]) -> Result<(), String> {
+pub(crate) fn check_answer(script: &CallScript, event: EventSpec, body: &[u8]) -> Result<(), String> {
     let answer: Value = serde_json::from_slice(body).map_err(|e| format!("answer is not JSON: {e}"))?;
     match event {
         EventSpec::AssistantRequest => {
@@ -389,27 +430,6 @@ fn check_answer(script: &CallScript, event: EventSpec, body: &[u8]) -> Result<()
     }
 }
 
-/// Reads the books from Postgres (when a URL is given) and the API, and compares.
-async fn check_books(shared: &Shared, expected: &[ExpectedCall], since: chrono::DateTime<Utc>) -> Result<Books> {
-    let org_ids: Vec<Uuid> = shared.orgs.iter().map(|o| o.id).collect();
-    let keys: Vec<(Uuid, String)> = shared.orgs.iter().map(|o| (o.id, o.api_key.clone())).collect();
-    let api = books::read_api(&shared.server, &keys).await?;
-    let recorded = match &shared.config.database_url {
-        Some(url) => {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(2)
-                .connect(url)
-                .await
-                .context("connecting to Postgres to check the books")?;
-            let recorded = books::read_database(&pool, &org_ids, since).await?;
-            pool.close().await;
-            Some(recorded)
-        }
-        None => None,
-    };
-    Ok(books::check(expected, &org_ids, recorded.as_ref(), Some(&api)))
-}
-
 /// Prints a line every second: calls done, deliveries per second, errors.
 async fn progress(shared: Arc<Shared>, planned: usize, started: Instant) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -419,8 +439,10 @@ async fn progress(shared: Arc<Shared>, planned: usize, started: Instant) {
         tick.tick().await;
         let c = &shared.counters;
         let deliveries = c.deliveries.load(Ordering::Relaxed);
+        let answers = shared.answers.total();
         eprintln!(
-            "loadgen: {:>4}s  calls {}/{} done, {} in flight  events {} ({}/s)  reports {}  errors {}",
+            "loadgen: {:>4}s  calls {}/{} done, {} in flight  events {} ({}/s)  reports {}  errors {}  \
+             503 {}  5xx {}  refused/reset {}",
             started.elapsed().as_secs(),
             c.completed.load(Ordering::Relaxed),
             planned,
@@ -429,6 +451,9 @@ async fn progress(shared: Arc<Shared>, planned: usize, started: Instant) {
             deliveries - last,
             c.reports.load(Ordering::Relaxed),
             c.errors.load(Ordering::Relaxed),
+            answers.status_503,
+            answers.other_5xx,
+            answers.connection_errors,
         );
         last = deliveries;
     }
@@ -451,6 +476,10 @@ fn print_summary(summary: &Summary) {
     }
     for (kind, latency) in &summary.latency {
         eprintln!("loadgen:   {kind:<20} {}", latency.line());
+    }
+    eprintln!("loadgen:   answers: {}", summary.status_total.line());
+    for (kind, ms) in &summary.max_answer_ms {
+        eprintln!("loadgen:   slowest {kind:<20} {ms:.1}ms");
     }
     for sample in &summary.error_samples {
         eprintln!("loadgen:   error: {sample}");

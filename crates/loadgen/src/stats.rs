@@ -3,11 +3,17 @@
 //! Samples are kept whole (microseconds as `u32`, four bytes each) rather than bucketed: a
 //! benchmark run records at most a few million of them, and exact nearest-rank percentiles
 //! are easier to trust than a histogram's approximations.
+//!
+//! Answers are also counted by class ([`StatusCounts`]: 2xx, 503s, other 5xx, connection errors)
+//! per message kind, with the slowest answer of each kind ([`AnswerTally`]).
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::client::{AnswerClass, Attempt};
 
 /// The nearest-rank percentile `p` (0 to 100) of sorted samples: the smallest sample such that
 /// at least `p`% of the samples are less than or equal to it. `None` when there are no samples.
@@ -23,7 +29,7 @@ pub fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
 }
 
 /// A summary of latency samples, in milliseconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
     pub count: usize,
     pub mean_ms: f64,
@@ -88,6 +94,119 @@ impl Recorder {
     }
 }
 
+/// Delivery attempts by how they ended. Every attempt counts, retries included.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusCounts {
+    pub attempts: u64,
+    pub ok_2xx: u64,
+    /// Every 503, with or without `Retry-After`.
+    pub status_503: u64,
+    /// The 503s that carried no `Retry-After` (a subset of `status_503`).
+    pub status_503_without_retry_after: u64,
+    /// 5xx other than 503.
+    pub other_5xx: u64,
+    /// 1xx, 3xx and 4xx.
+    pub other_status: u64,
+    /// Refused, reset or closed connections.
+    pub connection_errors: u64,
+    pub timeouts: u64,
+    /// Requests that could not be built or signed.
+    pub unsent: u64,
+}
+
+impl StatusCounts {
+    pub fn add(&mut self, class: AnswerClass) {
+        self.attempts += 1;
+        match class {
+            AnswerClass::Success => self.ok_2xx += 1,
+            AnswerClass::Shed => self.status_503 += 1,
+            AnswerClass::ShedWithoutRetryAfter => {
+                self.status_503 += 1;
+                self.status_503_without_retry_after += 1;
+            }
+            AnswerClass::ServerError => self.other_5xx += 1,
+            AnswerClass::OtherStatus => self.other_status += 1,
+            AnswerClass::ConnectionError => self.connection_errors += 1,
+            AnswerClass::Timeout => self.timeouts += 1,
+            AnswerClass::Unsent => self.unsent += 1,
+        }
+    }
+
+    pub fn merge(&mut self, other: &Self) {
+        self.attempts += other.attempts;
+        self.ok_2xx += other.ok_2xx;
+        self.status_503 += other.status_503;
+        self.status_503_without_retry_after += other.status_503_without_retry_after;
+        self.other_5xx += other.other_5xx;
+        self.other_status += other.other_status;
+        self.connection_errors += other.connection_errors;
+        self.timeouts += other.timeouts;
+        self.unsent += other.unsent;
+    }
+
+    /// The sum of several (e.g. every message kind's).
+    pub fn total<'a>(counts: impl IntoIterator<Item = &'a Self>) -> Self {
+        let mut total = Self::default();
+        for counts in counts {
+            total.merge(counts);
+        }
+        total
+    }
+
+    /// One line for the console.
+    pub fn line(&self) -> String {
+        format!(
+            "{} attempts: {} 2xx, {} 503 ({} without Retry-After), {} other 5xx, {} other, {} connection errors, {} timeouts",
+            self.attempts,
+            self.ok_2xx,
+            self.status_503,
+            self.status_503_without_retry_after,
+            self.other_5xx,
+            self.other_status,
+            self.connection_errors,
+            self.timeouts
+        )
+    }
+}
+
+/// Attempts by message kind: their classes and the slowest answer (timeouts included, since a
+/// timeout is an answer at least that slow; connection errors are not answers).
+#[derive(Default)]
+pub struct AnswerTally {
+    by_kind: Mutex<BTreeMap<&'static str, (StatusCounts, u32)>>,
+}
+
+impl AnswerTally {
+    pub fn observe(&self, kind: &'static str, attempt: &Attempt) {
+        if let Ok(mut map) = self.by_kind.lock() {
+            let (counts, slowest) = map.entry(kind).or_default();
+            counts.add(attempt.class);
+            if attempt.class.answered() || attempt.class == AnswerClass::Timeout {
+                *slowest = (*slowest).max(micros(attempt.elapsed));
+            }
+        }
+    }
+
+    /// Counts per kind.
+    pub fn statuses(&self) -> BTreeMap<String, StatusCounts> {
+        self.by_kind.lock().map(|m| m.iter().map(|(k, (c, _))| (k.to_string(), *c)).collect()).unwrap_or_default()
+    }
+
+    /// The slowest answer per kind, in milliseconds.
+    pub fn max_answer_ms(&self) -> BTreeMap<String, f64> {
+        self.by_kind
+            .lock()
+            .map(|m| m.iter().map(|(k, (_, us))| (k.to_string(), f64::from(*us) / 1000.0)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Counts over every kind.
+    pub fn total(&self) -> StatusCounts {
+        StatusCounts::total(self.statuses().values())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +267,28 @@ mod tests {
         let summary = recorder.summary();
         assert_eq!(summary.count, 100);
         assert_eq!(summary.max_ms, 25.0);
+    }
+
+    #[test]
+    fn answers_are_counted_by_class_and_kind() {
+        let tally = AnswerTally::default();
+        let attempt = |class, ms| Attempt { class, elapsed: Duration::from_millis(ms) };
+        tally.observe("assistant-request", &attempt(AnswerClass::Success, 12));
+        tally.observe("assistant-request", &attempt(AnswerClass::Shed, 3));
+        tally.observe("assistant-request", &attempt(AnswerClass::ConnectionError, 900));
+        tally.observe("end-of-call-report", &attempt(AnswerClass::ShedWithoutRetryAfter, 5));
+        tally.observe("end-of-call-report", &attempt(AnswerClass::ServerError, 40));
+        tally.observe("end-of-call-report", &attempt(AnswerClass::Timeout, 2000));
+        let statuses = tally.statuses();
+        let ar = statuses["assistant-request"];
+        assert_eq!((ar.attempts, ar.ok_2xx, ar.status_503, ar.connection_errors), (3, 1, 1, 1));
+        let total = tally.total();
+        assert_eq!((total.attempts, total.status_503, total.status_503_without_retry_after), (6, 2, 1));
+        assert_eq!((total.other_5xx, total.timeouts), (1, 1));
+        // The refused connection is not an answer; the timeout is the slowest one.
+        let slowest = tally.max_answer_ms();
+        assert_eq!(slowest["assistant-request"], 12.0);
+        assert_eq!(slowest["end-of-call-report"], 2000.0);
+        assert!(total.line().contains("2 503 (1 without Retry-After)"));
     }
 }

@@ -89,7 +89,7 @@ pub struct Failure {
 }
 
 enum Op {
-    Append { id: u64, meta: Vec<u8>, body: Vec<u8>, done: oneshot::Sender<Result<(), InboxError>> },
+    Append { id: u64, meta: Vec<u8>, body: bytes::Bytes, done: oneshot::Sender<Result<(), InboxError>> },
     Remove { id: u64 },
     Fail { id: u64, failure: Failure },
 }
@@ -236,7 +236,7 @@ impl Inbox {
                     received_at: meta.received_at,
                     path_org: meta.path_org,
                     org: meta.org,
-                    body: body.value().to_vec(),
+                    body: bytes::Bytes::copy_from_slice(body.value()),
                     unprocessable: meta.unprocessable,
                 },
                 attempts: meta.attempts,
@@ -298,7 +298,7 @@ fn apply(db: &Database, batch: &[Op]) -> Result<(Amount, Amount), redb::Error> {
         for op in batch {
             match op {
                 Op::Append { id, meta, body, .. } => {
-                    bodies.insert(*id, body.as_slice())?;
+                    bodies.insert(*id, body.as_ref())?;
                     metas.insert(*id, meta.as_slice())?;
                     added.0 += 1;
                     added.1 += body.len() as u64;
@@ -338,7 +338,7 @@ mod tests {
             received_at: Utc::now(),
             path_org: Some("org".into()),
             org: None,
-            body: body.as_bytes().to_vec(),
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
             unprocessable: None,
         }
     }
@@ -359,7 +359,7 @@ mod tests {
         assert_eq!(inbox.depth(), 2);
         let listed = inbox.list(10).unwrap();
         assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
-        assert_eq!(listed[0].webhook.body, b"{\"a\":1}");
+        assert_eq!(listed[0].webhook.body.as_ref(), b"{\"a\":1}");
         assert_eq!(listed[0].webhook.path_org.as_deref(), Some("org"));
         inbox.remove(a);
         // A later append is committed after the removal (one writer, in order).

@@ -354,11 +354,20 @@ impl EventIntake for LocalIntake {
             }
         };
         let stored = StoredEvent { id, webhook, attempts: 0, next_attempt_at: Utc::now(), last_error: None };
-        let permit = match tokio::time::timeout(budget, inner.workers.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            _ => {
-                inner.wake.notify_one();
-                return Ok(Accepted::Queued);
+        // With every worker busy, the parsed event is let go while this request waits: under
+        // a burst, waiting requests hold only their bodies, and whatever is not processed
+        // within the budget is the drainer's, from disk.
+        let (permit, event) = match inner.workers.clone().try_acquire_owned() {
+            Ok(permit) => (permit, event),
+            Err(_) => {
+                drop(event);
+                match tokio::time::timeout(budget, inner.workers.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => (permit, None),
+                    _ => {
+                        inner.wake.notify_one();
+                        return Ok(Accepted::Queued);
+                    }
+                }
             }
         };
         if !self.claim(id) {
