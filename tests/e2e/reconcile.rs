@@ -288,3 +288,30 @@ async fn the_sweeper_finishes_unfinished_calls_on_its_own() {
     assert_eq!(app.seconds_used(org.id).await, 30);
     assert_eq!(app.count("SELECT count(*) FROM usage_ledger").await, 1);
 }
+
+#[tokio::test]
+async fn the_reconcile_command_finishes_a_call_from_vapis_record_and_says_what_it_did() {
+    let app = TestApp::spawn().await;
+    let (stub, url) = VapiStub::start(VAPI_KEY).await.unwrap();
+    let org = app.org("pro").await;
+    let created = Utc::now() - Duration::hours(3);
+    start_call(&app, org.id, "cli-call", created).await;
+    stub.put_call(ended_call("cli-call", created, 125.0, "customer-ended-call"));
+    let cli = crate::cli::Cli { db_url: app.db.url.clone(), addr: crate::cli::free_addr() };
+    let since = crate::helpers::iso(Utc::now() - Duration::days(2));
+
+    let without_key = cli.command(&["reconcile", "calls", "--since", &since]).output().unwrap();
+    assert!(!without_key.status.success());
+    let said = String::from_utf8_lossy(&without_key.stderr);
+    assert!(said.contains("CALLPLANE__VAPI__API_KEY"), "{said}");
+
+    let mut command = cli.command(&["reconcile", "calls", "--since", &since, "--json"]);
+    command.env("CALLPLANE__VAPI__API_KEY", VAPI_KEY).env("CALLPLANE__VAPI__API_URL", &url);
+    // The stub answers on this test's runtime: wait for the command off it.
+    let out = tokio::task::spawn_blocking(move || command.output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["examined"].as_u64(), report["finished"].as_u64()), (Some(1), Some(1)), "{report}");
+    assert_eq!(app.call(org.id, "cli-call").await.unwrap().status, "ended");
+    assert_eq!(app.seconds_used(org.id).await, 125);
+}

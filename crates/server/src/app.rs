@@ -7,6 +7,7 @@ use callplane_api::{AppState, Metrics, Readiness};
 use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
 use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore, UsageCounter};
 use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
+use callplane_workflow::reconcile::{Reconciler, spawn_sweeper};
 use callplane_workflow::{Inbox, InlinePipeline, LocalIntake, PipelineSettings};
 use chrono::Utc;
 use secrecy::ExposeSecret;
@@ -137,6 +138,45 @@ impl App {
             org_hint_key: settings.org_hint_key(),
             included_seconds: settings.plans().into_iter().map(|(name, p)| (name, p.included_seconds())).collect(),
         }
+    }
+
+    /// The reconciler of unfinished calls with the event processor it submits to, when VAPI's
+    /// API key is configured.
+    pub async fn reconciler(settings: &Settings, store: &PgStore) -> anyhow::Result<Option<Reconciler>> {
+        let Some(vapi) = settings.vapi_calls()? else { return Ok(None) };
+        let b = &settings.backends;
+        let bus = realtime(&b.realtime, store, settings.realtime.queue).await?;
+        let pipeline = InlinePipeline::new(
+            store.clone(),
+            usage_counter(&b.usage_counter, store)?,
+            transcripts(&b.transcripts, store)?,
+            bus.clone(),
+            Self::pipeline_settings(settings),
+        );
+        Ok(Some(Reconciler::new(store.clone(), vapi, Arc::new(pipeline), bus, settings.reconcile_settings())))
+    }
+
+    /// Sweeps calls that never reached `ended` every `reconcile.interval_seconds`, when VAPI's
+    /// API key is configured.
+    pub fn spawn_reconciler(&self) -> anyhow::Result<()> {
+        match self.settings.vapi_calls()? {
+            Some(vapi) if self.settings.reconcile.interval_seconds > 0 => {
+                let reconciler = Reconciler::new(
+                    self.store.clone(),
+                    vapi,
+                    self.pipeline.clone(),
+                    self.state.bus.clone(),
+                    self.settings.reconcile_settings(),
+                );
+                spawn_sweeper(Arc::new(reconciler), Duration::from_secs(self.settings.reconcile.interval_seconds));
+            }
+            Some(_) => info!("reconcile.interval_seconds = 0: unfinished calls are not swept"),
+            None => warn!(
+                "vapi.api_key is not set: calls whose end-of-call report never arrives stay unfinished \
+                 (set CALLPLANE__VAPI__API_KEY)"
+            ),
+        }
+        Ok(())
     }
 
     /// Opens the inbox in `inbox.dir`; only one process may hold it.

@@ -55,6 +55,24 @@ enum Command {
     /// The local inbox of accepted webhooks (`inbox.dir`).
     #[command(subcommand)]
     Inbox(InboxCommand),
+    /// Reconcile with VAPI's own records.
+    #[command(subcommand)]
+    Reconcile(ReconcileCommand),
+}
+
+#[derive(Subcommand)]
+enum ReconcileCommand {
+    /// Ask VAPI about calls created in a window that never reached `ended` (older than the
+    /// longest allowed call): finish and bill them from VAPI's record, or mark them.
+    Calls {
+        /// RFC 3339, e.g. 2026-11-01T00:00:00Z
+        #[arg(long)]
+        since: DateTime<Utc>,
+        #[arg(long)]
+        until: Option<DateTime<Utc>>,
+        #[arg(long)]
+        org: Option<OrgId>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -359,8 +377,38 @@ async fn main() -> anyhow::Result<()> {
             });
         }
         Command::Inbox(cmd) => inbox(cmd, settings, j).await?,
+        Command::Reconcile(ReconcileCommand::Calls { since, until, org }) => {
+            let store = App::connect(&settings).await?;
+            let Some(reconciler) = App::reconciler(&settings, &store).await? else {
+                bail!("vapi.api_key is not set (CALLPLANE__VAPI__API_KEY): reconciling needs VAPI's private API key");
+            };
+            let scope = callplane_workflow::reconcile::ReconcileScope { org, since, until };
+            let report = reconciler
+                .run(&scope, Utc::now(), |p| {
+                    let r = p.report;
+                    eprint!(
+                        "\rexamined {} ({} finished, {} marked, {} still open, {} failed)",
+                        r.examined, r.finished, r.marked, r.still_open, r.failed
+                    );
+                })
+                .await?;
+            eprintln!();
+            let v = serde_json::to_value(&report)?;
+            print(j, &v, || {
+                let mut s = format!(
+                    "{} examined: {} finished and billed, {} marked ended unbilled, {} still open, {} failed",
+                    report.examined, report.finished, report.marked, report.still_open, report.failed
+                );
+                if let Some(why) = &report.stopped {
+                    s.push_str(&format!("\nstopped early: {why}"));
+                }
+                s
+            });
+            if report.failed > 0 {
+                std::process::exit(1);
+            }
+        }
         Command::Events(cmd) => {
-            settings.validate()?;
             let store = App::connect(&settings).await?;
             match cmd {
                 EventsCommand::List { filter, all } => {
@@ -482,6 +530,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let r = app.store.ensure_partitions(Utc::now(), app.settings.partitions.months_ahead).await?;
     info!(covered_through = ?r.covered_through, "partitions ready");
     app.spawn_maintenance();
+    app.spawn_reconciler()?;
     let listener = TcpListener::bind(&app.settings.server.addr)
         .await
         .with_context(|| format!("binding server.addr {}", app.settings.server.addr))?;

@@ -31,7 +31,16 @@ pub struct Settings {
     pub stripe: StripeConfig,
     pub partitions: PartitionSettings,
     pub inbox: InboxSettings,
+    pub reconcile: ReconcileConfig,
     pub backends: BackendSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ReconcileConfig {
+    pub interval_seconds: u64,
+    pub grace_seconds: i64,
+    pub ceiling_hours: i64,
+    pub lookback_hours: i64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -82,6 +91,9 @@ pub struct VapiSettings {
     pub fallback_assistant_id: String,
     pub max_call_seconds: i64,
     pub answer_deadline_ms: u64,
+    pub api_key: SecretString,
+    pub api_url: String,
+    pub api_timeout_seconds: u64,
     pub hmac: HmacConfig,
 }
 
@@ -249,6 +261,26 @@ impl Settings {
         }
         if !(50..=7000).contains(&self.vapi.answer_deadline_ms) {
             errors.push("vapi.answer_deadline_ms: must be between 50 and 7000 (VAPI gives up at 7500)".into());
+        }
+        if !self.vapi.api_url.starts_with("http://") && !self.vapi.api_url.starts_with("https://") {
+            errors.push(format!("vapi.api_url: {:?} must start with http:// or https://", self.vapi.api_url));
+        }
+        if !(1..=120).contains(&self.vapi.api_timeout_seconds) {
+            errors.push("vapi.api_timeout_seconds: must be between 1 and 120".into());
+        }
+        if self.reconcile.grace_seconds < 0 {
+            errors.push("reconcile.grace_seconds: cannot be negative".into());
+        }
+        if self.reconcile.ceiling_hours.saturating_mul(3600)
+            <= self.vapi.max_call_seconds.saturating_add(self.reconcile.grace_seconds)
+        {
+            errors.push(
+                "reconcile.ceiling_hours: must be longer than vapi.max_call_seconds plus reconcile.grace_seconds"
+                    .into(),
+            );
+        }
+        if self.reconcile.lookback_hours < self.reconcile.ceiling_hours {
+            errors.push("reconcile.lookback_hours: must be at least reconcile.ceiling_hours".into());
         }
         if self.database.answer_pool_connections == 0 {
             errors.push("database.answer_pool_connections: must be at least 1".into());
@@ -422,6 +454,30 @@ impl Settings {
         Some(callplane_core::agent::org_hint_signature(secret, callplane_core::OrgId(uuid::Uuid::nil())).into_bytes())
     }
 
+    /// VAPI's API, when a key is configured.
+    pub fn vapi_calls(&self) -> anyhow::Result<Option<callplane_workflow::reconcile::VapiCalls>> {
+        if self.vapi.api_key.expose_secret().trim().is_empty() {
+            return Ok(None);
+        }
+        let client = callplane_workflow::reconcile::VapiCalls::new(
+            &self.vapi.api_url,
+            self.vapi.api_key.clone(),
+            std::time::Duration::from_secs(self.vapi.api_timeout_seconds),
+        )
+        .context("vapi.api_url / vapi.api_key")?;
+        Ok(Some(client))
+    }
+
+    pub fn reconcile_settings(&self) -> callplane_workflow::reconcile::ReconcileSettings {
+        callplane_workflow::reconcile::ReconcileSettings {
+            ceiling: chrono::Duration::hours(self.reconcile.ceiling_hours),
+            sweep_lookback: chrono::Duration::hours(self.reconcile.lookback_hours),
+            ..callplane_workflow::reconcile::ReconcileSettings::new(chrono::Duration::seconds(
+                self.vapi.max_call_seconds + self.reconcile.grace_seconds,
+            ))
+        }
+    }
+
     pub fn answer_deadline(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.vapi.answer_deadline_ms)
     }
@@ -472,6 +528,9 @@ impl Settings {
                 "fallback_assistant_id": self.vapi.fallback_assistant_id,
                 "max_call_seconds": self.vapi.max_call_seconds,
                 "answer_deadline_ms": self.vapi.answer_deadline_ms,
+                "api_key": mask(&self.vapi.api_key),
+                "api_url": self.vapi.api_url,
+                "api_timeout_seconds": self.vapi.api_timeout_seconds,
                 "hmac": {
                     "secrets": self.vapi.hmac.secrets.iter().map(mask).collect::<Vec<_>>(),
                     "algorithm": self.vapi.hmac.algorithm,
@@ -523,6 +582,12 @@ impl Settings {
                 "max_future_skew_hours": self.partitions.max_future_skew_hours,
                 "max_past_days": self.partitions.max_past_days,
                 "maintenance_interval_seconds": self.partitions.maintenance_interval_seconds,
+            },
+            "reconcile": {
+                "interval_seconds": self.reconcile.interval_seconds,
+                "grace_seconds": self.reconcile.grace_seconds,
+                "ceiling_hours": self.reconcile.ceiling_hours,
+                "lookback_hours": self.reconcile.lookback_hours,
             },
             "inbox": {
                 "dir": self.inbox.dir,
@@ -590,9 +655,11 @@ mod tests {
     fn secrets_are_masked_when_printed() {
         let mut settings = base();
         settings.vapi.secret = SecretString::from("super-secret-value");
+        settings.vapi.api_key = SecretString::from("vapi-private-key");
         settings.database.url = SecretString::from("postgres://app:hunter2@db:5432/callplane");
         let printed = settings.redacted().to_string();
         assert!(!printed.contains("super-secret-value") && !printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("vapi-private-key"), "{printed}");
         assert!(printed.contains("postgres://app:********@db:5432/callplane"), "{printed}");
     }
 }

@@ -10,8 +10,8 @@
 //! One writer thread owns every write. Appends that arrive together are committed in one
 //! transaction (group commit): a burst of webhooks costs one fsync per batch, not one each,
 //! and no append returns before its batch is on disk. Removals ride along in the same
-//! batches; a removal lost in a crash only means the event is processed again, which is
-//! harmless because processing is idempotent on the call.
+//! batches, or commit without an fsync of their own: a removal lost in a crash only means the
+//! event is processed again, which is harmless because processing is idempotent on the call.
 
 use callplane_core::seams::ReceivedWebhook;
 use chrono::{DateTime, Utc};
@@ -251,6 +251,7 @@ impl Inbox {
 /// The writer thread: takes every pending operation, applies them in one transaction,
 /// commits durably, then answers the appends. Ends when every `Inbox` clone is dropped.
 fn write_loop(db: &Database, counts: &Counts, ops: &mpsc::Receiver<Op>) {
+    let mut last_durable = std::time::Instant::now();
     while let Ok(first) = ops.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -259,7 +260,14 @@ fn write_loop(db: &Database, counts: &Counts, ops: &mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        match apply(db, &batch) {
+        // Removals alone skip the fsync, but not for more than a second: a long drain stays
+        // on disk too, and redb frees pages only at durable commits.
+        let durable = batch.iter().any(|op| matches!(op, Op::Append { .. }))
+            || last_durable.elapsed() >= std::time::Duration::from_secs(1);
+        if durable {
+            last_durable = std::time::Instant::now();
+        }
+        match apply(db, &batch, durable) {
             Ok((added, removed)) => {
                 counts.depth.fetch_add(added.0, Ordering::Relaxed);
                 counts.bytes.fetch_add(added.1, Ordering::Relaxed);
@@ -288,8 +296,15 @@ fn write_loop(db: &Database, counts: &Counts, ops: &mpsc::Receiver<Op>) {
 type Amount = (u64, u64);
 
 /// Applies a batch; returns what was added and what was removed.
-fn apply(db: &Database, batch: &[Op]) -> Result<(Amount, Amount), redb::Error> {
-    let tx = db.begin_write()?;
+///
+/// Only appends must be on disk before anyone is told: a removal or a failure count lost in a
+/// crash means an event is processed again, which is harmless. So a batch without appends may
+/// commit without an fsync (`durable` false) and become durable with a later commit.
+fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(Amount, Amount), redb::Error> {
+    let mut tx = db.begin_write()?;
+    if !durable {
+        tx.set_durability(redb::Durability::None)?;
+    }
     let mut added: Amount = (0, 0);
     let mut removed: Amount = (0, 0);
     {
