@@ -88,10 +88,20 @@ pub struct Failure {
     pub error: String,
 }
 
+type Done = oneshot::Sender<Result<(), InboxError>>;
+
 enum Op {
-    Append { id: u64, meta: Vec<u8>, body: bytes::Bytes, done: oneshot::Sender<Result<(), InboxError>> },
-    Remove { id: u64 },
-    Fail { id: u64, failure: Failure },
+    Append { id: u64, meta: Vec<u8>, body: bytes::Bytes, done: Done },
+    Remove { id: u64, done: Done },
+    Fail { id: u64, failure: Failure, done: Done },
+}
+
+impl Op {
+    fn into_done(self) -> Done {
+        match self {
+            Op::Append { done, .. } | Op::Remove { done, .. } | Op::Fail { done, .. } => done,
+        }
+    }
 }
 
 struct Counts {
@@ -178,20 +188,25 @@ impl Inbox {
             last_error: None,
         };
         let meta = serde_json::to_vec(&meta).map_err(|e| InboxError::Disk(Box::new(e)))?;
-        let (done, committed) = oneshot::channel();
-        self.writer.send(Op::Append { id, meta, body: webhook.body.clone(), done }).map_err(|_| InboxError::Stopped)?;
-        committed.await.map_err(|_| InboxError::Stopped)??;
+        self.write(|done| Op::Append { id, meta, body: webhook.body.clone(), done }).await?;
         Ok(id)
     }
 
-    /// Forgets an event whose effects have committed.
-    pub fn remove(&self, id: u64) {
-        let _ = self.writer.send(Op::Remove { id });
+    /// Forgets an event whose effects have committed. Returns once a scan can no longer see
+    /// it (its removal is durable with the next append, or within a second).
+    pub async fn remove(&self, id: u64) -> Result<(), InboxError> {
+        self.write(|done| Op::Remove { id, done }).await
     }
 
-    /// Records a failed attempt.
-    pub fn record_failure(&self, id: u64, failure: Failure) {
-        let _ = self.writer.send(Op::Fail { id, failure });
+    /// Records a failed attempt; returns once a scan sees it.
+    pub async fn record_failure(&self, id: u64, failure: Failure) -> Result<(), InboxError> {
+        self.write(|done| Op::Fail { id, failure, done }).await
+    }
+
+    async fn write(&self, op: impl FnOnce(Done) -> Op) -> Result<(), InboxError> {
+        let (done, committed) = oneshot::channel();
+        self.writer.send(op(done)).map_err(|_| InboxError::Stopped)?;
+        committed.await.map_err(|_| InboxError::Stopped)?
     }
 
     /// Up to `limit` events due by `now`, oldest first, skipping the ids in `skip`.
@@ -274,18 +289,14 @@ fn write_loop(db: &Database, counts: &Counts, ops: &mpsc::Receiver<Op>) {
                 counts.depth.fetch_sub(removed.0, Ordering::Relaxed);
                 counts.bytes.fetch_sub(removed.1, Ordering::Relaxed);
                 for op in batch {
-                    if let Op::Append { done, .. } = op {
-                        let _ = done.send(Ok(()));
-                    }
+                    let _ = op.into_done().send(Ok(()));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "inbox commit failed");
                 let message = e.to_string();
                 for op in batch {
-                    if let Op::Append { done, .. } = op {
-                        let _ = done.send(Err(InboxError::Disk(message.clone().into())));
-                    }
+                    let _ = op.into_done().send(Err(InboxError::Disk(message.clone().into())));
                 }
             }
         }
@@ -318,14 +329,14 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(Amount, Amount),
                     added.0 += 1;
                     added.1 += body.len() as u64;
                 }
-                Op::Remove { id } => {
+                Op::Remove { id, .. } => {
                     if let Some(body) = bodies.remove(*id)? {
                         removed.0 += 1;
                         removed.1 += body.value().len() as u64;
                     }
                     metas.remove(*id)?;
                 }
-                Op::Fail { id, failure } => {
+                Op::Fail { id, failure, .. } => {
                     let current = metas.get(*id)?.and_then(|m| serde_json::from_slice::<Meta>(m.value()).ok());
                     if let Some(mut meta) = current {
                         meta.attempts = failure.attempts;
@@ -376,8 +387,7 @@ mod tests {
         assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
         assert_eq!(listed[0].webhook.body.as_ref(), b"{\"a\":1}");
         assert_eq!(listed[0].webhook.path_org.as_deref(), Some("org"));
-        inbox.remove(a);
-        // A later append is committed after the removal (one writer, in order).
+        inbox.remove(a).await.unwrap();
         let c = inbox.append(&webhook("{}")).await.unwrap();
         assert!(c > b, "ids keep growing after a reopen");
         assert_eq!(inbox.list(10).unwrap().iter().map(|e| e.id).collect::<Vec<_>>(), vec![b, c]);
@@ -400,8 +410,10 @@ mod tests {
         let a = inbox.append(&webhook("1")).await.unwrap();
         let b = inbox.append(&webhook("2")).await.unwrap();
         let later = Utc::now() + chrono::Duration::seconds(60);
-        inbox.record_failure(a, Failure { attempts: 1, next_attempt_at: later, error: "db down".into() });
-        // Operations apply in order: once this append is on disk, so is the failure.
+        inbox
+            .record_failure(a, Failure { attempts: 1, next_attempt_at: later, error: "db down".into() })
+            .await
+            .unwrap();
         let c = inbox.append(&webhook("3")).await.unwrap();
         let due: Vec<u64> = inbox.due(Utc::now(), 10, &HashSet::new()).unwrap().iter().map(|e| e.id).collect();
         assert_eq!(due, vec![b, c]);

@@ -15,6 +15,7 @@ use callplane_core::seams::{
 };
 use callplane_core::vapi;
 use chrono::Utc;
+use futures::FutureExt;
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,7 +158,7 @@ impl LocalIntake {
                 if matches!(outcome, Outcome::Retry(_)) && stored.attempts + 1 >= intake.inner.settings.max_attempts {
                     outcome = intake.give_up(&stored, &outcome).await;
                 }
-                let kind = intake.settle(&stored, outcome);
+                let kind = intake.settle(&stored, outcome).await;
                 drop(permit);
                 kind
             });
@@ -206,8 +207,17 @@ impl LocalIntake {
         }
     }
 
-    /// Processes one stored event. `event` is the parsed message when the receiver had it.
+    /// Processes one stored event. `event` is the parsed message when the receiver had it. A
+    /// panic while processing is one more failed attempt, never a lost event: after
+    /// `max_attempts` the event is kept as a dead letter.
     async fn attempt(&self, stored: &StoredEvent, event: Option<InboundEvent>) -> Outcome {
+        match std::panic::AssertUnwindSafe(self.try_attempt(stored, event)).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Retry("processing panicked (see the log)".into()),
+        }
+    }
+
+    async fn try_attempt(&self, stored: &StoredEvent, event: Option<InboundEvent>) -> Outcome {
         let inner = &self.inner;
         let webhook = &stored.webhook;
         if let Some(why) = &webhook.unprocessable {
@@ -275,8 +285,9 @@ impl LocalIntake {
         }
     }
 
-    /// Removes a finished event from the inbox or postpones it; releases its claim.
-    fn settle(&self, stored: &StoredEvent, outcome: Outcome) -> Settled {
+    /// Removes a finished event from the inbox or postpones it; then releases its claim, so
+    /// the drainer never sees a finished event again nor retries one before its time.
+    async fn settle(&self, stored: &StoredEvent, outcome: Outcome) -> Settled {
         let inner = &self.inner;
         let settled = match outcome {
             Outcome::Done(_) => Settled::Processed,
@@ -287,12 +298,19 @@ impl LocalIntake {
                     Duration::from_millis(500u64.saturating_mul(1 << attempts.min(16))).min(inner.settings.max_backoff);
                 let next_attempt_at = Utc::now() + chrono::Duration::from_std(backoff).unwrap_or_default();
                 warn!(event = stored.id, attempts, %error, "event not processed; it stays in the inbox");
-                inner.inbox.record_failure(stored.id, Failure { attempts, next_attempt_at, error });
+                let failure = Failure { attempts, next_attempt_at, error };
+                if let Err(e) = inner.inbox.record_failure(stored.id, failure).await {
+                    warn!(event = stored.id, error = %e, "recording the failed attempt failed");
+                }
                 self.release(stored.id);
                 return Settled::Retrying;
             }
         };
-        inner.inbox.remove(stored.id);
+        // The effects are committed; should the removal fail, the event is processed again
+        // later, which changes nothing.
+        if let Err(e) = inner.inbox.remove(stored.id).await {
+            warn!(event = stored.id, error = %e, "removing a processed event from the inbox failed");
+        }
         inner.drained.fetch_add(1, Ordering::Relaxed);
         self.release(stored.id);
         settled
@@ -385,9 +403,10 @@ impl EventIntake for LocalIntake {
                 Outcome::Rejected { code, message } => Err(IntakeError::Rejected { code, message: message.clone() }),
                 Outcome::Retry(_) => Ok(Accepted::Queued),
             };
-            intake.settle(&stored, outcome);
-            drop(permit);
+            // The sender hears first; settling the inbox is this task's own business.
             let _ = tx.send(answer);
+            intake.settle(&stored, outcome).await;
+            drop(permit);
         });
         match tokio::time::timeout(budget.saturating_sub(started.elapsed()), rx).await {
             Ok(Ok(answer)) => answer,
@@ -441,5 +460,110 @@ impl LocalIntake {
                 Err(IntakeError::Overloaded { retry_after_seconds: 5, source: Some(Box::new(why)) })
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::inbox::InboxLimits;
+    use callplane_core::Organization;
+    use callplane_core::seams::{OrgDirectory, StoreResult};
+    use serde_json::Map;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A pipeline whose processing panics, as a bug on some input would.
+    #[derive(Default)]
+    struct Panicking {
+        submitted: AtomicUsize,
+        kept: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl EventPipeline for Panicking {
+        fn backend(&self) -> &'static str {
+            "panicking"
+        }
+
+        async fn submit(&self, _event: InboundEvent) -> Result<Processed, PipelineError> {
+            self.submitted.fetch_add(1, Ordering::SeqCst);
+            panic!("a bug in processing");
+        }
+
+        async fn keep_unprocessed(
+            &self,
+            _org: Option<OrgId>,
+            _body: &Value,
+            code: &str,
+            _error: &str,
+            _received_at: chrono::DateTime<Utc>,
+        ) -> StoreResult<i64> {
+            self.kept.lock().unwrap().push(code.to_owned());
+            Ok(1)
+        }
+    }
+
+    /// Every organization exists.
+    struct Everyone;
+
+    #[async_trait]
+    impl OrgDirectory for Everyone {
+        async fn get(&self, _org: OrgId) -> StoreResult<Option<Organization>> {
+            Ok(None)
+        }
+        async fn by_phone_number(&self, _id: &str) -> StoreResult<Option<OrgId>> {
+            Ok(None)
+        }
+        async fn by_assistant(&self, _id: &str) -> StoreResult<Option<OrgId>> {
+            Ok(None)
+        }
+        async fn by_call(&self, _id: &str) -> StoreResult<Option<OrgId>> {
+            Ok(None)
+        }
+        async fn by_api_key(&self, _secret: &str) -> StoreResult<Option<OrgId>> {
+            Ok(None)
+        }
+    }
+
+    #[async_trait]
+    impl AgentDirectory for Everyone {
+        async fn function_data(&self, _org: OrgId) -> StoreResult<Arc<Map<String, Value>>> {
+            Ok(Arc::default())
+        }
+        fn invalidate(&self, _org: OrgId) {}
+        fn invalidate_all(&self) {}
+    }
+
+    #[tokio::test]
+    async fn an_event_whose_processing_panics_is_retried_then_kept_as_a_dead_letter_never_dropped() {
+        let dir = std::env::temp_dir().join(format!("callplane-intake-test-{}", uuid_like()));
+        let inbox = Inbox::open(&dir, InboxLimits { max_events: 10, max_bytes: 1 << 20 }).unwrap();
+        let pipeline = Arc::new(Panicking::default());
+        let settings =
+            IntakeSettings { workers: 2, max_attempts: 3, max_backoff: Duration::from_millis(10), org_hint_key: None };
+        let intake = LocalIntake::new(inbox, pipeline.clone(), Arc::new(Everyone), settings);
+        let org = OrgId::new();
+        let body = br#"{"message":{"type":"status-update","status":"in-progress","call":{"id":"c1"}}}"#;
+        let webhook = ReceivedWebhook {
+            received_at: Utc::now(),
+            path_org: None,
+            org: Some(org),
+            body: bytes::Bytes::from_static(body),
+            unprocessable: None,
+        };
+        let accepted = intake.accept(webhook, None, Duration::from_secs(2), false).await.unwrap();
+        assert_eq!(accepted, Accepted::Queued, "the panic left the event in the inbox");
+        assert_eq!(intake.inbox().depth(), 1);
+
+        let report = intake.drain_all(Duration::from_secs(10), |_| {}).await;
+        assert_eq!((report.dead_lettered, report.left), (1, 0), "{report:?}");
+        assert_eq!(pipeline.submitted.load(Ordering::SeqCst), 3, "tried max_attempts times");
+        assert_eq!(*pipeline.kept.lock().unwrap(), vec!["processing_failed".to_owned()]);
+        assert_eq!(intake.status().lost_total, 0);
+    }
+
+    fn uuid_like() -> String {
+        format!("{}-{}", std::process::id(), Utc::now().timestamp_nanos_opt().unwrap_or_default())
     }
 }
