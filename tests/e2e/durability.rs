@@ -81,7 +81,6 @@ async fn a_call_finished_while_the_database_is_unreachable_is_kept_and_billed_on
 async fn answers_vapi_waits_for_come_from_memory_within_the_deadline_while_the_database_is_unreachable() {
     let (app, proxy) = TestApp::spawn_behind_proxy(&[("vapi.answer_deadline_ms", "600")]).await;
     let org = app.org("pro").await;
-    let stranger = app.org("pro").await;
     let key = app.api_key(org.id).await;
     let put = app
         .http
@@ -113,7 +112,9 @@ async fn answers_vapi_waits_for_come_from_memory_within_the_deadline_while_the_d
     assert!(!results.is_empty() && results.iter().all(|r| r["toolCallId"].is_string()), "{answer}");
     assert!(results.iter().any(|r| r["result"] == "Order found: Thursday 10am."), "{answer}");
 
-    // An organization never seen by this process: nothing is known, VAPI speaks an error.
+    // An organization made while this server cannot reach the database: nothing is known of
+    // it, VAPI speaks an error.
+    let stranger = app.org("pro").await;
     let mut stranger_ask = sample("01-assistant-request.json");
     stranger_ask["message"]["call"]["id"] = "stranger-call".into();
     let (status, answer, took) = timed_post(&app, stranger.id, &stranger_ask).await;

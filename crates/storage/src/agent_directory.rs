@@ -8,7 +8,9 @@
 //! answer at most the budget. Reads use their own small pool whose connections carry
 //! `statement_timeout` and `lock_timeout`, so they never queue behind event processing.
 //!
-//! Registry and call lookups are cached only when found: a mapping, once made, never moves to
+//! Every organization is read into memory at start and after the listener reconnects, so an
+//! organization not asked about since the start is answered all the same while the database
+//! is away. Registry and call lookups are cached only when found: a mapping, once made, never moves to
 //! another organization.
 
 use crate::{PgFunctionData, PgStore};
@@ -29,6 +31,11 @@ pub const CACHE_CHANNEL: &str = "callplane_cache";
 const MAX_AGE: Duration = Duration::from_secs(60);
 /// The most call ids remembered; past it the map starts over.
 const MAX_CALLS: usize = 100_000;
+/// The most organizations read at start (and after a reconnect); others are read when asked.
+const MAX_WARM: i64 = 50_000;
+/// After a failed read, an organization is answered from memory without trying again for
+/// this long: a database that is down is not asked on every answer.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct Known {
@@ -37,6 +44,8 @@ struct Known {
     read_at: Instant,
     stale: bool,
     refreshing: bool,
+    /// Set after a failed read: no new read before then.
+    retry_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -78,8 +87,9 @@ impl PgAgentDirectory {
             match PgListener::connect_with(self.inner.primary.pool()).await {
                 Ok(mut listener) => match listener.listen(CACHE_CHANNEL).await {
                     Ok(()) => {
-                        // Changes made while nobody listened are unknown: read everything again.
-                        self.mark_all_stale();
+                        // Changes made while nobody listened are unknown: read everything
+                        // again, now that changes from here on are heard.
+                        self.warm().await;
                         if let Err(e) = self.receive(&mut listener).await {
                             warn!(error = %e, "cache listener lost its connection; reconnecting");
                         }
@@ -105,6 +115,34 @@ impl PgAgentDirectory {
         }
     }
 
+    /// Reads every organization (up to a bound) and its function data into memory, so
+    /// answers for organizations not yet asked about survive the database going away.
+    async fn warm(&self) {
+        match self.inner.primary.organizations_with_data(MAX_WARM).await {
+            Ok(all) => {
+                let now = Instant::now();
+                if let Ok(mut maps) = self.inner.maps.lock() {
+                    for (org, data) in all {
+                        let known = Known {
+                            org: Some(org.clone()),
+                            data: Arc::new(data),
+                            read_at: now,
+                            stale: false,
+                            refreshing: false,
+                            retry_at: None,
+                        };
+                        maps.orgs.insert(org.id, known);
+                    }
+                    maps.registry.clear();
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the organizations into memory failed; they are read when asked");
+                self.mark_all_stale();
+            }
+        }
+    }
+
     fn on_notification(&self, payload: &str) {
         match payload.split_once(':') {
             Some(("org", id)) => {
@@ -126,6 +164,7 @@ impl PgAgentDirectory {
             maps.orgs.values_mut().for_each(|k| {
                 k.stale = true;
                 k.refreshing = false;
+                k.retry_at = None;
             });
             maps.registry.clear();
         }
@@ -135,7 +174,14 @@ impl PgAgentDirectory {
     async fn load(inner: &Inner, org: OrgId) -> StoreResult<Known> {
         let data = PgFunctionData(inner.answers.clone());
         let (row, data) = tokio::try_join!(inner.answers.get(org), data.preload(org))?;
-        let known = Known { org: row, data: Arc::new(data), read_at: Instant::now(), stale: false, refreshing: false };
+        let known = Known {
+            org: row,
+            data: Arc::new(data),
+            read_at: Instant::now(),
+            stale: false,
+            refreshing: false,
+            retry_at: None,
+        };
         if let Ok(mut maps) = inner.maps.lock() {
             // A notification that arrived during the read leaves the entry stale.
             let stale_meanwhile = maps.orgs.get(&org).is_some_and(|k| k.stale && !k.refreshing);
@@ -152,7 +198,8 @@ impl PgAgentDirectory {
         let cached = self.inner.maps.lock().ok().and_then(|mut maps| {
             let entry = maps.orgs.get_mut(&org)?;
             let current = !entry.stale && entry.read_at.elapsed() < MAX_AGE;
-            if current || entry.refreshing {
+            let resting = entry.retry_at.is_some_and(|at| Instant::now() < at);
+            if current || entry.refreshing || resting {
                 return Some((entry.clone(), false));
             }
             entry.refreshing = true;
@@ -170,6 +217,7 @@ impl PgAgentDirectory {
                         && let Some(entry) = maps.orgs.get_mut(&org)
                     {
                         entry.refreshing = false;
+                        entry.retry_at = Some(Instant::now() + RETRY_AFTER);
                     }
                     result
                 });
@@ -250,6 +298,7 @@ impl AgentDirectory for PgAgentDirectory {
         {
             entry.stale = true;
             entry.refreshing = false;
+            entry.retry_at = None;
         }
     }
 

@@ -40,6 +40,34 @@ pub fn hash_api_key(secret: &str) -> Vec<u8> {
 }
 
 impl PgStore {
+    /// Every organization with its function data, up to `limit` organizations (for warming
+    /// the answers' directory).
+    pub async fn organizations_with_data(
+        &self,
+        limit: i64,
+    ) -> StoreResult<Vec<(Organization, serde_json::Map<String, serde_json::Value>)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ORG_COLUMNS}, \
+                    (SELECT COALESCE(jsonb_object_agg(key, value), '{{}}') FROM function_data f \
+                      WHERE f.organization_id = o.id) AS data \
+             FROM organizations o ORDER BY id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let data: serde_json::Value = row.try_get("data").map_err(db)?;
+                let data = match data {
+                    serde_json::Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                };
+                Ok((org_from_row(row)?, data))
+            })
+            .collect()
+    }
+
     #[instrument(skip_all, fields(plan = %new.plan))]
     pub async fn create_organization(&self, new: &NewOrganization) -> StoreResult<Organization> {
         let id = OrgId::new();
