@@ -51,6 +51,11 @@ struct Known {
 #[derive(Default)]
 struct Maps {
     orgs: HashMap<OrgId, Known>,
+    /// Bumped at every change heard of an organization (whether or not it is in memory), so a
+    /// read that overlapped a change is known to be stale when it lands.
+    changes: HashMap<OrgId, u64>,
+    /// Bumped when every organization is to be read again.
+    all_changes: u64,
     registry: HashMap<String, OrgId>,
     calls: HashMap<String, OrgId>,
 }
@@ -118,16 +123,20 @@ impl PgAgentDirectory {
     /// Reads every organization (up to a bound) and its function data into memory, so
     /// answers for organizations not yet asked about survive the database going away.
     async fn warm(&self) {
+        let before = self.inner.maps.lock().map(|m| (m.changes.clone(), m.all_changes)).unwrap_or_default();
         match self.inner.primary.organizations_with_data(MAX_WARM).await {
             Ok(all) => {
                 let now = Instant::now();
                 if let Ok(mut maps) = self.inner.maps.lock() {
                     for (org, data) in all {
+                        // Changed while this was read: keep it, but stale.
+                        let changed =
+                            maps.all_changes != before.1 || maps.changes.get(&org.id) != before.0.get(&org.id);
                         let known = Known {
                             org: Some(org.clone()),
                             data: Arc::new(data),
                             read_at: now,
-                            stale: false,
+                            stale: changed,
                             refreshing: false,
                             retry_at: None,
                         };
@@ -147,7 +156,7 @@ impl PgAgentDirectory {
         match payload.split_once(':') {
             Some(("org", id)) => {
                 if let Ok(id) = id.parse::<uuid::Uuid>() {
-                    self.invalidate(OrgId(id));
+                    self.refresh_in_background(OrgId(id));
                 }
             }
             Some(("registry", _)) => {
@@ -159,8 +168,45 @@ impl PgAgentDirectory {
         }
     }
 
+    /// An organization changed (or was created) elsewhere: read it again now, so the next
+    /// answer finds it current, and an organization created after the start is in memory
+    /// before its first call. Until the read lands, the entry is stale.
+    fn refresh_in_background(&self, org: OrgId) {
+        let start = match self.inner.maps.lock() {
+            Ok(mut maps) => {
+                *maps.changes.entry(org).or_default() += 1;
+                match maps.orgs.get_mut(&org) {
+                    // A read under way lands stale (the change above); the next answer reads.
+                    Some(entry) if entry.refreshing => false,
+                    Some(entry) => {
+                        entry.stale = true;
+                        entry.refreshing = true;
+                        entry.retry_at = None;
+                        true
+                    }
+                    None => true,
+                }
+            }
+            Err(_) => false,
+        };
+        if start {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = Self::load(&inner, org).await {
+                    warn!(org_id = %org, error = %e, "reading a changed organization failed; read when asked");
+                    if let Ok(mut maps) = inner.maps.lock()
+                        && let Some(entry) = maps.orgs.get_mut(&org)
+                    {
+                        entry.refreshing = false;
+                    }
+                }
+            });
+        }
+    }
+
     fn mark_all_stale(&self) {
         if let Ok(mut maps) = self.inner.maps.lock() {
+            maps.all_changes += 1;
             maps.orgs.values_mut().for_each(|k| {
                 k.stale = true;
                 k.refreshing = false;
@@ -172,6 +218,8 @@ impl PgAgentDirectory {
 
     /// Reads an organization and its function data from the database and remembers them.
     async fn load(inner: &Inner, org: OrgId) -> StoreResult<Known> {
+        let version = |maps: &Maps| (maps.changes.get(&org).copied().unwrap_or(0), maps.all_changes);
+        let before = inner.maps.lock().map(|maps| version(&maps)).ok();
         let data = PgFunctionData(inner.answers.clone());
         let (row, data) = tokio::try_join!(inner.answers.get(org), data.preload(org))?;
         let known = Known {
@@ -183,10 +231,9 @@ impl PgAgentDirectory {
             retry_at: None,
         };
         if let Ok(mut maps) = inner.maps.lock() {
-            // A notification that arrived during the read leaves the entry stale.
-            let stale_meanwhile = maps.orgs.get(&org).is_some_and(|k| k.stale && !k.refreshing);
+            // A change heard while reading may not be in what was read: keep it, but stale.
             let mut stored = known.clone();
-            stored.stale = stale_meanwhile;
+            stored.stale = before != Some(version(&maps));
             maps.orgs.insert(org, stored);
         }
         Ok(known)
@@ -293,12 +340,13 @@ impl AgentDirectory for PgAgentDirectory {
     }
 
     fn invalidate(&self, org: OrgId) {
-        if let Ok(mut maps) = self.inner.maps.lock()
-            && let Some(entry) = maps.orgs.get_mut(&org)
-        {
-            entry.stale = true;
-            entry.refreshing = false;
-            entry.retry_at = None;
+        if let Ok(mut maps) = self.inner.maps.lock() {
+            *maps.changes.entry(org).or_default() += 1;
+            if let Some(entry) = maps.orgs.get_mut(&org) {
+                entry.stale = true;
+                entry.refreshing = false;
+                entry.retry_at = None;
+            }
         }
     }
 
