@@ -23,27 +23,22 @@
 //! asserts only that each benchmark ran and the books balanced, never a timing.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::process::{ExitCode, Stdio};
+use std::thread;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::pg::{self, Cluster, StopOnDrop};
+use crate::pg;
+use crate::stack::{
+    self, DATABASE, Loadgen, Postgres, RssSampler, ServerProcess, ServerSpec, rss_kb, run_with_timeout, utc_now,
+};
 use crate::util::{self, Report, describe};
 
-const DATABASE: &str = "callplane";
-const VAPI_SECRET: &str = "bench-vapi-secret";
-const HMAC_SECRET: &str = "bench-hmac-secret";
-const ADMIN_TOKEN: &str = "bench-admin-token";
 /// Where the generated results go in `docs/BENCHMARKS.md`.
-const MARK_START: &str = "<!-- bench:results:start -->";
-const MARK_END: &str = "<!-- bench:results:end -->";
+const MARKERS: (&str, &str) = ("<!-- bench:results:start -->", "<!-- bench:results:end -->");
 
 /// The benchmarks, by the names `--only` takes.
 const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory"];
@@ -221,51 +216,15 @@ struct BooksLine {
     balanced: bool,
 }
 
-/// The running `callplane serve`, stopped (SIGTERM, then SIGKILL) when dropped.
-struct ServerProcess {
-    child: Child,
-}
-
-impl ServerProcess {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stop(&mut self) -> Result<()> {
-        if self.child.try_wait()?.is_some() {
-            return Ok(());
-        }
-        // Only this process, by its id: it closes its WebSockets and drains.
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        self.child.kill().context("could not kill callplane serve")?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        if let Err(error) = self.stop() {
-            eprintln!("xtask: warning: could not stop callplane serve: {error:#}");
-        }
-    }
-}
-
 /// Everything a benchmark needs.
 struct Bench {
     options: Options,
     sizes: Sizes,
     out_dir: PathBuf,
-    loadgen: PathBuf,
-    cluster_port: u16,
-    cluster: Option<StopOnDrop>,
+    loadgen_binary: PathBuf,
+    cluster: Option<Postgres>,
+    /// Set once the cluster is up.
+    loadgen: Option<Loadgen>,
     server: Option<ServerProcess>,
     http_port: u16,
     rows: Vec<Row>,
@@ -306,9 +265,9 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     let mut bench = Bench {
         sizes,
         out_dir: util::target_dir().join("bench"),
-        loadgen: target.join("callplane-loadgen"),
-        cluster_port: 0,
+        loadgen_binary: target.join("callplane-loadgen"),
         cluster: None,
+        loadgen: None,
         server: None,
         http_port: pg::free_port()?,
         rows: Vec::new(),
@@ -366,31 +325,23 @@ impl Bench {
     /// Starts a fresh cluster, migrates, and starts `callplane serve`.
     fn start(&mut self, bin: &Path, callplane: &Path) -> Result<()> {
         let data = util::target_dir().join("xtask/pg-bench");
-        let cluster = Cluster::new(bin.to_path_buf(), data, pg::free_port()?)?;
-        cluster.destroy()?;
-        cluster.init()?;
-        cluster.start(self.sizes.settings)?;
-        self.cluster_port = cluster.port();
-        let guard = StopOnDrop::new(cluster);
-        let port = self.cluster_port.to_string();
-        let mut createdb = guard.cluster().client("createdb");
-        createdb.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", DATABASE]);
-        util::run_captured(&mut createdb)?;
-        self.cluster = Some(guard);
-
-        let mut migrate = Command::new(callplane);
-        migrate.arg("migrate").envs(self.server_env()).current_dir(util::repo_root()).stdout(Stdio::null());
-        util::run(&mut migrate)?;
-
-        // Logs go to a file; the open-files limit is raised for thousands of WebSockets.
-        let log_path = self.out_dir.join("server.log");
-        let log = fs::File::create(&log_path).with_context(|| format!("could not create {}", log_path.display()))?;
-        let mut serve = raise_open_files(callplane);
-        serve.arg("serve").envs(self.server_env()).current_dir(util::repo_root()).stdout(log.try_clone()?).stderr(log);
-        eprintln!("xtask: $ {} (log: {})", describe(&serve), log_path.display());
-        self.server = Some(ServerProcess { child: serve.spawn().context("could not start callplane serve")? });
-        let health = format!("{}/healthz", self.base_url());
-        self.loadgen_json(&format!("wait {health} --timeout-secs 60"), Duration::from_secs(90), false)?;
+        let cluster = Postgres::start_fresh(bin, data, self.sizes.settings)?;
+        let log = self.out_dir.join("server.log");
+        // A fresh log each run (the server appends to it).
+        fs::write(&log, "").with_context(|| format!("could not create {}", log.display()))?;
+        // Its own inbox, empty: the default (`.data/inbox`) belongs to `cargo xtask run`'s server,
+        // and a server drains whatever it finds there at start.
+        let inbox = self.out_dir.join("inbox");
+        if inbox.exists() {
+            fs::remove_dir_all(&inbox).with_context(|| format!("could not remove {}", inbox.display()))?;
+        }
+        fs::create_dir_all(&inbox).with_context(|| format!("could not create {}", inbox.display()))?;
+        let spec = ServerSpec::new(callplane.to_path_buf(), self.http_port, &cluster.database_url(), log)
+            .with_env("CALLPLANE__INBOX__DIR", inbox.to_string_lossy());
+        self.cluster = Some(cluster);
+        spec.migrate()?;
+        self.server = Some(spec.start(Duration::from_secs(60))?);
+        self.loadgen = Some(Loadgen { binary: self.loadgen_binary.clone(), spec });
         // Settle before measuring the idle footprint.
         thread::sleep(Duration::from_secs(2));
         self.idle_rss_kb = self.server.as_ref().and_then(|s| rss_kb(s.pid()));
@@ -401,19 +352,8 @@ impl Bench {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
-    fn database_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", self.cluster_port)
-    }
-
-    fn server_env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("CALLPLANE__DATABASE__URL", self.database_url()),
-            ("CALLPLANE__SERVER__ADDR", format!("127.0.0.1:{}", self.http_port)),
-            ("CALLPLANE__SERVER__PUBLIC_URL", self.base_url()),
-            ("CALLPLANE__VAPI__SECRET", VAPI_SECRET.to_string()),
-            ("CALLPLANE__VAPI__HMAC__SECRETS", HMAC_SECRET.to_string()),
-            ("CALLPLANE__AUTH__ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
-        ]
+    fn database_url(&self) -> Result<String> {
+        Ok(self.cluster.as_ref().context("no cluster")?.database_url())
     }
 
     fn run_benchmarks(&mut self, report: &mut Report) {
@@ -439,31 +379,12 @@ impl Bench {
     /// split on whitespace (no argument contains any). Progress (stderr) goes to the terminal.
     /// The process is killed after `timeout`.
     fn loadgen_json(&self, args: &str, timeout: Duration, raise_limit: bool) -> Result<Value> {
-        let mut command = if raise_limit { raise_open_files(&self.loadgen) } else { Command::new(&self.loadgen) };
-        command
-            .args(args.split_whitespace())
-            .envs(self.server_env())
-            .env("LOADGEN_BASE_URL", self.base_url())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        eprintln!("xtask: $ callplane-loadgen {args}");
-        let output = run_with_timeout(command, timeout)?;
-        let json = output.lines().rev().find(|l| l.trim_start().starts_with('{'));
-        match json {
-            Some(line) => serde_json::from_str(line).context("the loadgen printed invalid JSON"),
-            None => Ok(Value::Null),
-        }
+        self.loadgen.as_ref().context("the server is not running")?.json(args, timeout, raise_limit)
     }
 
     /// Runs psql on the bench database and returns its unaligned output.
     fn psql(&self, sql: &str) -> Result<String> {
-        let cluster = self.cluster.as_ref().context("no cluster")?.cluster();
-        let port = self.cluster_port.to_string();
-        let mut command = cluster.client("psql");
-        command.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port]);
-        command.args(["-U", "postgres", "-d", DATABASE, "-c", sql]);
-        let output = util::run_captured(&mut command)?;
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+        self.cluster.as_ref().context("no cluster")?.psql(sql)
     }
 
     /// Runs pgbench with a script for `seconds` and returns its transactions per second.
@@ -477,9 +398,9 @@ impl Bench {
     ) -> Result<f64> {
         let path = self.out_dir.join(format!("{name}.sql"));
         fs::write(&path, script).with_context(|| format!("could not write {}", path.display()))?;
-        let cluster = self.cluster.as_ref().context("no cluster")?.cluster();
-        let port = self.cluster_port.to_string();
-        let mut command = cluster.client("pgbench");
+        let cluster = self.cluster.as_ref().context("no cluster")?;
+        let port = cluster.port().to_string();
+        let mut command = cluster.cluster().client("pgbench");
         command.args(["-n", "-M", "prepared", "-c", &clients.to_string(), "-j", &clients.min(2).to_string()]);
         command.args(["-T", &seconds.to_string(), "-P", "5", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"]);
         for (name, value) in defines {
@@ -737,7 +658,7 @@ impl Bench {
     fn dashboard(&mut self) -> Result<()> {
         let mut loaded = 0;
         let mut runs = Vec::new();
-        let db = self.database_url();
+        let db = self.database_url()?;
         for (seed, &(calls, orgs)) in self.sizes.dashboard_loads.clone().iter().enumerate() {
             let (months, share) = (self.sizes.dashboard_months, self.sizes.dashboard_transcript_share);
             let load = self.loadgen_json(
@@ -821,33 +742,12 @@ impl Bench {
              WHERE name IN ('shared_buffers', 'max_connections', 'fsync', 'synchronous_commit', \
                             'full_page_writes', 'work_mem', 'max_wal_size', 'effective_cache_size')",
         )?;
-        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let memory_kb = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
-            .map(str::trim)
-            .unwrap_or("unknown")
-            .to_string();
-        Ok(json!({
-            "date": started_at,
-            "mode": if self.options.quick { "quick" } else { "full" },
-            "build": if self.options.release_build() { "release" } else { "dev" },
-            "nproc": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "cpu": cpu,
-            "memory_gib": memory_kb as f64 / 1024.0 / 1024.0,
-            "kernel": command_output("uname", &["-r"]),
-            "postgres": self.psql("SHOW server_version")?,
-            "postgres_settings": settings,
-            "commit": command_output("git", &["-C", &util::repo_root().to_string_lossy(), "describe", "--always", "--dirty"]),
-            "callplane_bin": std::env::var("CALLPLANE_BIN").ok().filter(|v| !v.is_empty()),
-        }))
+        let mut facts = stack::machine_facts(started_at);
+        facts.insert("mode".into(), json!(if self.options.quick { "quick" } else { "full" }));
+        facts.insert("build".into(), json!(if self.options.release_build() { "release" } else { "dev" }));
+        facts.insert("postgres".into(), json!(self.psql("SHOW server_version")?));
+        facts.insert("postgres_settings".into(), json!(settings));
+        Ok(Value::Object(facts))
     }
 
     /// Writes `results.json` and the markdown table.
@@ -874,7 +774,7 @@ impl Bench {
             eprintln!("xtask: results in {} and {}", json_path.display(), path.display());
         } else {
             let path = util::repo_root().join("docs/BENCHMARKS.md");
-            update_section(&path, &markdown)?;
+            stack::update_section(&path, MARKERS, &markdown)?;
             eprintln!("xtask: results in {} and {}", json_path.display(), path.display());
         }
         Ok(())
@@ -962,80 +862,6 @@ const TRANSCRIPT_INSERT: &str = r"INSERT INTO call_transcripts (call_id, organiz
 const HOT_ROW_SCRIPT: &str =
     "UPDATE organizations SET seconds_used = seconds_used + 1 WHERE id = CAST(:hot AS uuid);\n";
 
-/// A command that runs `program` with the open-files limit raised to the hard limit (thousands
-/// of WebSockets need thousands of descriptors; setrlimit itself needs libc).
-fn raise_open_files(program: &Path) -> Command {
-    let mut command = Command::new("sh");
-    command.args(["-c", r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@""#]).arg(program);
-    command
-}
-
-/// Spawns `command`, collects its stdout, and kills it (by its own process id) if it runs
-/// past `timeout` or the user presses Ctrl-C. Fails when it does not exit successfully.
-fn run_with_timeout(mut command: Command, timeout: Duration) -> Result<String> {
-    let line = describe(&command);
-    let mut child = command.spawn().with_context(|| format!("could not start `{line}`"))?;
-    let mut stdout = child.stdout.take().context("stdout was not captured")?;
-    let reader = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline || util::interrupted() {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("`{line}` did not finish within {timeout:?}; stopped it");
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    let output = reader.join().unwrap_or_default();
-    if !status.success() {
-        bail!("`{line}` failed ({status})");
-    }
-    Ok(output)
-}
-
-/// The resident set of a process in KiB, from `/proc/<pid>/status`.
-fn rss_kb(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|r| r.split_whitespace().next())?.parse().ok()
-}
-
-/// Samples a process's RSS every 100 ms on a thread and keeps the peak.
-struct RssSampler {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    thread: JoinHandle<()>,
-}
-
-impl RssSampler {
-    fn start(pid: u32) -> Self {
-        let (stop, peak) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let (stop_flag, peak_value) = (stop.clone(), peak.clone());
-        let thread = thread::spawn(move || {
-            while !stop_flag.load(Ordering::Relaxed) {
-                if let Some(kb) = rss_kb(pid) {
-                    peak_value.fetch_max(kb, Ordering::Relaxed);
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-        });
-        Self { stop, peak, thread }
-    }
-
-    /// Stops sampling and returns the peak in KiB.
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
-        self.peak.load(Ordering::Relaxed)
-    }
-}
-
 /// A number at a JSON pointer, or an error naming it.
 fn number(value: &Value, pointer: &str) -> Result<f64> {
     value
@@ -1065,35 +891,6 @@ fn human_count(n: u64) -> String {
     }
 }
 
-/// The current UTC time as `2026-11-28T12:00:00Z` (from `date`, to need no time crate).
-fn utc_now() -> String {
-    command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-}
-
-/// A command's trimmed stdout, or `unknown`.
-fn command_output(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".to_string())
-}
-
-/// Replaces the generated section of `path` (between the markers), or appends one.
-fn update_section(path: &Path, section: &str) -> Result<()> {
-    let current = fs::read_to_string(path).unwrap_or_default();
-    let block = format!("{MARK_START}\n{section}{MARK_END}\n");
-    let updated = match (current.find(MARK_START), current.find(MARK_END)) {
-        (Some(start), Some(end)) if end > start => {
-            format!("{}{block}{}", &current[..start], current[end + MARK_END.len()..].trim_start_matches('\n'))
-        }
-        _ => format!("{}\n{block}", current.trim_end()),
-    };
-    fs::write(path, updated).with_context(|| format!("could not write {}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1105,21 +902,6 @@ mod tests {
         assert!(options.runs("ingest") && options.runs("memory") && !options.runs("agent"));
         assert!(Options::parse(&["--only".into(), "nope".into()]).is_err());
         assert!(Options::parse(&[]).unwrap().release_build());
-    }
-
-    #[test]
-    fn sections_are_replaced_between_markers() {
-        let dir = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("B.md");
-        fs::write(&path, "# Title\n\nIntro.\n").unwrap();
-        update_section(&path, "first\n").unwrap();
-        update_section(&path, "second\n").unwrap();
-        let text = fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("# Title\n\nIntro.\n"));
-        assert!(text.contains("second") && !text.contains("first"));
-        assert_eq!(text.matches(MARK_START).count(), 1);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

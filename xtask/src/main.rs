@@ -4,8 +4,11 @@
 //! `/usr/lib/postgresql/*/bin`, so no system service or configuration is involved.
 
 mod bench;
+mod chaos;
+mod http;
 mod pg;
 mod run;
+mod stack;
 mod test;
 mod util;
 
@@ -19,7 +22,8 @@ Commands:
                   check that the phase2 and phase3 feature builds validate their default configuration.
                   ARGS are passed to `cargo nextest run`.
                   XTASK_SKIP_FEATURE_CHECKS=1 skips the phase2/phase3 checks; then the quick
-                  benchmarks run (`bench --quick`) unless XTASK_SKIP_BENCH=1.
+                  benchmarks run (`bench --quick`) unless XTASK_SKIP_BENCH=1, and the quick fault
+                  suite (`chaos --quick`) unless XTASK_SKIP_CHAOS=1.
   run             Start the development PostgreSQL cluster (.data/pg), migrate, create a demo
                   organization and serve callplane in the foreground until Ctrl-C.
                   CALLPLANE_PG_PORT (default 54329), CALLPLANE_PORT (default 8080) and
@@ -32,6 +36,14 @@ Commands:
                   --quick runs small sizes on a dev build and checks only that each benchmark ran and
                   the books balanced; --only NAME,... picks benchmarks; --release builds release;
                   CALLPLANE_BIN=PATH benchmarks a prebuilt callplane.
+  chaos [--quick] The fault suite, each experiment on a fresh callplane under simulated traffic (own
+                  PostgreSQL cluster): db-stop (PostgreSQL down 15 s), server-kill (kill -9 and
+                  restart), table-lock (organizations locked 10 s), burst (2,000 webhooks at once).
+                  Each checks the books, nothing lost or billed twice, no 5xx but 503s with
+                  Retry-After, assistant-requests answered within the deadline; the burst checks
+                  RSS. Results in target/chaos/ and docs/RELIABILITY.md (full passing runs only).
+                  --quick runs small sizes on a dev build; --only NAME,... picks experiments;
+                  CALLPLANE_BIN=PATH tests a prebuilt callplane.
   simulate ARGS   Run `callplane-loadgen simulate ARGS` against a running callplane (see --help).
   help            Show this message.
 ";
@@ -62,6 +74,7 @@ fn main() -> ExitCode {
         "run" => run::run(),
         "stop" => run::stop(),
         "bench" => bench::bench(rest),
+        "chaos" => chaos::chaos(rest),
         "simulate" => loadgen(rest),
         // Not in the usage: checks that a test cluster starts, answers and stops.
         "pg-smoke" => test::pg_smoke(),

@@ -149,6 +149,12 @@ impl Cluster {
         self.stop_with_mode("fast")
     }
 
+    /// Stops the server as a crash would (`-m immediate`: no shutdown checkpoint; the next start
+    /// recovers from the WAL). The fault suite's database outage.
+    pub fn stop_immediately(&self) -> Result<()> {
+        self.stop_with_mode("immediate")
+    }
+
     /// Stops a server if one is running. `immediate` is used for leftovers that are about to be
     /// deleted anyway.
     fn stop_with_mode(&self, mode: &str) -> Result<()> {

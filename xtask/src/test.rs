@@ -1,14 +1,15 @@
 //! `cargo xtask test`: the whole test suite against a throwaway PostgreSQL cluster, followed by a
 //! check that every phase feature combination builds and validates its default configuration,
-//! and by the quick benchmarks (`cargo xtask bench --quick`).
+//! by the quick benchmarks (`cargo xtask bench --quick`) and by the quick fault suite
+//! (`cargo xtask chaos --quick`).
 
 use std::process::{ExitCode, Stdio};
 
 use anyhow::{Result, bail};
 
-use crate::bench;
 use crate::pg::{self, Cluster, StopOnDrop};
 use crate::util::{self, Report};
+use crate::{bench, chaos};
 
 /// The variable through which tests find the database server (the testkit creates a database
 /// per test in it).
@@ -60,6 +61,14 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
             report.skip("benchmarks (cargo xtask bench --quick)", "XTASK_SKIP_BENCH is set");
         } else {
             report.step("benchmarks (cargo xtask bench --quick)", bench::quick_for_tests);
+        }
+
+        // Every fault experiment at small sizes, each on its own server, against the binaries
+        // the steps above built: nothing lost, nothing billed twice, answers in time.
+        if util::env_flag("XTASK_SKIP_CHAOS") {
+            report.skip("fault suite (cargo xtask chaos --quick)", "XTASK_SKIP_CHAOS is set");
+        } else {
+            report.step("fault suite (cargo xtask chaos --quick)", chaos::quick_for_tests);
         }
     })
 }

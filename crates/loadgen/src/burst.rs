@@ -120,6 +120,8 @@ pub struct BurstSummary {
     pub statuses: BTreeMap<String, StatusCounts>,
     pub status_total: StatusCounts,
     pub max_answer_ms: BTreeMap<String, f64>,
+    /// 2xx answers VAPI could not use, by kind (each also counts in `errors`).
+    pub unusable_answers: BTreeMap<String, u64>,
     pub retry_budget_seconds: f64,
     pub errors: u64,
     pub error_samples: Vec<String>,
@@ -171,6 +173,7 @@ impl Tallies {
                     let text = String::from_utf8_lossy(&delivery.body);
                     self.error(format!("{} of call {id} answered {}: {text}", event.kind(), delivery.status));
                 } else if let Err(problem) = check_answer(&call.script, event, &delivery.body) {
+                    self.answers.unusable(event.kind());
                     self.error(format!("{} of call {id}: {problem}", event.kind()));
                 }
             }
@@ -299,6 +302,7 @@ pub async fn run(server: Server, config: BurstConfig) -> Result<BurstSummary> {
         statuses: tallies.answers.statuses(),
         status_total: tallies.answers.total(),
         max_answer_ms: tallies.answers.max_answer_ms(),
+        unusable_answers: tallies.answers.unusable_answers(),
         retry_budget_seconds: config.retry.budget.as_secs_f64(),
         errors: tallies.errors.load(Relaxed),
         error_samples: tallies.error_samples.lock().map(|s| s.clone()).unwrap_or_default(),

@@ -97,6 +97,10 @@ pub struct Summary {
     /// whether or not the steady state held.
     #[serde(default)]
     pub max_answer_ms: BTreeMap<String, f64>,
+    /// 2xx answers VAPI could not use, by kind: an assistant refused, a tool call without a
+    /// result (each also counts in `errors`).
+    #[serde(default)]
+    pub unusable_answers: BTreeMap<String, u64>,
     #[serde(default)]
     pub retry_budget_seconds: f64,
     pub books: Option<Books>,
@@ -323,6 +327,7 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
         statuses: shared.answers.statuses(),
         status_total: shared.answers.total(),
         max_answer_ms: shared.answers.max_answer_ms(),
+        unusable_answers: shared.answers.unusable_answers(),
         retry_budget_seconds: config.retry.budget.as_secs_f64(),
         books,
         hot_org,
@@ -387,7 +392,8 @@ async fn play(shared: &Shared, spec: &CallSpec) -> Result<()> {
         }
         shared.record_latency(event.kind(), delivery.elapsed);
         if let Err(problem) = check_answer(&script, event, &delivery.body) {
-            shared.error(format!("{} of call {}: {problem}", event.kind(), script.call_id));
+            shared.answers.unusable(kind);
+            shared.error(format!("{kind} of call {}: {problem}", script.call_id));
         }
     }
     Ok(())

@@ -171,10 +171,12 @@ impl StatusCounts {
 }
 
 /// Attempts by message kind: their classes and the slowest answer (timeouts included, since a
-/// timeout is an answer at least that slow; connection errors are not answers).
+/// timeout is an answer at least that slow; connection errors are not answers); and the 2xx
+/// answers VAPI could not use (an assistant refused, a tool call without a result).
 #[derive(Default)]
 pub struct AnswerTally {
     by_kind: Mutex<BTreeMap<&'static str, (StatusCounts, u32)>>,
+    unusable: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl AnswerTally {
@@ -186,6 +188,18 @@ impl AnswerTally {
                 *slowest = (*slowest).max(micros(attempt.elapsed));
             }
         }
+    }
+
+    /// Counts a 2xx answer of `kind` that VAPI could not use.
+    pub fn unusable(&self, kind: &'static str) {
+        if let Ok(mut map) = self.unusable.lock() {
+            *map.entry(kind).or_default() += 1;
+        }
+    }
+
+    /// Unusable answers per kind.
+    pub fn unusable_answers(&self) -> BTreeMap<String, u64> {
+        self.unusable.lock().map(|m| m.iter().map(|(k, n)| (k.to_string(), *n)).collect()).unwrap_or_default()
     }
 
     /// Counts per kind.
@@ -290,5 +304,9 @@ mod tests {
         assert_eq!(slowest["assistant-request"], 12.0);
         assert_eq!(slowest["end-of-call-report"], 2000.0);
         assert!(total.line().contains("2 503 (1 without Retry-After)"));
+        tally.unusable("assistant-request");
+        tally.unusable("assistant-request");
+        assert_eq!(tally.unusable_answers()["assistant-request"], 2);
+        assert_eq!(tally.unusable_answers().len(), 1);
     }
 }
