@@ -11,10 +11,12 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tracing::info;
 
-// mimalloc gives freed memory back to the system; glibc's malloc keeps what a burst of
-// requests took in per-thread arenas, so RSS stayed near its peak long after the burst.
+// jemalloc, with background threads that purge freed pages on a decay: after a burst the
+// memory goes back to the system even though the request threads are idle. glibc's malloc
+// (and mimalloc, whose idle threads never collect what other threads freed) kept RSS near
+// its peak long after the burst.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(name = "callplane", version, about = "The backend of a voice-AI business on VAPI")]

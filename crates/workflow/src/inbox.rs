@@ -29,7 +29,7 @@ const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
 const META: TableDefinition<u64, &[u8]> = TableDefinition::new("meta");
 
 /// The most operations committed in one transaction.
-const MAX_BATCH: usize = 512;
+const MAX_BATCH: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {

@@ -51,6 +51,10 @@ enum Outcome {
     Retry(String),
 }
 
+/// Events read from the inbox per drain pass. Each is held (body and all) until its turn for
+/// a worker, so the pass is kept small: memory, not throughput, is what a backlog costs.
+const DRAIN_BATCH: usize = 64;
+
 /// How long an event the inbox could not take may take to process directly.
 const DIRECT_BUDGET: Duration = Duration::from_secs(5);
 
@@ -139,7 +143,7 @@ impl LocalIntake {
     pub async fn drain_due(&self) -> DrainReport {
         let inner = &self.inner;
         let skip = inner.claimed.lock().map(|c| c.clone()).unwrap_or_default();
-        let due = match inner.inbox.due(Utc::now(), 256, &skip) {
+        let due = match inner.inbox.due(Utc::now(), DRAIN_BATCH, &skip) {
             Ok(due) => due,
             Err(e) => {
                 warn!(error = %e, "reading the inbox failed");
@@ -360,6 +364,10 @@ impl EventIntake for LocalIntake {
     ) -> Result<Accepted, IntakeError> {
         let inner = &self.inner;
         let started = tokio::time::Instant::now();
+        // With every worker busy (a burst), the parsed event is let go before waiting for the
+        // disk: a parsed report is several times its body, and whoever processes it later
+        // parses the body again.
+        let event = if inner.workers.available_permits() == 0 { None } else { event };
         let id = match inner.inbox.append(&webhook).await {
             Ok(id) => id,
             Err(e) => {
