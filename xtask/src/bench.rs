@@ -33,7 +33,8 @@ use serde_json::{Value, json};
 
 use crate::pg;
 use crate::stack::{
-    self, DATABASE, Loadgen, Postgres, RssSampler, ServerProcess, ServerSpec, rss_kb, run_with_timeout, utc_now,
+    self, DATABASE, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, rss_kb, run_with_timeout,
+    utc_now,
 };
 use crate::util::{self, Report, describe};
 
@@ -54,46 +55,7 @@ CALLPLANE_BIN=/path/to/callplane benchmarks that binary instead of building call
 ";
 
 /// Command-line options.
-#[derive(Clone, Debug)]
-struct Options {
-    quick: bool,
-    release: bool,
-    only: Vec<String>,
-}
-
-impl Options {
-    fn parse(args: &[String]) -> Result<Self> {
-        let mut options = Self { quick: false, release: false, only: ALL.iter().map(|s| s.to_string()).collect() };
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--quick" => options.quick = true,
-                "--release" => options.release = true,
-                "--only" => {
-                    let list = args.next().context("--only needs a list of benchmarks")?;
-                    options.only = list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-                    if let Some(unknown) = options.only.iter().find(|name| !ALL.contains(&name.as_str())) {
-                        bail!("unknown benchmark {unknown:?}; known: {}", ALL.join(", "));
-                    }
-                }
-                "-h" | "--help" => {
-                    print!("{USAGE}");
-                    std::process::exit(0);
-                }
-                other => bail!("unknown argument {other:?}\n{USAGE}"),
-            }
-        }
-        Ok(options)
-    }
-
-    fn runs(&self, name: &str) -> bool {
-        self.only.iter().any(|n| n == name)
-    }
-
-    fn release_build(&self) -> bool {
-        self.release || !self.quick
-    }
-}
+type Options = RunOptions;
 
 /// How big each benchmark is.
 struct Sizes {
@@ -236,7 +198,7 @@ struct Bench {
 
 /// `cargo xtask bench ...`.
 pub fn bench(args: &[String]) -> Result<ExitCode> {
-    let options = Options::parse(args)?;
+    let options = Options::parse(args, ALL, "benchmark", USAGE)?;
     util::install_ctrlc_handler()?;
     let mut report = Report::default();
     run(options, &mut report)?;
@@ -246,7 +208,7 @@ pub fn bench(args: &[String]) -> Result<ExitCode> {
 
 /// The quick benchmarks as one step of `cargo xtask test` (which installed the Ctrl-C handler).
 pub fn quick_for_tests() -> Result<()> {
-    let options = Options { quick: true, release: false, only: ALL.iter().map(|s| s.to_string()).collect() };
+    let options = Options::all(true, ALL);
     let mut report = Report::default();
     run(options, &mut report)?;
     report.print_summary();
@@ -897,11 +859,13 @@ mod tests {
 
     #[test]
     fn options_parse() {
-        let options = Options::parse(&["--quick".into(), "--only".into(), "ingest,memory".into()]).unwrap();
+        let options =
+            Options::parse(&["--quick".into(), "--only".into(), "ingest,memory".into()], ALL, "benchmark", USAGE)
+                .unwrap();
         assert!(options.quick && !options.release_build());
         assert!(options.runs("ingest") && options.runs("memory") && !options.runs("agent"));
-        assert!(Options::parse(&["--only".into(), "nope".into()]).is_err());
-        assert!(Options::parse(&[]).unwrap().release_build());
+        assert!(Options::parse(&["--only".into(), "nope".into()], ALL, "benchmark", USAGE).is_err());
+        assert!(Options::parse(&[], ALL, "benchmark", USAGE).unwrap().release_build());
     }
 
     #[test]

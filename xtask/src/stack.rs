@@ -27,6 +27,56 @@ const HMAC_SECRET: &str = "xtask-hmac-secret";
 const ADMIN_TOKEN: &str = "xtask-admin-token";
 
 /// A suite's own PostgreSQL cluster with the `callplane` database, stopped when dropped.
+/// The command line shared by `bench` and `chaos`: `[--quick] [--release] [--only A,B]`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub quick: bool,
+    pub release: bool,
+    /// The parts to run, by name.
+    pub only: Vec<String>,
+}
+
+impl RunOptions {
+    /// Every part of `all`.
+    pub fn all(quick: bool, all: &[&str]) -> Self {
+        Self { quick, release: false, only: all.iter().map(|s| s.to_string()).collect() }
+    }
+
+    /// Parses the arguments; `what` names a part in errors ("benchmark", "experiment").
+    pub fn parse(args: &[String], all: &[&str], what: &str, usage: &str) -> Result<Self> {
+        let mut options = Self::all(false, all);
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => options.quick = true,
+                "--release" => options.release = true,
+                "--only" => {
+                    let list = args.next().with_context(|| format!("--only needs a list of {what}s"))?;
+                    options.only = list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                    if let Some(unknown) = options.only.iter().find(|name| !all.contains(&name.as_str())) {
+                        bail!("unknown {what} {unknown:?}; known: {}", all.join(", "));
+                    }
+                }
+                "-h" | "--help" => {
+                    print!("{usage}");
+                    std::process::exit(0);
+                }
+                other => bail!("unknown argument {other:?}\n{usage}"),
+            }
+        }
+        Ok(options)
+    }
+
+    pub fn runs(&self, name: &str) -> bool {
+        self.only.iter().any(|n| n == name)
+    }
+
+    /// Full sizes always build the release profile; quick ones only when asked.
+    pub fn release_build(&self) -> bool {
+        self.release || !self.quick
+    }
+}
+
 pub struct Postgres {
     guard: StopOnDrop,
     settings: Vec<String>,

@@ -50,7 +50,8 @@ use crate::pg;
 mod findings;
 
 use crate::stack::{
-    self, Background, Loadgen, Postgres, RssSampler, ServerProcess, ServerSpec, last_json, rss_kb, utc_now, wait_for_ok,
+    self, Background, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, last_json, rss_kb, utc_now,
+    wait_for_ok,
 };
 use crate::util::{self, Report, format_duration};
 use findings::{ANSWER_DEADLINE_MS, CLIENT_SLACK_MS, ProbeStats, READYZ_LIMIT, Row, table_header, table_line};
@@ -72,54 +73,11 @@ CALLPLANE_BIN=/path/to/callplane runs the experiments against that binary instea
 callplane-server.
 ";
 
-#[derive(Clone, Debug)]
-struct Options {
-    quick: bool,
-    release: bool,
-    only: Vec<String>,
-}
+type Options = RunOptions;
 
-impl Options {
-    fn all(quick: bool) -> Self {
-        Self { quick, release: false, only: ALL.iter().map(|s| s.to_string()).collect() }
-    }
-
-    fn parse(args: &[String]) -> Result<Self> {
-        let mut options = Self::all(false);
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--quick" => options.quick = true,
-                "--release" => options.release = true,
-                "--only" => {
-                    let list = args.next().context("--only needs a list of experiments")?;
-                    options.only = list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-                    if let Some(unknown) = options.only.iter().find(|name| !ALL.contains(&name.as_str())) {
-                        bail!("unknown experiment {unknown:?}; known: {}", ALL.join(", "));
-                    }
-                }
-                "-h" | "--help" => {
-                    print!("{USAGE}");
-                    std::process::exit(0);
-                }
-                other => bail!("unknown argument {other:?}\n{USAGE}"),
-            }
-        }
-        Ok(options)
-    }
-
-    fn runs(&self, name: &str) -> bool {
-        self.only.iter().any(|n| n == name)
-    }
-
-    fn release_build(&self) -> bool {
-        self.release || !self.quick
-    }
-
-    /// Whether this run may replace the published results: full sizes, every experiment.
-    fn publishes(&self) -> bool {
-        !self.quick && ALL.iter().all(|name| self.runs(name))
-    }
+/// Whether a run may replace the published results: full sizes, every experiment.
+fn publishes(options: &Options) -> bool {
+    !options.quick && ALL.iter().all(|name| options.runs(name))
 }
 
 /// How big each experiment is.
@@ -281,7 +239,7 @@ struct Suite {
 
 /// `cargo xtask chaos ...`.
 pub fn chaos(args: &[String]) -> Result<ExitCode> {
-    let options = Options::parse(args)?;
+    let options = Options::parse(args, ALL, "experiment", USAGE)?;
     util::install_ctrlc_handler()?;
     let mut report = Report::default();
     run(options, &mut report)?;
@@ -292,7 +250,7 @@ pub fn chaos(args: &[String]) -> Result<ExitCode> {
 /// The quick fault suite as one step of `cargo xtask test` (which installed the Ctrl-C handler).
 pub fn quick_for_tests() -> Result<()> {
     let mut report = Report::default();
-    run(Options::all(true), &mut report)?;
+    run(Options::all(true, ALL), &mut report)?;
     report.print_summary();
     if !report.all_passed() {
         bail!("a fault experiment failed (see the summary above)");
@@ -688,7 +646,7 @@ impl Suite {
         let markdown = self.markdown(facts);
         eprintln!("\n{markdown}");
         let complete = self.rows.len() == ALL.len() && self.rows.iter().all(Row::passed);
-        let path = if self.options.publishes() && all_passed && complete {
+        let path = if publishes(&self.options) && all_passed && complete {
             let path = util::repo_root().join("docs/RELIABILITY.md");
             stack::update_section(&path, MARKERS, &markdown)?;
             path
@@ -791,13 +749,15 @@ mod tests {
 
     #[test]
     fn options_parse() {
-        let options = Options::parse(&["--quick".into(), "--only".into(), "burst,db-stop".into()]).unwrap();
+        let options =
+            Options::parse(&["--quick".into(), "--only".into(), "burst,db-stop".into()], ALL, "experiment", USAGE)
+                .unwrap();
         assert!(options.quick && !options.release_build());
         assert!(options.runs("burst") && options.runs("db-stop") && !options.runs("server-kill"));
-        assert!(!options.publishes());
-        assert!(Options::parse(&["--only".into(), "nope".into()]).is_err());
-        let full = Options::parse(&[]).unwrap();
-        assert!(full.release_build() && full.publishes());
+        assert!(!publishes(&options));
+        assert!(Options::parse(&["--only".into(), "nope".into()], ALL, "experiment", USAGE).is_err());
+        let full = Options::parse(&[], ALL, "experiment", USAGE).unwrap();
+        assert!(full.release_build() && publishes(&full));
     }
 
     #[test]
