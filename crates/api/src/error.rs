@@ -103,17 +103,6 @@ impl From<IntakeError> for ApiError {
     }
 }
 
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
@@ -122,7 +111,7 @@ impl IntoResponse for ApiError {
                 (status, Json(json!({ "code": code, "message": message }))).into_response()
             }
             ApiError::Internal(e) => {
-                tracing::error!(error = %chain(e.as_ref()), "internal error");
+                tracing::error!(error = %callplane_core::error_chain(e.as_ref()), "internal error");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     Json(json!({ "code": "internal_error", "message": "Something went wrong on our side; it has been logged." })),
@@ -131,7 +120,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable { retry_after_seconds, source } => {
                 match &source {
-                    Some(e) => tracing::warn!(error = %chain(e.as_ref()), "unavailable; asked to retry"),
+                    Some(e) => {
+                        tracing::warn!(error = %callplane_core::error_chain(e.as_ref()), "unavailable; asked to retry")
+                    }
                     None => tracing::warn!("unavailable; asked to retry"),
                 }
                 (

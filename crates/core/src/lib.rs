@@ -15,3 +15,16 @@ pub mod seams;
 pub mod vapi;
 
 pub use domain::{CallRecord, OrgId, OrgStatus, Organization};
+
+/// An error and its causes on one line (`outer: inner: root`), for logs and for what is kept
+/// with a failed event.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

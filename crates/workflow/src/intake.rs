@@ -8,12 +8,12 @@
 
 use crate::inbox::{Failure, Inbox, InboxError, StoredEvent};
 use async_trait::async_trait;
-use callplane_core::OrgId;
 use callplane_core::seams::{
     Accepted, AgentDirectory, EventIntake, EventPipeline, InboundEvent, IntakeError, IntakeStatus, PipelineError,
     Processed, ReceivedWebhook,
 };
 use callplane_core::vapi;
+use callplane_core::{OrgId, error_chain};
 use chrono::Utc;
 use futures::FutureExt;
 use serde_json::{Value, json};
@@ -336,17 +336,6 @@ enum Settled {
     Processed,
     DeadLettered,
     Retrying,
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 #[async_trait]
