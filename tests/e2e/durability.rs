@@ -259,3 +259,49 @@ async fn a_report_acknowledged_before_the_server_is_killed_is_billed_by_the_next
     let used: i64 = sqlx::query_scalar("SELECT seconds_used FROM organizations").fetch_one(&mut db).await.unwrap();
     assert_eq!(used, 43);
 }
+
+#[tokio::test]
+async fn the_inbox_commands_show_what_waits_and_drain_it_into_the_database() {
+    let cli = crate::cli::Cli::new().await;
+    cli.json(&["migrate", "--json"]);
+    let org =
+        cli.json(&["org", "create", "--name", "Inbox Test", "--plan", "pro", "--assistant-id", "asst-y", "--json"]);
+    let url = org["vapi_server_url"].as_str().unwrap().to_owned();
+    let target = cli.db_url.split_once('@').map_or("", |(_, h)| h.split(['/', '?']).next().unwrap_or(""));
+    let proxy = callplane_testkit::fault_proxy::FaultProxy::start(target).await.unwrap();
+    let inbox = crate::helpers::inbox_dir();
+    let mut server = serve(&cli, &proxy.url_through(&cli.db_url), &inbox).await;
+    let inbox_command = |args: &[&str]| {
+        let mut command = cli.command(args);
+        command.env("CALLPLANE__INBOX__DIR", &inbox);
+        command
+    };
+
+    proxy.cut();
+    let report = lifecycle("inbox-call", Utc::now(), 20.0).pop().unwrap();
+    let r = reqwest::Client::new().post(&url).bearer_auth(SECRET).json(&report).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // A running server holds its inbox; the command says where to look instead.
+    let held = inbox_command(&["inbox", "status"]).output().unwrap();
+    assert!(!held.status.success());
+    assert!(String::from_utf8_lossy(&held.stderr).contains("/metrics"), "{}", String::from_utf8_lossy(&held.stderr));
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+
+    let status = inbox_command(&["inbox", "status", "--json"]).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["depth"], 1, "{status}");
+    assert!(status["events"][0]["bytes"].as_u64().unwrap() > 1000, "{status}");
+
+    let drained = inbox_command(&["inbox", "drain", "--json"]).output().unwrap();
+    assert!(drained.status.success(), "{}", String::from_utf8_lossy(&drained.stderr));
+    let drained: Value = serde_json::from_slice(&drained.stdout).unwrap();
+    assert_eq!((drained["processed"].as_u64(), drained["left"].as_u64()), (Some(1), Some(0)), "{drained}");
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&cli.db_url).await.unwrap();
+    let used: i64 = sqlx::query_scalar("SELECT seconds_used FROM organizations").fetch_one(&mut db).await.unwrap();
+    assert_eq!(used, 20);
+    let again: Value =
+        serde_json::from_slice(&inbox_command(&["inbox", "status", "--json"]).output().unwrap().stdout).unwrap();
+    assert_eq!(again["depth"], 0);
+}

@@ -183,7 +183,9 @@ impl App {
     pub fn open_inbox(settings: &Settings) -> anyhow::Result<Inbox> {
         Inbox::open(&settings.inbox.dir, settings.inbox_limits()).with_context(|| {
             format!(
-                "opening the inbox in inbox.dir {} (each `callplane serve` needs a directory of its own)",
+                "opening the inbox in inbox.dir {}: one process holds an inbox at a time, so each \
+                 `callplane serve` needs a directory of its own; a running server's inbox figures \
+                 are on its /readyz and /metrics",
                 settings.inbox.dir.display()
             )
         })

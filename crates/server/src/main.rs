@@ -537,11 +537,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding server.addr {}", app.settings.server.addr))?;
     info!(addr = %listener.local_addr()?, "callplane serving");
+    let inbox = app.intake.inbox().clone();
     app.serve(listener, async {
         shutdown_signal().await;
         info!("shutting down");
     })
-    .await
+    .await?;
+    // What was drained stays drained across the restart.
+    inbox.flush().await.context("flushing the inbox")
 }
 
 /// Ctrl-C or SIGTERM (what process managers send).

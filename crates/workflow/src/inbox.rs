@@ -91,16 +91,36 @@ pub struct Failure {
 type Done = oneshot::Sender<Result<(), InboxError>>;
 
 enum Op {
-    Append { id: u64, meta: Vec<u8>, body: bytes::Bytes, done: Done },
-    Remove { id: u64, done: Done },
-    Fail { id: u64, failure: Failure, done: Done },
+    Append {
+        id: u64,
+        meta: Vec<u8>,
+        body: bytes::Bytes,
+        done: Done,
+    },
+    Remove {
+        id: u64,
+        done: Done,
+    },
+    Fail {
+        id: u64,
+        failure: Failure,
+        done: Done,
+    },
+    /// Makes everything before it durable.
+    Flush {
+        done: Done,
+    },
 }
 
 impl Op {
     fn into_done(self) -> Done {
         match self {
-            Op::Append { done, .. } | Op::Remove { done, .. } | Op::Fail { done, .. } => done,
+            Op::Append { done, .. } | Op::Remove { done, .. } | Op::Fail { done, .. } | Op::Flush { done } => done,
         }
+    }
+
+    fn must_be_durable(&self) -> bool {
+        matches!(self, Op::Append { .. } | Op::Flush { .. })
     }
 }
 
@@ -203,6 +223,12 @@ impl Inbox {
         self.write(|done| Op::Fail { id, failure, done }).await
     }
 
+    /// Makes every removal and failure so far durable (they otherwise ride on the next
+    /// append, or wait up to a second): for a process about to exit.
+    pub async fn flush(&self) -> Result<(), InboxError> {
+        self.write(|done| Op::Flush { done }).await
+    }
+
     async fn write(&self, op: impl FnOnce(Done) -> Op) -> Result<(), InboxError> {
         let (done, committed) = oneshot::channel();
         self.writer.send(op(done)).map_err(|_| InboxError::Stopped)?;
@@ -277,8 +303,8 @@ fn write_loop(db: &Database, counts: &Counts, ops: &mpsc::Receiver<Op>) {
         }
         // Removals alone skip the fsync, but not for more than a second: a long drain stays
         // on disk too, and redb frees pages only at durable commits.
-        let durable = batch.iter().any(|op| matches!(op, Op::Append { .. }))
-            || last_durable.elapsed() >= std::time::Duration::from_secs(1);
+        let durable =
+            batch.iter().any(Op::must_be_durable) || last_durable.elapsed() >= std::time::Duration::from_secs(1);
         if durable {
             last_durable = std::time::Instant::now();
         }
@@ -336,6 +362,7 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(Amount, Amount),
                     }
                     metas.remove(*id)?;
                 }
+                Op::Flush { .. } => {}
                 Op::Fail { id, failure, .. } => {
                     let current = metas.get(*id)?.and_then(|m| serde_json::from_slice::<Meta>(m.value()).ok());
                     if let Some(mut meta) = current {

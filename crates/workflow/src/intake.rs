@@ -193,6 +193,9 @@ impl LocalIntake {
             total.left = pass.left;
             progress(&total);
             if pass.left == 0 || started.elapsed() >= patience {
+                if let Err(e) = self.inner.inbox.flush().await {
+                    warn!(error = %e, "making the drained inbox durable failed; some events may be processed again");
+                }
                 return total;
             }
             if pass.processed + pass.dead_lettered == 0 {
