@@ -12,17 +12,32 @@ use serde_json::{Value, json};
 const CALL: &str = "019cd8a1-3b2e-7c4d-9f1a-6e5b4c3d2a10";
 
 /// The function data that makes callplane answer exactly the sample responses.
+/// The organization's function data, set as its dashboard would (`PUT /v1/function-data`).
 async fn acme_function_data(app: &TestApp, org: OrgId) {
-    let fd = PgFunctionData(app.db.store.clone());
+    let key = app.api_key(org).await;
+    let put = |name: String, value: Value| {
+        let (app, key) = (&app, &key);
+        async move {
+            let r = app
+                .http
+                .put(format!("{}/v1/function-data/{name}", app.base))
+                .bearer_auth(key)
+                .json(&value)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{name}");
+        }
+    };
     let expected_tools = sample("responses/tool-calls-response.json");
     let lookup = &expected_tools["results"][0];
     let slot = &expected_tools["results"][1];
-    fd.put(org, "lookup_order", &json!({"by": "orderNumber", "entries": {"A-10442": lookup["result"]}})).await.unwrap();
-    fd.put(org, "get_next_available_slot", &json!({"error": slot["error"]})).await.unwrap();
-    fd.put(org, "transferDestination", &sample("responses/transfer-destination-response.json")).await.unwrap();
+    put("lookup_order".into(), json!({"by": "orderNumber", "entries": {"A-10442": lookup["result"]}})).await;
+    put("get_next_available_slot".into(), json!({"error": slot["error"]})).await;
+    put("transferDestination".into(), sample("responses/transfer-destination-response.json")).await;
     let vars = &sample("responses/assistant-request-response-assistantId.json")["assistantOverrides"]["variableValues"];
     for (k, v) in vars.as_object().unwrap() {
-        fd.put(org, k, v).await.unwrap();
+        put(k.clone(), v.clone()).await;
     }
 }
 

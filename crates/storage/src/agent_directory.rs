@@ -66,7 +66,7 @@ struct Inner {
     /// The main store, for what answers never need (API keys).
     primary: PgStore,
     maps: Mutex<Maps>,
-    /// How long a stale entry's refresh is awaited before the stale entry is served.
+    /// How long a stale entry's read is awaited before the stale entry is served.
     refresh_budget: Duration,
 }
 
@@ -242,40 +242,36 @@ impl PgAgentDirectory {
     /// The organization's entry: from memory when current; read again when stale, serving the
     /// stale entry if the read does not finish within the budget.
     async fn known(&self, org: OrgId) -> StoreResult<Known> {
-        let cached = self.inner.maps.lock().ok().and_then(|mut maps| {
-            let entry = maps.orgs.get_mut(&org)?;
+        let cached = self.inner.maps.lock().ok().and_then(|maps| {
+            let entry = maps.orgs.get(&org)?;
             let current = !entry.stale && entry.read_at.elapsed() < MAX_AGE;
             let resting = entry.retry_at.is_some_and(|at| Instant::now() < at);
-            if current || entry.refreshing || resting {
-                return Some((entry.clone(), false));
-            }
-            entry.refreshing = true;
-            Some((entry.clone(), true))
+            Some((entry.clone(), current || resting))
         });
         match cached {
             None => Self::load(&self.inner, org).await,
-            Some((known, false)) => Ok(known),
-            Some((stale, true)) => {
+            Some((known, true)) => Ok(known),
+            Some((stale, false)) => {
                 let inner = self.inner.clone();
-                let refresh = tokio::spawn(async move {
-                    let result = Self::load(&inner, org).await;
-                    if result.is_err()
-                        && let Ok(mut maps) = inner.maps.lock()
-                        && let Some(entry) = maps.orgs.get_mut(&org)
-                    {
-                        entry.refreshing = false;
-                        entry.retry_at = Some(Instant::now() + RETRY_AFTER);
-                    }
-                    result
-                });
-                match tokio::time::timeout(self.inner.refresh_budget, refresh).await {
-                    Ok(Ok(Ok(fresh))) => Ok(fresh),
-                    Ok(Ok(Err(e))) => {
-                        warn!(org_id = %org, error = %e, "reading an organization failed; answering from memory");
-                        Ok(stale)
-                    }
-                    _ => Ok(stale),
+                let refresh = tokio::spawn(async move { Self::load(&inner, org).await });
+                let outcome = tokio::time::timeout(self.inner.refresh_budget, refresh).await;
+                if let Ok(Ok(Ok(fresh))) = outcome {
+                    return Ok(fresh);
                 }
+                match outcome {
+                    Ok(Ok(Err(e))) => {
+                        warn!(org_id = %org, error = %e, "reading an organization failed; answering from memory")
+                    }
+                    _ => warn!(org_id = %org, "reading an organization is slow; answering from memory"),
+                }
+                // The database is in trouble: the next answers use what is known at once
+                // (the read, if still running, lands when it can).
+                if let Ok(mut maps) = self.inner.maps.lock()
+                    && let Some(entry) = maps.orgs.get_mut(&org)
+                {
+                    entry.retry_at = Some(Instant::now() + RETRY_AFTER);
+                }
+                Ok(stale)
             }
         }
     }
