@@ -213,7 +213,7 @@ impl App {
             deadline,
         )
         .context("the answer pool (database.url)")?;
-        let agents = PgAgentDirectory::new(answers, store.clone(), deadline / 2);
+        let agents = PgAgentDirectory::new(answers, store.clone(), deadline / 4);
         agents.spawn_listener();
         let intake = LocalIntake::new(
             Self::open_inbox(&settings)?,

@@ -2,16 +2,18 @@
 //! for answers VAPI waits for.
 //!
 //! An entry is current until a change notification (`callplane_cache`, raised by triggers on
-//! the tables) or a local write marks it stale. A stale entry is read again from the database
-//! within a short budget; when the database cannot answer in time the stale entry is served
-//! and the read finishes in the background, so a locked table or a stopped server costs an
-//! answer at most the budget. Reads use their own small pool whose connections carry
-//! `statement_timeout` and `lock_timeout`, so they never queue behind event processing.
+//! the tables) or a local write marks it stale; a notification also starts reading it again
+//! at once. A stale entry asked for is read again within a budget (a quarter of the answer
+//! deadline); when the database cannot answer in time, the stale entry is served, the read
+//! finishes in the background, and the entry rests a second before the next try: a locked
+//! table or a stopped server costs an answer at most the budget. Reads use their own small
+//! pool whose connections carry `statement_timeout` and `lock_timeout`, so they never queue
+//! behind event processing.
 //!
 //! Every organization is read into memory at start and after the listener reconnects, so an
 //! organization not asked about since the start is answered all the same while the database
-//! is away. Registry and call lookups are cached only when found: a mapping, once made, never moves to
-//! another organization.
+//! is away. Registry and call lookups are cached only when found: a mapping, once made, never
+//! moves to another organization.
 
 use crate::{PgFunctionData, PgStore};
 use async_trait::async_trait;

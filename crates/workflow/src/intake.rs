@@ -374,12 +374,14 @@ impl EventIntake for LocalIntake {
         let stored = StoredEvent { id, webhook, attempts: 0, next_attempt_at: Utc::now(), last_error: None };
         // With every worker busy, the parsed event is let go while this request waits: under
         // a burst, waiting requests hold only their bodies, and whatever is not processed
-        // within the budget is the drainer's, from disk.
+        // within the budget is the drainer's, from disk. An answer VAPI waits for does not
+        // wait for a worker at all: its event is safe on disk, and the caller is on the line.
+        let permit_wait = if acknowledged { Duration::ZERO } else { budget };
         let (permit, event) = match inner.workers.clone().try_acquire_owned() {
             Ok(permit) => (permit, event),
             Err(_) => {
                 drop(event);
-                match tokio::time::timeout(budget, inner.workers.clone().acquire_owned()).await {
+                match tokio::time::timeout(permit_wait, inner.workers.clone().acquire_owned()).await {
                     Ok(Ok(permit)) => (permit, None),
                     _ => {
                         inner.wake.notify_one();
