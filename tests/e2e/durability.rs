@@ -221,17 +221,34 @@ async fn serve(cli: &crate::cli::Cli, database_url: &str, inbox: &str) -> crate:
     panic!("callplane serve did not start");
 }
 
+/// A migrated database with one organization, and the real binary serving it through a
+/// `FaultProxy`, on an inbox of its own.
+struct Stack {
+    cli: crate::cli::Cli,
+    /// The organization's VAPI server URL.
+    url: String,
+    proxy: callplane_testkit::fault_proxy::FaultProxy,
+    inbox: String,
+    server: crate::cli::Server,
+}
+
+impl Stack {
+    async fn start() -> Self {
+        let cli = crate::cli::Cli::new().await;
+        cli.json(&["migrate", "--json"]);
+        let org = cli.json(&["org", "create", "--name", "Acme", "--plan", "pro", "--assistant-id", "asst-x", "--json"]);
+        let url = org["vapi_server_url"].as_str().unwrap().to_owned();
+        let target = cli.db_url.split_once('@').map_or("", |(_, h)| h.split(['/', '?']).next().unwrap_or(""));
+        let proxy = callplane_testkit::fault_proxy::FaultProxy::start(target).await.unwrap();
+        let inbox = crate::helpers::inbox_dir();
+        let server = serve(&cli, &proxy.url_through(&cli.db_url), &inbox).await;
+        Self { cli, url, proxy, inbox, server }
+    }
+}
+
 #[tokio::test]
 async fn a_report_acknowledged_before_the_server_is_killed_is_billed_by_the_next_server_on_its_inbox() {
-    let cli = crate::cli::Cli::new().await;
-    cli.json(&["migrate", "--json"]);
-    let org =
-        cli.json(&["org", "create", "--name", "Crash Test", "--plan", "pro", "--assistant-id", "asst-x", "--json"]);
-    let url = org["vapi_server_url"].as_str().unwrap().to_owned();
-    let target = cli.db_url.split_once('@').map_or("", |(_, h)| h.split(['/', '?']).next().unwrap_or(""));
-    let proxy = callplane_testkit::fault_proxy::FaultProxy::start(target).await.unwrap();
-    let inbox = crate::helpers::inbox_dir();
-    let mut first = serve(&cli, &proxy.url_through(&cli.db_url), &inbox).await;
+    let Stack { cli, url, proxy, inbox, server: mut first } = Stack::start().await;
 
     // The database goes away; the report is acknowledged from the inbox; the server dies.
     proxy.cut();
@@ -262,15 +279,7 @@ async fn a_report_acknowledged_before_the_server_is_killed_is_billed_by_the_next
 
 #[tokio::test]
 async fn the_inbox_commands_show_what_waits_and_drain_it_into_the_database() {
-    let cli = crate::cli::Cli::new().await;
-    cli.json(&["migrate", "--json"]);
-    let org =
-        cli.json(&["org", "create", "--name", "Inbox Test", "--plan", "pro", "--assistant-id", "asst-y", "--json"]);
-    let url = org["vapi_server_url"].as_str().unwrap().to_owned();
-    let target = cli.db_url.split_once('@').map_or("", |(_, h)| h.split(['/', '?']).next().unwrap_or(""));
-    let proxy = callplane_testkit::fault_proxy::FaultProxy::start(target).await.unwrap();
-    let inbox = crate::helpers::inbox_dir();
-    let mut server = serve(&cli, &proxy.url_through(&cli.db_url), &inbox).await;
+    let Stack { cli, url, proxy, inbox, mut server } = Stack::start().await;
     let inbox_command = |args: &[&str]| {
         let mut command = cli.command(args);
         command.env("CALLPLANE__INBOX__DIR", &inbox);

@@ -432,19 +432,12 @@ fn print_summary(summary: &BurstSummary) {
     for (kind, latency) in &summary.burst_latency {
         eprintln!("loadgen:   burst {kind:<20} {}", latency.line());
     }
-    eprintln!("loadgen:   answers: {}", summary.status_total.line());
-    for (kind, ms) in &summary.max_answer_ms {
-        eprintln!("loadgen:   slowest {kind:<20} {ms:.1}ms");
-    }
-    for sample in &summary.error_samples {
-        eprintln!("loadgen:   error: {sample}");
-    }
-    if let Some(books) = &summary.books {
-        eprintln!("loadgen: {}", books.line());
-        for problem in &books.problems {
-            eprintln!("loadgen:   {problem}");
-        }
-    }
+    crate::simulate::print_outcomes(
+        &summary.status_total,
+        &summary.max_answer_ms,
+        &summary.error_samples,
+        summary.books.as_ref(),
+    );
 }
 
 #[cfg(test)]

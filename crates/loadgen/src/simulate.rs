@@ -483,14 +483,25 @@ fn print_summary(summary: &Summary) {
     for (kind, latency) in &summary.latency {
         eprintln!("loadgen:   {kind:<20} {}", latency.line());
     }
-    eprintln!("loadgen:   answers: {}", summary.status_total.line());
-    for (kind, ms) in &summary.max_answer_ms {
+    print_outcomes(&summary.status_total, &summary.max_answer_ms, &summary.error_samples, summary.books.as_ref());
+}
+
+/// The end of a run's printout, shared by `simulate` and `burst`: answers by class, the
+/// slowest answer per kind, sample errors and the books.
+pub fn print_outcomes(
+    status: &StatusCounts,
+    max_answer_ms: &BTreeMap<String, f64>,
+    error_samples: &[String],
+    books: Option<&Books>,
+) {
+    eprintln!("loadgen:   answers: {}", status.line());
+    for (kind, ms) in max_answer_ms {
         eprintln!("loadgen:   slowest {kind:<20} {ms:.1}ms");
     }
-    for sample in &summary.error_samples {
+    for sample in error_samples {
         eprintln!("loadgen:   error: {sample}");
     }
-    if let Some(books) = &summary.books {
+    if let Some(books) = books {
         eprintln!("loadgen: {}", books.line());
         for problem in &books.problems {
             eprintln!("loadgen:   {problem}");
