@@ -32,6 +32,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::pg;
+use crate::stack::Binaries;
 use crate::stack::{
     self, DATABASE, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, rss_kb, run_with_timeout,
     utc_now,
@@ -221,13 +222,12 @@ pub fn quick_for_tests() -> Result<()> {
 fn run(options: Options, report: &mut Report) -> Result<()> {
     let bin = pg::bin_dir()?;
     let sizes = if options.quick { Sizes::quick() } else { Sizes::full() };
-    let profile = if options.release_build() { "release" } else { "debug" };
-    let target = util::target_dir().join(profile);
     let started_at = utc_now();
+    let Some(binaries) = Binaries::build(report, &options) else { return Ok(()) };
     let mut bench = Bench {
         sizes,
         out_dir: util::target_dir().join("bench"),
-        loadgen_binary: target.join("callplane-loadgen"),
+        loadgen_binary: binaries.loadgen,
         cluster: None,
         loadgen: None,
         server: None,
@@ -241,26 +241,7 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     };
     fs::create_dir_all(&bench.out_dir).with_context(|| format!("could not create {}", bench.out_dir.display()))?;
 
-    // CALLPLANE_BIN benchmarks a callplane built elsewhere (another checkout, another commit).
-    let prebuilt = std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from);
-    let mut built = false;
-    report.step("build callplane and callplane-loadgen", || {
-        let mut command = util::cargo();
-        command.args(["build", "-p", "callplane-loadgen"]);
-        if prebuilt.is_none() {
-            command.args(["-p", "callplane-server"]);
-        }
-        if options.release_build() {
-            command.arg("--release");
-        }
-        util::run(&mut command)?;
-        built = true;
-        Ok(())
-    });
-    if !built {
-        return Ok(());
-    }
-    let callplane = prebuilt.unwrap_or_else(|| target.join("callplane"));
+    let callplane = binaries.callplane;
 
     let mut ready = false;
     report.step("start PostgreSQL and callplane", || {

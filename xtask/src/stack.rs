@@ -77,6 +77,41 @@ impl RunOptions {
     }
 }
 
+/// The binaries a run drives.
+pub struct Binaries {
+    pub callplane: PathBuf,
+    pub loadgen: PathBuf,
+}
+
+impl Binaries {
+    /// Builds `callplane-loadgen`, and `callplane-server` unless `CALLPLANE_BIN` names a
+    /// callplane built elsewhere (another checkout, another commit), in the profile the options
+    /// ask for. `None` when the build failed (the report says why).
+    pub fn build(report: &mut util::Report, options: &RunOptions) -> Option<Self> {
+        let profile = if options.release_build() { "release" } else { "debug" };
+        let target = util::target_dir().join(profile);
+        let prebuilt = std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from);
+        let mut built = false;
+        report.step("build callplane and callplane-loadgen", || {
+            let mut command = util::cargo();
+            command.args(["build", "-p", "callplane-loadgen"]);
+            if prebuilt.is_none() {
+                command.args(["-p", "callplane-server"]);
+            }
+            if options.release_build() {
+                command.arg("--release");
+            }
+            util::run(&mut command)?;
+            built = true;
+            Ok(())
+        });
+        built.then(|| Self {
+            callplane: prebuilt.unwrap_or_else(|| target.join("callplane")),
+            loadgen: target.join("callplane-loadgen"),
+        })
+    }
+}
+
 pub struct Postgres {
     guard: StopOnDrop,
     settings: Vec<String>,

@@ -49,6 +49,7 @@ use crate::pg;
 
 mod findings;
 
+use crate::stack::Binaries;
 use crate::stack::{
     self, Background, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, last_json, rss_kb, utc_now,
     wait_for_ok,
@@ -261,34 +262,13 @@ pub fn quick_for_tests() -> Result<()> {
 fn run(options: Options, report: &mut Report) -> Result<()> {
     let bin = pg::bin_dir()?;
     let sizes = if options.quick { Sizes::quick() } else { Sizes::full() };
-    let profile = if options.release_build() { "release" } else { "debug" };
-    let target = util::target_dir().join(profile);
     let started_at = utc_now();
     let out_dir = util::target_dir().join("chaos");
     fs::create_dir_all(&out_dir).with_context(|| format!("could not create {}", out_dir.display()))?;
-
-    // CALLPLANE_BIN runs the experiments against a callplane built elsewhere.
-    let prebuilt = std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from);
-    let mut built = false;
-    report.step("build callplane and callplane-loadgen", || {
-        let mut command = util::cargo();
-        command.args(["build", "-p", "callplane-loadgen"]);
-        if prebuilt.is_none() {
-            command.args(["-p", "callplane-server"]);
-        }
-        if options.release_build() {
-            command.arg("--release");
-        }
-        util::run(&mut command)?;
-        built = true;
-        Ok(())
-    });
-    if !built {
-        return Ok(());
-    }
+    let Some(binaries) = Binaries::build(report, &options) else { return Ok(()) };
     let mut suite = Suite {
-        callplane: prebuilt.unwrap_or_else(|| target.join("callplane")),
-        loadgen: target.join("callplane-loadgen"),
+        callplane: binaries.callplane,
+        loadgen: binaries.loadgen,
         options,
         sizes,
         out_dir,
