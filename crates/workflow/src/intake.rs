@@ -130,9 +130,10 @@ impl LocalIntake {
                         "inbox drained"
                     );
                 }
-                // A full batch means more is waiting; otherwise sleep until woken or a second
+                // A pass that moved events on goes again at once: more may be waiting. One that
+                // moved nothing, or met failures, sleeps until a request wakes it or a second
                 // has passed (postponed events come due).
-                if report.processed + report.dead_lettered + report.retrying == 0 || report.retrying > 0 {
+                if report.processed + report.dead_lettered == 0 || report.retrying > 0 {
                     let _ = tokio::time::timeout(Duration::from_secs(1), intake.inner.wake.notified()).await;
                 }
             }
