@@ -177,3 +177,85 @@ async fn an_operator_migrates_creates_an_org_and_a_key_serves_and_replays_a_dead
     let replay_again = cli.json(&["events", "replay", "--json"]);
     assert_eq!(replay_again["attempted"], 0);
 }
+
+#[test]
+fn a_misspelt_variable_or_a_missing_environment_file_stops_the_start() {
+    let cli = Cli { db_url: "postgres://postgres@127.0.0.1:1/unused".into(), addr: free_addr() };
+
+    let out = cli.command(&["config"]).env("CALLPLANE__DATABSE__URL", "postgres://elsewhere/db").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
+    assert!(
+        stderr
+            .contains("CALLPLANE__DATABSE__URL: there is no key `databse.url`; did you mean CALLPLANE__DATABASE__URL?"),
+        "{stderr}"
+    );
+
+    let out = cli.command(&["config"]).env("CALLPLANE_ENV", "prod").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
+    assert!(stderr.contains("CALLPLANE_ENV=prod: ") && stderr.contains("prod.toml does not exist"), "{stderr}");
+    assert!(stderr.contains("local, production, test)"), "the environments there are listed: {stderr}");
+
+    // The same command, correctly configured, starts.
+    assert!(cli.command(&["config"]).output().unwrap().status.success());
+}
+
+#[test]
+fn a_database_that_cannot_be_reached_is_named_at_once_without_its_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cli = Cli { db_url: format!("postgres://app:hunter2@127.0.0.1:{port}/callplane"), addr: free_addr() };
+    let org = uuid::Uuid::new_v4().to_string();
+    for args in [&["apikey", "create", "--org", org.as_str()][..], &["serve"]] {
+        let started = std::time::Instant::now();
+        let out = cli.command(args).env("CALLPLANE__INBOX__DIR", crate::helpers::inbox_dir()).output().unwrap();
+        let elapsed = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(elapsed < std::time::Duration::from_secs(2), "{args:?} took {elapsed:?} to fail");
+        let masked = format!("cannot connect to the database at postgres://app:********@127.0.0.1:{port}/callplane: ");
+        assert!(stderr.contains(&masked) && stderr.contains("Connection refused"), "{args:?}: {stderr}");
+        assert!(stderr.contains("CALLPLANE__DATABASE__URL") && !stderr.contains("hunter2"), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn replay_prints_one_summary_and_why_each_event_failed_again() {
+    let cli = Cli::new().await;
+    cli.json(&["migrate", "--json"]);
+    let org = cli.json(&["org", "create", "--name", "Acme", "--plan", "starter", "--json"]);
+    let _server = cli.serve().await;
+
+    // A call created three days ahead is refused and kept as a dead letter; replaying it
+    // fails the same way.
+    let report = lifecycle("call-from-the-future", Utc::now() + chrono::Duration::days(3), 20.0).pop().unwrap();
+    let http = reqwest::Client::new();
+    http.post(org["vapi_server_url"].as_str().unwrap()).bearer_auth(SECRET).json(&report).send().await.unwrap();
+    let mut letters = Value::Null;
+    for _ in 0..50 {
+        letters = cli.json(&["events", "list", "--json"]);
+        if letters.as_array().is_some_and(|l| !l.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(letters[0]["error_code"], "future_timestamp", "{letters}");
+    let id = letters[0]["id"].as_i64().unwrap();
+
+    let out = cli.run(&["events", "replay"]);
+    assert_eq!(out.status.code(), Some(1), "a replay with failures exits 1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "1 replayed: 0 succeeded, 1 failed", "{stdout}");
+    assert!(lines[1].starts_with(&format!("  dead letter {id}: future_timestamp: ")), "{stdout}");
+    assert!(lines[1].contains("in the future") && lines.len() == 2, "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("replayed"), "the summary is printed once, on stdout: {stderr}");
+
+    let out = cli.command(&["events", "replay", "--json"]).output().unwrap();
+    let replay: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(replay["failed"], 1);
+    assert_eq!(replay["failures"][0]["id"], id);
+    assert_eq!(replay["failures"][0]["code"], "future_timestamp");
+    assert!(replay["failures"][0]["message"].as_str().unwrap().contains("in the future"), "{replay}");
+}

@@ -15,7 +15,9 @@ fn jwt_fixtures() -> Value {
 
 #[tokio::test]
 async fn api_keys_authenticate_and_revoked_or_unknown_keys_are_refused() {
-    let app = TestApp::spawn().await;
+    // Without the key cache a revocation is seen at once (with it, within its lifetime:
+    // auth_limits.rs).
+    let app = TestApp::spawn_with(&[("auth.api_key_cache_seconds", "0")]).await;
     let org = app.org("pro").await;
     let key = app.db.store.create_api_key(org.id, "dashboard").await.unwrap();
     assert_eq!(app.get("/v1/calls", &key.secret).await.0, StatusCode::OK);
@@ -41,7 +43,12 @@ async fn api_keys_authenticate_and_revoked_or_unknown_keys_are_refused() {
 #[tokio::test]
 async fn supabase_jwts_work_and_expired_forged_wrong_audience_or_org_less_ones_do_not() {
     let f = jwt_fixtures();
-    let app = TestApp::spawn_with(&[("auth.jwt_secret", f["secret"].as_str().unwrap())]).await;
+    // The fixtures were minted to last until 2100, far past the default maximum lifetime.
+    let app = TestApp::spawn_with(&[
+        ("auth.jwt_secret", f["secret"].as_str().unwrap()),
+        ("auth.jwt_max_lifetime_seconds", "3000000000"),
+    ])
+    .await;
     // The fixture tokens name a fixed organization; give it a row.
     let org: OrgId = f["organization_id"].as_str().unwrap().parse().unwrap();
     sqlx::query("INSERT INTO organizations (id, name, plan, period_start, period_end, billing_anchor) VALUES ($1, 'JWT Org', 'pro', now(), now() + interval '1 month', now())")
@@ -308,7 +315,9 @@ async fn usage_detail_live_calls_and_csv_show_what_the_webhooks_recorded() {
 
 #[tokio::test]
 async fn operators_create_orgs_change_plans_and_manage_keys_with_the_admin_token() {
-    let app = TestApp::spawn().await;
+    // Without the key cache a revocation is seen at once (with it, within its lifetime:
+    // auth_limits.rs).
+    let app = TestApp::spawn_with(&[("auth.api_key_cache_seconds", "0")]).await;
     let admin = |method: reqwest::Method, path: &str| {
         app.http.request(method, format!("{}{path}", app.base)).bearer_auth(ADMIN_TOKEN)
     };

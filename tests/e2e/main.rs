@@ -6,15 +6,19 @@
 
 mod helpers;
 
+mod auth_limits;
 mod bad_input;
 mod billing;
 mod cli;
 mod dashboard;
 mod durability;
+mod hostile_api;
+mod hostile_webhooks;
 mod isolation;
 mod lifecycle;
 mod partitions;
 mod realtime;
+mod realtime_limits;
 mod reconcile;
 mod samples;
 mod seams;

@@ -183,8 +183,24 @@ async fn the_shared_url_resolves_the_org_from_metadata_phone_number_or_assistant
     assert_eq!(post(msg("via-phone", json!({"phoneNumberId": "phone-1"}))).await.status(), StatusCode::OK);
     assert_eq!(post(msg("via-assistant", json!({"assistantId": "assistant-1"}))).await.status(), StatusCode::OK);
     // Metadata routes a call only with the signature callplane gave it at assistant-request.
-    let (_, answer) = app.post_vapi(by_metadata.id, &sample("01-assistant-request.json")).await;
+    // The signature is bound to the call it was given for; forget that call so only the
+    // metadata can route it.
+    let mut request = sample("01-assistant-request.json");
+    request["message"]["call"]["id"] = json!("via-metadata");
+    let (_, answer) = app.post_vapi(by_metadata.id, &request).await;
     let signed = answer["assistantOverrides"]["metadata"].clone();
+    // The answered event is recorded on its own; wait for it before forgetting the call.
+    for _ in 0..100 {
+        if app.call(by_metadata.id, "via-metadata").await.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for sql in
+        ["DELETE FROM calls WHERE id = 'via-metadata'", "DELETE FROM call_keys WHERE vapi_call_id = 'via-metadata'"]
+    {
+        sqlx::query(sql).execute(app.db.store.pool()).await.unwrap();
+    }
     assert_eq!(
         post(msg("via-metadata", json!({"assistantOverrides": {"metadata": signed}}))).await.status(),
         StatusCode::OK

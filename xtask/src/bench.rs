@@ -280,7 +280,10 @@ impl Bench {
         }
         fs::create_dir_all(&inbox).with_context(|| format!("could not create {}", inbox.display()))?;
         let spec = ServerSpec::new(callplane.to_path_buf(), self.http_port, &cluster.database_url(), log)
-            .with_env("CALLPLANE__INBOX__DIR", inbox.to_string_lossy());
+            .with_env("CALLPLANE__INBOX__DIR", inbox.to_string_lossy())
+            // Benchmark 5 fans one organization's events out to up to 5,000 sockets on one key.
+            .with_env("CALLPLANE__REALTIME__MAX_CONNECTIONS_PER_ORG", "10000")
+            .with_env("CALLPLANE__REALTIME__MAX_CONNECTIONS_PER_KEY", "10000");
         self.cluster = Some(cluster);
         spec.migrate()?;
         self.server = Some(spec.start(Duration::from_secs(60))?);
@@ -675,6 +678,32 @@ impl Bench {
             Some(_) => bail!("the RSS under load reads as zero"),
             None => eprintln!("xtask: benchmark 1 did not run, so there is no RSS under load"),
         }
+        // Idle WebSockets across organizations: what each costs, and that closing them gives
+        // the memory back.
+        let pid = self.server.as_ref().context("no server")?.pid();
+        let (sockets, orgs, settle) = if self.options.quick { (200, 10, 2) } else { (2000, 100, 12) };
+        let hold = self.loadgen_json(
+            &format!(
+                "realtime-hold --sockets {sockets} --orgs {orgs} --server-pid {pid} --settle-secs {settle} --json"
+            ),
+            self.sizes.short_timeout,
+            true,
+        )?;
+        for (metric, field) in [
+            (format!("server RSS, {sockets} idle WebSockets open ({orgs} organizations)"), "/rss_open_kib"),
+            ("server RSS after those WebSockets closed".to_owned(), "/rss_closed_kib"),
+        ] {
+            self.rows.push(Row {
+                benchmark: "6. Memory".into(),
+                metric,
+                unit: "MiB",
+                callplane: number(&hold, field)? / 1024.0,
+                baseline: Some(number(&hold, "/rss_idle_kib")? / 1024.0),
+                baseline_is: "the same server before opening them".into(),
+                note: String::new(),
+            });
+        }
+        self.raw.insert("realtime_hold".into(), hold);
         Ok(())
     }
 

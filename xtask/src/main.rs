@@ -5,6 +5,7 @@
 
 mod bench;
 mod chaos;
+mod fuzz;
 mod http;
 mod pg;
 mod run;
@@ -18,14 +19,18 @@ const USAGE: &str = "\
 Usage: cargo xtask <command>
 
 Commands:
-  test [ARGS...]  Run all tests against a throwaway PostgreSQL cluster (target/xtask/pg-test), then
-                  check that the phase2 and phase3 feature builds validate their default configuration.
-                  ARGS are passed to `cargo nextest run`.
+  test [ARGS...]  Check the prerequisites (PostgreSQL, rustfmt, clippy, cargo-nextest, Node.js 16+ and
+                  npm), run `cargo fmt --all --check` and `cargo clippy --workspace --all-targets
+                  --all-features -- -D warnings`, then all tests against a throwaway PostgreSQL cluster
+                  (target/xtask/pg-test), then check that the phase2 and phase3 feature builds validate
+                  their default configuration. ARGS are passed to `cargo nextest run`.
                   XTASK_SKIP_FEATURE_CHECKS=1 skips the phase2/phase3 checks; then the quick
                   benchmarks run (`bench --quick`) unless XTASK_SKIP_BENCH=1, and the quick fault
                   suite (`chaos --quick`) unless XTASK_SKIP_CHAOS=1.
   run             Start the development PostgreSQL cluster (.data/pg), migrate, create a demo
-                  organization and serve callplane in the foreground until Ctrl-C.
+                  organization and serve callplane in the foreground until Ctrl-C; a new demo
+                  organization gets a demo call dated now (its webhooks in .data/demo). Prints the
+                  export/alias lines that point the callplane CLI at this database.
                   CALLPLANE_PG_PORT (default 54329), CALLPLANE_PORT (default 8080) and
                   CALLPLANE__VAPI__SECRET (default dev-vapi-secret) configure it;
                   XTASK_KEEP_PG=1 leaves PostgreSQL running afterwards.
@@ -44,6 +49,11 @@ Commands:
                   RSS. Results in target/chaos/ and docs/RELIABILITY.md (full passing runs only).
                   --quick runs small sizes on a dev build; --only NAME,... picks experiments;
                   CALLPLANE_BIN=PATH tests a prebuilt callplane.
+  fuzz [--cases N]
+                  Every property test (tests named prop_*: parsers, signatures, cursors, dates, CSV) on
+                  a release build with PROPTEST_CASES set so that at least 1,000,000 cases run in all
+                  (--cases N: N per property). A failing input is printed and saved under
+                  proptest-regressions/ beside its test.
   simulate ARGS   Run `callplane-loadgen simulate ARGS` against a running callplane (see --help).
   help            Show this message.
 ";
@@ -75,6 +85,7 @@ fn main() -> ExitCode {
         "stop" => run::stop(),
         "bench" => bench::bench(rest),
         "chaos" => chaos::chaos(rest),
+        "fuzz" => fuzz::fuzz(rest),
         "simulate" => loadgen(rest),
         // Not in the usage: checks that a test cluster starts, answers and stops.
         "pg-smoke" => test::pg_smoke(),

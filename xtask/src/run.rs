@@ -1,14 +1,20 @@
 //! `cargo xtask run` and `cargo xtask stop`: a local callplane on a persistent PostgreSQL cluster in
-//! `.data/pg`, with a demo organization and ready-to-paste curl commands.
+//! `.data/pg`, with a demo organization, a demo call dated today and ready-to-paste commands.
 
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use serde_json::{Number, Value};
 
 use crate::pg::{self, Cluster, StopOnDrop};
+use crate::stack;
 use crate::util::{self, shell_quote};
 
 const DEFAULT_PG_PORT: u16 = 54329;
@@ -25,12 +31,16 @@ const DEMO_FUNCTION_DATA: &[(&str, &str)] = &[
     ),
 ];
 
-/// Fixtures worth sending by hand, in the order a call produces them.
-const DEMO_FIXTURES: &[&str] = &[
-    "tests/fixtures/vapi/01-assistant-request.json",
-    "tests/fixtures/vapi/04-tool-calls-two-calls.json",
-    "tests/fixtures/vapi/09-end-of-call-report.json",
-];
+/// The fixtures of `tests/fixtures/vapi` that make the demo call, in the order a call sends
+/// them; the first one creates the call.
+const DEMO_FIXTURES: &[&str] =
+    &["01-assistant-request.json", "04-tool-calls-two-calls.json", "09-end-of-call-report.json"];
+
+/// Numbers in this range in a webhook are epoch milliseconds (2001 to 2286).
+const EPOCH_MS: std::ops::Range<f64> = 1e12..1e13;
+
+/// How long one request of the demo call may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `.data` directory at the repository root (gitignored).
 fn data_dir() -> PathBuf {
@@ -78,8 +88,20 @@ pub fn run() -> Result<ExitCode> {
     };
 
     util::run(&mut callplane.command(&["migrate"]))?;
-    let org = demo_org(&callplane, database_is_new)?;
-    print_next_steps(&org, &secret, &public_url, &cluster.url(DATABASE));
+    let (org, org_is_new) = demo_org(&callplane, database_is_new)?;
+    let demo = write_demo_call(&data_dir().join("demo"), Utc::now())?;
+    print_next_steps(&org, &secret, &public_url, &callplane, &demo, org_is_new);
+
+    // A new demo organization gets the demo call as soon as the server answers, so that the
+    // dashboard API has a call and minutes to show.
+    if org_is_new {
+        let addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+        thread::spawn(move || match play_demo_call(addr, &org, &secret, &demo) {
+            Ok(outcome) => eprintln!("\nxtask: {outcome}\n"),
+            Err(_) if util::interrupted() => {}
+            Err(error) => eprintln!("\nxtask: error: the demo call failed: {error:#}\n"),
+        });
+    }
 
     let status = callplane.command(&["serve"]).status().context("could not start `callplane serve`")?;
 
@@ -187,13 +209,14 @@ struct DemoOrg {
 }
 
 /// Reads the demo organization from `.data/demo-org.json`, or creates and seeds it when that file
-/// is missing or the database is new.
-fn demo_org(callplane: &Callplane, database_is_new: bool) -> Result<DemoOrg> {
+/// is missing or the database is new. Says whether it was created.
+fn demo_org(callplane: &Callplane, database_is_new: bool) -> Result<(DemoOrg, bool)> {
     let path = data_dir().join("demo-org.json");
     if path.exists() && !database_is_new {
         let text = fs::read_to_string(&path).with_context(|| format!("could not read {}", path.display()))?;
-        return parse_org(&text)
-            .with_context(|| format!("{} is not valid; delete it to create a new demo organization", path.display()));
+        let org = parse_org(&text)
+            .with_context(|| format!("{} is not valid; delete it to create a new demo organization", path.display()))?;
+        return Ok((org, false));
     }
 
     eprintln!("xtask: creating the demo organization");
@@ -231,7 +254,7 @@ fn demo_org(callplane: &Callplane, database_is_new: bool) -> Result<DemoOrg> {
 
     // Saved last, so that the file only exists for a fully seeded organization.
     write_file(&path, &format!("{text}\n"))?;
-    parse_org(&text)
+    Ok((parse_org(&text)?, true))
 }
 
 /// Extracts `id` and `vapi_server_url` from the organization JSON.
@@ -252,8 +275,119 @@ fn write_file(path: &Path, contents: &str) -> Result<()> {
     fs::write(path, contents).with_context(|| format!("could not write {}", path.display()))
 }
 
-/// Prints the webhook URL, the secret and curl commands to paste into another terminal.
-fn print_next_steps(org: &DemoOrg, secret: &str, public_url: &str, database_url: &str) {
+/// The demo call: the fixtures' one call under a new id, written to `.data/demo`.
+struct DemoCall {
+    id: String,
+    bodies: Vec<PathBuf>,
+}
+
+/// Writes the demo call's webhooks to `dir` (`.data/demo`), moved in time so that the call starts at
+/// `now`: dated as in the fixtures, it would fall in a billing period gone by (and once older
+/// than `partitions.max_past_days`, be refused as `stale_timestamp`). A new call id each time
+/// makes it a new call.
+fn write_demo_call(dir: &Path, now: DateTime<Utc>) -> Result<DemoCall> {
+    let fixtures = util::repo_root().join("tests/fixtures/vapi");
+    let texts = DEMO_FIXTURES
+        .iter()
+        .map(|name| fs::read_to_string(fixtures.join(name)).with_context(|| format!("could not read {name}")))
+        .collect::<Result<Vec<_>>>()?;
+    let first: Value = serde_json::from_str(&texts[0]).context("the first demo fixture is not JSON")?;
+    let call = &first["message"]["call"];
+    let (Some(fixture_id), Some(created)) = (call["id"].as_str(), call["createdAt"].as_str()) else {
+        bail!("{} has no message.call.id and createdAt", DEMO_FIXTURES[0]);
+    };
+    let shift = now - DateTime::parse_from_rfc3339(created).context("message.call.createdAt")?.to_utc();
+    let id = uuid::Uuid::now_v7().to_string();
+
+    fs::create_dir_all(dir).with_context(|| format!("could not create {}", dir.display()))?;
+    let mut bodies = Vec::new();
+    for (name, text) in DEMO_FIXTURES.iter().zip(&texts) {
+        let mut body: Value = serde_json::from_str(&text.replace(fixture_id, &id))?;
+        shift_times(&mut body, shift);
+        let path = dir.join(name);
+        write_file(&path, &format!("{}\n", serde_json::to_string_pretty(&body)?))?;
+        bodies.push(path);
+    }
+    Ok(DemoCall { id, bodies })
+}
+
+/// Moves every time in a webhook body by `shift`: RFC 3339 strings and epoch milliseconds.
+fn shift_times(value: &mut Value, shift: TimeDelta) {
+    match value {
+        Value::String(text) => {
+            if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+                *text = (at.to_utc() + shift).to_rfc3339_opts(SecondsFormat::Millis, true);
+            }
+        }
+        Value::Number(number) => {
+            if let Some(at) = number.as_f64().filter(|at| EPOCH_MS.contains(at)) {
+                let moved = at + shift.num_milliseconds() as f64;
+                *number = if number.is_f64() {
+                    Number::from_f64(moved).unwrap_or(number.clone())
+                } else {
+                    (moved as i64).into()
+                };
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|item| shift_times(item, shift)),
+        Value::Object(fields) => fields.values_mut().for_each(|field| shift_times(field, shift)),
+        Value::Null | Value::Bool(_) => {}
+    }
+}
+
+/// Sends the demo call once the server is ready, as VAPI would, and reads back what
+/// `/v1/usage` shows for it.
+fn play_demo_call(addr: SocketAddr, org: &DemoOrg, secret: &str, demo: &DemoCall) -> Result<String> {
+    stack::wait_for_ok(addr, "/readyz", Duration::from_secs(60))?;
+    let webhook = format!("/vapi/{}", org.id);
+    for path in &demo.bodies {
+        let body = fs::read_to_string(path).with_context(|| format!("could not read {}", path.display()))?;
+        let (status, answer) = request(addr, "POST", &webhook, secret, &body)?;
+        if status != 200 {
+            bail!("POST {webhook} with {} answered {status}: {answer}", path.display());
+        }
+    }
+    // The end-of-call report may be processed just after it is answered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, answer) = request(addr, "GET", "/v1/usage", &org.api_key, "")?;
+        let usage: Value = serde_json::from_str(&answer).unwrap_or_default();
+        if status == 200 && usage["seconds_used"].as_i64().is_some_and(|seconds| seconds > 0) {
+            return Ok(format!(
+                "sent the demo call {}: /v1/usage shows {} s, {} of the {} minutes included",
+                demo.id, usage["seconds_used"], usage["minutes_used"], usage["minutes_included"]
+            ));
+        }
+        if Instant::now() > deadline {
+            bail!("GET /v1/usage still answers {status} {answer} 10 s after the end-of-call report");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One HTTP/1.1 request with a bearer token to the local server; its status and body.
+fn request(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> Result<(u16, String)> {
+    let what = format!("{method} {path}");
+    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).with_context(|| format!("{what}: connecting"))?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .with_context(|| format!("{what}: sending"))?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).with_context(|| format!("{what}: reading the answer"))?;
+    let status = answer.split_whitespace().nth(1).and_then(|code| code.parse().ok());
+    let status = status.with_context(|| format!("{what}: not an HTTP answer: {answer:?}"))?;
+    Ok((status, answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned()))
+}
+
+/// Prints the organization, how to run the CLI against this database, and curl commands to
+/// paste into another terminal.
+fn print_next_steps(org: &DemoOrg, secret: &str, public_url: &str, callplane: &Callplane, demo: &DemoCall, sent: bool) {
+    let root = util::repo_root();
     let url = shell_quote(&org.vapi_server_url);
     let auth = shell_quote(&format!("Authorization: Bearer {secret}"));
     eprintln!();
@@ -261,16 +395,30 @@ fn print_next_steps(org: &DemoOrg, secret: &str, public_url: &str, database_url:
     eprintln!("  demo organization: {} (Demo Plumbing)", org.id);
     eprintln!("  VAPI webhook URL:  {}", org.vapi_server_url);
     eprintln!("  VAPI secret:       {secret}");
-    eprintln!("  database:          {database_url}");
+    eprintln!("  dashboard API key: {}", org.api_key);
     eprintln!();
-    eprintln!("Try it from another terminal, in {}:", util::repo_root().display());
-    eprintln!("  curl -s {public_url}/healthz");
-    for fixture in DEMO_FIXTURES {
-        eprintln!("  curl -s -X POST {url} -H {auth} -H 'Content-Type: application/json' --data @{fixture}");
+    eprintln!("The callplane CLI on this database, from another terminal in {}:", root.display());
+    for (name, value) in &callplane.env {
+        if matches!(*name, "CALLPLANE__DATABASE__URL" | "CALLPLANE__SERVER__PUBLIC_URL") {
+            eprintln!("  export {name}={}", shell_quote(value));
+        }
+    }
+    eprintln!("  alias callplane={}", shell_quote(&callplane.binary.to_string_lossy()));
+    eprintln!("  callplane apikey list --org {}", org.id);
+    eprintln!();
+    if sent {
+        eprintln!("The demo call {}, dated now, goes out as soon as callplane answers; sent again, it is", demo.id);
+        eprintln!("recorded and billed once. Its webhooks:");
+    } else {
+        eprintln!("A call dated now ({}), not sent yet; each run writes a new one:", demo.id);
+    }
+    for path in &demo.bodies {
+        let body = path.strip_prefix(&root).unwrap_or(path).display().to_string();
+        eprintln!("  curl -s -X POST {url} -H {auth} -H 'Content-Type: application/json' --data @{body}");
     }
     let key = shell_quote(&format!("Authorization: Bearer {}", org.api_key));
-    eprintln!("The dashboard API (API key {}):", org.api_key);
-    for path in ["/v1/calls", "/v1/usage", "/v1/calls/live", "/v1/function-data"] {
+    eprintln!("The dashboard API:");
+    for path in ["/v1/usage", "/v1/calls", "/v1/calls/live", "/v1/function-data"] {
         eprintln!("  curl -s {public_url}{path} -H {key}");
     }
     eprintln!(
@@ -281,4 +429,41 @@ fn print_next_steps(org: &DemoOrg, secret: &str, public_url: &str, database_url:
     eprintln!();
     eprintln!("Ctrl-C stops callplane and PostgreSQL (XTASK_KEEP_PG=1 keeps PostgreSQL; `cargo xtask stop` stops it).");
     eprintln!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo call is the fixtures' call under a new id, starting at `now`, every time in it
+    /// moved alike, so that it is billed as long and in the current period.
+    #[test]
+    fn the_demo_call_is_the_fixtures_call_moved_to_now() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("xtask-demo-{}", uuid::Uuid::new_v4().simple()));
+        let now = DateTime::parse_from_rfc3339("2031-07-04T09:30:00.250Z")?.to_utc();
+        let demo = write_demo_call(&dir, now)?;
+        let read = |i: usize| -> Result<(String, Value)> {
+            let text = fs::read_to_string(&demo.bodies[i])?;
+            Ok((text.clone(), serde_json::from_str(&text)?))
+        };
+
+        let (text, first) = read(0)?;
+        assert_eq!(first["message"]["call"]["id"], demo.id.as_str());
+        assert_eq!(first["message"]["call"]["createdAt"], "2031-07-04T09:30:00.250Z");
+        // 128 ms after createdAt in the fixture.
+        assert_eq!(first["message"]["timestamp"], now.timestamp_millis() + 128);
+        assert!(!text.contains("019cd8a1-3b2e-7c4d-9f1a-6e5b4c3d2a10") && !text.contains("2026-03"), "{text}");
+
+        let (text, report) = read(2)?;
+        assert!(!text.contains("019cd8a1-3b2e-7c4d-9f1a-6e5b4c3d2a10"), "the call id is replaced everywhere");
+        let at = |field: &str| -> Result<DateTime<Utc>> {
+            Ok(DateTime::parse_from_rfc3339(report["message"][field].as_str().unwrap_or_default())?.to_utc())
+        };
+        assert_eq!(at("startedAt")?, now + TimeDelta::milliseconds(1_871));
+        assert_eq!(at("endedAt")? - at("startedAt")?, TimeDelta::milliseconds(74_033), "as long as the fixture");
+        assert_eq!(report["message"]["durationSeconds"], 74.033, "durations are not times");
+
+        fs::remove_dir_all(dir)?;
+        Ok(())
+    }
 }

@@ -1,9 +1,11 @@
-//! `cargo xtask test`: the whole test suite against a throwaway PostgreSQL cluster, followed by a
-//! check that every phase feature combination builds and validates its default configuration,
-//! by the quick benchmarks (`cargo xtask bench --quick`) and by the quick fault suite
-//! (`cargo xtask chaos --quick`).
+//! `cargo xtask test`: a check that every tool it needs is installed, the quality gate (`cargo fmt
+//! --check`, then clippy with warnings denied), the whole test suite against a throwaway
+//! PostgreSQL cluster, a check that every phase feature combination builds and validates its
+//! default configuration, the quick benchmarks (`cargo xtask bench --quick`) and the quick fault
+//! suite (`cargo xtask chaos --quick`).
 
-use std::process::{ExitCode, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Result, bail};
 
@@ -22,13 +24,32 @@ const TEST_SETTINGS: &[&str] =
 /// The feature umbrellas checked besides the default build (which the main run covers).
 const PHASES: &[&str] = &["phase2", "phase3"];
 
+/// The oldest Node.js the Stripe SDK in `tests/stripe-node` supports.
+const NODE_MAJOR: u32 = 16;
+
 /// Runs the test suite; `nextest_args` are appended to `cargo nextest run`.
 pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
-    // Report missing tools before doing any work.
-    let bin = pg::bin_dir()?;
-    check_nextest()?;
+    let bin = check_prerequisites()?;
+    util::install_ctrlc_handler()?;
+    let mut report = Report::default();
 
-    with_test_cluster(bin, |report, cluster| {
+    // The quality gate first: it takes seconds, where the suites take minutes. Its failures are
+    // reported with the rest rather than stopping the run.
+    report.step("cargo fmt --all --check", || util::run(util::cargo().args(["fmt", "--all", "--check"])));
+    // All features: the phases are cumulative umbrellas, so this lints the largest build.
+    report.step("cargo clippy --workspace --all-targets --all-features -- -D warnings", || {
+        util::run(util::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    });
+
+    with_test_cluster(report, bin, |report, cluster| {
         let url = cluster.url("postgres");
 
         report.step("cargo nextest run --workspace", || {
@@ -76,7 +97,8 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
 /// Hidden command: starts the test cluster, runs `select 1` through psql and stops it again.
 pub fn pg_smoke() -> Result<ExitCode> {
     let bin = pg::bin_dir()?;
-    with_test_cluster(bin, |report, cluster| {
+    util::install_ctrlc_handler()?;
+    with_test_cluster(Report::default(), bin, |report, cluster| {
         report.step("psql -c 'select 1'", || {
             let port = cluster.port().to_string();
             let mut command = cluster.client("psql");
@@ -86,12 +108,9 @@ pub fn pg_smoke() -> Result<ExitCode> {
     })
 }
 
-/// Starts a fresh test cluster, runs `steps` against it, always stops it, prints the summary and
-/// returns the exit code.
-fn with_test_cluster(bin: std::path::PathBuf, steps: impl FnOnce(&mut Report, &Cluster)) -> Result<ExitCode> {
-    util::install_ctrlc_handler()?;
-    let mut report = Report::default();
-
+/// Starts a fresh test cluster, runs `steps` against it, always stops it, prints the summary of
+/// `report` and returns the exit code.
+fn with_test_cluster(mut report: Report, bin: PathBuf, steps: impl FnOnce(&mut Report, &Cluster)) -> Result<ExitCode> {
     let mut guard = None;
     report.step("start PostgreSQL test cluster", || {
         guard = Some(start_test_cluster(bin)?);
@@ -110,7 +129,7 @@ fn with_test_cluster(bin: std::path::PathBuf, steps: impl FnOnce(&mut Report, &C
 }
 
 /// Recreates `target/xtask/pg-test` from scratch and starts it on a free loopback port.
-fn start_test_cluster(bin: std::path::PathBuf) -> Result<StopOnDrop> {
+fn start_test_cluster(bin: PathBuf) -> Result<StopOnDrop> {
     let data = util::repo_root().join("target/xtask/pg-test");
     let cluster = Cluster::new(bin, data, pg::free_port()?)?;
     cluster.destroy()?;
@@ -119,16 +138,49 @@ fn start_test_cluster(bin: std::path::PathBuf) -> Result<StopOnDrop> {
     Ok(StopOnDrop::new(cluster))
 }
 
-/// Fails with an installation hint when `cargo nextest` is not available.
-fn check_nextest() -> Result<()> {
-    let available = util::cargo()
-        .args(["nextest", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !available {
-        bail!("cargo-nextest not found: cargo install cargo-nextest --locked");
+/// Checks every tool the run needs and names each one missing with how to install it, before
+/// any work starts. Returns PostgreSQL's `bin` directory.
+fn check_prerequisites() -> Result<PathBuf> {
+    let bin = pg::bin_dir();
+    let mut missing: Vec<String> = bin.as_ref().err().map(|error| format!("{error:#}")).into_iter().collect();
+    let tools = [
+        ("rustfmt (cargo fmt)", with_args(util::cargo(), &["fmt", "--version"]), "rustup component add rustfmt"),
+        ("clippy (cargo clippy)", with_args(util::cargo(), &["clippy", "--version"]), "rustup component add clippy"),
+        ("cargo-nextest", with_args(util::cargo(), &["nextest", "--version"]), "cargo install cargo-nextest --locked"),
+        (
+            "npm (installs the Stripe SDK for tests/stripe-node)",
+            with_args(Command::new("npm"), &["--version"]),
+            "apt-get install -y npm",
+        ),
+    ];
+    for (tool, mut command, install) in tools {
+        if version(&mut command).is_none() {
+            missing.push(format!("{tool} not found: {install}"));
+        }
     }
-    Ok(())
+    let node = version(&mut with_args(Command::new("node"), &["--version"]));
+    let major = node.as_deref().and_then(|v| v.trim_start_matches('v').split('.').next()?.parse::<u32>().ok());
+    if major.is_none_or(|major| major < NODE_MAJOR) {
+        let found = node.map(|v| format!(" (found {v})")).unwrap_or_default();
+        missing.push(format!(
+            "Node.js {NODE_MAJOR} or newer, for the Stripe SDK tests in tests/stripe-node, not found{found}: \
+             apt-get install -y nodejs npm"
+        ));
+    }
+    match bin {
+        Ok(bin) if missing.is_empty() => Ok(bin),
+        _ => bail!("missing prerequisites:\n  {}", missing.join("\n  ")),
+    }
+}
+
+/// `command` with `args` added, as one expression.
+fn with_args(mut command: Command, args: &[&str]) -> Command {
+    command.args(args);
+    command
+}
+
+/// What a `--version` command prints, or `None` when it cannot run or fails.
+fn version(command: &mut Command) -> Option<String> {
+    let output = command.stderr(Stdio::null()).output().ok().filter(|output| output.status.success())?;
+    Some(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }

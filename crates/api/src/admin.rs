@@ -2,9 +2,10 @@
 //! organization, and manage API keys. Authenticated with the admin token only.
 
 use crate::auth::Admin;
+use crate::extract::{ValidPath, refuse_nul_in_json};
 use crate::{ApiError, AppState};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use callplane_core::domain::NewOrganization;
 use callplane_core::{OrgId, OrgStatus, Organization};
@@ -100,8 +101,12 @@ fn org_id(raw: &str) -> Result<OrgId, ApiError> {
     })
 }
 
+/// A request body as `T`. Text with a NUL is refused first: it would reach PostgreSQL, which
+/// cannot store it.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| bad("invalid_body", e.to_string()))
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad("invalid_body", e.to_string()))?;
+    refuse_nul_in_json(&value)?;
+    serde_json::from_value(value).map_err(|e| bad("invalid_body", e.to_string()))
 }
 
 /// Create an organization.
@@ -142,7 +147,7 @@ pub async fn list_orgs(State(s): State<AppState>, _: Admin) -> Result<Json<Vec<O
 pub async fn get_org(
     State(s): State<AppState>,
     _: Admin,
-    Path(id): Path<String>,
+    ValidPath(id): ValidPath<String>,
 ) -> Result<Json<OrganizationView>, ApiError> {
     let id = org_id(&id)?;
     let org = s.orgs.get(id).await?.ok_or_else(|| org_not_found(id))?;
@@ -156,7 +161,7 @@ pub async fn get_org(
 pub async fn update_org(
     State(s): State<AppState>,
     _: Admin,
-    Path(id): Path<String>,
+    ValidPath(id): ValidPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<OrganizationView>, ApiError> {
     let id = org_id(&id)?;
@@ -188,7 +193,7 @@ pub async fn update_org(
 pub async fn create_key(
     State(s): State<AppState>,
     _: Admin,
-    Path(id): Path<String>,
+    ValidPath(id): ValidPath<String>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<CreatedApiKey>), ApiError> {
     let id = org_id(&id)?;
@@ -205,7 +210,7 @@ pub async fn create_key(
 pub async fn revoke_key(
     State(s): State<AppState>,
     _: Admin,
-    Path((id, key_id)): Path<(String, String)>,
+    ValidPath((id, key_id)): ValidPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let id = org_id(&id)?;
     let key_id = uuid::Uuid::parse_str(&key_id)

@@ -2,11 +2,11 @@
 //! organization's data; another organization's ids are simply not found.
 
 use crate::auth::Caller;
-use crate::extract::{JsonBody, ValidQuery};
+use crate::extract::{JsonBody, ValidPath, ValidQuery, refuse_nul_in_json};
 use crate::{ApiError, AppState};
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -14,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use callplane_core::seams::{CallCursor, CallFilter};
 use callplane_core::vapi::status_rank;
 use callplane_core::{CallRecord, OrgId};
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, Days, Duration, NaiveDate, Utc};
 use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -160,10 +160,12 @@ pub struct FunctionDataList {
 pub struct CallQuery {
     /// Only calls in this status.
     pub status: Option<String>,
-    /// Created at or after (RFC 3339). Default: 12 months before `to`.
-    pub from: Option<DateTime<Utc>>,
-    /// Created before (RFC 3339). Default: now (plus a day of clock skew).
-    pub to: Option<DateTime<Utc>>,
+    /// Created at or after (RFC 3339, years 1970 to 9999). Default: 12 months before `to`.
+    #[param(value_type = Option<DateTime<Utc>>)]
+    pub from: Option<String>,
+    /// Created before (RFC 3339, years 1970 to 9999). Default: now (plus a day of clock skew).
+    #[param(value_type = Option<DateTime<Utc>>)]
+    pub to: Option<String>,
     pub ended_reason: Option<String>,
     pub assistant_id: Option<String>,
     /// E.164, e.g. +14155550123.
@@ -178,33 +180,89 @@ pub struct CallQuery {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DailyQuery {
-    /// First day (YYYY-MM-DD, UTC). Default: 29 days before `to`.
-    pub from: Option<NaiveDate>,
+    /// First day (YYYY-MM-DD, UTC, years 1970 to 9999). Default: 29 days before `to`.
+    #[param(value_type = Option<NaiveDate>)]
+    pub from: Option<String>,
     /// Last day, inclusive. Default: today.
-    pub to: Option<NaiveDate>,
+    #[param(value_type = Option<NaiveDate>)]
+    pub to: Option<String>,
 }
 
 fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::client(StatusCode::BAD_REQUEST, code, message)
 }
 
-fn encode_cursor(c: &CallCursor) -> String {
+/// The years a date in a query may name. Calls are only recorded from 1970 to 9999 (see
+/// `callplane_core::vapi::RawTime`); within them every date library and PostgreSQL agree, and a
+/// window's arithmetic (a year either side) cannot leave what chrono represents.
+const YEARS: std::ops::RangeInclusive<i32> = 1970..=9999;
+
+/// A query parameter's time, RFC 3339 with any offset, within [`YEARS`] (in UTC).
+pub(crate) fn parse_time(param: &str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
+    let t: DateTime<Utc> = raw.parse().map_err(|_| {
+        bad("invalid_query", format!("`{param}` is not an RFC 3339 time such as 2026-05-01T00:00:00Z: {}", shown(raw)))
+    })?;
+    in_years(param, raw, t.year())?;
+    Ok(t)
+}
+
+/// A query parameter's day, `YYYY-MM-DD`, within [`YEARS`].
+pub(crate) fn parse_day(param: &str, raw: &str) -> Result<NaiveDate, ApiError> {
+    let day: NaiveDate = raw
+        .parse()
+        .map_err(|_| bad("invalid_query", format!("`{param}` is not a day such as 2026-05-01: {}", shown(raw))))?;
+    in_years(param, raw, day.year())?;
+    Ok(day)
+}
+
+fn in_years(param: &str, raw: &str, year: i32) -> Result<(), ApiError> {
+    if YEARS.contains(&year) {
+        Ok(())
+    } else {
+        let (first, last) = (YEARS.start(), YEARS.end());
+        Err(bad("invalid_query", format!("`{param}` must be in the years {first} to {last}: {}", shown(raw))))
+    }
+}
+
+/// A client's value, quoted and shortened, for a message.
+fn shown(raw: &str) -> String {
+    format!("{:?}", raw.chars().take(64).collect::<String>())
+}
+
+/// An opaque page position: `{created_at micros}|{id}`, base64url.
+pub(crate) fn encode_cursor(c: &CallCursor) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}|{}", c.created_at.timestamp_micros(), c.id))
 }
 
-fn decode_cursor(s: &str) -> Result<CallCursor, ApiError> {
+/// The inverse of [`encode_cursor`]. A cursor comes from the client, so anything that could
+/// not have been encoded from a stored call (a time outside [`YEARS`], a NUL in the id) is
+/// refused here rather than by the database.
+pub(crate) fn decode_cursor(s: &str) -> Result<CallCursor, ApiError> {
     let invalid = || bad("invalid_cursor", "`cursor` is not a cursor this API returned");
     let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid())?;
     let text = String::from_utf8(raw).map_err(|_| invalid())?;
     let (micros, id) = text.split_once('|').ok_or_else(invalid)?;
-    let created_at = micros.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(invalid)?;
+    let created_at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .filter(|t| YEARS.contains(&t.year()))
+        .ok_or_else(invalid)?;
+    if id.contains('\0') {
+        return Err(invalid());
+    }
     Ok(CallCursor { created_at, id: id.to_owned() })
 }
 
 const MAX_PAGE: i64 = 200;
 const MAX_WINDOW_DAYS: i64 = 3 * 366;
 
-fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, ApiError> {
+/// `t + by`, or a 400 where that leaves what chrono represents (which no `now` in [`YEARS`] does).
+fn shifted(t: DateTime<Utc>, by: Duration) -> Result<DateTime<Utc>, ApiError> {
+    t.checked_add_signed(by).ok_or_else(|| bad("invalid_query", "the default window is out of range"))
+}
+
+pub(crate) fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, ApiError> {
     if let Some(s) = &q.status
         && status_rank(s).is_none()
     {
@@ -213,8 +271,14 @@ fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, ApiError> {
             format!("`status` {s:?} is not one of scheduled, queued, ringing, in-progress, forwarding, ended"),
         ));
     }
-    let to = q.to.unwrap_or(now + Duration::days(1));
-    let from = q.from.unwrap_or(to - Duration::days(366));
+    let to = match &q.to {
+        Some(raw) => parse_time("to", raw)?,
+        None => shifted(now, Duration::days(1))?,
+    };
+    let from = match &q.from {
+        Some(raw) => parse_time("from", raw)?,
+        None => shifted(to, -Duration::days(366))?,
+    };
     if from >= to {
         return Err(bad("invalid_filter", "`from` must be before `to`"));
     }
@@ -262,7 +326,7 @@ pub async fn list_calls(
 pub async fn get_call(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ValidPath(id): ValidPath<String>,
 ) -> Result<Json<CallDetail>, ApiError> {
     let started = Instant::now();
     let call = s.calls.get_call(caller.org_id, &id).await?.ok_or_else(|| call_not_found(&id))?;
@@ -292,9 +356,31 @@ pub async fn live_calls(State(s): State<AppState>, caller: Caller) -> Result<Jso
 
 const CSV_HEADER: &str = "id,created_at,status,ended_reason,started_at,ended_at,duration_seconds,billable_seconds,cost,customer_number,assistant_id,phone_number_id\n";
 
+/// Calls per page of the export.
+const EXPORT_PAGE: i64 = 500;
+
+/// Whether a spreadsheet opening the CSV would run `v` as a formula: it starts with one of
+/// OWASP's triggers (`=`, `+`, `-`, `@`, tab, carriage return), and is not a plain E.164 phone
+/// number (`+` and 1 to 15 digits), the one harmless value here that starts with one. A negative
+/// number is neutralised too: the rule stays one line, and none of the exported numbers is
+/// negative.
+fn runs_as_formula(v: &str) -> bool {
+    let e164 =
+        v.strip_prefix('+').is_some_and(|d| (1..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()));
+    v.starts_with(['=', '+', '-', '@', '\t', '\r']) && !e164
+}
+
+/// Appends one RFC 4180 cell. Text that would run as a formula (see [`runs_as_formula`]) gets a
+/// leading `'` and is quoted, so a spreadsheet shows it as the text it is (OWASP's advice for
+/// CSV injection); otherwise a cell is quoted only when it holds a comma, a quote or a line
+/// break. Quotes inside are doubled.
 fn csv_field(out: &mut String, v: &str) {
-    if v.contains([',', '"', '\n', '\r']) {
+    let formula = runs_as_formula(v);
+    if formula || v.contains([',', '"', '\n', '\r']) {
         out.push('"');
+        if formula {
+            out.push('\'');
+        }
         out.push_str(&v.replace('"', "\"\""));
         out.push('"');
     } else {
@@ -302,9 +388,22 @@ fn csv_field(out: &mut String, v: &str) {
     }
 }
 
+/// One CSV record: the cells separated by commas, ending in a newline.
+pub(crate) fn csv_line<S: AsRef<str>>(cells: &[S]) -> String {
+    let mut out = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        csv_field(&mut out, cell.as_ref());
+    }
+    out.push('\n');
+    out
+}
+
 fn csv_row(c: &CallRecord) -> String {
     let t = |d: Option<DateTime<Utc>>| d.map(|d| d.to_rfc3339()).unwrap_or_default();
-    let fields = [
+    csv_line(&[
         c.id.clone(),
         c.created_at.to_rfc3339(),
         c.status.clone(),
@@ -317,19 +416,13 @@ fn csv_row(c: &CallRecord) -> String {
         c.customer_number.clone().unwrap_or_default(),
         c.assistant_id.clone().unwrap_or_default(),
         c.phone_number_id.clone().unwrap_or_default(),
-    ];
-    let mut out = String::new();
-    for (i, f) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        csv_field(&mut out, f);
-    }
-    out.push('\n');
-    out
+    ])
 }
 
 /// Every call matching the filters as CSV, streamed page by page.
+///
+/// The first page is read before answering, so a request the database refuses gets its error
+/// status; a failure on a later page can only cut the body short (and is logged).
 #[utoipa::path(get, path = "/v1/calls/export.csv", tag = "calls", params(CallQuery),
     responses((status = 200, content_type = "text/csv", body = String)), security(("bearer" = [])))]
 pub async fn export_csv(
@@ -339,29 +432,25 @@ pub async fn export_csv(
 ) -> Result<Response, ApiError> {
     let f = filter(&q, Utc::now())?;
     let org: OrgId = caller.org_id;
+    let first = s.calls.list_calls(org, &f, None, EXPORT_PAGE).await?;
+    let head: String = std::iter::once(CSV_HEADER.to_owned()).chain(first.calls.iter().map(csv_row)).collect();
     let calls = s.calls.clone();
-    // State: (cursor, finished). Each step is one page of 500.
-    let pages = stream::unfold((None::<CallCursor>, false), move |(cursor, done)| {
+    // State: where the next page starts; `None` once the last page was sent.
+    let rest = stream::unfold(first.next, move |cursor| {
         let calls = calls.clone();
         let f = f.clone();
         async move {
-            if done {
-                return None;
-            }
-            match calls.list_calls(org, &f, cursor.as_ref(), 500).await {
-                Ok(page) => {
-                    let chunk: String = page.calls.iter().map(csv_row).collect();
-                    let finished = page.next.is_none();
-                    Some((Ok::<_, std::io::Error>(chunk), (page.next, finished)))
-                }
+            let cursor = cursor?;
+            match calls.list_calls(org, &f, Some(&cursor), EXPORT_PAGE).await {
+                Ok(page) => Some((Ok(page.calls.iter().map(csv_row).collect::<String>()), page.next)),
                 Err(e) => {
                     tracing::error!(error = %e, "CSV export failed mid-stream");
-                    Some((Err(std::io::Error::other("export failed")), (None, true)))
+                    Some((Err(std::io::Error::other("export failed")), None))
                 }
             }
         }
     });
-    let body = stream::once(async { Ok(CSV_HEADER.to_owned()) }).chain(pages);
+    let body = stream::once(async { Ok(head) }).chain(rest);
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
@@ -417,11 +506,7 @@ pub async fn usage_daily(
     ValidQuery(q): ValidQuery<DailyQuery>,
 ) -> Result<Json<DailyUsageList>, ApiError> {
     let started = Instant::now();
-    let to = q.to.unwrap_or_else(|| Utc::now().date_naive());
-    let from = q.from.unwrap_or(to - Duration::days(29));
-    if from > to || (to - from).num_days() > 366 {
-        return Err(bad("invalid_filter", "`from` must not be after `to`, and the range is at most 366 days"));
-    }
+    let (from, to) = days(&q, Utc::now().date_naive())?;
     let rows = s.calls.daily_usage(caller.org_id, from, to).await?;
     s.metrics.api_query("usage.daily", started.elapsed());
     Ok(Json(DailyUsageList {
@@ -437,6 +522,24 @@ pub async fn usage_daily(
             })
             .collect(),
     }))
+}
+
+/// The inclusive range of days a daily-usage query asks for.
+pub(crate) fn days(q: &DailyQuery, today: NaiveDate) -> Result<(NaiveDate, NaiveDate), ApiError> {
+    let to = match &q.to {
+        Some(raw) => parse_day("to", raw)?,
+        None => today,
+    };
+    let from = match &q.from {
+        Some(raw) => parse_day("from", raw)?,
+        None => to
+            .checked_sub_days(Days::new(29))
+            .ok_or_else(|| bad("invalid_query", "the default range is out of range"))?,
+    };
+    if from > to || (to - from).num_days() > 366 {
+        return Err(bad("invalid_filter", "`from` must not be after `to`, and the range is at most 366 days"));
+    }
+    Ok((from, to))
 }
 
 fn validate_key(key: &str) -> Result<(), ApiError> {
@@ -465,7 +568,7 @@ pub async fn list_function_data(State(s): State<AppState>, caller: Caller) -> Re
 pub async fn get_function_data(
     State(s): State<AppState>,
     caller: Caller,
-    Path(key): Path<String>,
+    ValidPath(key): ValidPath<String>,
 ) -> Result<Json<FunctionDataEntry>, ApiError> {
     validate_key(&key)?;
     let value = s.function_data.get(caller.org_id, &key).await?.ok_or_else(|| key_not_found(&key))?;
@@ -484,7 +587,7 @@ fn key_not_found(key: &str) -> ApiError {
 pub async fn put_function_data(
     State(s): State<AppState>,
     caller: Caller,
-    Path(key): Path<String>,
+    ValidPath(key): ValidPath<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<FunctionDataEntry>, ApiError> {
     validate_key(&key)?;
@@ -497,6 +600,7 @@ pub async fn put_function_data(
     }
     let value: Value =
         serde_json::from_slice(&body).map_err(|e| bad("malformed_json", format!("the body is not valid JSON: {e}")))?;
+    refuse_nul_in_json(&value)?;
     s.function_data.put(caller.org_id, &key, &value).await?;
     // This process's next answer reads the change (others hear of it by notification).
     s.agents.invalidate(caller.org_id);
@@ -509,7 +613,7 @@ pub async fn put_function_data(
 pub async fn delete_function_data(
     State(s): State<AppState>,
     caller: Caller,
-    Path(key): Path<String>,
+    ValidPath(key): ValidPath<String>,
 ) -> Result<StatusCode, ApiError> {
     validate_key(&key)?;
     if s.function_data.delete(caller.org_id, &key).await? {
@@ -517,5 +621,210 @@ pub async fn delete_function_data(
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(key_not_found(&key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TRIGGERS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+    /// Reads RFC 4180 records (LF line ends, as the export writes them) back into cells; an
+    /// error for anything a strict reader would not accept.
+    fn read_csv(text: &str) -> Result<Vec<Vec<String>>, String> {
+        enum At {
+            CellStart,
+            Plain,
+            Quoted,
+            QuoteInQuoted,
+        }
+        let (mut records, mut record, mut cell, mut at) = (Vec::new(), Vec::new(), String::new(), At::CellStart);
+        for c in text.chars() {
+            at = match (at, c) {
+                (At::CellStart, '"') => At::Quoted,
+                (At::CellStart | At::Plain | At::QuoteInQuoted, ',') => {
+                    record.push(std::mem::take(&mut cell));
+                    At::CellStart
+                }
+                (At::CellStart | At::Plain | At::QuoteInQuoted, '\n') => {
+                    record.push(std::mem::take(&mut cell));
+                    records.push(std::mem::take(&mut record));
+                    At::CellStart
+                }
+                (At::CellStart | At::Plain, '"' | '\r') => return Err(format!("{c:?} in an unquoted cell")),
+                (At::CellStart | At::Plain, c) => {
+                    cell.push(c);
+                    At::Plain
+                }
+                (At::Quoted, '"') => At::QuoteInQuoted,
+                (At::Quoted, c) => {
+                    cell.push(c);
+                    At::Quoted
+                }
+                (At::QuoteInQuoted, '"') => {
+                    cell.push('"');
+                    At::Quoted
+                }
+                (At::QuoteInQuoted, c) => return Err(format!("{c:?} after a closing quote")),
+            };
+        }
+        match at {
+            At::CellStart if record.is_empty() && cell.is_empty() => Ok(records),
+            _ => Err("the text ends inside a record".to_owned()),
+        }
+    }
+
+    fn is_e164(v: &str) -> bool {
+        v.len() >= 2 && v.len() <= 16 && v.starts_with('+') && v[1..].bytes().all(|b| b.is_ascii_digit())
+    }
+
+    fn cell() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "[=+@\t\r\n\",' a-z0-9-]{0,12}", "\\+[0-9]{0,17}", "[=+@-][0-9=+A-Z!|' ]{0,12}",]
+    }
+
+    #[test]
+    fn formula_cells_are_neutralised_and_e164_numbers_are_not() {
+        let line =
+            csv_line(&["=cmd|' /C calc'!A0", "+1=2+3", "+14155550100", "@SUM(A1)", "-2+3", "\tx", "plain, \"q\""]);
+        assert_eq!(
+            line,
+            "\"'=cmd|' /C calc'!A0\",\"'+1=2+3\",+14155550100,\"'@SUM(A1)\",\"'-2+3\",\"'\tx\",\"plain, \"\"q\"\"\"\n"
+        );
+        assert_eq!(csv_line(&["+1234567890123456"]), "\"'+1234567890123456\"\n", "16 digits are not E.164");
+        assert_eq!(csv_line(&["+"]), "\"'+\"\n");
+    }
+
+    #[test]
+    fn out_of_range_dates_are_invalid_queries_naming_the_parameter() {
+        for raw in
+            ["-262143-01-01T00:00:00Z", "+262142-12-31T23:59:59Z", "1969-12-31T23:59:59Z", "10000-01-01T00:00:00Z"]
+        {
+            let e = parse_time("to", raw).unwrap_err();
+            assert_eq!(e.code(), "invalid_query", "{raw}");
+            assert!(format!("{e:?}").contains("`to`"), "{e:?}");
+        }
+        assert_eq!(parse_day("from", "-262143-01-01").unwrap_err().code(), "invalid_query");
+        let q = CallQuery { to: Some("-262143-01-01T00:00:00Z".into()), ..CallQuery::default() };
+        assert_eq!(filter(&q, Utc::now()).unwrap_err().code(), "invalid_query");
+        let q = DailyQuery { to: Some("-262143-01-01".into()), from: None };
+        assert_eq!(days(&q, Utc::now().date_naive()).unwrap_err().code(), "invalid_query");
+        assert!(parse_time("to", "9999-12-31T23:59:59.999999999Z").is_ok());
+        assert!(parse_time("from", "1970-01-01T00:00:00Z").is_ok());
+    }
+
+    #[test]
+    fn cursors_holding_a_nul_or_an_unstorable_time_are_refused() {
+        for text in ["1767225600000000|a\0b", "-8210266876800000000|x", "253402300800000000|x"] {
+            assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode(text)).unwrap_err().code(), "invalid_cursor", "{text}");
+        }
+    }
+
+    fn chrono_seconds() -> std::ops::RangeInclusive<i64> {
+        DateTime::<Utc>::MIN_UTC.timestamp()..=DateTime::<Utc>::MAX_UTC.timestamp()
+    }
+
+    /// Any time chrono can write, as RFC 3339.
+    fn any_time_text() -> impl Strategy<Value = String> {
+        (chrono_seconds(), 0u32..1_000_000_000)
+            .prop_filter_map("in chrono's range", |(s, n)| DateTime::from_timestamp(s, n))
+            .prop_map(|t| t.to_rfc3339())
+    }
+
+    fn query_time() -> impl Strategy<Value = Option<String>> {
+        prop::option::of(prop_oneof![any_time_text(), any::<String>(), "[0-9T:+Z.-]{0,30}"])
+    }
+
+    proptest! {
+        #[test]
+        fn prop_csv_rows_read_back_as_their_cells_and_none_starts_a_formula(
+            a in prop::collection::vec(cell(), 1..12),
+            b in prop::collection::vec(cell(), 1..12),
+        ) {
+            let text = format!("{}{}", csv_line(&a), csv_line(&b));
+            let records = read_csv(&text).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(records.len(), 2, "{:?}", text);
+            for (written, read) in [(&a, &records[0]), (&b, &records[1])] {
+                prop_assert_eq!(written.len(), read.len());
+                for (w, r) in written.iter().zip(read) {
+                    let neutralised = r.strip_prefix('\'').filter(|rest| rest == w).is_some();
+                    prop_assert!(r == w || neutralised, "{:?} came back as {:?}", w, r);
+                    prop_assert!(!r.starts_with(TRIGGERS) || is_e164(r), "{:?} starts a formula", r);
+                }
+            }
+        }
+
+        #[test]
+        fn prop_cursors_round_trip(micros in 0i64..=253_402_300_799_999_999, id in any::<String>()) {
+            let id = id.replace('\0', "");
+            let created_at = DateTime::from_timestamp_micros(micros).unwrap();
+            let cursor = CallCursor { created_at, id };
+            let decoded = decode_cursor(&encode_cursor(&cursor)).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+            prop_assert_eq!(decoded, cursor);
+        }
+
+        #[test]
+        fn prop_cursor_decoding_never_panics_and_only_accepts_storable_cursors(
+            text in prop_oneof![
+                any::<String>(),
+                prop::collection::vec(any::<u8>(), 0..48).prop_map(|b| URL_SAFE_NO_PAD.encode(b)),
+                (any::<i64>(), any::<String>()).prop_map(|(m, id)| URL_SAFE_NO_PAD.encode(format!("{m}|{id}"))),
+            ],
+        ) {
+            match decode_cursor(&text) {
+                Ok(c) => prop_assert!(YEARS.contains(&c.created_at.year()) && !c.id.contains('\0')),
+                Err(e) => prop_assert_eq!(e.code(), "invalid_cursor"),
+            }
+        }
+
+        #[test]
+        fn prop_query_times_round_trip_within_the_years_and_are_refused_outside(
+            s in chrono_seconds(),
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let Some(t) = DateTime::from_timestamp(s, nanos) else { return Ok(()) };
+            let parsed = parse_time("from", &t.to_rfc3339());
+            if YEARS.contains(&t.year()) {
+                prop_assert_eq!(parsed.map_err(|e| TestCaseError::fail(format!("{e:?}")))?, t);
+            } else {
+                prop_assert_eq!(parsed.unwrap_err().code(), "invalid_query");
+            }
+            let day = t.date_naive();
+            match parse_day("to", &day.to_string()) {
+                Ok(parsed) => prop_assert!(YEARS.contains(&day.year()) && parsed == day),
+                Err(e) => prop_assert!(!YEARS.contains(&day.year()) && e.code() == "invalid_query"),
+            }
+        }
+
+        #[test]
+        fn prop_call_filters_never_panic_and_stay_within_bounds(
+            from in query_time(),
+            to in query_time(),
+            now in chrono_seconds(),
+        ) {
+            let now = DateTime::from_timestamp(now, 0).unwrap();
+            let q = CallQuery { from, to, ..CallQuery::default() };
+            match filter(&q, now) {
+                Ok(f) => {
+                    prop_assert!(f.from < f.to);
+                    prop_assert!(f.to - f.from <= Duration::days(MAX_WINDOW_DAYS));
+                }
+                Err(e) => prop_assert!(["invalid_query", "invalid_filter"].contains(&e.code())),
+            }
+        }
+
+        #[test]
+        fn prop_daily_ranges_never_panic_and_stay_within_bounds(
+            from in prop::option::of(prop_oneof![any::<String>(), any_time_text().prop_map(|t| t[..t.find('T').unwrap()].to_owned())]),
+            to in prop::option::of(prop_oneof![any::<String>(), any_time_text().prop_map(|t| t[..t.find('T').unwrap()].to_owned())]),
+            today in chrono_seconds(),
+        ) {
+            let today = DateTime::from_timestamp(today, 0).unwrap().date_naive();
+            match days(&DailyQuery { from, to }, today) {
+                Ok((from, to)) => prop_assert!(from <= to && (to - from).num_days() <= 366),
+                Err(e) => prop_assert!(["invalid_query", "invalid_filter"].contains(&e.code())),
+            }
+        }
     }
 }

@@ -26,6 +26,14 @@ pub enum ApiError {
     /// A 503 with `Retry-After`: a backend is away or full; the same request can succeed
     /// later. The source is logged, never sent.
     Unavailable { retry_after_seconds: u32, source: Option<Box<dyn std::error::Error + Send + Sync>> },
+    /// A 429 with `Retry-After`: too many failed authentication attempts.
+    Throttled(crate::throttle::Throttled),
+}
+
+impl From<crate::throttle::Throttled> for ApiError {
+    fn from(t: crate::throttle::Throttled) -> Self {
+        ApiError::Throttled(t)
+    }
 }
 
 impl ApiError {
@@ -38,6 +46,7 @@ impl ApiError {
             ApiError::Client { status, .. } => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -46,6 +55,7 @@ impl ApiError {
             ApiError::Client { code, .. } => code,
             ApiError::Internal(_) => "internal_error",
             ApiError::Unavailable { .. } => "overloaded",
+            ApiError::Throttled(_) => crate::throttle::THROTTLED_CODE,
         }
     }
 }
@@ -106,6 +116,7 @@ impl From<IntakeError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
+            ApiError::Throttled(t) => t.into_response(),
             ApiError::Client { status, code, message } => {
                 tracing::info!(status = status.as_u16(), code, %message, "request refused");
                 (status, Json(json!({ "code": code, "message": message }))).into_response()

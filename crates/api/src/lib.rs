@@ -16,14 +16,16 @@ mod metrics;
 mod openapi;
 mod ops;
 mod realtime;
+mod throttle;
 mod vapi;
 
-pub use auth::DashboardAuth;
+pub use auth::{ApiKeyCache, DashboardAuth};
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use openapi::openapi_json;
 pub use ops::Readiness;
 pub use realtime::RealtimeSettings;
+pub use throttle::{AuthThrottle, ThrottleSettings};
 
 use axum::Router;
 use axum::extract::Request;
@@ -45,6 +47,8 @@ use tower_http::trace::TraceLayer;
 pub struct AppState {
     pub webhook_auth: Arc<WebhookAuth>,
     pub dashboard_auth: Arc<DashboardAuth>,
+    /// Failed authentication, counted per address and API-key prefix on every surface.
+    pub auth_throttle: Arc<AuthThrottle>,
     pub orgs: Arc<dyn OrgDirectory>,
     pub admin: Arc<dyn OrgAdmin>,
     /// Where webhooks go: durable first, processed at once or later.
@@ -75,6 +79,8 @@ pub struct AppState {
     pub max_function_data_bytes: usize,
     pub realtime: RealtimeSettings,
     pub metrics: Arc<Metrics>,
+    /// When set, `/metrics` answers only `Authorization: Bearer <this>`.
+    pub metrics_token: Option<Vec<u8>>,
     pub readiness: Arc<dyn Readiness>,
     /// Turns true when the server is shutting down; WebSocket sessions close on it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -82,6 +88,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let request_id = axum::http::HeaderName::from_static("x-request-id");
+    let metrics = state.metrics.clone();
     Router::new()
         .route("/vapi", post(vapi::shared_url))
         .route("/vapi/{org_id}", post(vapi::org_url))
@@ -110,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .with_state(state)
+        .layer(panic_layer(metrics))
         // Every request gets an id (or keeps the caller's), echoed back and on every log line
         // of its span; the organization is recorded on the span once known. Query strings
         // are never logged: they may carry an access token.
@@ -119,4 +127,37 @@ pub fn router(state: AppState) -> Router {
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id, org_id = tracing::field::Empty)
         }))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// A panic in a handler becomes a 500 with the usual error body and a counter, never a dropped
+/// connection. (A webhook's body is kept before anything that can panic runs.)
+fn panic_layer(
+    metrics: Arc<Metrics>,
+) -> tower_http::catch_panic::CatchPanicLayer<impl Fn(Box<dyn std::any::Any + Send>) -> axum::response::Response + Clone>
+{
+    tower_http::catch_panic::CatchPanicLayer::custom(move |_: Box<dyn std::any::Any + Send>| {
+        metrics.panicked();
+        axum::response::IntoResponse::into_response(ApiError::Internal("a request handler panicked".into()))
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_with_the_error_body_and_is_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let app: Router = Router::new()
+            .route("/boom", get(|| async { if true { panic!("a bug") } else { "never" } }))
+            .layer(panic_layer(metrics.clone()));
+        let response = app.oneshot(Request::get("/boom").body(axum::body::Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "internal_error");
+        assert_eq!(metrics.panics(), 1);
+    }
 }

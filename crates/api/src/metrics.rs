@@ -60,9 +60,19 @@ pub struct Metrics {
     api_latency: Histograms,
     realtime_delivery: Histograms,
     realtime_lagged: Mutex<u64>,
+    panics: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
+    /// A request handler panicked (answered 500; a webhook's body was kept).
+    pub fn panicked(&self) {
+        self.panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn panics(&self) -> u64 {
+        self.panics.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn webhook_event(&self, message_type: &'static str, outcome: &'static str, took: Duration) {
         if let Ok(mut m) = self.webhook_events.lock() {
             *m.entry((message_type, outcome)).or_default() += 1;

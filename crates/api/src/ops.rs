@@ -1,10 +1,12 @@
 //! Health, readiness and metrics.
 
+use crate::auth::{AuthRejection, bearer, operator_token_matches};
+use crate::throttle::ClientAddr;
 use crate::{ApiError, AppState};
 use async_trait::async_trait;
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use serde_json::json;
 
@@ -55,7 +57,27 @@ pub async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+/// Open unless `server.metrics_token` is set; then only `Authorization: Bearer <token>`,
+/// compared in constant time and throttled like every credential.
+fn metrics_allowed(s: &AppState, client: &ClientAddr, headers: &HeaderMap) -> Result<(), AuthRejection> {
+    let Some(expected) = &s.metrics_token else { return Ok(()) };
+    let unauthorized = |code, message| ApiError::client(StatusCode::UNAUTHORIZED, code, message).into();
+    let Some(given) = bearer(headers) else {
+        return Err(unauthorized("missing_credentials", "send `Authorization: Bearer <metrics token>`"));
+    };
+    if operator_token_matches(&s.auth_throttle, client, given, expected)? {
+        Ok(())
+    } else {
+        Err(unauthorized("invalid_metrics_token", "not the metrics token"))
+    }
+}
+
+pub async fn metrics(
+    State(s): State<AppState>,
+    client: ClientAddr,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, AuthRejection> {
+    metrics_allowed(&s, &client, &headers)?;
     let mut gauges = s.readiness.gauges().await;
     let intake = s.intake.status();
     gauges.extend([
@@ -79,8 +101,23 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             "Webhooks refused with 503 because neither the inbox nor the database could take them.",
             intake.shed_total,
         ),
+        (
+            "callplane_http_panics_total",
+            "Requests whose handler panicked: answered 500, a webhook's body kept as a dead letter.",
+            s.metrics.panics(),
+        ),
+        (
+            "callplane_auth_failures_total",
+            "Credentials presented and not accepted (API keys, JWTs, admin and metrics tokens, webhook secrets).",
+            s.auth_throttle.failures_total(),
+        ),
+        (
+            "callplane_auth_throttled_total",
+            "Authentication attempts refused with 429 after too many failures from an address or key prefix.",
+            s.auth_throttle.throttled_total(),
+        ),
     ];
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&gauges, &counters))
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&gauges, &counters)))
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

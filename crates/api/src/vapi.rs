@@ -7,6 +7,7 @@
 //! within `vapi.answer_deadline_ms`, whatever the database does; the rest are acknowledged
 //! with `{}` once processed, or once queued when processing cannot finish now.
 
+use crate::throttle::ClientAddr;
 use crate::{ApiError, AppState};
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -15,29 +16,36 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use callplane_core::OrgId;
 use callplane_core::agent::{self, Refusal};
+use callplane_core::auth::AuthError;
 use callplane_core::seams::{
     Accepted, InboundEvent, IntakeError, Processed, ReceivedWebhook, StoreError, Unprocessable,
 };
-use callplane_core::vapi::{self, MessageKind, ParseError, ServerMessage};
+use callplane_core::vapi::{self, MessageKind, ServerMessage};
 use chrono::Utc;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use tracing::{Instrument, info_span, warn};
 
-pub async fn org_url(State(s): State<AppState>, Path(org): Path<String>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Some(org), headers, body).await
+pub async fn org_url(
+    State(s): State<AppState>,
+    client: ClientAddr,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(s, client, Some(org), headers, body).await
 }
 
-pub async fn shared_url(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, None, headers, body).await
+pub async fn shared_url(State(s): State<AppState>, client: ClientAddr, headers: HeaderMap, body: Body) -> Response {
+    handle(s, client, None, headers, body).await
 }
 
-async fn handle(s: AppState, path_org: Option<String>, headers: HeaderMap, body: Body) -> Response {
+async fn handle(s: AppState, client: ClientAddr, path_org: Option<String>, headers: HeaderMap, body: Body) -> Response {
     let span = info_span!("vapi_webhook", org_id = tracing::field::Empty, kind = tracing::field::Empty);
     async move {
         let started = std::time::Instant::now();
         let mut kind = "unparsed";
-        let result = receive(&s, path_org, &headers, body, &mut kind).await;
+        let result = receive(&s, &client, path_org, &headers, body, &mut kind).await;
         let outcome = match &result {
             Ok((_, outcome)) => *outcome,
             Err(e) => e.code(),
@@ -66,6 +74,7 @@ fn outcome_label(outcome: &str) -> &'static str {
         "missing_credentials" | "invalid_credentials" | "invalid_signature_timestamp" | "expired_signature" => {
             "unauthorized"
         }
+        "too_many_failed_attempts" => "throttled",
         "unknown_organization" => "unknown_organization",
         "internal_error" => "failed",
         "future_timestamp" | "stale_timestamp" | "invalid_event" | "processing_failed" => "rejected",
@@ -80,6 +89,7 @@ const RECORDING_BUDGET: Duration = Duration::from_millis(500);
 
 async fn receive(
     s: &AppState,
+    client: &ClientAddr,
     path_org: Option<String>,
     headers: &HeaderMap,
     body: Body,
@@ -94,7 +104,20 @@ async fn receive(
             format!("the body is larger than the {} bytes accepted", s.max_body_bytes),
         )
     })?;
-    s.webhook_auth.verify(|name| headers.get(name).and_then(|v| v.to_str().ok()), &bytes, received_at)?;
+    // A valid signature is always let through, throttled address or not: VAPI sends every
+    // customer's webhooks from the same addresses, and does not retry a refused one. Checking
+    // a signature costs no query; what a stream of wrong ones costs is the log, so past the
+    // limit they are answered 429 without a log line each.
+    let verified = s.webhook_auth.verify(|name| headers.get(name).and_then(|v| v.to_str().ok()), &bytes, received_at);
+    if let Err(e) = verified {
+        if e != AuthError::Missing {
+            if let Err(throttled) = s.auth_throttle.check(client, None) {
+                return Err(throttled.into());
+            }
+            s.auth_throttle.record_failure(client, None);
+        }
+        return Err(e.into());
+    }
     let from_path = path_org.as_deref().and_then(|raw| raw.parse::<OrgId>().ok());
     let webhook = |org: Option<OrgId>, unprocessable: Option<Unprocessable>| ReceivedWebhook {
         received_at,
@@ -103,12 +126,21 @@ async fn receive(
         body: bytes.clone(),
         unprocessable,
     };
-    let msg = match vapi::parse_body(&bytes) {
-        Ok(msg) => msg,
-        Err(e) => {
+    // A bug in the parser must not cost the event: it is kept for replay, and the sender is
+    // told we failed (a 500), not that its body was wrong.
+    let parsed = std::panic::catch_unwind(|| vapi::parse_body(&bytes));
+    let msg = match parsed {
+        Ok(Ok(msg)) => msg,
+        Err(_) => {
+            s.metrics.panicked();
+            let why = "parsing the body panicked (a bug in callplane; see the log)";
+            keep(s, webhook(from_path, Some(Unprocessable { code: "parser_panic".into(), reason: why.into() }))).await;
+            return Err(ApiError::Internal(why.into()));
+        }
+        Ok(Err(e)) => {
             // Authenticated JSON in a shape we cannot read yet is kept for replay; garbage
             // and bodies without a type are only refused.
-            if matches!(e, ParseError::InvalidTimestamp { .. } | ParseError::InvalidMessage(_)) {
+            if e.keeps_body() {
                 keep(s, webhook(from_path, Some(Unprocessable { code: e.code().into(), reason: e.to_string() }))).await;
             }
             return Err(e.into());
@@ -263,7 +295,7 @@ async fn answer(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Value {
 
 async fn answer_or_fail(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Result<Value, ApiError> {
     match msg.kind {
-        MessageKind::AssistantRequest => assistant_request(s, org_id).await,
+        MessageKind::AssistantRequest => assistant_request(s, org_id, msg).await,
         MessageKind::ToolCalls => {
             let data = s.agents.function_data(org_id).await?;
             let results = msg.tool_calls.iter().map(|call| (call, agent::tool_result(call, data.get(&call.name))));
@@ -293,7 +325,7 @@ async fn answer_or_fail(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Res
     }
 }
 
-async fn assistant_request(s: &AppState, org_id: OrgId) -> Result<Value, ApiError> {
+async fn assistant_request(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Result<Value, ApiError> {
     let now = Utc::now();
     let Some(org) = s.agents.get(org_id).await? else {
         return Ok(agent::refusal_answer("Sorry, this number is not in service."));
@@ -315,5 +347,12 @@ async fn assistant_request(s: &AppState, org_id: OrgId) -> Result<Value, ApiErro
         return refuse(Refusal { code: "no_assistant", spoken: "Sorry, this line is not set up yet.".into() });
     };
     let preload = s.agents.function_data(org_id).await?;
-    Ok(agent::assistant_answer(&org, &assistant_id, max_seconds, (*preload).clone(), s.agent.org_hint_key.as_deref()))
+    Ok(agent::assistant_answer(
+        &org,
+        msg.call_id.as_deref(),
+        &assistant_id,
+        max_seconds,
+        (*preload).clone(),
+        s.agent.org_hint_key.as_deref(),
+    ))
 }

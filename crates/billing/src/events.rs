@@ -4,7 +4,7 @@
 //! instead of `invoice.parent.subscription_details`) never breaks a webhook.
 
 use callplane_core::OrgStatus;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -44,8 +44,14 @@ fn id_of(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// Unix seconds as a time PostgreSQL stores, years 1970 to 9999 (chrono reaches further back
+/// than PostgreSQL does, and no Stripe time is outside them).
+pub fn storable_time(seconds: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(seconds, 0).filter(|t| (1970..=9999).contains(&t.year()))
+}
+
 fn time(v: Option<&Value>) -> Option<DateTime<Utc>> {
-    v.and_then(Value::as_i64).and_then(|s| DateTime::from_timestamp(s, 0))
+    v.and_then(Value::as_i64).and_then(storable_time)
 }
 
 fn org_hint(metadata: Option<&Value>) -> Option<String> {

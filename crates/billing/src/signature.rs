@@ -87,6 +87,7 @@ pub fn sign_for_tests(secret: &[u8], body: &[u8], at: DateTime<Utc>) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn any_v1_against_any_secret_within_tolerance_passes() {
@@ -103,5 +104,48 @@ mod tests {
         assert!(matches!(verify_signature(Some(&old), body, &secrets, 300, now), Err(SignatureError::Stale { .. })));
         assert_eq!(verify_signature(Some("v1=ab"), body, &secrets, 300, now), Err(SignatureError::Malformed));
         assert_eq!(verify_signature(None, body, &secrets, 300, now), Err(SignatureError::Missing));
+    }
+
+    fn chrono_seconds() -> std::ops::RangeInclusive<i64> {
+        DateTime::<Utc>::MIN_UTC.timestamp()..=DateTime::<Utc>::MAX_UTC.timestamp()
+    }
+
+    fn header() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "(t=-?[0-9]{0,20}|v1=[0-9a-f]{0,70}|v0=[a-z]*|[ ,=]){0,6}",
+            (any::<i64>(), "[0-9a-fA-F]{0,70}").prop_map(|(t, sig)| format!("t={t},v1={sig}")),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn prop_stripe_signature_checks_never_panic(
+            header in prop::option::of(header()),
+            body in prop::collection::vec(any::<u8>(), 0..256),
+            secrets in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..3),
+            tolerance in any::<i64>(),
+            now in chrono_seconds(),
+        ) {
+            let now = DateTime::from_timestamp(now, 0).unwrap();
+            let _ = verify_signature(header.as_deref(), &body, &secrets, tolerance, now);
+        }
+
+        #[test]
+        fn prop_stripe_signatures_verify_exactly_the_signed_body(
+            secret in prop::collection::vec(any::<u8>(), 1..40),
+            body in prop::collection::vec(any::<u8>(), 1..512),
+            age in -300i64..=300,
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let now = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+            let header = sign_for_tests(&secret, &body, now - chrono::Duration::seconds(age));
+            let secrets = [b"whsec_other".to_vec(), secret];
+            prop_assert!(verify_signature(Some(&header), &body, &secrets, 300, now).is_ok());
+            let mut changed = body.clone();
+            changed[at.index(body.len())] ^= flip;
+            prop_assert_eq!(verify_signature(Some(&header), &changed, &secrets, 300, now), Err(SignatureError::Mismatch));
+        }
     }
 }

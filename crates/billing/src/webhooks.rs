@@ -1,6 +1,6 @@
 //! `POST /stripe/webhook`: verify, deduplicate, apply in order.
 
-use crate::events::{Event, Facts, invoice_facts, subscription_facts};
+use crate::events::{Event, Facts, invoice_facts, storable_time, subscription_facts};
 use crate::signature::verify_signature;
 use async_trait::async_trait;
 use callplane_core::seams::{BillingOutcome, BillingStore, BillingWebhooks, SubscriptionChange, WebhookError};
@@ -64,6 +64,36 @@ fn refused(code: &'static str, message: impl Into<String>) -> WebhookError {
     WebhookError::Refused { code, message: message.into() }
 }
 
+/// The longest id (event, customer, subscription) or event type accepted; Stripe's are far
+/// shorter.
+const MAX_ID_CHARS: usize = 255;
+
+/// Refuses an id or type that is stored but could not be Stripe's: empty, too long, or holding
+/// a NUL (which PostgreSQL's `text` cannot store, so the insert would fail as a 500 that
+/// Stripe resends for days). The signature only proves who sent the event, not that it is
+/// well formed.
+fn storable(field: &str, value: &str) -> Result<(), WebhookError> {
+    if value.is_empty() || value.chars().count() > MAX_ID_CHARS || value.contains('\0') {
+        return Err(refused(
+            "malformed_event",
+            format!("`{field}` must be 1 to {MAX_ID_CHARS} characters with no NUL (\\u0000)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Everything of an event that reaches the store, checked by [`storable`].
+fn check_storable(event: &Event, facts: &Facts) -> Result<(), WebhookError> {
+    storable("id", &event.id)?;
+    storable("type", &event.event_type)?;
+    for (field, value) in [("customer", &facts.customer), ("subscription", &facts.subscription)] {
+        if let Some(value) = value {
+            storable(field, value)?;
+        }
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl BillingWebhooks for StripeWebhooks {
     async fn receive(
@@ -82,16 +112,17 @@ impl BillingWebhooks for StripeWebhooks {
             .map_err(|e| refused(e.code(), e.to_string()))?;
         let event: Event =
             serde_json::from_slice(body).map_err(|e| refused("malformed_event", format!("not a Stripe event: {e}")))?;
-        let at = DateTime::from_timestamp(event.created, 0)
-            .ok_or_else(|| refused("malformed_event", "`created` is out of range"))?;
-        if !self.store.record_event(&event.id, &event.event_type, at).await? {
-            return Ok(BillingOutcome::Duplicate);
-        }
+        let at = storable_time(event.created)
+            .ok_or_else(|| refused("malformed_event", "`created` is not a time in the years 1970 to 9999"))?;
         let facts = match event.event_type.as_str() {
             t if t.starts_with("customer.subscription.") => subscription_facts(&event.data.object),
             t if t.starts_with("invoice.") => invoice_facts(&event.data.object),
             _ => Facts::default(),
         };
+        check_storable(&event, &facts)?;
+        if !self.store.record_event(&event.id, &event.event_type, at).await? {
+            return Ok(BillingOutcome::Duplicate);
+        }
         let org = self.org_for(&facts).await?;
         let outcome = match org.and_then(|org| self.change(&event, org, &facts, at)) {
             Some(change) => self.store.apply_subscription(&change).await?,

@@ -30,20 +30,25 @@ pub struct AgentSettings {
     pub org_hint_key: Option<Vec<u8>>,
 }
 
-/// The signature of an organization id in call metadata (HMAC-SHA256, hex).
-pub fn org_hint_signature(key: &[u8], org: OrgId) -> String {
+/// The signature of an organization id in a call's metadata (HMAC-SHA256, hex), bound to the
+/// call: a signature seen on one call routes no other call.
+pub fn org_hint_signature(key: &[u8], org: OrgId, call_id: &str) -> String {
     use hmac::{Hmac, Mac};
     let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    mac.update(b"callplane-org-hint:");
+    mac.update(b"callplane-org-hint:v2:");
     mac.update(org.to_string().as_bytes());
+    mac.update(b":");
+    mac.update(call_id.as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
 
-fn verified_hint(key: Option<&[u8]>, hint: Option<&(String, String)>) -> Option<OrgId> {
+/// The organization a message's signed hint names, when the signature verifies for that
+/// organization and the message's call.
+fn verified_hint(key: Option<&[u8]>, msg: &ServerMessage) -> Option<OrgId> {
     use subtle::ConstantTimeEq;
-    let (key, (id, sig)) = (key?, hint?);
+    let (key, (id, sig), call_id) = (key?, msg.metadata_org_id.as_ref()?, msg.call_id.as_deref()?);
     let org = id.parse::<OrgId>().ok()?;
-    bool::from(org_hint_signature(key, org).as_bytes().ct_eq(sig.as_bytes())).then_some(org)
+    bool::from(org_hint_signature(key, org, call_id).as_bytes().ct_eq(sig.as_bytes())).then_some(org)
 }
 
 /// Why a call is refused; the text is spoken to the caller, the code is for logs and metrics.
@@ -78,18 +83,20 @@ pub fn admit(org: &Organization, plan: &Plan, now: DateTime<Utc>, settings: &Age
 }
 
 /// The `assistant-request` answer for an admitted call. The organization id goes into the
-/// call's metadata, signed, so later messages of the call can find their organization.
+/// call's metadata, signed together with the call id, so later messages of this call (and of
+/// no other) can find their organization.
 pub fn assistant_answer(
     org: &Organization,
+    call_id: Option<&str>,
     assistant_id: &str,
     max_seconds: i64,
     preload: Map<String, Value>,
     hint_key: Option<&[u8]>,
 ) -> Value {
     let mut metadata = Map::new();
-    if let Some(key) = hint_key {
+    if let (Some(key), Some(call_id)) = (hint_key, call_id) {
         metadata.insert(ORG_METADATA_KEY.into(), Value::String(org.id.to_string()));
-        metadata.insert(ORG_SIGNATURE_KEY.into(), Value::String(org_hint_signature(key, org.id)));
+        metadata.insert(ORG_SIGNATURE_KEY.into(), Value::String(org_hint_signature(key, org.id, call_id)));
     }
     json!({
         "assistantId": assistant_id,
@@ -186,7 +193,7 @@ pub async fn resolve_org(
     {
         return Ok(Some(org));
     }
-    match verified_hint(hint_key, msg.metadata_org_id.as_ref()) {
+    match verified_hint(hint_key, msg) {
         Some(org) => Ok(dir.get(org).await?.map(|o| o.id)),
         None => Ok(None),
     }

@@ -79,10 +79,11 @@ impl BillingRules {
             Some(d) if d.is_finite() && d > 0.0 => d,
             _ => return 0,
         };
-        // Guard against float noise such as 12.000000001 becoming 13.
-        let secs = (d - 1e-6).ceil().max(1.0) as i64;
+        // Guard against float noise such as 12.000000001 becoming 13. The parser refuses
+        // durations over a week; the clamp keeps this total for any input all the same.
+        let secs = (d - 1e-6).ceil().clamp(1.0, crate::vapi::MAX_CALL_DURATION_SECONDS as f64) as i64;
         let inc = self.rounding_increment_seconds.max(1);
-        (secs + inc - 1) / inc * inc
+        (secs / inc + i64::from(secs % inc != 0)).saturating_mul(inc)
     }
 }
 
@@ -128,6 +129,16 @@ mod tests {
         assert_eq!(rules.billable_seconds(Some(30.0), Some("call.start.error-get-org")), 0);
         let per_minute = BillingRules { rounding_increment_seconds: 60, ..BillingRules::default() };
         assert_eq!(per_minute.billable_seconds(Some(61.0), None), 120);
+    }
+
+    #[test]
+    fn billable_seconds_never_overflow_whatever_the_duration_or_increment() {
+        let huge = BillingRules { rounding_increment_seconds: i64::MAX, ..BillingRules::default() };
+        for d in [1e300, f64::MAX, 9.3e18, -1e300, f64::NAN, f64::INFINITY] {
+            let billed = BillingRules::default().billable_seconds(Some(d), None);
+            assert!((0..=crate::vapi::MAX_CALL_DURATION_SECONDS).contains(&billed), "{d} -> {billed}");
+            assert!(huge.billable_seconds(Some(d), None) >= 0);
+        }
     }
 
     #[test]

@@ -165,7 +165,13 @@ pub struct CallChange {
     pub status_changed: Option<String>,
     /// Set the first time the call's ledger row is written: (billable seconds, period start).
     pub billed: Option<(i64, DateTime<Utc>)>,
+    /// The call ended connected but no source gave its duration: it is not billed yet, and is
+    /// marked for review until VAPI's record (reconciliation) gives the duration.
+    pub duration_unknown: bool,
 }
+
+/// Why a call waits for review (`calls.review_reason`).
+pub const REVIEW_DURATION_UNKNOWN: &str = "duration-unknown";
 
 /// An organization reached 80, 90 or 100% of its included minutes in a period.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

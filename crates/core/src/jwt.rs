@@ -4,6 +4,11 @@
 //! Only HS256 is accepted (never `none`, never another algorithm named by the token), the
 //! signature is compared in constant time, `exp` is required, `nbf` and the audience are
 //! checked when present/configured.
+//!
+//! A token cannot live longer than `max_lifetime_seconds` (from `iat` to `exp`, or from now to
+//! `exp` when there is no `iat`), so a leaked token with a far-future `exp` is not a permanent
+//! credential. `exp`, `iat` and `nbf` must be numbers within the range of an `i64`: anything
+//! else (a string, `1e300`) is malformed, never rounded into a valid time.
 
 use crate::OrgId;
 use base64::Engine;
@@ -20,8 +25,10 @@ pub struct JwtSettings {
     pub org_claim: String,
     /// Required `aud` (a string or one element of an array), if set.
     pub audience: Option<String>,
-    /// Allowed clock skew for `exp`/`nbf`, in seconds.
+    /// Allowed clock skew for `exp`/`nbf`/`iat`, in seconds.
     pub leeway_seconds: i64,
+    /// The longest a token may be valid for, in seconds.
+    pub max_lifetime_seconds: i64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -38,6 +45,10 @@ pub enum JwtError {
     NotYetValid,
     #[error("the token has no `exp` claim")]
     MissingExpiry,
+    #[error("the token is valid for longer than the {max_seconds} s accepted")]
+    LifetimeTooLong { max_seconds: i64 },
+    #[error("the token's `iat` is in the future")]
+    IssuedInFuture,
     #[error("the token's audience is not {0:?}")]
     Audience(String),
     #[error("the token has no organization in the `{0}` claim")]
@@ -53,6 +64,8 @@ impl JwtError {
             JwtError::Expired => "token_expired",
             JwtError::NotYetValid => "token_not_yet_valid",
             JwtError::MissingExpiry => "token_missing_expiry",
+            JwtError::LifetimeTooLong { .. } => "token_lifetime_too_long",
+            JwtError::IssuedInFuture => "token_issued_in_future",
             JwtError::Audience(_) => "token_wrong_audience",
             JwtError::MissingOrganization(_) => "token_missing_organization",
         }
@@ -69,8 +82,19 @@ fn decode_json(part: &str) -> Result<Value, JwtError> {
     serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)
 }
 
-fn numeric(claims: &Value, name: &str) -> Option<i64> {
-    claims.get(name).and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+/// A NumericDate claim, when present: whole seconds (a fraction is floored, as RFC 7519
+/// allows one). A claim that is not a number, or outside the range of an `i64`, is malformed.
+fn numeric(claims: &Value, name: &str) -> Result<Option<i64>, JwtError> {
+    let Some(v) = claims.get(name) else { return Ok(None) };
+    if let Some(n) = v.as_i64() {
+        return Ok(Some(n));
+    }
+    // 2^63 is exactly representable; every float in [-2^63, 2^63) converts without saturating.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    match v.as_f64().map(f64::floor) {
+        Some(f) if (-LIMIT..LIMIT).contains(&f) => Ok(Some(f as i64)),
+        _ => Err(JwtError::Malformed),
+    }
 }
 
 /// Verifies a token and returns the organization it names.
@@ -93,12 +117,20 @@ pub fn verify(token: &str, s: &JwtSettings, now: DateTime<Utc>) -> Result<OrgId,
 
     let claims = decode_json(p)?;
     let now = now.timestamp();
-    let exp = numeric(&claims, "exp").ok_or(JwtError::MissingExpiry)?;
+    let exp = numeric(&claims, "exp")?.ok_or(JwtError::MissingExpiry)?;
+    let nbf = numeric(&claims, "nbf")?;
+    let iat = numeric(&claims, "iat")?;
     if now > exp.saturating_add(s.leeway_seconds) {
         return Err(JwtError::Expired);
     }
-    if numeric(&claims, "nbf").is_some_and(|nbf| now.saturating_add(s.leeway_seconds) < nbf) {
+    if nbf.is_some_and(|nbf| now.saturating_add(s.leeway_seconds) < nbf) {
         return Err(JwtError::NotYetValid);
+    }
+    if iat.is_some_and(|iat| now.saturating_add(s.leeway_seconds) < iat) {
+        return Err(JwtError::IssuedInFuture);
+    }
+    if exp.saturating_sub(iat.unwrap_or(now)) > s.max_lifetime_seconds {
+        return Err(JwtError::LifetimeTooLong { max_seconds: s.max_lifetime_seconds });
     }
     if let Some(want) = &s.audience {
         let ok = match claims.get("aud") {
@@ -127,4 +159,101 @@ pub fn sign_hs256(claims: &Value, secret: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
     mac.update(format!("{header}.{payload}").as_bytes());
     format!("{header}.{payload}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"a-test-secret-of-at-least-32-characters";
+
+    fn settings() -> JwtSettings {
+        JwtSettings {
+            secret: SECRET.to_vec(),
+            org_claim: "org".into(),
+            audience: None,
+            leeway_seconds: 30,
+            max_lifetime_seconds: 86_400,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000, 0).unwrap()
+    }
+
+    /// Signs `claims` (a JSON object) with an organization added, and verifies it at `now()`.
+    fn check(mut claims: Value) -> Result<(), JwtError> {
+        let org = OrgId::new();
+        claims["org"] = json!(org.to_string());
+        verify(&sign_hs256(&claims, SECRET), &settings(), now()).map(|got| assert_eq!(got, org))
+    }
+
+    #[test]
+    fn a_token_within_its_lifetime_is_accepted_with_or_without_iat() {
+        let t = now().timestamp();
+        assert!(check(json!({"iat": t - 60, "exp": t + 3600})).is_ok());
+        assert!(check(json!({"exp": t + 86_400})).is_ok());
+        assert!(check(json!({"iat": t, "exp": t + 86_400, "nbf": t - 1})).is_ok());
+        assert!(check(json!({"iat": t as f64 + 0.5, "exp": t as f64 + 60.25})).is_ok());
+    }
+
+    #[test]
+    fn an_exp_of_1e300_is_malformed_not_a_token_that_never_expires() {
+        let t = now().timestamp();
+        assert_eq!(check(json!({"exp": 1e300})), Err(JwtError::Malformed));
+        assert_eq!(check(json!({"exp": -1e300})), Err(JwtError::Malformed));
+        assert_eq!(check(json!({"exp": 9_223_372_036_854_775_808_u64})), Err(JwtError::Malformed), "i64::MAX + 1");
+        assert_eq!(check(json!({"exp": 9.3e18})), Err(JwtError::Malformed));
+        assert_eq!(check(json!({"exp": t + 60, "iat": 1e300})), Err(JwtError::Malformed));
+        assert_eq!(check(json!({"exp": t + 60, "nbf": 1e19})), Err(JwtError::Malformed));
+    }
+
+    #[test]
+    fn numeric_claims_that_are_not_numbers_are_malformed() {
+        let t = now().timestamp();
+        for bad in [json!("NaN"), json!("Infinity"), json!("1800000060"), json!(null), json!(true), json!([t])] {
+            assert_eq!(check(json!({"exp": bad})), Err(JwtError::Malformed), "exp {bad}");
+            assert_eq!(check(json!({"exp": t + 60, "iat": bad})), Err(JwtError::Malformed), "iat {bad}");
+            assert_eq!(check(json!({"exp": t + 60, "nbf": bad})), Err(JwtError::Malformed), "nbf {bad}");
+        }
+        assert_eq!(check(json!({"iat": t})), Err(JwtError::MissingExpiry));
+    }
+
+    #[test]
+    fn a_token_living_longer_than_the_maximum_is_refused() {
+        let t = now().timestamp();
+        let too_long = Err(JwtError::LifetimeTooLong { max_seconds: 86_400 });
+        assert_eq!(check(json!({"iat": t, "exp": t + 86_401})), too_long);
+        assert_eq!(check(json!({"exp": t + 86_401})), too_long, "no iat: counted from now");
+        assert_eq!(check(json!({"exp": i64::MAX})), too_long);
+        assert_eq!(check(json!({"iat": i64::MIN, "exp": t + 60})), too_long, "no overflow on exp - iat");
+        assert_eq!(check(json!({"iat": -1, "exp": t + 60})), too_long);
+    }
+
+    #[test]
+    fn negative_and_past_times_are_expired_not_wrapped() {
+        let t = now().timestamp();
+        assert_eq!(check(json!({"exp": -1})), Err(JwtError::Expired));
+        assert_eq!(check(json!({"exp": i64::MIN})), Err(JwtError::Expired));
+        assert_eq!(check(json!({"iat": t - 120, "exp": t - 31})), Err(JwtError::Expired));
+        assert!(check(json!({"iat": t - 120, "exp": t - 29})).is_ok(), "within the leeway");
+    }
+
+    #[test]
+    fn a_token_issued_in_the_future_beyond_the_leeway_is_refused() {
+        let t = now().timestamp();
+        assert_eq!(check(json!({"iat": t + 31, "exp": t + 3600})), Err(JwtError::IssuedInFuture));
+        assert_eq!(check(json!({"iat": i64::MAX, "exp": i64::MAX})), Err(JwtError::IssuedInFuture));
+        assert!(check(json!({"iat": t + 29, "exp": t + 3600})).is_ok(), "within the leeway");
+    }
+
+    #[test]
+    fn the_new_refusals_have_stable_codes() {
+        assert_eq!(JwtError::LifetimeTooLong { max_seconds: 1 }.code(), "token_lifetime_too_long");
+        assert_eq!(JwtError::IssuedInFuture.code(), "token_issued_in_future");
+        assert_eq!(JwtError::Malformed.code(), "malformed_token");
+    }
 }

@@ -12,6 +12,7 @@ pub mod domain;
 pub mod events;
 pub mod jwt;
 pub mod seams;
+pub mod text;
 pub mod vapi;
 
 pub use domain::{CallRecord, OrgId, OrgStatus, Organization};

@@ -278,11 +278,13 @@ pub trait EventPipeline: Send + Sync {
     async fn submit(&self, event: InboundEvent) -> Result<Processed, PipelineError>;
     /// Keeps an authenticated message that could not be routed or parsed (unknown
     /// organization, a field VAPI sent in a shape we do not read yet) in the dead-letter
-    /// table, so it can be replayed once the cause is fixed. Returns its id.
+    /// table, so it can be replayed once the cause is fixed. `raw` is the body's exact bytes,
+    /// when at hand (a webhook's; not a record callplane built). Returns its id.
     async fn keep_unprocessed(
         &self,
         org: Option<OrgId>,
         body: &Value,
+        raw: Option<&[u8]>,
         code: &str,
         error: &str,
         received_at: DateTime<Utc>,

@@ -4,7 +4,7 @@
 //! epoch milliseconds or ISO-8601 strings, tool arguments as an object or a JSON string, and
 //! the `call` inside a message may be a stale snapshot, so the message's own fields win.
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -19,8 +19,12 @@ pub enum ParseError {
     MissingType,
     #[error("`message` does not match VAPI's schema: {0}")]
     InvalidMessage(String),
-    #[error("`{field}` is not a valid timestamp: {value}")]
+    #[error("`{field}` is not a valid timestamp between 1970 and 9999: {value}")]
     InvalidTimestamp { field: &'static str, value: String },
+    #[error("`{field}` is not a call duration (0 to {max} seconds): {value}")]
+    InvalidDuration { field: &'static str, value: f64, max: i64 },
+    #[error("`{field}` is {chars} characters long; ids are at most {max}")]
+    IdTooLong { field: &'static str, chars: usize, max: usize },
 }
 
 impl ParseError {
@@ -31,7 +35,21 @@ impl ParseError {
             ParseError::MissingType => "missing_type",
             ParseError::InvalidMessage(_) => "invalid_message",
             ParseError::InvalidTimestamp { .. } => "invalid_timestamp",
+            ParseError::InvalidDuration { .. } => "invalid_duration",
+            ParseError::IdTooLong { .. } => "id_too_long",
         }
+    }
+
+    /// Whether the body is authentic VAPI JSON that callplane refuses to apply as sent: it is
+    /// kept (as a dead letter) so nothing is lost, rather than only refused.
+    pub fn keeps_body(&self) -> bool {
+        matches!(
+            self,
+            ParseError::InvalidMessage(_)
+                | ParseError::InvalidTimestamp { .. }
+                | ParseError::InvalidDuration { .. }
+                | ParseError::IdTooLong { .. }
+        )
     }
 }
 
@@ -100,9 +118,18 @@ pub enum RawTime {
 }
 
 impl RawTime {
+    /// The instant, when it is one callplane accepts: between 1970 and 9999 (what every date
+    /// library and PostgreSQL handle with room to spare).
     pub fn to_utc(&self) -> Option<DateTime<Utc>> {
+        self.instant().filter(|t| (1970..=9999).contains(&t.year()))
+    }
+
+    fn instant(&self) -> Option<DateTime<Utc>> {
         match self {
-            RawTime::Millis(ms) if ms.is_finite() => Utc.timestamp_millis_opt(ms.round() as i64).single(),
+            // Outside i64 the cast would saturate into a wrong, in-range instant.
+            RawTime::Millis(ms) if ms.is_finite() && ms.abs() < 1e17 => {
+                Utc.timestamp_millis_opt(ms.round() as i64).single()
+            }
             RawTime::Millis(_) => None,
             RawTime::Text(s) => {
                 if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -306,9 +333,9 @@ pub struct ServerMessage {
     pub phone_number: Option<String>,
     pub assistant_id: Option<String>,
     pub customer_number: Option<String>,
-    /// `callplaneOrgId` from the call's overrides metadata / variable values, if present,
-    /// with its signature `callplaneOrgSig`. Trusted only when the signature verifies: web
-    /// and outbound callers can set these values themselves.
+    /// `callplaneOrgId` from the call's metadata, if present, with its signature
+    /// `callplaneOrgSig`. Trusted only when the signature verifies for this organization and
+    /// this call id: web and outbound callers can set metadata themselves.
     pub metadata_org_id: Option<(String, String)>,
     pub report: Option<CallReport>,
     pub tool_calls: Vec<ToolCall>,
@@ -334,7 +361,13 @@ pub fn parse_body(body: &[u8]) -> Result<ServerMessage, ParseError> {
     parse_message(message)
 }
 
-pub fn parse_message(message: Value) -> Result<ServerMessage, ParseError> {
+/// The longest call callplane bills: a week, far past VAPI's own limit (`maxDurationSeconds`
+/// is at most 12 hours). A longer or negative duration is not a call's.
+pub const MAX_CALL_DURATION_SECONDS: i64 = 7 * 24 * 3600;
+
+pub fn parse_message(mut message: Value) -> Result<ServerMessage, ParseError> {
+    // Text PostgreSQL cannot store never costs an event (see `text`).
+    crate::text::make_storable(&mut message);
     let message_type = match message.get("type") {
         Some(Value::String(t)) if !t.trim().is_empty() => t.clone(),
         _ => return Err(ParseError::MissingType),
@@ -366,9 +399,9 @@ pub fn parse_message(message: Value) -> Result<ServerMessage, ParseError> {
         MessageKind::ConversationUpdate => raw.messages.clone(),
         _ => None,
     };
-    let metadata_org_id = org_hint(&call, raw.artifact.as_ref());
+    let metadata_org_id = org_hint(&call);
 
-    Ok(ServerMessage {
+    let parsed = ServerMessage {
         kind,
         message_type,
         timestamp,
@@ -392,39 +425,82 @@ pub fn parse_message(message: Value) -> Result<ServerMessage, ParseError> {
         tool_calls,
         conversation,
         raw: message,
-    })
+    };
+    check_ids(&parsed)?;
+    Ok(parsed)
+}
+
+/// Ids longer than any real one are refused: they are abuse, and would overflow indexes and
+/// notification payloads downstream.
+fn check_ids(m: &ServerMessage) -> Result<(), ParseError> {
+    let ids = [
+        ("message.call.id", m.call_id.as_deref()),
+        ("message.call.phoneNumberId", m.phone_number_id.as_deref()),
+        ("message.phoneNumber.number", m.phone_number.as_deref()),
+        ("message.call.assistantId", m.assistant_id.as_deref()),
+        ("message.call.customer.number", m.customer_number.as_deref()),
+    ];
+    let tool_ids = m.tool_calls.iter().map(|c| ("message.toolCallList[].id", Some(c.id.as_str())));
+    for (field, id) in ids.into_iter().chain(tool_ids) {
+        let chars = id.map_or(0, |id| id.chars().count());
+        if chars > crate::text::MAX_ID_CHARS {
+            return Err(ParseError::IdTooLong { field, chars, max: crate::text::MAX_ID_CHARS });
+        }
+    }
+    Ok(())
+}
+
+/// A duration field, checked: finite, not negative, at most a week.
+fn duration(field: &'static str, value: Option<f64>, to_seconds: f64) -> Result<Option<f64>, ParseError> {
+    let Some(value) = value else { return Ok(None) };
+    let seconds = value * to_seconds;
+    if seconds.is_finite() && (0.0..=MAX_CALL_DURATION_SECONDS as f64).contains(&seconds) {
+        Ok(Some(seconds))
+    } else {
+        Err(ParseError::InvalidDuration { field, value, max: MAX_CALL_DURATION_SECONDS })
+    }
+}
+
+/// The seconds between two instants, when they are in order.
+fn span(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> Option<f64> {
+    match (start, end) {
+        (Some(s), Some(e)) if e >= s => Some((e - s).num_milliseconds() as f64 / 1000.0),
+        _ => None,
+    }
 }
 
 fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.trim().is_empty())
 }
 
-fn org_hint(call: &RawCall, artifact: Option<&RawArtifact>) -> Option<(String, String)> {
+/// The signed organization hint, read only from the call's metadata (which callplane set at
+/// `assistant-request`). Variable values are the caller's to set, so they are never read.
+fn org_hint(call: &RawCall) -> Option<(String, String)> {
     let from = |m: Option<&Map<String, Value>>| {
         let m = m?;
         let id = m.get(ORG_METADATA_KEY).and_then(Value::as_str)?;
         let sig = m.get(ORG_SIGNATURE_KEY).and_then(Value::as_str)?;
         Some((id.to_owned(), sig.to_owned()))
     };
-    let overrides = call.assistant_overrides.as_ref();
-    from(overrides.and_then(|o| o.metadata.as_ref()))
-        .or_else(|| from(call.metadata.as_ref()))
-        .or_else(|| from(overrides.and_then(|o| o.variable_values.as_ref())))
-        .or_else(|| from(artifact.and_then(|a| a.variable_values.as_ref())))
+    from(call.assistant_overrides.as_ref().and_then(|o| o.metadata.as_ref())).or_else(|| from(call.metadata.as_ref()))
 }
 
 fn report(raw: &RawMessage, message: &Value) -> Result<CallReport, ParseError> {
     let started_at = time("message.startedAt", &raw.started_at)?;
     let ended_at = time("message.endedAt", &raw.ended_at)?;
+    let call = raw.call.clone().unwrap_or_default();
+    let call_started_at = time("message.call.startedAt", &call.started_at)?;
+    let call_ended_at = time("message.call.endedAt", &call.ended_at)?;
     let artifact = raw.artifact.clone().unwrap_or_default();
-    let duration_seconds = raw
-        .duration_seconds
-        .or(raw.duration_ms.map(|ms| ms / 1000.0))
-        .or(raw.duration_minutes.map(|m| m * 60.0))
-        .or_else(|| match (started_at, ended_at) {
-            (Some(s), Some(e)) if e >= s => Some((e - s).num_milliseconds() as f64 / 1000.0),
-            _ => None,
-        });
+    // The best source present (BILLING in the README): the report's own duration fields,
+    // then its times, then the call object's times. With none, the store falls back to the
+    // times it recorded from status updates, and else marks the call for review.
+    let duration_seconds = duration("message.durationSeconds", raw.duration_seconds, 1.0)?
+        .or(duration("message.durationMs", raw.duration_ms, 0.001)?)
+        .or(duration("message.durationMinutes", raw.duration_minutes, 60.0)?)
+        .or(span(started_at, ended_at))
+        .or(span(call_started_at, call_ended_at))
+        .filter(|d| *d <= MAX_CALL_DURATION_SECONDS as f64);
     // SPEC §5.5: artifact first, legacy top-level copies second; an empty artifact list does
     // not hide a full legacy one.
     let messages = match (artifact.messages, raw.messages.clone()) {
@@ -436,8 +512,8 @@ fn report(raw: &RawMessage, message: &Value) -> Result<CallReport, ParseError> {
     let keep = |key: &str| message.get(key).filter(|v| !v.is_null()).cloned();
     Ok(CallReport {
         ended_reason: raw.ended_reason.clone(),
-        started_at,
-        ended_at,
+        started_at: started_at.or(call_started_at),
+        ended_at: ended_at.or(call_ended_at),
         duration_seconds,
         cost: raw.cost,
         summary: raw.analysis.as_ref().and_then(|a| a.summary.clone()).or(raw.summary.clone()),

@@ -45,6 +45,9 @@ enum Command {
     Realtime(RealtimeArgs),
     /// Time the dashboard's call list against the same query on an unpartitioned copy.
     Dashboard(DashboardArgs),
+    /// Open many idle WebSockets over many organizations and read the server's RSS with them
+    /// open and after they close.
+    RealtimeHold(RealtimeHoldArgs),
     /// Print the webhooks of one simulated call (as the simulator would send them), one JSON
     /// body a line, to see exactly what is sent.
     Sample {
@@ -307,6 +310,26 @@ struct RealtimeArgs {
 }
 
 #[derive(Args)]
+struct RealtimeHoldArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[arg(long, default_value_t = 2000)]
+    sockets: usize,
+    /// Organizations to spread them over (the server caps sockets per key and per organization).
+    #[arg(long, default_value_t = 100)]
+    orgs: usize,
+    /// The server's process id, for its RSS (same machine only).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[arg(long, default_value_t = 12)]
+    settle_secs: u64,
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct DashboardArgs {
     #[command(flatten)]
     server: ServerArgs,
@@ -475,6 +498,22 @@ async fn run(command: Command) -> Result<bool> {
             emit(args.json, &summary)?;
             let complete = |d: &realtime::Deliveries| d.delivered == d.expected;
             Ok(complete(&summary.callplane) && summary.baseline.as_ref().is_none_or(complete))
+        }
+        Command::RealtimeHold(args) => {
+            let summary = realtime::hold(
+                args.server.server()?,
+                realtime::HoldConfig {
+                    sockets: args.sockets,
+                    orgs: args.orgs,
+                    server_pid: args.server_pid,
+                    settle: Duration::from_secs(args.settle_secs),
+                    timeout: Duration::from_secs(args.timeout_secs.max(1)),
+                    quiet: false,
+                },
+            )
+            .await?;
+            emit(args.json, &summary)?;
+            Ok(summary.failed == 0 && summary.refused == 0 && summary.opened == summary.sockets)
         }
         Command::Dashboard(args) => {
             let summary = dashboard::run(

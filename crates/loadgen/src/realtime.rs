@@ -9,6 +9,10 @@
 //! The baseline does the least that can carry an event from Postgres to N WebSockets: a
 //! `pg_notify` from the sender, one `LISTEN` connection, an in-memory broadcast and plain
 //! tokio-tungstenite connections, measured the same way.
+//!
+//! [`hold`] measures what open sockets cost the server: it opens many idle subscribers spread
+//! over many organizations (within the per-key and per-organization caps) and reads the
+//! server process's RSS idle, with them open, and after they close.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -312,4 +316,192 @@ async fn run_baseline(database_url: &str, config: &RealtimeConfig) -> Result<Del
     forwarder.abort();
     acceptor.abort();
     result
+}
+
+#[derive(Clone, Debug)]
+pub struct HoldConfig {
+    /// Sockets to open in all.
+    pub sockets: usize,
+    /// Organizations they are spread over, one API key each (round robin).
+    pub orgs: usize,
+    /// The server process, for its RSS (`/proc/<pid>/status`; the loadgen must run on the
+    /// same machine). Without it only the connection counts are reported.
+    pub server_pid: Option<u32>,
+    /// How long to let the server settle before each RSS reading. After the close this gives
+    /// the allocator's decay time to hand freed pages back.
+    pub settle: Duration,
+    pub timeout: Duration,
+    pub quiet: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct HoldSummary {
+    pub sockets: usize,
+    pub orgs: usize,
+    /// Sockets that reached `{"type":"ready"}`.
+    pub opened: usize,
+    /// Upgrades refused with 429 `too_many_connections`.
+    pub refused: usize,
+    /// Sockets that failed otherwise.
+    pub failed: usize,
+    pub connected_in_seconds: f64,
+    /// The server's RSS before opening, with every socket open, and after they closed.
+    pub rss_idle_kib: Option<u64>,
+    pub rss_open_kib: Option<u64>,
+    pub rss_closed_kib: Option<u64>,
+    /// (RSS open − RSS idle) / sockets opened.
+    pub kib_per_socket: Option<f64>,
+}
+
+/// How one held socket ended up.
+enum Held {
+    Open,
+    Refused,
+    Failed(anyhow::Error),
+}
+
+/// Opens `sockets` idle subscribers over `orgs` organizations, reads the server's RSS, closes
+/// them and reads it again.
+pub async fn hold(server: Server, config: HoldConfig) -> Result<HoldSummary> {
+    let plans = vec!["pro"; config.orgs.max(1)];
+    let orgs = create_orgs(&server, &plans, "hold", config.quiet).await?;
+    let rss = || config.server_pid.and_then(server_rss_kib);
+    tokio::time::sleep(config.settle).await;
+    let rss_idle_kib = rss();
+
+    let url = format!("{}/v1/realtime", server.base.replacen("http", "ws", 1));
+    let (close_tx, _) = broadcast::channel::<()>(1);
+    let ready = Arc::new(Semaphore::new(0));
+    let connecting = Arc::new(Semaphore::new(64));
+    let started = Instant::now();
+    let mut sockets = tokio::task::JoinSet::new();
+    for i in 0..config.sockets {
+        let mut request = url.as_str().into_client_request()?;
+        let key = &orgs[i % orgs.len()].api_key;
+        request.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {key}"))?);
+        let (ready, connecting, close) = (ready.clone(), connecting.clone(), close_tx.subscribe());
+        sockets.spawn(hold_one(request, ready, connecting, close, config.timeout));
+    }
+    // Every socket is open (or refused) before the reading.
+    let settled = tokio::time::timeout(config.timeout, ready.acquire_many(config.sockets as u32)).await;
+    match settled {
+        Ok(Ok(permit)) => permit.forget(),
+        _ => {
+            bail!("only {} of {} sockets settled after {:?}", ready.available_permits(), config.sockets, config.timeout)
+        }
+    }
+    let connected_in_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(config.settle).await;
+    let rss_open_kib = rss();
+
+    let _ = close_tx.send(());
+    let (mut opened, mut refused, mut failed) = (0, 0, 0);
+    while let Some(result) = sockets.join_next().await {
+        match result.context("a socket task failed")? {
+            Held::Open => opened += 1,
+            Held::Refused => refused += 1,
+            Held::Failed(error) => {
+                if failed == 0 && !config.quiet {
+                    eprintln!("loadgen: a socket failed: {error:#}");
+                }
+                failed += 1;
+            }
+        }
+    }
+    tokio::time::sleep(config.settle).await;
+    let rss_closed_kib = rss();
+    let kib_per_socket = match (rss_idle_kib, rss_open_kib) {
+        (Some(idle), Some(open)) if opened > 0 => Some(open.saturating_sub(idle) as f64 / opened as f64),
+        _ => None,
+    };
+    let summary = HoldSummary {
+        sockets: config.sockets,
+        orgs: orgs.len(),
+        opened,
+        refused,
+        failed,
+        connected_in_seconds,
+        rss_idle_kib,
+        rss_open_kib,
+        rss_closed_kib,
+        kib_per_socket,
+    };
+    if !config.quiet {
+        let mib = |kib: Option<u64>| kib.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+        eprintln!(
+            "loadgen: {opened} of {} sockets open over {} organizations ({refused} refused, {failed} failed) in {:.1}s; \
+             server RSS idle {}, open {}, closed {}",
+            summary.sockets,
+            summary.orgs,
+            summary.connected_in_seconds,
+            mib(rss_idle_kib),
+            mib(rss_open_kib),
+            mib(rss_closed_kib),
+        );
+    }
+    Ok(summary)
+}
+
+/// One idle subscriber: connects, waits for `ready`, then keeps reading (answering pings)
+/// until told to close. Always adds one permit to `ready` once it is open or has failed.
+async fn hold_one(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ready: Arc<Semaphore>,
+    connecting: Arc<Semaphore>,
+    mut close: broadcast::Receiver<()>,
+    timeout: Duration,
+) -> Held {
+    let permit = connecting.acquire().await;
+    let connected = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(request)).await;
+    drop(permit);
+    let mut socket = match connected {
+        Ok(Ok((socket, _))) => socket,
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) if response.status().as_u16() == 429 => {
+            ready.add_permits(1);
+            return Held::Refused;
+        }
+        Ok(Err(error)) => {
+            ready.add_permits(1);
+            return Held::Failed(error.into());
+        }
+        Err(_) => {
+            ready.add_permits(1);
+            return Held::Failed(anyhow::anyhow!("connecting timed out"));
+        }
+    };
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            frame = socket.next() => match frame {
+                Some(Ok(Message::Text(text))) if !announced && text.contains(r#""type":"ready""#) => {
+                    announced = true;
+                    ready.add_permits(1);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    if !announced {
+                        ready.add_permits(1);
+                    }
+                    return Held::Failed(error.into());
+                }
+                None => {
+                    if !announced {
+                        ready.add_permits(1);
+                    }
+                    return Held::Failed(anyhow::anyhow!("the server closed the socket"));
+                }
+            },
+            _ = close.recv() => break,
+        }
+    }
+    let _ = socket.close(None).await;
+    // Until the server's close arrives, so the server has let go when this returns.
+    while let Some(Ok(_)) = socket.next().await {}
+    if announced { Held::Open } else { Held::Failed(anyhow::anyhow!("closed before ready")) }
+}
+
+/// `VmRSS` of a process in KiB.
+fn server_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
 }

@@ -60,10 +60,18 @@ impl Readiness for PgReadiness {
             ),
         ];
         // The database's figures are left out when it cannot answer in time.
-        let (dead, live) = tokio::join!(
+        let (dead, live, review) = tokio::join!(
             tokio::time::timeout(PROBE_TIMEOUT, self.store.open_dead_letter_count()),
             tokio::time::timeout(PROBE_TIMEOUT, self.store.concurrent_calls()),
+            tokio::time::timeout(PROBE_TIMEOUT, self.store.calls_for_review_count()),
         );
+        if let Ok(Ok(n)) = review {
+            g.push((
+                "callplane_calls_needing_review",
+                "Calls that ended connected with no known duration: not billed until reconciliation finds it.",
+                n as f64,
+            ));
+        }
         if let Ok(Ok(n)) = dead {
             g.push(("callplane_dead_letters_open", "Dead-lettered events not yet replayed.", n as f64));
         }
@@ -226,6 +234,7 @@ impl App {
         let state = AppState {
             webhook_auth: Arc::new(settings.webhook_auth()),
             dashboard_auth: Arc::new(settings.dashboard_auth()),
+            auth_throttle: Arc::new(settings.auth_throttle()),
             orgs: Arc::new(store.clone()),
             admin: Arc::new(store.clone()),
             intake: Arc::new(intake.clone()),
@@ -256,6 +265,7 @@ impl App {
             max_function_data_bytes: settings.api.max_function_data_bytes,
             realtime: settings.realtime_settings(),
             metrics: Arc::new(Metrics::default()),
+            metrics_token: settings.metrics_token(),
             readiness: Arc::new(PgReadiness { store: store.clone(), bus }),
             shutdown,
         };
@@ -305,6 +315,8 @@ impl App {
             shutdown.await;
             let _ = stop.send(true);
         };
-        axum::serve(listener, self.router()).with_graceful_shutdown(signal).await.context("serving HTTP")
+        // The peer address is what failed authentication is throttled by.
+        let service = self.router().into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, service).with_graceful_shutdown(signal).await.context("serving HTTP")
     }
 }

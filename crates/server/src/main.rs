@@ -4,10 +4,17 @@ use anyhow::{Context, bail};
 use callplane_core::OrgId;
 use callplane_core::seams::FunctionData;
 use callplane_server::{App, Settings, telemetry};
-use callplane_storage::{DeadLetterFilter, NewOrganization, PgFunctionData};
+use callplane_storage::{DeadLetterFilter, NewOrganization, PgFunctionData, PgStore};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -229,8 +236,65 @@ fn print(json_mode: bool, value: &Value, human: impl FnOnce() -> String) {
     }
 }
 
+/// Redraws a progress line in place, on a terminal only: in a pipe or a log it would just
+/// repeat the summary printed at the end.
+fn progress(line: &str) {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K{line}");
+    }
+}
+
+/// Erases the progress line, so that the summary is the only one left.
+fn end_progress() {
+    progress("");
+}
+
+/// How long a command waits for the database to take a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+const DATABASE_HINT: &str = "Set CALLPLANE__DATABASE__URL (or database.url); \
+                             `cargo xtask run` prints the URL of its development database.";
+
+/// Tries one connection to `database.url`, so that a database that is down, unreachable or
+/// refusing the credentials stops the command at once with the reason and the URL (password
+/// masked), instead of after the pool's retries.
+async fn check_database(settings: &Settings) -> anyhow::Result<()> {
+    let url = settings.database_url_masked();
+    let attempt = PgConnection::connect(settings.database.url.expose_secret());
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(connection)) => {
+            // Only the answer mattered; a failure to say goodbye does not.
+            let _ = connection.close().await;
+            Ok(())
+        }
+        Ok(Err(error)) => bail!("cannot connect to the database at {url}: {error}\n{DATABASE_HINT}"),
+        Err(_) => bail!(
+            "cannot connect to the database at {url}: no answer within {} s\n{DATABASE_HINT}",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// The store on `database.url`, once `check_database` found it answering.
+async fn connect(settings: &Settings) -> anyhow::Result<PgStore> {
+    check_database(settings).await?;
+    App::connect(settings).await
+}
+
+/// Errors are printed as one message with its causes, never as a backtrace (which
+/// `RUST_BACKTRACE=1` would add to `main`'s returned error): they are for operators.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load()?;
     telemetry::init(&settings.server.log_format);
@@ -242,7 +306,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve => serve(settings).await?,
         Command::Migrate => {
-            let store = App::connect(&settings).await?;
+            let store = connect(&settings).await?;
             eprintln!("applying migrations...");
             store.migrate().await.context("applying migrations")?;
             eprintln!("creating partitions {} months ahead...", settings.partitions.months_ahead);
@@ -251,7 +315,7 @@ async fn main() -> anyhow::Result<()> {
             print(j, &v, || format!("migrated; partitions through {}", r.covered_through.clone().unwrap_or_default()));
         }
         Command::Org(cmd) => {
-            let store = App::connect(&settings).await?;
+            let store = connect(&settings).await?;
             match cmd {
                 OrgCommand::Create { name, plan, assistant_id } => {
                     if !settings.plans.contains_key(&plan) {
@@ -284,7 +348,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Apikey(cmd) => {
-            let store = App::connect(&settings).await?;
+            let store = connect(&settings).await?;
             match cmd {
                 ApikeyCommand::Create { org, name } => {
                     let key = store.create_api_key(org, &name).await?;
@@ -313,7 +377,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::FunctionData(cmd) => {
-            let data = PgFunctionData(App::connect(&settings).await?);
+            let data = PgFunctionData(connect(&settings).await?);
             match cmd {
                 FunctionDataCommand::Put { org, key, value } => {
                     let value: Value =
@@ -328,7 +392,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Partitions(PartitionsCommand::Ensure { months_ahead }) => {
-            let store = App::connect(&settings).await?;
+            let store = connect(&settings).await?;
             let ahead = months_ahead.unwrap_or(settings.partitions.months_ahead);
             let r = store.ensure_partitions(Utc::now(), ahead).await?;
             let v = serde_json::to_value(&r)?;
@@ -380,7 +444,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Inbox(cmd) => inbox(cmd, settings, j).await?,
         Command::Reconcile(ReconcileCommand::Calls { since, until, org }) => {
-            let store = App::connect(&settings).await?;
+            let store = connect(&settings).await?;
             let Some(reconciler) = App::reconciler(&settings, &store).await? else {
                 bail!("vapi.api_key is not set (CALLPLANE__VAPI__API_KEY): reconciling needs VAPI's private API key");
             };
@@ -388,13 +452,13 @@ async fn main() -> anyhow::Result<()> {
             let report = reconciler
                 .run(&scope, Utc::now(), |p| {
                     let r = p.report;
-                    eprint!(
-                        "\rexamined {} ({} finished, {} marked, {} still open, {} failed)",
+                    progress(&format!(
+                        "examined {} ({} finished, {} marked, {} still open, {} failed)",
                         r.examined, r.finished, r.marked, r.still_open, r.failed
-                    );
+                    ));
                 })
                 .await?;
-            eprintln!();
+            end_progress();
             let v = serde_json::to_value(&report)?;
             print(j, &v, || {
                 let mut s = format!(
@@ -411,7 +475,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Events(cmd) => {
-            let store = App::connect(&settings).await?;
+            let store = connect(&settings).await?;
             match cmd {
                 EventsCommand::List { filter, all } => {
                     let letters = store.dead_letters(&filter.filter(all)).await?;
@@ -435,19 +499,33 @@ async fn main() -> anyhow::Result<()> {
                     });
                 }
                 EventsCommand::Replay { filter } => {
+                    let filter = filter.filter(false);
+                    // Of the letters taken on, those still open afterwards failed again; the
+                    // store has the reason.
+                    let taken: HashSet<i64> = store.dead_letters(&filter).await?.iter().map(|d| d.id).collect();
                     let pipeline = App::pipeline(&settings, &store).await?;
                     let report = pipeline
-                        .replay(&filter.filter(false), &store, |r| {
-                            eprint!("\rreplayed {} ({} ok, {} failed)", r.attempted, r.succeeded, r.failed);
+                        .replay(&filter, &store, |r| {
+                            progress(&format!("replayed {} ({} ok, {} failed)", r.attempted, r.succeeded, r.failed));
                         })
                         .await?;
-                    eprintln!();
-                    let v = serde_json::to_value(&report)?;
+                    end_progress();
+                    let mut failures = store.dead_letters(&filter).await?;
+                    failures.retain(|d| taken.contains(&d.id));
+                    let mut v = serde_json::to_value(&report)?;
+                    v["failures"] = failures
+                        .iter()
+                        .map(|d| json!({ "id": d.id, "code": d.error_code, "message": d.error }))
+                        .collect();
                     print(j, &v, || {
-                        format!(
+                        let mut out = format!(
                             "{} replayed: {} succeeded, {} failed",
                             report.attempted, report.succeeded, report.failed
-                        )
+                        );
+                        for d in &failures {
+                            out.push_str(&format!("\n  dead letter {}: {}: {}", d.id, d.error_code, d.error));
+                        }
+                        out
                     });
                     if report.failed > 0 {
                         std::process::exit(1);
@@ -497,7 +575,7 @@ async fn inbox(cmd: InboxCommand, settings: Settings, j: bool) -> anyhow::Result
             });
         }
         InboxCommand::Drain { patience_secs } => {
-            let store = App::connect(&settings).await?;
+            let store = connect(&settings).await?;
             let pipeline = std::sync::Arc::new(App::pipeline(&settings, &store).await?);
             let intake = callplane_workflow::LocalIntake::new(
                 inbox,
@@ -506,11 +584,11 @@ async fn inbox(cmd: InboxCommand, settings: Settings, j: bool) -> anyhow::Result
                 settings.intake_settings(),
             );
             let report = intake
-                .drain_all(std::time::Duration::from_secs(patience_secs), |r| {
-                    eprint!("\rprocessed {}, dead-lettered {}, left {}", r.processed, r.dead_lettered, r.left);
+                .drain_all(Duration::from_secs(patience_secs), |r| {
+                    progress(&format!("processed {}, dead-lettered {}, left {}", r.processed, r.dead_lettered, r.left));
                 })
                 .await;
-            eprintln!();
+            end_progress();
             let v = serde_json::to_value(&report)?;
             print(j, &v, || {
                 format!("processed {}, dead-lettered {}, {} left", report.processed, report.dead_lettered, report.left)
@@ -525,6 +603,7 @@ async fn inbox(cmd: InboxCommand, settings: Settings, j: bool) -> anyhow::Result
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     settings.validate_for_serving()?;
+    check_database(&settings).await?;
     let app = App::build(settings).await?;
     if !app.store.migrations_current().await? {
         bail!("the database is not migrated; run `callplane migrate` first");

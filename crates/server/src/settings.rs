@@ -6,11 +6,11 @@ use anyhow::{Context, bail};
 use callplane_core::agent::AgentSettings;
 use callplane_core::auth::{HmacAlgorithm, HmacSettings, WebhookAuth};
 use callplane_core::billing::{BillingRules, Plan};
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, Environment, File, FileFormat, Source, ValueKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 const BASE: &str = include_str!("../../../config/base.toml");
@@ -74,6 +74,7 @@ pub struct ServerSettings {
     pub public_url: String,
     pub max_body_bytes: usize,
     pub log_format: String,
+    pub metrics_token: SecretString,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -114,7 +115,13 @@ pub struct AuthSettings {
     pub jwt_org_claim: String,
     pub jwt_audience: String,
     pub jwt_leeway_seconds: i64,
+    pub jwt_max_lifetime_seconds: i64,
     pub admin_token: SecretString,
+    pub failure_limit: u32,
+    pub failure_window_seconds: u64,
+    pub failure_table_entries: usize,
+    pub trust_forwarded_for: bool,
+    pub api_key_cache_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -126,8 +133,10 @@ pub struct ApiSettings {
 pub struct RealtimeConfig {
     pub retention_hours: i64,
     pub heartbeat_seconds: u64,
-    pub send_timeout_seconds: u64,
+    pub send_timeout_ms: u64,
     pub queue: usize,
+    pub max_connections_per_org: usize,
+    pub max_connections_per_key: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -182,24 +191,137 @@ fn non_empty(s: &SecretString) -> Option<Vec<u8>> {
     (!v.is_empty()).then(|| v.as_bytes().to_vec())
 }
 
+/// The environment's file, `<CALLPLANE_CONFIG_DIR>/<CALLPLANE_ENV>.toml` (`config/local.toml` by
+/// default). The default may be absent, as the compiled-in base is complete; a file either
+/// variable names must exist.
+fn env_file(env: Option<String>, dir: Option<String>) -> anyhow::Result<Option<PathBuf>> {
+    let named = env.is_some() || dir.is_some();
+    let env = env.unwrap_or_else(|| "local".into());
+    let dir = PathBuf::from(dir.unwrap_or_else(|| "config".into()));
+    let path = dir.join(format!("{env}.toml"));
+    if path.is_file() {
+        return Ok(Some(path));
+    }
+    if !named {
+        return Ok(None);
+    }
+    let mut available: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.strip_suffix(".toml").map(str::to_owned))
+        .filter(|name| name != "base")
+        .collect();
+    available.sort();
+    let available = if available.is_empty() { "none".to_owned() } else { available.join(", ") };
+    bail!("CALLPLANE_ENV={env}: {} does not exist (environments in {}: {available})", path.display(), dir.display())
+}
+
+/// Every key `config/base.toml` sets, in the form `key_pattern` gives.
+fn known_keys() -> anyhow::Result<BTreeSet<String>> {
+    let base = File::from_str(BASE, FileFormat::Toml).collect().context("reading config/base.toml")?;
+    Ok(dotted_keys(base).iter().map(|key| key_pattern(key)).collect())
+}
+
+/// The dotted keys (`vapi.hmac.secrets`) of a configuration tree's values.
+fn dotted_keys(table: config::Map<String, config::Value>) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut tables = vec![(String::new(), table)];
+    while let Some((prefix, table)) = tables.pop() {
+        for (name, value) in table {
+            let key = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
+            match value.kind {
+                ValueKind::Table(inner) => tables.push((key, inner)),
+                _ => keys.push(key),
+            }
+        }
+    }
+    keys.sort();
+    keys
+}
+
+/// Plans are named freely, so `plans.enterprise.price_cents` is checked as `plans.*.price_cents`.
+fn key_pattern(key: &str) -> String {
+    match key.split_once('.') {
+        Some(("plans", rest)) => {
+            rest.split_once('.').map_or_else(|| key.to_owned(), |(_, field)| format!("plans.*.{field}"))
+        }
+        _ => key.to_owned(),
+    }
+}
+
+/// The `CALLPLANE__*` variables among `names` that name no key, each said with the key it
+/// stands for and, when one is close, the variable probably meant. Other variables are ignored.
+fn unknown_variables(known: &BTreeSet<String>, names: impl Iterator<Item = String>) -> Vec<String> {
+    let mut unknown: Vec<String> = names
+        .filter_map(|name| {
+            // Matched as the config crate does: case-insensitively.
+            let key = name.to_lowercase().strip_prefix("callplane__")?.replace("__", ".");
+            if known.contains(&key_pattern(&key)) {
+                return None;
+            }
+            let hint = closest_key(known, &key)
+                .map(|close| format!("; did you mean CALLPLANE__{}?", close.replace('.', "__").to_uppercase()))
+                .unwrap_or_default();
+            Some(format!("{name}: there is no key `{key}`{hint}"))
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// The keys in a configuration file that are not configuration keys, said with the file.
+fn unknown_file_keys(known: &BTreeSet<String>, path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let table = File::from(path).collect().with_context(|| format!("reading {}", path.display()))?;
+    Ok(dotted_keys(table)
+        .into_iter()
+        .filter(|key| !known.contains(&key_pattern(key)))
+        .map(|key| {
+            let hint = closest_key(known, &key).map(|close| format!("; did you mean `{close}`?")).unwrap_or_default();
+            format!("{}: there is no key `{key}`{hint}", path.display())
+        })
+        .collect())
+}
+
+/// The known key a few typos away from `key`, if any (a plan's name kept as given).
+fn closest_key(known: &BTreeSet<String>, key: &str) -> Option<String> {
+    let pattern = key_pattern(key);
+    let (distance, close) = known.iter().map(|k| (strsim::levenshtein(k, &pattern), k)).min()?;
+    let plan = key.split('.').nth(1).filter(|_| close.starts_with("plans.*."));
+    (distance <= 3).then(|| plan.map_or_else(|| close.clone(), |plan| close.replacen('*', plan, 1)))
+}
+
 impl Settings {
     /// Loads from the compiled-in base, the environment file and the environment.
+    /// Refuses, naming them, `CALLPLANE__*` variables and keys in the environment's file that
+    /// are not configuration keys, and a `CALLPLANE_ENV` whose file does not exist: a typo
+    /// would otherwise start the server on a default.
     pub fn load() -> anyhow::Result<Self> {
-        let env_name = std::env::var("CALLPLANE_ENV").unwrap_or_else(|_| "local".into());
-        let dir = std::env::var("CALLPLANE_CONFIG_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("config"));
-        let mut builder = Config::builder()
-            .add_source(File::from_str(BASE, FileFormat::Toml))
-            .add_source(File::from(dir.join(format!("{env_name}.toml"))).required(false))
-            .add_source(
-                Environment::with_prefix("CALLPLANE")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .list_separator(",")
-                    .with_list_parse_key(LIST_KEYS[0])
-                    .with_list_parse_key(LIST_KEYS[1])
-                    .with_list_parse_key(LIST_KEYS[2])
-                    .try_parsing(true),
-            );
+        let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        let env_file = env_file(var("CALLPLANE_ENV"), var("CALLPLANE_CONFIG_DIR"))?;
+        let known = known_keys()?;
+        let variables = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+        let mut unknown = unknown_variables(&known, variables);
+        if let Some(path) = &env_file {
+            unknown.extend(unknown_file_keys(&known, path)?);
+        }
+        if !unknown.is_empty() {
+            bail!("unknown configuration keys (config/base.toml lists every key):\n  {}", unknown.join("\n  "));
+        }
+        let mut builder = Config::builder().add_source(File::from_str(BASE, FileFormat::Toml));
+        if let Some(path) = env_file {
+            builder = builder.add_source(File::from(path));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix("CALLPLANE")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key(LIST_KEYS[0])
+                .with_list_parse_key(LIST_KEYS[1])
+                .with_list_parse_key(LIST_KEYS[2])
+                .try_parsing(true),
+        );
         if std::env::var_os("CALLPLANE__DATABASE__URL").is_none()
             && let Ok(url) = std::env::var("DATABASE_URL")
         {
@@ -217,6 +339,10 @@ impl Settings {
     /// The compiled-in defaults with `overrides` (dotted keys) on top, ignoring the
     /// environment and config files. For tests and tools that must not pick up local state.
     pub fn defaults_with(overrides: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let known = known_keys()?;
+        if let Some((key, _)) = overrides.iter().find(|(key, _)| !known.contains(&key_pattern(key))) {
+            bail!("{key}: there is no such configuration key (config/base.toml lists every key)");
+        }
         let mut builder = Config::builder().add_source(File::from_str(BASE, FileFormat::Toml));
         for (key, value) in overrides {
             builder = if LIST_KEYS.contains(key) {
@@ -304,8 +430,32 @@ impl Settings {
         if jwt_secret_len > 0 && jwt_secret_len < 32 {
             errors.push("auth.jwt_secret: must be at least 32 characters".into());
         }
+        if self.auth.jwt_max_lifetime_seconds < 60 {
+            errors.push("auth.jwt_max_lifetime_seconds: must be at least 60".into());
+        }
+        if self.auth.failure_limit == 0 {
+            errors.push("auth.failure_limit: must be at least 1".into());
+        }
+        if !(1..=86_400).contains(&self.auth.failure_window_seconds) {
+            errors.push("auth.failure_window_seconds: must be between 1 and 86400".into());
+        }
+        if self.auth.failure_table_entries < 1000 {
+            errors.push("auth.failure_table_entries: must be at least 1000".into());
+        }
+        if self.auth.api_key_cache_seconds > 300 {
+            errors.push("auth.api_key_cache_seconds: at most 300 (a revoked key works this long)".into());
+        }
         if self.realtime.retention_hours < 1 {
             errors.push("realtime.retention_hours: must be at least 1".into());
+        }
+        if !(10..=600_000).contains(&self.realtime.send_timeout_ms) {
+            errors.push("realtime.send_timeout_ms: must be between 10 and 600000".into());
+        }
+        if self.realtime.max_connections_per_org == 0 {
+            errors.push("realtime.max_connections_per_org: must be at least 1".into());
+        }
+        if self.realtime.max_connections_per_key == 0 {
+            errors.push("realtime.max_connections_per_key: must be at least 1".into());
         }
         if self.billing.rounding_increment_seconds < 1 {
             errors.push("billing.rounding_increment_seconds: must be at least 1".into());
@@ -367,9 +517,25 @@ impl Settings {
                 org_claim: self.auth.jwt_org_claim.clone(),
                 audience: (!self.auth.jwt_audience.is_empty()).then(|| self.auth.jwt_audience.clone()),
                 leeway_seconds: self.auth.jwt_leeway_seconds,
+                max_lifetime_seconds: self.auth.jwt_max_lifetime_seconds,
             }),
             admin_token: non_empty(&self.auth.admin_token),
+            api_keys: callplane_api::ApiKeyCache::new(std::time::Duration::from_secs(self.auth.api_key_cache_seconds)),
         }
+    }
+
+    pub fn auth_throttle(&self) -> callplane_api::AuthThrottle {
+        callplane_api::AuthThrottle::new(callplane_api::ThrottleSettings {
+            failure_limit: self.auth.failure_limit,
+            window: std::time::Duration::from_secs(self.auth.failure_window_seconds),
+            max_entries: self.auth.failure_table_entries,
+            trust_forwarded_for: self.auth.trust_forwarded_for,
+        })
+    }
+
+    /// The bearer token `/metrics` requires, when set.
+    pub fn metrics_token(&self) -> Option<Vec<u8>> {
+        non_empty(&self.server.metrics_token)
     }
 
     /// Stripe, when a secret key is configured.
@@ -408,7 +574,10 @@ impl Settings {
     pub fn realtime_settings(&self) -> callplane_api::RealtimeSettings {
         callplane_api::RealtimeSettings {
             heartbeat: std::time::Duration::from_secs(self.realtime.heartbeat_seconds.max(1)),
-            send_timeout: std::time::Duration::from_secs(self.realtime.send_timeout_seconds.max(1)),
+            send_timeout: std::time::Duration::from_millis(self.realtime.send_timeout_ms),
+            max_connections_per_org: self.realtime.max_connections_per_org,
+            max_connections_per_key: self.realtime.max_connections_per_key,
+            ..Default::default()
         }
     }
 
@@ -451,7 +620,10 @@ impl Settings {
     pub fn org_hint_key(&self) -> Option<Vec<u8>> {
         let auth = self.webhook_auth();
         let secret = auth.shared_secrets.first().or(auth.hmac.as_ref().and_then(|h| h.secrets.first()))?;
-        Some(callplane_core::agent::org_hint_signature(secret, callplane_core::OrgId(uuid::Uuid::nil())).into_bytes())
+        Some(
+            callplane_core::agent::org_hint_signature(secret, callplane_core::OrgId(uuid::Uuid::nil()), "org-hint-key")
+                .into_bytes(),
+        )
     }
 
     /// VAPI's API, when a key is configured.
@@ -502,12 +674,11 @@ impl Settings {
         format!("{}/vapi/{org}", self.server.public_url.trim_end_matches('/'))
     }
 
-    /// The resolved configuration with every secret masked, for `callplane config`.
-    pub fn redacted(&self) -> Value {
-        let mask = |s: &SecretString| if s.expose_secret().is_empty() { "" } else { "********" };
+    /// `database.url` with the host and database visible and any password masked, for messages
+    /// and `callplane config`.
+    pub fn database_url_masked(&self) -> String {
         let url = self.database.url.expose_secret();
-        // Keep the host and database visible, hide any password.
-        let shown_url = match (url.find("://"), url.rfind('@')) {
+        match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
                 let userinfo = &url[scheme + 3..at];
                 let user = userinfo.split(':').next().unwrap_or("");
@@ -515,10 +686,17 @@ impl Settings {
                 format!("{}{masked}{}", &url[..scheme + 3], &url[at..])
             }
             _ => url.to_owned(),
-        };
+        }
+    }
+
+    /// The resolved configuration with every secret masked, for `callplane config`.
+    pub fn redacted(&self) -> Value {
+        let mask = |s: &SecretString| if s.expose_secret().is_empty() { "" } else { "********" };
+        let shown_url = self.database_url_masked();
         json!({
             "server": { "addr": self.server.addr, "public_url": self.server.public_url,
-                        "max_body_bytes": self.server.max_body_bytes, "log_format": self.server.log_format },
+                        "max_body_bytes": self.server.max_body_bytes, "log_format": self.server.log_format,
+                        "metrics_token": mask(&self.server.metrics_token) },
             "database": { "url": shown_url, "max_connections": self.database.max_connections,
                           "answer_pool_connections": self.database.answer_pool_connections },
             "vapi": {
@@ -546,14 +724,22 @@ impl Settings {
                 "jwt_org_claim": self.auth.jwt_org_claim,
                 "jwt_audience": self.auth.jwt_audience,
                 "jwt_leeway_seconds": self.auth.jwt_leeway_seconds,
+                "jwt_max_lifetime_seconds": self.auth.jwt_max_lifetime_seconds,
                 "admin_token": mask(&self.auth.admin_token),
+                "failure_limit": self.auth.failure_limit,
+                "failure_window_seconds": self.auth.failure_window_seconds,
+                "failure_table_entries": self.auth.failure_table_entries,
+                "trust_forwarded_for": self.auth.trust_forwarded_for,
+                "api_key_cache_seconds": self.auth.api_key_cache_seconds,
             },
             "api": { "max_function_data_bytes": self.api.max_function_data_bytes },
             "realtime": {
                 "retention_hours": self.realtime.retention_hours,
                 "heartbeat_seconds": self.realtime.heartbeat_seconds,
-                "send_timeout_seconds": self.realtime.send_timeout_seconds,
+                "send_timeout_ms": self.realtime.send_timeout_ms,
                 "queue": self.realtime.queue,
+                "max_connections_per_org": self.realtime.max_connections_per_org,
+                "max_connections_per_key": self.realtime.max_connections_per_key,
             },
             "billing": {
                 "rounding_increment_seconds": self.billing.rounding_increment_seconds,
@@ -661,5 +847,134 @@ mod tests {
         assert!(!printed.contains("super-secret-value") && !printed.contains("hunter2"), "{printed}");
         assert!(!printed.contains("vapi-private-key"), "{printed}");
         assert!(printed.contains("postgres://app:********@db:5432/callplane"), "{printed}");
+    }
+
+    #[test]
+    fn auth_limits_that_would_disable_the_protection_are_refused_by_key_and_the_metrics_token_is_masked() {
+        let mut settings = base();
+        settings.auth.failure_limit = 0;
+        settings.auth.failure_window_seconds = 0;
+        settings.auth.api_key_cache_seconds = 3600;
+        settings.auth.jwt_max_lifetime_seconds = 0;
+        let err = settings.validate().unwrap_err().to_string();
+        for key in [
+            "auth.failure_limit",
+            "auth.failure_window_seconds",
+            "auth.api_key_cache_seconds",
+            "auth.jwt_max_lifetime_seconds",
+        ] {
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        settings.server.metrics_token = SecretString::from("scrape-token-value");
+        assert!(!settings.redacted().to_string().contains("scrape-token-value"));
+    }
+
+    fn known() -> BTreeSet<String> {
+        known_keys().unwrap()
+    }
+
+    /// A fresh directory under the system's temporary directory holding `files`.
+    fn config_dir(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("callplane-config-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_misspelt_variable_is_refused_with_the_variable_it_meant() {
+        let names = ["CALLPLANE__DATABSE__URL", "CALLPLANE__DATABASE__URL", "CALLPLANE_ENV", "PATH", "DATABASE_URL"];
+        let unknown = unknown_variables(&known(), names.iter().map(|n| n.to_string()));
+        assert_eq!(
+            unknown,
+            ["CALLPLANE__DATABSE__URL: there is no key `databse.url`; did you mean CALLPLANE__DATABASE__URL?"]
+        );
+        let far = unknown_variables(&known(), std::iter::once("CALLPLANE__COLOUR".to_owned()));
+        assert_eq!(far, ["CALLPLANE__COLOUR: there is no key `colour`"]);
+    }
+
+    /// What the xtask, the test suites, the load generator and the README set must stay keys.
+    #[test]
+    fn every_variable_the_tools_and_the_readme_use_is_a_key() {
+        let readme = include_str!("../../../README.md");
+        let mut names: Vec<String> = readme
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| {
+                word.starts_with("CALLPLANE__") && !word.ends_with('_') && *word != "CALLPLANE__SECTION__KEY"
+            })
+            .map(str::to_owned)
+            .collect();
+        assert!(names.len() >= 10, "the README names its variables: {names:?}");
+        names.extend(
+            [
+                "DATABASE__URL",
+                "SERVER__ADDR",
+                "SERVER__PUBLIC_URL",
+                "VAPI__SECRET",
+                "VAPI__HMAC__SECRETS",
+                "VAPI__API_KEY",
+                "VAPI__API_URL",
+                "AUTH__ADMIN_TOKEN",
+                "INBOX__DIR",
+                "STRIPE__API_BASE",
+            ]
+            .map(|key| format!("CALLPLANE__{key}")),
+        );
+        assert_eq!(unknown_variables(&known(), names.into_iter()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn plans_are_named_freely_but_their_keys_are_checked() {
+        let names = ["CALLPLANE__PLANS__ENTERPRISE__PRICE_CENTS", "CALLPLANE__PLANS__PRO__PRICE_CENT"];
+        let unknown = unknown_variables(&known(), names.iter().map(|n| n.to_string()));
+        assert_eq!(
+            unknown,
+            ["CALLPLANE__PLANS__PRO__PRICE_CENT: there is no key `plans.pro.price_cent`; \
+              did you mean CALLPLANE__PLANS__PRO__PRICE_CENTS?"]
+        );
+    }
+
+    #[test]
+    fn an_environment_file_that_is_named_must_exist() {
+        let dir = config_dir(&[("base.toml", ""), ("production.toml", ""), ("test.toml", "")]);
+        let dir_name = dir.to_string_lossy().into_owned();
+        let err = env_file(Some("prod".into()), Some(dir_name.clone())).unwrap_err().to_string();
+        assert!(err.starts_with("CALLPLANE_ENV=prod: ") && err.contains("prod.toml does not exist"), "{err}");
+        assert!(err.ends_with(&format!("environments in {dir_name}: production, test)")), "{err}");
+        assert_eq!(env_file(Some("test".into()), Some(dir_name.clone())).unwrap(), Some(dir.join("test.toml")));
+        // `local`, the default, is optional unless a directory was named.
+        assert!(env_file(None, Some(dir_name)).is_err());
+        assert_eq!(env_file(None, None).unwrap(), None, "crates/server has no config/local.toml");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_the_environment_file_misspells_is_refused() {
+        let dir = config_dir(&[("prod.toml", "[server]\nlog_format = \"json\"\n[databse]\nurl = \"x\"\n")]);
+        let path = dir.join("prod.toml");
+        let unknown = unknown_file_keys(&known(), &path).unwrap();
+        assert_eq!(
+            unknown,
+            [format!("{}: there is no key `databse.url`; did you mean `database.url`?", path.display())]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_repository_environment_files_hold_only_keys() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        for env in ["local", "test", "production"] {
+            let path = dir.join(format!("{env}.toml"));
+            assert_eq!(unknown_file_keys(&known(), &path).unwrap(), Vec::<String>::new());
+        }
+    }
+
+    #[test]
+    fn an_override_that_is_not_a_key_is_refused() {
+        let err = Settings::defaults_with(&[("vapi.secrets", "x")]).unwrap_err().to_string();
+        assert!(err.starts_with("vapi.secrets: there is no such configuration key"), "{err}");
+        assert!(Settings::defaults_with(&[("plans.pro.stripe_price_id", "price_1")]).is_ok());
     }
 }

@@ -12,9 +12,9 @@
 use crate::{PgStore, db};
 use callplane_core::OrgId;
 use callplane_core::billing::{BillingRules, period_containing};
-use callplane_core::domain::CallChange;
+use callplane_core::domain::{CallChange, REVIEW_DURATION_UNKNOWN};
 use callplane_core::seams::{StoreError, StoreResult};
-use callplane_core::vapi::{ServerMessage, status_rank};
+use callplane_core::vapi::{MAX_CALL_DURATION_SECONDS, MessageKind, ServerMessage, status_rank};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
@@ -141,10 +141,17 @@ impl PgStore {
             Some((s, r)) => (s.to_owned(), r),
             None => ("unknown".to_owned(), -1),
         };
+        // Status updates record when the call connected and ended: the last source of its
+        // duration when the end-of-call report carries none.
+        let (seen_start, seen_end) = match (msg.kind, status.as_str()) {
+            (MessageKind::StatusUpdate, "in-progress") => (msg.timestamp, None),
+            (MessageKind::StatusUpdate, "ended") => (None, msg.timestamp),
+            _ => (None, None),
+        };
         let inserted = sqlx::query(
             "INSERT INTO calls (id, organization_id, created_at, call_type, status, status_rank, ended_reason, \
-                                assistant_id, phone_number_id, customer_number, last_event_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id, created_at) DO NOTHING",
+                                assistant_id, phone_number_id, customer_number, last_event_at, started_at, ended_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id, created_at) DO NOTHING",
         )
         .bind(&call_id)
         .bind(org.0)
@@ -157,6 +164,8 @@ impl PgStore {
         .bind(&msg.phone_number_id)
         .bind(&msg.customer_number)
         .bind(event_at)
+        .bind(seen_start)
+        .bind(seen_end)
         .execute(&mut *tx)
         .await
         .map_err(db)?
@@ -182,6 +191,7 @@ impl PgStore {
                     phone_number_id = COALESCE(phone_number_id, $8), \
                     customer_number = COALESCE(customer_number, $9), \
                     last_event_at = GREATEST(last_event_at, $10), \
+                    started_at = COALESCE(started_at, $11), ended_at = COALESCE(ended_at, $12), \
                     updated_at = now() \
                  WHERE id = $1 AND created_at = $2",
             )
@@ -195,6 +205,8 @@ impl PgStore {
             .bind(&msg.phone_number_id)
             .bind(&msg.customer_number)
             .bind(event_at)
+            .bind(seen_start)
+            .bind(seen_end)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
@@ -203,24 +215,59 @@ impl PgStore {
 
         // 3. The end-of-call report: authoritative final fields, the ledger, the counter.
         let mut billed = None;
+        let mut duration_unknown = false;
         let mut alerts = Vec::new();
         if let Some(report) = &msg.report {
-            let billable = opts.rules.billable_seconds(report.duration_seconds, report.ended_reason.as_deref());
-            sqlx::query(
+            // The duration from the best source present: the report (its duration fields,
+            // its times, the call object's times: see `vapi::report`), else the times the
+            // status updates recorded.
+            let duration = match report.duration_seconds {
+                Some(d) => Some(d),
+                None => {
+                    let (start, end): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+                        sqlx::query_as("SELECT started_at, ended_at FROM calls WHERE id = $1 AND created_at = $2")
+                            .bind(&call_id)
+                            .bind(created_at)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                    match (report.started_at.or(start), report.ended_at.or(end)) {
+                        (Some(s), Some(e)) if e >= s && (e - s).num_seconds() <= MAX_CALL_DURATION_SECONDS => {
+                            Some((e - s).num_milliseconds() as f64 / 1000.0)
+                        }
+                        _ => None,
+                    }
+                }
+            };
+            let connected = opts.rules.is_billed_reason(report.ended_reason.as_deref());
+            // A call that connected but whose length nobody knows is never billed 0 in
+            // silence: it waits for review (reconciliation asks VAPI) and is not billed yet.
+            let billable = match (connected, duration) {
+                (false, _) => Some(0),
+                (true, Some(d)) => Some(opts.rules.billable_seconds(Some(d), report.ended_reason.as_deref())),
+                (true, None) => None,
+            };
+            // The first report that knows the duration sets it, with the ledger: a late
+            // duplicate never changes what was billed.
+            let review: Option<(bool,)> = sqlx::query_as(
                 "UPDATE calls SET status = 'ended', status_rank = 5, \
                     ended_reason = COALESCE($3, ended_reason), started_at = COALESCE($4, started_at), \
-                    ended_at = COALESCE($5, ended_at), duration_seconds = $6, cost = COALESCE($7, cost), \
+                    ended_at = COALESCE($5, ended_at), duration_seconds = COALESCE(duration_seconds, $6), \
+                    cost = COALESCE($7, cost), \
                     costs = COALESCE($8, costs), summary = COALESCE($9, summary), \
                     analysis = COALESCE($10, analysis), recording_url = COALESCE($11, recording_url), \
-                    billable_seconds = $12, reported_at = COALESCE(reported_at, $13), updated_at = now() \
-                 WHERE id = $1 AND created_at = $2",
+                    review_reason = CASE WHEN billable_seconds IS NOT NULL OR $12::bigint IS NOT NULL THEN NULL \
+                                         ELSE $14 END, \
+                    billable_seconds = COALESCE(billable_seconds, $12), \
+                    reported_at = COALESCE(reported_at, $13), updated_at = now() \
+                 WHERE id = $1 AND created_at = $2 RETURNING review_reason IS NOT NULL",
             )
             .bind(&call_id)
             .bind(created_at)
             .bind(&report.ended_reason)
             .bind(report.started_at)
             .bind(report.ended_at)
-            .bind(report.duration_seconds)
+            .bind(duration)
             .bind(report.cost)
             .bind(&report.costs)
             .bind(&report.summary)
@@ -228,64 +275,68 @@ impl PgStore {
             .bind(&report.recording_url)
             .bind(billable)
             .bind(event_at)
-            .execute(&mut *tx)
+            .bind(REVIEW_DURATION_UNKNOWN)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(db)?;
-
-            // A call cannot start before VAPI created it; the pipeline has refused far-future
-            // times already.
-            let started = report.started_at.map_or(created_at, |s| s.max(created_at));
-            let anchor: DateTime<Utc> = sqlx::query_scalar("SELECT billing_anchor FROM organizations WHERE id = $1")
-                .bind(org.0)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
-            let (period_start, period_end) = period_containing(anchor, started);
-            let ledger_written = sqlx::query(
-                "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
+            duration_unknown = review.is_some_and(|(flagged,)| flagged);
+            if let Some(billable) = billable {
+                // A call cannot start before VAPI created it; the pipeline has refused far-future
+                // times already.
+                let started = report.started_at.map_or(created_at, |s| s.max(created_at));
+                let anchor: DateTime<Utc> =
+                    sqlx::query_scalar("SELECT billing_anchor FROM organizations WHERE id = $1")
+                        .bind(org.0)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                let (period_start, period_end) = period_containing(anchor, started);
+                let ledger_written = sqlx::query(
+                    "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
                                            duration_seconds, billable_seconds, ended_reason) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (call_id) DO NOTHING",
-            )
-            .bind(&call_id)
-            .bind(org.0)
-            .bind(period_start)
-            .bind(started)
-            .bind(report.duration_seconds.unwrap_or(0.0))
-            .bind(billable)
-            .bind(&report.ended_reason)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?
-            .rows_affected()
-                == 1;
-            if ledger_written {
-                if opts.raise_counter && billable > 0 {
-                    // A call in a later period than the org's current one opens that period
-                    // (its counter starts from this call); a call from an earlier period is
-                    // only in the ledger, where that period's total stays readable.
-                    let raised: Option<(i64, String)> = sqlx::query_as(
-                        "UPDATE organizations SET \
+                )
+                .bind(&call_id)
+                .bind(org.0)
+                .bind(period_start)
+                .bind(started)
+                .bind(duration.unwrap_or(0.0))
+                .bind(billable)
+                .bind(&report.ended_reason)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected()
+                    == 1;
+                if ledger_written {
+                    if opts.raise_counter && billable > 0 {
+                        // A call in a later period than the org's current one opens that period
+                        // (its counter starts from this call); a call from an earlier period is
+                        // only in the ledger, where that period's total stays readable.
+                        let raised: Option<(i64, String)> = sqlx::query_as(
+                            "UPDATE organizations SET \
                             seconds_used = CASE WHEN period_start = $2 THEN seconds_used + $4 ELSE $4 END, \
                             period_start = $2, period_end = $3, updated_at = now() \
                          WHERE id = $1 AND period_start <= $2 RETURNING seconds_used, plan",
-                    )
-                    .bind(org.0)
-                    .bind(period_start)
-                    .bind(period_end)
-                    .bind(billable)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    if let Some((used, plan)) = raised
-                        && let Some(included) = (opts.included_seconds)(&plan).filter(|i| *i > 0)
-                    {
-                        alerts = crossed_thresholds(&mut tx, org, period_start, used, included).await?;
+                        )
+                        .bind(org.0)
+                        .bind(period_start)
+                        .bind(period_end)
+                        .bind(billable)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                        if let Some((used, plan)) = raised
+                            && let Some(included) = (opts.included_seconds)(&plan).filter(|i| *i > 0)
+                        {
+                            alerts = crossed_thresholds(&mut tx, org, period_start, used, included).await?;
+                        }
                     }
+                    billed = Some((billable, period_start));
                 }
-                billed = Some((billable, period_start));
             }
         }
-        let change = CallChange { call_id, created_at, inserted, status_changed, billed };
+        let change = CallChange { call_id, created_at, inserted, status_changed, billed, duration_unknown };
         if opts.publish {
             // Last lock of the transaction (after the organization row): the organization's
             // event sequence follows the commit order of its calls' changes.

@@ -3,6 +3,7 @@
 use crate::{PgStore, db};
 use callplane_core::OrgId;
 use callplane_core::seams::StoreResult;
+use callplane_core::text::{MAX_ID_CHARS, storable, storable_json, truncate_chars};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -17,6 +18,8 @@ pub struct NewDeadLetter<'a> {
     pub error: &'a str,
     /// The whole body as received (`{"message": {...}}`).
     pub payload: &'a Value,
+    /// The body's exact bytes, when they are at hand: replay reads these first.
+    pub raw_body: Option<&'a [u8]>,
     pub received_at: DateTime<Utc>,
 }
 
@@ -29,6 +32,9 @@ pub struct DeadLetter {
     pub error_code: String,
     pub error: String,
     pub payload: Value,
+    /// The body exactly as received, when it was kept.
+    #[serde(skip)]
+    pub raw_body: Option<Vec<u8>>,
     pub received_at: DateTime<Utc>,
     pub attempts: i32,
     pub resolved_at: Option<DateTime<Utc>>,
@@ -45,17 +51,22 @@ pub struct DeadLetterFilter {
 }
 
 impl PgStore {
+    /// Keeps an event. Whatever it holds, it is stored: text is made storable (NUL replaced),
+    /// ids and types are cut to a length an index takes, and the exact bytes go to `raw_body`.
     pub async fn record_dead_letter(&self, d: &NewDeadLetter<'_>) -> StoreResult<i64> {
+        let short = |s: Option<&str>| s.map(|s| storable(truncate_chars(s, MAX_ID_CHARS)).into_owned());
         sqlx::query_scalar(
-            "INSERT INTO dead_letters (organization_id, call_id, message_type, error_code, error, payload, received_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            "INSERT INTO dead_letters (organization_id, call_id, message_type, error_code, error, payload, raw_body, \
+                                       received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         )
         .bind(d.org.map(|o| o.0))
-        .bind(d.call_id)
-        .bind(d.message_type)
-        .bind(d.error_code)
-        .bind(d.error)
-        .bind(d.payload)
+        .bind(short(d.call_id))
+        .bind(short(d.message_type))
+        .bind(storable(d.error_code))
+        .bind(storable(d.error))
+        .bind(storable_json(d.payload).as_ref())
+        .bind(d.raw_body)
         .bind(d.received_at)
         .fetch_one(&self.pool)
         .await
@@ -64,8 +75,8 @@ impl PgStore {
 
     pub async fn dead_letters(&self, f: &DeadLetterFilter) -> StoreResult<Vec<DeadLetter>> {
         let mut q = QueryBuilder::new(
-            "SELECT id, organization_id, call_id, message_type, error_code, error, payload, received_at, attempts, \
-             resolved_at FROM dead_letters WHERE true",
+            "SELECT id, organization_id, call_id, message_type, error_code, error, payload, raw_body, received_at, \
+             attempts, resolved_at FROM dead_letters WHERE true",
         );
         if !f.include_resolved {
             q.push(" AND resolved_at IS NULL");
@@ -94,6 +105,7 @@ impl PgStore {
                     error_code: r.try_get("error_code")?,
                     error: r.try_get("error")?,
                     payload: r.try_get("payload")?,
+                    raw_body: r.try_get("raw_body")?,
                     received_at: r.try_get("received_at")?,
                     attempts: r.try_get("attempts")?,
                     resolved_at: r.try_get("resolved_at")?,
@@ -122,8 +134,8 @@ impl PgStore {
                  WHERE id = $1",
             )
             .bind(id)
-            .bind(code)
-            .bind(message),
+            .bind(storable(code).into_owned())
+            .bind(storable(message).into_owned()),
         }
         .execute(&self.pool)
         .await

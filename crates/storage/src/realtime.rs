@@ -5,7 +5,7 @@
 //! notification and fans it out in memory to that organization's subscribers only, so every
 //! `callplane serve` on the database delivers every event. Subscribers never block the
 //! publisher: each has a bounded queue, and one that falls behind is told it lagged and must
-//! resume from the stored history.
+//! resume from the stored history. The history is read in pages bounded in count and bytes.
 
 use crate::{PgStore, db};
 use async_trait::async_trait;
@@ -21,6 +21,9 @@ use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
 pub const CHANNEL: &str = "callplane_events";
+
+/// The most event data (as JSON text) one history page carries beyond its first event.
+const HISTORY_PAGE_BYTES: i64 = 64 * 1024;
 
 /// The per-organization senders of this process.
 #[derive(Default)]
@@ -158,14 +161,22 @@ impl RealtimeBus for PgRealtimeBus {
         .boxed())
     }
 
+    /// At most `limit` events, and no more than [`HISTORY_PAGE_BYTES`] of their data past the
+    /// first: a page is what this process holds for a client catching up, however large the
+    /// events are.
     async fn history(&self, org: OrgId, after_seq: i64, limit: i64) -> StoreResult<Vec<PublishedEvent>> {
+        // The window runs over the `limit` rows only, so a long backlog is never scanned whole.
         let rows = sqlx::query(
-            "SELECT seq, kind, call_id, data, created_at FROM realtime_events \
-             WHERE organization_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            "SELECT seq, kind, call_id, data, created_at FROM ( \
+                 SELECT *, sum(octet_length(data::text)) OVER (ORDER BY seq) - octet_length(data::text) AS before \
+                 FROM (SELECT seq, kind, call_id, data, created_at FROM realtime_events \
+                       WHERE organization_id = $1 AND seq > $2 ORDER BY seq LIMIT $3) page \
+             ) sized WHERE before < $4 ORDER BY seq",
         )
         .bind(org.0)
         .bind(after_seq)
         .bind(limit)
+        .bind(HISTORY_PAGE_BYTES)
         .fetch_all(self.store.pool())
         .await
         .map_err(db)?;

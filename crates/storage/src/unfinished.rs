@@ -79,6 +79,54 @@ impl PgStore {
         Ok(rows.into_iter().map(UnfinishedCall::from).collect())
     }
 
+    /// Calls waiting for review (ended connected, duration unknown) matching `f`, oldest
+    /// first. `status` is the review reason.
+    #[instrument(skip_all, fields(org_id = ?f.org.map(|o| o.0)))]
+    pub async fn calls_for_review(&self, f: &UnfinishedFilter) -> StoreResult<Vec<UnfinishedCall>> {
+        let mut q = QueryBuilder::new(
+            "SELECT organization_id, id, created_at, review_reason AS status FROM calls \
+             WHERE review_reason IS NOT NULL",
+        );
+        q.push(" AND created_at >= ").push_bind(f.created_from);
+        q.push(" AND created_at < ").push_bind(f.created_before);
+        if let Some(org) = f.org {
+            q.push(" AND organization_id = ").push_bind(org.0);
+        }
+        if let Some((created_at, id)) = &f.after {
+            q.push(" AND (created_at, id) > (").push_bind(*created_at).push(", ").push_bind(id.clone()).push(")");
+        }
+        q.push(" ORDER BY created_at, id LIMIT ").push_bind(f.limit.max(1));
+        let rows: Vec<UnfinishedRow> = q.build_query_as().fetch_all(&self.pool).await.map_err(db)?;
+        Ok(rows.into_iter().map(UnfinishedCall::from).collect())
+    }
+
+    /// Why a call waits for review, if it does.
+    pub async fn review_reason(
+        &self,
+        org: OrgId,
+        call_id: &str,
+        created_at: DateTime<Utc>,
+    ) -> StoreResult<Option<String>> {
+        let reason: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT review_reason FROM calls WHERE organization_id = $1 AND id = $2 AND created_at = $3",
+        )
+        .bind(org.0)
+        .bind(call_id)
+        .bind(created_at)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(reason.flatten())
+    }
+
+    /// How many calls wait for review, for operators (`/metrics`).
+    pub async fn calls_for_review_count(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT count(*) FROM calls WHERE review_reason IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)
+    }
+
     /// Moves a call that VAPI cannot finish to `ended` without billing it, recording why.
     /// Returns false when the call had ended meanwhile (its report arrived): nothing changes.
     /// The ended reason stays empty: VAPI gave none. A report that arrives later still bills

@@ -8,7 +8,7 @@ use callplane_core::seams::{
     EventPipeline, InboundEvent, OrgDirectory, PipelineError, Processed, RealtimeBus, RealtimeEvent, StoreError,
     Transcript, TranscriptStore, UsageCounter,
 };
-use callplane_core::vapi::{MessageKind, parse_message};
+use callplane_core::vapi::{MessageKind, parse_body, parse_message};
 use callplane_storage::{ApplyOptions, CallChange, DeadLetterFilter, NewDeadLetter, PgStore};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
@@ -92,6 +92,7 @@ impl InlinePipeline {
         let report = msg.report.as_ref();
         let times = [
             ("call.createdAt", msg.call_created_at.or(msg.timestamp)),
+            ("timestamp", msg.timestamp),
             ("startedAt", report.and_then(|r| r.started_at)),
             ("endedAt", report.and_then(|r| r.ended_at)),
         ];
@@ -146,6 +147,10 @@ impl InlinePipeline {
             // The ledger row is committed; a counter that fails here is rebuilt from it.
             self.counter.add(ev.org_id, period, seconds).await?;
         }
+        if change.duration_unknown {
+            warn!(call_id = %change.call_id, "the call ended connected but no source gave its duration; \
+                   not billed yet, marked for review (reconciliation asks VAPI)");
+        }
         if !publish_in_tx {
             self.publish(&events::for_change(ev.org_id, &change)).await;
         }
@@ -194,6 +199,7 @@ impl InlinePipeline {
                 error_code: failure.code(),
                 error: &message,
                 payload: &payload,
+                raw_body: None,
                 received_at: ev.received_at,
             })
             .await
@@ -212,8 +218,12 @@ impl InlinePipeline {
         let mut report = ReplayReport::default();
         for letter in letters {
             report.attempted += 1;
-            let message = letter.payload.get("message").cloned().unwrap_or(Value::Null);
-            let outcome = match parse_message(message) {
+            // The exact bytes received, when kept; else the readable copy.
+            let parsed = match &letter.raw_body {
+                Some(raw) => parse_body(raw),
+                None => parse_message(letter.payload.get("message").cloned().unwrap_or(Value::Null)),
+            };
+            let outcome = match parsed {
                 Err(e) => Err(("invalid_message", e.to_string())),
                 Ok(msg) => {
                     let org = match letter.organization_id {
@@ -263,6 +273,7 @@ impl EventPipeline for InlinePipeline {
         &self,
         org: Option<OrgId>,
         body: &Value,
+        raw: Option<&[u8]>,
         code: &str,
         error: &str,
         received_at: DateTime<Utc>,
@@ -278,6 +289,7 @@ impl EventPipeline for InlinePipeline {
                 error_code: code,
                 error,
                 payload: body,
+                raw_body: raw,
                 received_at,
             })
             .await

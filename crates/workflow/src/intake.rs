@@ -284,7 +284,12 @@ impl LocalIntake {
         let body: Value = serde_json::from_slice(&webhook.body)
             .unwrap_or_else(|_| json!({ "raw": String::from_utf8_lossy(&webhook.body) }));
         let org = org.or(webhook.org);
-        match self.inner.pipeline.keep_unprocessed(org, &body, code, reason, webhook.received_at).await {
+        match self
+            .inner
+            .pipeline
+            .keep_unprocessed(org, &body, Some(&webhook.body), code, reason, webhook.received_at)
+            .await
+        {
             Ok(id) => {
                 info!(dead_letter_id = id, code, "unprocessable webhook kept as a dead letter");
                 Outcome::Done(Processed::Ignored)
@@ -498,6 +503,7 @@ mod tests {
             &self,
             _org: Option<OrgId>,
             _body: &Value,
+            _raw: Option<&[u8]>,
             code: &str,
             _error: &str,
             _received_at: chrono::DateTime<Utc>,

@@ -199,6 +199,9 @@ pub struct ReconcileReport {
     pub marked: usize,
     /// VAPI still reports them in progress; left for the next run.
     pub still_open: usize,
+    /// Calls waiting for review (ended connected, duration unknown) that VAPI's record
+    /// could not settle either; left for the next run and for operators.
+    pub left_for_review: usize,
     /// VAPI or the database could not be asked; left for the next run.
     pub failed: usize,
     /// Why the run stopped before the end (VAPI refused the key, or kept rate limiting).
@@ -213,6 +216,7 @@ pub enum CallOutcome {
     Finished,
     Marked { note: String },
     StillOpen { vapi_status: Option<String> },
+    LeftForReview { why: String },
     Failed { error: String },
 }
 
@@ -278,6 +282,8 @@ impl MarkReason {
     }
 }
 
+const REVIEWED_NOTE: &str = "duration-from-vapi: the report gave no duration; billed from VAPI's call record";
+
 const FINISHED_NOTE: &str = "finished-from-vapi: the end-of-call report never arrived; billed from VAPI's call record";
 
 /// The statuses of a call VAPI has not finished (SPEC §3.1).
@@ -330,31 +336,85 @@ impl Reconciler {
         if filter.created_from >= filter.created_before {
             return Ok(report);
         }
-        loop {
-            let page = self.store.unfinished_calls(&filter).await.map_err(ReconcileError::List)?;
-            for call in &page {
-                let (outcome, stop) = match self.reconcile_call(call, now).await {
-                    Ok(outcome) => (outcome, None),
-                    Err(failure) => {
-                        warn!(org_id = %call.organization_id, call_id = %call.id, error = ?failure,
-                              "could not reconcile call; left for the next run");
-                        let error = error_chain(&failure);
-                        let stop = failure.stops_run().then(|| error.clone());
-                        (CallOutcome::Failed { error }, stop)
+        // First the calls short of `ended`, then the ended ones waiting for review.
+        for review in [false, true] {
+            filter.after = None;
+            loop {
+                let page = if review {
+                    self.store.calls_for_review(&filter).await
+                } else {
+                    self.store.unfinished_calls(&filter).await
+                }
+                .map_err(ReconcileError::List)?;
+                for call in &page {
+                    let result =
+                        if review { self.review_call(call).await } else { self.reconcile_call(call, now).await };
+                    let (outcome, stop) = match result {
+                        Ok(outcome) => (outcome, None),
+                        Err(failure) => {
+                            warn!(org_id = %call.organization_id, call_id = %call.id, error = ?failure,
+                                  "could not reconcile call; left for the next run");
+                            let error = error_chain(&failure);
+                            let stop = failure.stops_run().then(|| error.clone());
+                            (CallOutcome::Failed { error }, stop)
+                        }
+                    };
+                    report.count(&outcome);
+                    progress(&CallReconciled { call, outcome: &outcome, report: &report });
+                    if stop.is_some() {
+                        report.stopped = stop;
+                        return Ok(report);
                     }
-                };
-                report.count(&outcome);
-                progress(&CallReconciled { call, outcome: &outcome, report: &report });
-                if stop.is_some() {
-                    report.stopped = stop;
-                    return Ok(report);
+                }
+                match page.last() {
+                    Some(last) if page.len() as i64 >= filter.limit => {
+                        filter.after = Some((last.created_at, last.id.clone()));
+                    }
+                    _ => break,
                 }
             }
-            match page.last() {
-                Some(last) if page.len() as i64 >= filter.limit => {
-                    filter.after = Some((last.created_at, last.id.clone()));
+        }
+        Ok(report)
+    }
+
+    /// A call that ended connected without a known duration: billed from VAPI's record when
+    /// that has one (through the pipeline, exactly once: the ledger row is written now),
+    /// else left for review.
+    async fn review_call(&self, call: &UnfinishedCall) -> Result<CallOutcome, CallFailure> {
+        let record = match self.ask_vapi(&call.id).await? {
+            CallLookup::Found(record) if has_ended(&record) => record,
+            CallLookup::Found(record) => {
+                let status = record.get("status").and_then(Value::as_str).unwrap_or("no status");
+                return Ok(CallOutcome::LeftForReview { why: format!("VAPI reports the call {status}") });
+            }
+            CallLookup::NotFound => {
+                return Ok(CallOutcome::LeftForReview { why: "VAPI has no record of the call (HTTP 404)".into() });
+            }
+        };
+        let org = call.organization_id;
+        let received_at = Utc::now();
+        let message = end_of_call_report(&call.id, &record, received_at);
+        let parsed = match parse_message(message) {
+            Ok(parsed) => parsed,
+            Err(e) => return Ok(CallOutcome::LeftForReview { why: format!("VAPI's record is unreadable: {e}") }),
+        };
+        let event = InboundEvent { org_id: org, received_at, message: parsed };
+        if let Err(e) = self.pipeline.submit(event).await {
+            return match e {
+                PipelineError::Rejected { code, message, .. } => {
+                    Ok(CallOutcome::LeftForReview { why: format!("VAPI's record was refused ({code}): {message}") })
                 }
-                _ => return Ok(report),
+                e => Err(CallFailure::Pipeline(e)),
+            };
+        }
+        match self.store.review_reason(org, &call.id, call.created_at).await.map_err(CallFailure::Store)? {
+            Some(_) => Ok(CallOutcome::LeftForReview { why: "VAPI's record has no duration either".into() }),
+            None => {
+                if let Err(e) = self.store.note_call_reconciled(org, &call.id, call.created_at, REVIEWED_NOTE).await {
+                    warn!(org_id = %org, call_id = %call.id, error = ?e, "could not note the reconciliation");
+                }
+                info!(org_id = %org, call_id = %call.id, "call of unknown duration billed from VAPI's record");
+                Ok(CallOutcome::Finished)
             }
         }
     }
@@ -439,7 +499,7 @@ impl Reconciler {
         let body = json!({ "message": message });
         let dead_letter_id = self
             .pipeline
-            .keep_unprocessed(Some(call.organization_id), &body, error.code(), &error.to_string(), received_at)
+            .keep_unprocessed(Some(call.organization_id), &body, None, error.code(), &error.to_string(), received_at)
             .await
             .map_err(CallFailure::Store)?;
         self.mark(call, MarkReason::RecordUnreadable { code: error.code(), dead_letter_id }).await
@@ -476,6 +536,7 @@ impl ReconcileReport {
             CallOutcome::Finished => self.finished += 1,
             CallOutcome::Marked { .. } => self.marked += 1,
             CallOutcome::StillOpen { .. } => self.still_open += 1,
+            CallOutcome::LeftForReview { .. } => self.left_for_review += 1,
             CallOutcome::Failed { .. } => self.failed += 1,
         }
     }
@@ -498,6 +559,7 @@ pub fn spawn_sweeper(reconciler: Arc<Reconciler>, interval: Duration) -> tokio::
                     finished = r.finished,
                     marked = r.marked,
                     still_open = r.still_open,
+                    left_for_review = r.left_for_review,
                     failed = r.failed,
                     stopped = r.stopped.as_deref().unwrap_or(""),
                     "unfinished calls reconciled; some could not be and are left for the next run"
@@ -507,6 +569,7 @@ pub fn spawn_sweeper(reconciler: Arc<Reconciler>, interval: Duration) -> tokio::
                     finished = r.finished,
                     marked = r.marked,
                     still_open = r.still_open,
+                    left_for_review = r.left_for_review,
                     "unfinished calls reconciled"
                 ),
                 Err(e) => warn!(error = ?e, "reconciling unfinished calls failed; will retry"),
