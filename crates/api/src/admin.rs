@@ -7,6 +7,7 @@ use crate::{ApiError, AppState};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use callplane_core::ErrorCode;
 use callplane_core::domain::NewOrganization;
 use callplane_core::{OrgId, OrgStatus, Organization};
 use chrono::{DateTime, Utc};
@@ -77,8 +78,8 @@ fn view(s: &AppState, o: Organization) -> OrganizationView {
     }
 }
 
-fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::client(StatusCode::BAD_REQUEST, code, message)
+fn bad(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError::client(code, message)
 }
 
 fn check_plan(s: &AppState, plan: &str) -> Result<(), ApiError> {
@@ -87,26 +88,25 @@ fn check_plan(s: &AppState, plan: &str) -> Result<(), ApiError> {
     } else {
         let mut names: Vec<&str> = s.plans.keys().map(String::as_str).collect();
         names.sort_unstable();
-        Err(bad("unknown_plan", format!("plan {plan:?} is not configured; plans: {}", names.join(", "))))
+        Err(bad(ErrorCode::UnknownPlan, format!("plan {plan:?} is not configured; plans: {}", names.join(", "))))
     }
 }
 
 fn org_not_found(id: OrgId) -> ApiError {
-    ApiError::client(StatusCode::NOT_FOUND, "organization_not_found", format!("no organization {id}"))
+    ApiError::client(ErrorCode::OrganizationNotFound, format!("no organization {id}"))
 }
 
 fn org_id(raw: &str) -> Result<OrgId, ApiError> {
-    raw.parse().map_err(|_| {
-        ApiError::client(StatusCode::NOT_FOUND, "organization_not_found", format!("no organization {raw}"))
-    })
+    raw.parse().map_err(|_| ApiError::client(ErrorCode::OrganizationNotFound, format!("no organization {raw}")))
 }
 
 /// A request body as `T`. Text with a NUL is refused first: it would reach PostgreSQL, which
 /// cannot store it.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad("invalid_body", e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad(ErrorCode::InvalidBody, e.to_string()))?;
     refuse_nul_in_json(&value)?;
-    serde_json::from_value(value).map_err(|e| bad("invalid_body", e.to_string()))
+    serde_json::from_value(value).map_err(|e| bad(ErrorCode::InvalidBody, e.to_string()))
 }
 
 /// Create an organization.
@@ -119,7 +119,7 @@ pub async fn create_org(
 ) -> Result<(StatusCode, Json<OrganizationView>), ApiError> {
     let req: CreateOrganization = parse_json(&body)?;
     if req.name.trim().is_empty() || req.name.len() > 200 {
-        return Err(bad("invalid_body", "`name` must be 1 to 200 characters"));
+        return Err(bad(ErrorCode::InvalidBody, "`name` must be 1 to 200 characters"));
     }
     check_plan(&s, &req.plan)?;
     let org = s
@@ -168,7 +168,7 @@ pub async fn update_org(
     let req: UpdateOrganization = parse_json(&body)?;
     let status = match req.status.as_deref() {
         Some(raw) => Some(OrgStatus::parse(raw).ok_or_else(|| {
-            bad("invalid_status", format!("status {raw:?} is not active, past_due, canceled or suspended"))
+            bad(ErrorCode::InvalidStatus, format!("status {raw:?} is not active, past_due, canceled or suspended"))
         })?),
         None => None,
     };
@@ -213,11 +213,11 @@ pub async fn revoke_key(
     ValidPath((id, key_id)): ValidPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let id = org_id(&id)?;
-    let key_id = uuid::Uuid::parse_str(&key_id)
-        .map_err(|_| ApiError::client(StatusCode::NOT_FOUND, "api_key_not_found", "no such key"))?;
+    let key_id =
+        uuid::Uuid::parse_str(&key_id).map_err(|_| ApiError::client(ErrorCode::ApiKeyNotFound, "no such key"))?;
     if s.admin.revoke_api_key(id, key_id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::client(StatusCode::NOT_FOUND, "api_key_not_found", "no such unrevoked key for this organization"))
+        Err(ApiError::client(ErrorCode::ApiKeyNotFound, "no such unrevoked key for this organization"))
     }
 }

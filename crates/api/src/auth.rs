@@ -9,9 +9,8 @@
 use crate::throttle::{AuthThrottle, ClientAddr, Throttled, key_prefix};
 use crate::{ApiError, AppState};
 use axum::extract::FromRequestParts;
-use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::response::{IntoResponse, Response};
+use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::jwt::{self, JwtSettings};
 use callplane_core::seams::OrgDirectory;
@@ -95,41 +94,13 @@ pub struct Caller {
 #[derive(Clone, Copy, Debug)]
 pub struct Admin;
 
-/// A credential not accepted: refused (401/403, or the directory failing), or throttled (429).
-#[derive(Debug)]
-pub enum AuthRejection {
-    Refused(ApiError),
-    Throttled(Throttled),
-}
-
-impl From<ApiError> for AuthRejection {
-    fn from(e: ApiError) -> Self {
-        AuthRejection::Refused(e)
-    }
-}
-
-impl From<Throttled> for AuthRejection {
-    fn from(t: Throttled) -> Self {
-        AuthRejection::Throttled(t)
-    }
-}
-
-impl IntoResponse for AuthRejection {
-    fn into_response(self) -> Response {
-        match self {
-            AuthRejection::Refused(e) => e.into_response(),
-            AuthRejection::Throttled(t) => t.into_response(),
-        }
-    }
-}
-
 pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     let v = headers.get("authorization")?.to_str().ok()?.trim();
     v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim)
 }
 
-fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::client(StatusCode::UNAUTHORIZED, code, message)
+fn unauthorized(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError::client(code, message)
 }
 
 /// Resolves an API key (`cp_...`) or a JWT to its organization.
@@ -137,14 +108,14 @@ pub(crate) async fn authenticate_client(
     s: &AppState,
     client: &ClientAddr,
     token: Option<&str>,
-) -> Result<OrgId, AuthRejection> {
+) -> Result<OrgId, ApiError> {
     let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return Err(unauthorized("missing_credentials", "send `Authorization: Bearer <API key or JWT>`").into());
+        return Err(unauthorized(ErrorCode::MissingCredentials, "send `Authorization: Bearer <API key or JWT>`"));
     };
     let org = if jwt::looks_like_jwt(token) {
         s.auth_throttle.check(client, None)?;
         let verified = match &s.dashboard_auth.jwt {
-            None => Err(unauthorized("jwt_not_configured", "this server does not accept JWTs; use an API key")),
+            None => Err(unauthorized(ErrorCode::JwtNotConfigured, "this server does not accept JWTs; use an API key")),
             Some(settings) => {
                 jwt::verify(token, settings, Utc::now()).map_err(|e| unauthorized(e.code(), e.to_string()))
             }
@@ -166,7 +137,7 @@ impl DashboardAuth {
         orgs: &dyn OrgDirectory,
         client: &ClientAddr,
         key: &str,
-    ) -> Result<OrgId, AuthRejection> {
+    ) -> Result<OrgId, ApiError> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let prefix = key_prefix(key);
         match self.api_keys.lookup(&hash, Instant::now()) {
@@ -182,7 +153,7 @@ impl DashboardAuth {
             None => {
                 self.api_keys.forget(&hash);
                 throttle.record_failure(client, prefix);
-                Err(unauthorized("invalid_api_key", "the API key is unknown or revoked").into())
+                Err(unauthorized(ErrorCode::InvalidApiKey, "the API key is unknown or revoked"))
             }
         }
     }
@@ -205,28 +176,28 @@ pub(crate) fn operator_token_matches(
 }
 
 impl FromRequestParts<AppState> for Caller {
-    type Rejection = AuthRejection;
+    type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, AuthRejection> {
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
         let client = ClientAddr::of(parts, &s.auth_throttle);
         Ok(Caller { org_id: authenticate_client(s, &client, bearer(&parts.headers)).await? })
     }
 }
 
 impl FromRequestParts<AppState> for Admin {
-    type Rejection = AuthRejection;
+    type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, AuthRejection> {
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
         let Some(expected) = &s.dashboard_auth.admin_token else {
-            return Err(ApiError::client(StatusCode::NOT_FOUND, "not_found", "the admin API is not enabled").into());
+            return Err(ApiError::client(ErrorCode::NotFound, "the admin API is not enabled"));
         };
         let given = bearer(&parts.headers)
-            .ok_or_else(|| unauthorized("missing_credentials", "send `Authorization: Bearer <admin token>`"))?;
+            .ok_or_else(|| unauthorized(ErrorCode::MissingCredentials, "send `Authorization: Bearer <admin token>`"))?;
         let client = ClientAddr::of(parts, &s.auth_throttle);
         if operator_token_matches(&s.auth_throttle, &client, given, expected)? {
             Ok(Admin)
         } else {
-            Err(ApiError::client(StatusCode::FORBIDDEN, "forbidden", "not the admin token").into())
+            Err(ApiError::client(ErrorCode::Forbidden, "not the admin token"))
         }
     }
 }
@@ -292,8 +263,8 @@ mod tests {
         ClientAddr::from(std::net::IpAddr::from([192, 0, 2, 1]))
     }
 
-    fn status(r: AuthRejection) -> StatusCode {
-        r.into_response().status()
+    fn status(r: ApiError) -> axum::http::StatusCode {
+        r.status()
     }
 
     #[tokio::test]
@@ -312,7 +283,7 @@ mod tests {
         dir.revoked.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(60)).await;
         let refused = auth.api_key_org(&throttle, &dir, &client(), KEY).await.unwrap_err();
-        assert_eq!(status(refused), StatusCode::UNAUTHORIZED);
+        assert_eq!(status(refused), axum::http::StatusCode::UNAUTHORIZED);
         assert_eq!(dir.lookups.load(Ordering::SeqCst), 2);
         assert!(matches!(auth.api_keys.lookup(&Sha256::digest(KEY).into(), Instant::now()), CachedKey::Unknown));
     }
@@ -323,10 +294,10 @@ mod tests {
         for i in 0..3 {
             let wrong = format!("cp_wrong{i}-0123456789abcdefghijklmnopqrstuv");
             let refused = auth.api_key_org(&throttle, &dir, &client(), &wrong).await.unwrap_err();
-            assert_eq!(status(refused), StatusCode::UNAUTHORIZED);
+            assert_eq!(status(refused), axum::http::StatusCode::UNAUTHORIZED);
         }
         let refused = auth.api_key_org(&throttle, &dir, &client(), "cp_wrong9-0123456789abcdef").await.unwrap_err();
-        assert_eq!(status(refused), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(status(refused), axum::http::StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(dir.lookups.load(Ordering::SeqCst), 3, "the throttled attempt never reached the directory");
     }
 

@@ -6,7 +6,8 @@ use crate::{ApiError, AppState};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
+use callplane_core::ErrorCode;
 use callplane_core::seams::{BillingError, WebhookError};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -30,7 +31,7 @@ pub async fn stripe_webhook(
             }
             Ok(Json(json!({ "received": true, "outcome": outcome.as_str() })))
         }
-        Err(WebhookError::Refused { code, message }) => Err(ApiError::client(StatusCode::BAD_REQUEST, code, message)),
+        Err(WebhookError::Refused { code, message }) => Err(ApiError::client(code, message)),
         Err(WebhookError::Store(e)) => Err(e.into()),
     }
 }
@@ -50,12 +51,11 @@ pub struct BillingLinkView {
 
 fn billing_error(e: BillingError) -> ApiError {
     match e {
-        BillingError::NotConfigured(m) => ApiError::client(StatusCode::CONFLICT, "billing_not_configured", m),
-        BillingError::Provider(m) => {
-            tracing::error!(error = %m, "the billing provider refused a request");
+        BillingError::NotConfigured(m) => ApiError::client(ErrorCode::BillingNotConfigured, m),
+        e @ BillingError::Provider { .. } => {
+            tracing::error!(error = %callplane_core::error_chain(&e), "the billing provider refused a request");
             ApiError::client(
-                StatusCode::BAD_GATEWAY,
-                "billing_provider_error",
+                ErrorCode::BillingProviderError,
                 "the billing provider refused the request; try again later",
             )
         }
@@ -64,9 +64,10 @@ fn billing_error(e: BillingError) -> ApiError {
 }
 
 async fn caller_org(s: &AppState, caller: Caller) -> Result<callplane_core::Organization, ApiError> {
-    s.orgs.get(caller.org_id).await?.ok_or_else(|| {
-        ApiError::client(StatusCode::NOT_FOUND, "organization_not_found", "the organization no longer exists")
-    })
+    s.orgs
+        .get(caller.org_id)
+        .await?
+        .ok_or_else(|| ApiError::client(ErrorCode::OrganizationNotFound, "the organization no longer exists"))
 }
 
 /// A Stripe Checkout link to subscribe to (or switch to) a plan.
@@ -78,14 +79,10 @@ pub async fn checkout(
     caller: Caller,
     body: Bytes,
 ) -> Result<Json<BillingLinkView>, ApiError> {
-    let req: CheckoutRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::client(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    let req: CheckoutRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::client(ErrorCode::InvalidBody, e.to_string()))?;
     if !s.plans.contains_key(&req.plan) {
-        return Err(ApiError::client(
-            StatusCode::BAD_REQUEST,
-            "unknown_plan",
-            format!("plan {:?} is not offered", req.plan),
-        ));
+        return Err(ApiError::client(ErrorCode::UnknownPlan, format!("plan {:?} is not offered", req.plan)));
     }
     let org = caller_org(&s, caller).await?;
     let link = s.billing.checkout(&org, &req.plan).await.map_err(billing_error)?;

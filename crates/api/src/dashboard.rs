@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use callplane_core::ErrorCode;
 use callplane_core::seams::{CallCursor, CallFilter};
 use callplane_core::vapi::status_rank;
 use callplane_core::{CallRecord, OrgId};
@@ -188,8 +189,8 @@ pub struct DailyQuery {
     pub to: Option<String>,
 }
 
-fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::client(StatusCode::BAD_REQUEST, code, message)
+fn bad(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError::client(code, message)
 }
 
 /// The years a date in a query may name. Calls are only recorded from 1970 to 9999 (see
@@ -200,7 +201,10 @@ const YEARS: std::ops::RangeInclusive<i32> = 1970..=9999;
 /// A query parameter's time, RFC 3339 with any offset, within [`YEARS`] (in UTC).
 pub(crate) fn parse_time(param: &str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
     let t: DateTime<Utc> = raw.parse().map_err(|_| {
-        bad("invalid_query", format!("`{param}` is not an RFC 3339 time such as 2026-05-01T00:00:00Z: {}", shown(raw)))
+        bad(
+            ErrorCode::InvalidQuery,
+            format!("`{param}` is not an RFC 3339 time such as 2026-05-01T00:00:00Z: {}", shown(raw)),
+        )
     })?;
     in_years(param, raw, t.year())?;
     Ok(t)
@@ -208,9 +212,9 @@ pub(crate) fn parse_time(param: &str, raw: &str) -> Result<DateTime<Utc>, ApiErr
 
 /// A query parameter's day, `YYYY-MM-DD`, within [`YEARS`].
 pub(crate) fn parse_day(param: &str, raw: &str) -> Result<NaiveDate, ApiError> {
-    let day: NaiveDate = raw
-        .parse()
-        .map_err(|_| bad("invalid_query", format!("`{param}` is not a day such as 2026-05-01: {}", shown(raw))))?;
+    let day: NaiveDate = raw.parse().map_err(|_| {
+        bad(ErrorCode::InvalidQuery, format!("`{param}` is not a day such as 2026-05-01: {}", shown(raw)))
+    })?;
     in_years(param, raw, day.year())?;
     Ok(day)
 }
@@ -220,7 +224,7 @@ fn in_years(param: &str, raw: &str, year: i32) -> Result<(), ApiError> {
         Ok(())
     } else {
         let (first, last) = (YEARS.start(), YEARS.end());
-        Err(bad("invalid_query", format!("`{param}` must be in the years {first} to {last}: {}", shown(raw))))
+        Err(bad(ErrorCode::InvalidQuery, format!("`{param}` must be in the years {first} to {last}: {}", shown(raw))))
     }
 }
 
@@ -238,7 +242,7 @@ pub(crate) fn encode_cursor(c: &CallCursor) -> String {
 /// not have been encoded from a stored call (a time outside [`YEARS`], a NUL in the id) is
 /// refused here rather than by the database.
 pub(crate) fn decode_cursor(s: &str) -> Result<CallCursor, ApiError> {
-    let invalid = || bad("invalid_cursor", "`cursor` is not a cursor this API returned");
+    let invalid = || bad(ErrorCode::InvalidCursor, "`cursor` is not a cursor this API returned");
     let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid())?;
     let text = String::from_utf8(raw).map_err(|_| invalid())?;
     let (micros, id) = text.split_once('|').ok_or_else(invalid)?;
@@ -259,7 +263,7 @@ const MAX_WINDOW_DAYS: i64 = 3 * 366;
 
 /// `t + by`, or a 400 where that leaves what chrono represents (which no `now` in [`YEARS`] does).
 fn shifted(t: DateTime<Utc>, by: Duration) -> Result<DateTime<Utc>, ApiError> {
-    t.checked_add_signed(by).ok_or_else(|| bad("invalid_query", "the default window is out of range"))
+    t.checked_add_signed(by).ok_or_else(|| bad(ErrorCode::InvalidQuery, "the default window is out of range"))
 }
 
 pub(crate) fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, ApiError> {
@@ -267,7 +271,7 @@ pub(crate) fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, Ap
         && status_rank(s).is_none()
     {
         return Err(bad(
-            "invalid_filter",
+            ErrorCode::InvalidFilter,
             format!("`status` {s:?} is not one of scheduled, queued, ringing, in-progress, forwarding, ended"),
         ));
     }
@@ -280,11 +284,14 @@ pub(crate) fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, Ap
         None => shifted(to, -Duration::days(366))?,
     };
     if from >= to {
-        return Err(bad("invalid_filter", "`from` must be before `to`"));
+        return Err(bad(ErrorCode::InvalidFilter, "`from` must be before `to`"));
     }
     // Each page walks the window a month at a time; keep that walk bounded.
     if to - from > Duration::days(MAX_WINDOW_DAYS) {
-        return Err(bad("invalid_filter", format!("the window from `from` to `to` is at most {MAX_WINDOW_DAYS} days")));
+        return Err(bad(
+            ErrorCode::InvalidFilter,
+            format!("the window from `from` to `to` is at most {MAX_WINDOW_DAYS} days"),
+        ));
     }
     Ok(CallFilter {
         from,
@@ -309,7 +316,7 @@ pub async fn list_calls(
     let f = filter(&q, Utc::now())?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(bad("invalid_filter", format!("`limit` must be between 1 and {MAX_PAGE}")));
+        return Err(bad(ErrorCode::InvalidFilter, format!("`limit` must be between 1 and {MAX_PAGE}")));
     }
     let cursor = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let page = s.calls.list_calls(caller.org_id, &f, cursor.as_ref(), limit).await?;
@@ -341,7 +348,7 @@ pub async fn get_call(
 }
 
 fn call_not_found(id: &str) -> ApiError {
-    ApiError::client(StatusCode::NOT_FOUND, "call_not_found", format!("no call {id} in this organization"))
+    ApiError::client(ErrorCode::CallNotFound, format!("no call {id} in this organization"))
 }
 
 /// Calls in progress now.
@@ -465,9 +472,11 @@ pub async fn export_csv(
 #[utoipa::path(get, path = "/v1/usage", tag = "usage", responses((status = 200, body = Usage)), security(("bearer" = [])))]
 pub async fn usage(State(s): State<AppState>, caller: Caller) -> Result<Json<Usage>, ApiError> {
     let started = Instant::now();
-    let org = s.orgs.get(caller.org_id).await?.ok_or_else(|| {
-        ApiError::client(StatusCode::NOT_FOUND, "organization_not_found", "the organization no longer exists")
-    })?;
+    let org = s
+        .orgs
+        .get(caller.org_id)
+        .await?
+        .ok_or_else(|| ApiError::client(ErrorCode::OrganizationNotFound, "the organization no longer exists"))?;
     let org = org.as_of(Utc::now());
     let plan = s.plans.get(&org.plan);
     let seconds_used = s.usage.used(org.id, org.period_start).await?;
@@ -534,10 +543,10 @@ pub(crate) fn days(q: &DailyQuery, today: NaiveDate) -> Result<(NaiveDate, Naive
         Some(raw) => parse_day("from", raw)?,
         None => to
             .checked_sub_days(Days::new(29))
-            .ok_or_else(|| bad("invalid_query", "the default range is out of range"))?,
+            .ok_or_else(|| bad(ErrorCode::InvalidQuery, "the default range is out of range"))?,
     };
     if from > to || (to - from).num_days() > 366 {
-        return Err(bad("invalid_filter", "`from` must not be after `to`, and the range is at most 366 days"));
+        return Err(bad(ErrorCode::InvalidFilter, "`from` must not be after `to`, and the range is at most 366 days"));
     }
     Ok((from, to))
 }
@@ -546,11 +555,11 @@ fn validate_key(key: &str) -> Result<(), ApiError> {
     let ok = (1..=128).contains(&key.len())
         && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if !ok {
-        return Err(bad("invalid_key", "keys are 1 to 128 characters of A-Z, a-z, 0-9, _, - and ."));
+        return Err(bad(ErrorCode::InvalidKey, "keys are 1 to 128 characters of A-Z, a-z, 0-9, _, - and ."));
     }
     // Function data is preloaded into the call's variables, next to callplane's own.
     if key.to_ascii_lowercase().starts_with("callplane") {
-        return Err(bad("reserved_key", "keys starting with `callplane` are reserved"));
+        return Err(bad(ErrorCode::ReservedKey, "keys starting with `callplane` are reserved"));
     }
     Ok(())
 }
@@ -576,7 +585,7 @@ pub async fn get_function_data(
 }
 
 fn key_not_found(key: &str) -> ApiError {
-    ApiError::client(StatusCode::NOT_FOUND, "key_not_found", format!("no function data under {key:?}"))
+    ApiError::client(ErrorCode::KeyNotFound, format!("no function data under {key:?}"))
 }
 
 /// Sets a function-data value (any JSON). The agent sees it from the next call on.
@@ -593,13 +602,12 @@ pub async fn put_function_data(
     validate_key(&key)?;
     if body.len() > s.max_function_data_bytes {
         return Err(ApiError::client(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "function_data_too_large",
+            ErrorCode::FunctionDataTooLarge,
             format!("a value is at most {} bytes of JSON; this one is {}", s.max_function_data_bytes, body.len()),
         ));
     }
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| bad("malformed_json", format!("the body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| bad(ErrorCode::MalformedJson, format!("the body is not valid JSON: {e}")))?;
     refuse_nul_in_json(&value)?;
     s.function_data.put(caller.org_id, &key, &value).await?;
     // This process's next answer reads the change (others hear of it by notification).
@@ -702,14 +710,14 @@ mod tests {
             ["-262143-01-01T00:00:00Z", "+262142-12-31T23:59:59Z", "1969-12-31T23:59:59Z", "10000-01-01T00:00:00Z"]
         {
             let e = parse_time("to", raw).unwrap_err();
-            assert_eq!(e.code(), "invalid_query", "{raw}");
+            assert_eq!(e.code().as_str(), "invalid_query", "{raw}");
             assert!(format!("{e:?}").contains("`to`"), "{e:?}");
         }
-        assert_eq!(parse_day("from", "-262143-01-01").unwrap_err().code(), "invalid_query");
+        assert_eq!(parse_day("from", "-262143-01-01").unwrap_err().code().as_str(), "invalid_query");
         let q = CallQuery { to: Some("-262143-01-01T00:00:00Z".into()), ..CallQuery::default() };
-        assert_eq!(filter(&q, Utc::now()).unwrap_err().code(), "invalid_query");
+        assert_eq!(filter(&q, Utc::now()).unwrap_err().code().as_str(), "invalid_query");
         let q = DailyQuery { to: Some("-262143-01-01".into()), from: None };
-        assert_eq!(days(&q, Utc::now().date_naive()).unwrap_err().code(), "invalid_query");
+        assert_eq!(days(&q, Utc::now().date_naive()).unwrap_err().code().as_str(), "invalid_query");
         assert!(parse_time("to", "9999-12-31T23:59:59.999999999Z").is_ok());
         assert!(parse_time("from", "1970-01-01T00:00:00Z").is_ok());
     }
@@ -717,7 +725,11 @@ mod tests {
     #[test]
     fn cursors_holding_a_nul_or_an_unstorable_time_are_refused() {
         for text in ["1767225600000000|a\0b", "-8210266876800000000|x", "253402300800000000|x"] {
-            assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode(text)).unwrap_err().code(), "invalid_cursor", "{text}");
+            assert_eq!(
+                decode_cursor(&URL_SAFE_NO_PAD.encode(text)).unwrap_err().code().as_str(),
+                "invalid_cursor",
+                "{text}"
+            );
         }
     }
 
@@ -774,7 +786,7 @@ mod tests {
         ) {
             match decode_cursor(&text) {
                 Ok(c) => prop_assert!(YEARS.contains(&c.created_at.year()) && !c.id.contains('\0')),
-                Err(e) => prop_assert_eq!(e.code(), "invalid_cursor"),
+                Err(e) => prop_assert_eq!(e.code().as_str(), "invalid_cursor"),
             }
         }
 
@@ -788,12 +800,12 @@ mod tests {
             if YEARS.contains(&t.year()) {
                 prop_assert_eq!(parsed.map_err(|e| TestCaseError::fail(format!("{e:?}")))?, t);
             } else {
-                prop_assert_eq!(parsed.unwrap_err().code(), "invalid_query");
+                prop_assert_eq!(parsed.unwrap_err().code().as_str(), "invalid_query");
             }
             let day = t.date_naive();
             match parse_day("to", &day.to_string()) {
                 Ok(parsed) => prop_assert!(YEARS.contains(&day.year()) && parsed == day),
-                Err(e) => prop_assert!(!YEARS.contains(&day.year()) && e.code() == "invalid_query"),
+                Err(e) => prop_assert!(!YEARS.contains(&day.year()) && e.code().as_str() == "invalid_query"),
             }
         }
 
@@ -810,7 +822,7 @@ mod tests {
                     prop_assert!(f.from < f.to);
                     prop_assert!(f.to - f.from <= Duration::days(MAX_WINDOW_DAYS));
                 }
-                Err(e) => prop_assert!(["invalid_query", "invalid_filter"].contains(&e.code())),
+                Err(e) => prop_assert!(["invalid_query", "invalid_filter"].contains(&e.code().as_str())),
             }
         }
 
@@ -823,7 +835,7 @@ mod tests {
             let today = DateTime::from_timestamp(today, 0).unwrap().date_naive();
             match days(&DailyQuery { from, to }, today) {
                 Ok((from, to)) => prop_assert!(from <= to && (to - from).num_days() <= 366),
-                Err(e) => prop_assert!(["invalid_query", "invalid_filter"].contains(&e.code())),
+                Err(e) => prop_assert!(["invalid_query", "invalid_filter"].contains(&e.code().as_str())),
             }
         }
     }

@@ -8,8 +8,8 @@
 
 use crate::ApiError;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use callplane_core::ErrorCode;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -22,14 +22,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ValidQuery<T> 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         if let Some(name) = parts.uri.query().and_then(parameter_with_nul) {
             return Err(ApiError::client(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
+                ErrorCode::InvalidQuery,
                 format!("the query parameter `{name}` contains a NUL character (%00)"),
             ));
         }
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(v)) => Ok(ValidQuery(v)),
-            Err(e) => Err(ApiError::client(StatusCode::BAD_REQUEST, "invalid_query", e.body_text())),
+            Err(e) => Err(ApiError::client(ErrorCode::InvalidQuery, e.body_text())),
         }
     }
 }
@@ -50,7 +49,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ValidPa
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let invalid = |message: String| ApiError::client(StatusCode::BAD_REQUEST, "invalid_path", message);
+        let invalid = |message: String| ApiError::client(ErrorCode::InvalidPath, message);
         if parts.uri.path().contains("%00") {
             return Err(invalid("the path contains a NUL character (%00)".to_owned()));
         }
@@ -71,7 +70,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         axum::body::Bytes::from_request(req, state)
             .await
             .map(JsonBody)
-            .map_err(|e| ApiError::client(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.body_text()))
+            .map_err(|e| ApiError::client(ErrorCode::PayloadTooLarge, e.body_text()))
     }
 }
 
@@ -81,8 +80,7 @@ pub fn refuse_nul_in_json(v: &Value) -> Result<(), ApiError> {
     match nul_pointer(v) {
         None => Ok(()),
         Some(pointer) => Err(ApiError::client(
-            StatusCode::BAD_REQUEST,
-            "invalid_body",
+            ErrorCode::InvalidBody,
             format!("the JSON at {pointer:?} contains a NUL character (\\u0000), which cannot be stored"),
         )),
     }

@@ -1,6 +1,6 @@
 //! Health, readiness and metrics.
 
-use crate::auth::{AuthRejection, bearer, operator_token_matches};
+use crate::auth::{bearer, operator_token_matches};
 use crate::throttle::ClientAddr;
 use crate::{ApiError, AppState};
 use async_trait::async_trait;
@@ -8,6 +8,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::IntoResponse;
+use callplane_core::ErrorCode;
 use serde_json::json;
 
 /// What `/readyz` and `/metrics` ask of the backends.
@@ -59,16 +60,16 @@ pub async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 /// Open unless `server.metrics_token` is set; then only `Authorization: Bearer <token>`,
 /// compared in constant time and throttled like every credential.
-fn metrics_allowed(s: &AppState, client: &ClientAddr, headers: &HeaderMap) -> Result<(), AuthRejection> {
+fn metrics_allowed(s: &AppState, client: &ClientAddr, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &s.metrics_token else { return Ok(()) };
-    let unauthorized = |code, message| ApiError::client(StatusCode::UNAUTHORIZED, code, message).into();
+    let unauthorized = ApiError::client;
     let Some(given) = bearer(headers) else {
-        return Err(unauthorized("missing_credentials", "send `Authorization: Bearer <metrics token>`"));
+        return Err(unauthorized(ErrorCode::MissingCredentials, "send `Authorization: Bearer <metrics token>`"));
     };
     if operator_token_matches(&s.auth_throttle, client, given, expected)? {
         Ok(())
     } else {
-        Err(unauthorized("invalid_metrics_token", "not the metrics token"))
+        Err(unauthorized(ErrorCode::InvalidMetricsToken, "not the metrics token"))
     }
 }
 
@@ -76,7 +77,7 @@ pub async fn metrics(
     State(s): State<AppState>,
     client: ClientAddr,
     headers: HeaderMap,
-) -> Result<impl IntoResponse, AuthRejection> {
+) -> Result<impl IntoResponse, ApiError> {
     metrics_allowed(&s, &client, &headers)?;
     let mut gauges = s.readiness.gauges().await;
     let intake = s.intake.status();
@@ -121,7 +122,7 @@ pub async fn metrics(
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {
-    ApiError::client(StatusCode::NOT_FOUND, "not_found", format!("no route for {}", uri.path()))
+    ApiError::client(ErrorCode::NotFound, format!("no route for {}", uri.path()))
 }
 
 pub async fn openapi() -> impl IntoResponse {

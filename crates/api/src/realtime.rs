@@ -30,8 +30,9 @@ use crate::{ApiError, AppState};
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::seams::{Delivery, PublishedEvent};
 use chrono::Utc;
@@ -91,7 +92,7 @@ pub async fn realtime(
         Ok(org) => org,
         Err(refused) => return Ok(refused.into_response()),
     };
-    let ws = ws.map_err(|e| ApiError::client(StatusCode::BAD_REQUEST, "websocket_required", e.body_text()))?;
+    let ws = ws.map_err(|e| ApiError::client(ErrorCode::WebsocketRequired, e.body_text()))?;
     let slot = match s.realtime.open.take(&s.realtime, org, credential_id(&token)) {
         Ok(slot) => slot,
         Err(full) => return Ok(too_many_connections(full)),
@@ -129,9 +130,7 @@ fn too_many_connections(full: Full) -> Response {
              close one or retry in {RETRY_AFTER_SECONDS} s"
         ),
     };
-    let mut response = ApiError::client(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", message).into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
-    response
+    ApiError::too_many(ErrorCode::TooManyConnections, message, RETRY_AFTER_SECONDS.into()).into_response()
 }
 
 /// Counts a credential's sockets without keeping the credential: only its hash is held.

@@ -32,22 +32,18 @@
 //!   not). Counts are on `/metrics`: `callplane_auth_failures_total`,
 //!   `callplane_auth_throttled_total`.
 
+use crate::ApiError;
 use crate::AppState;
-use axum::Json;
 use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
-
-/// The stable code of every 429 this module answers.
-pub const THROTTLED_CODE: &str = "too_many_failed_attempts";
 
 /// How many characters of an API key name its bucket: the prefix the admin API shows.
 const KEY_PREFIX_CHARS: usize = 11;
@@ -185,12 +181,7 @@ impl Throttled {
 
 impl IntoResponse for Throttled {
     fn into_response(self) -> Response {
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, self.retry_after_seconds.to_string())],
-            Json(json!({ "code": THROTTLED_CODE, "message": self.message() })),
-        )
-            .into_response()
+        ApiError::from(self).into_response()
     }
 }
 
@@ -399,7 +390,7 @@ mod tests {
     #[test]
     fn the_429_carries_retry_after_and_the_stable_code() {
         let r = Throttled { retry_after_seconds: 42 }.into_response();
-        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(r.headers()[header::RETRY_AFTER], "42");
+        assert_eq!(r.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "42");
     }
 }

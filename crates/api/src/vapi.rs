@@ -14,6 +14,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::agent::{self, Refusal};
 use callplane_core::auth::AuthError;
@@ -48,9 +49,9 @@ async fn handle(s: AppState, client: ClientAddr, path_org: Option<String>, heade
         let result = receive(&s, &client, path_org, &headers, body, &mut kind).await;
         let outcome = match &result {
             Ok((_, outcome)) => *outcome,
-            Err(e) => e.code(),
+            Err(e) => refused_outcome(e.code()),
         };
-        s.metrics.webhook_event(kind, outcome_label(outcome), started.elapsed());
+        s.metrics.webhook_event(kind, outcome, started.elapsed());
         match result {
             Ok((answer, _)) => (StatusCode::OK, Json(answer)).into_response(),
             Err(e) => e.into_response(),
@@ -61,23 +62,18 @@ async fn handle(s: AppState, client: ClientAddr, path_org: Option<String>, heade
 }
 
 /// Keeps the metric's label set closed.
-fn outcome_label(outcome: &str) -> &'static str {
-    match outcome {
-        "applied" => "applied",
-        "no_change" => "no_change",
-        "ignored" => "ignored",
-        "answered" => "answered",
-        "queued" => "queued",
-        "dead_lettered" => "dead_lettered",
-        "overloaded" => "shed",
-        "payload_too_large" => "too_large",
-        "missing_credentials" | "invalid_credentials" | "invalid_signature_timestamp" | "expired_signature" => {
+fn refused_outcome(code: ErrorCode) -> &'static str {
+    use ErrorCode as C;
+    match code {
+        C::Overloaded => "shed",
+        C::PayloadTooLarge => "too_large",
+        C::MissingCredentials | C::InvalidCredentials | C::InvalidSignatureTimestamp | C::ExpiredSignature => {
             "unauthorized"
         }
-        "too_many_failed_attempts" => "throttled",
-        "unknown_organization" => "unknown_organization",
-        "internal_error" => "failed",
-        "future_timestamp" | "stale_timestamp" | "invalid_event" | "processing_failed" => "rejected",
+        C::TooManyFailedAttempts => "throttled",
+        C::UnknownOrganization => "unknown_organization",
+        C::InternalError | C::ParserPanic => "failed",
+        C::FutureTimestamp | C::StaleTimestamp | C::InvalidEvent | C::ProcessingFailed => "rejected",
         _ => "bad_request",
     }
 }
@@ -99,8 +95,7 @@ async fn receive(
     let received_at = Utc::now();
     let bytes: Bytes = axum::body::to_bytes(body, s.max_body_bytes).await.map_err(|_| {
         ApiError::client(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("the body is larger than the {} bytes accepted", s.max_body_bytes),
         )
     })?;
@@ -141,7 +136,11 @@ async fn receive(
             // Authenticated JSON in a shape we cannot read yet is kept for replay; garbage
             // and bodies without a type are only refused.
             if e.keeps_body() {
-                keep(s, webhook(from_path, Some(Unprocessable { code: e.code().into(), reason: e.to_string() }))).await;
+                keep(
+                    s,
+                    webhook(from_path, Some(Unprocessable { code: e.code().as_str().into(), reason: e.to_string() })),
+                )
+                .await;
             }
             return Err(e.into());
         }
@@ -180,7 +179,8 @@ async fn receive(
             if msg.kind != MessageKind::Unknown {
                 let why =
                     "no organization matched the URL, the call, the phone number, the assistant or signed metadata";
-                keep(s, webhook(None, Some(Unprocessable { code: e.code().into(), reason: why.into() }))).await;
+                keep(s, webhook(None, Some(Unprocessable { code: e.code().as_str().into(), reason: why.into() })))
+                    .await;
             }
             return Err(e);
         }
@@ -228,7 +228,7 @@ async fn receive(
     };
     match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), &mut recording).await {
         Ok(Ok(Err(IntakeError::Rejected { code, message }))) => {
-            return Err(ApiError::client(StatusCode::UNPROCESSABLE_ENTITY, code, message));
+            return Err(ApiError::client(code, message));
         }
         // Counted as lost by the intake.
         Ok(Ok(Err(e @ IntakeError::Overloaded { .. }))) => {
@@ -275,8 +275,7 @@ fn unavailable_answer(msg: &ServerMessage) -> Value {
 
 fn unknown_org(raw: &str) -> ApiError {
     ApiError::client(
-        StatusCode::NOT_FOUND,
-        "unknown_organization",
+        ErrorCode::UnknownOrganization,
         format!("no organization {raw}; use the vapi_server_url printed by `callplane org create`"),
     )
 }

@@ -40,7 +40,7 @@ pub struct CatalogIds {
 }
 
 fn provider(e: stripe::StripeError) -> BillingError {
-    BillingError::Provider(e.to_string())
+    BillingError::provider(e)
 }
 
 fn is_missing(e: &stripe::StripeError) -> bool {

@@ -61,7 +61,7 @@ pub(crate) fn client(secret_key: &str, api_base: &str) -> Result<Client, Billing
 }
 
 fn provider(e: stripe::StripeError) -> BillingError {
-    BillingError::Provider(e.to_string())
+    BillingError::provider(e)
 }
 
 impl StripeBilling {
@@ -122,8 +122,10 @@ impl BillingProvider for StripeBilling {
             .send(&self.client)
             .await
             .map_err(provider)?;
-        let url =
-            session.url.ok_or_else(|| BillingError::Provider("Stripe returned a session without a url".into()))?;
+        let url = session.url.ok_or_else(|| BillingError::Provider {
+            message: "Stripe returned a session without a url".into(),
+            source: None,
+        })?;
         Ok(BillingLink { url, customer_id: customer })
     }
 

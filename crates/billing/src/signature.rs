@@ -2,6 +2,7 @@
 //! possibly several `v1` entries (Stripe sends one per active secret while a secret is being
 //! rolled) and we may hold several secrets too. Any match within the tolerance passes.
 
+use callplane_core::ErrorCode;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -20,12 +21,12 @@ pub enum SignatureError {
 }
 
 impl SignatureError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            SignatureError::Missing => "missing_signature",
-            SignatureError::Malformed => "malformed_signature",
-            SignatureError::Stale { .. } => "stale_signature",
-            SignatureError::Mismatch => "invalid_signature",
+            SignatureError::Missing => ErrorCode::MissingSignature,
+            SignatureError::Malformed => ErrorCode::MalformedSignature,
+            SignatureError::Stale { .. } => ErrorCode::StaleSignature,
+            SignatureError::Mismatch => ErrorCode::InvalidSignature,
         }
     }
 }

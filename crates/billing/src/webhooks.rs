@@ -3,6 +3,7 @@
 use crate::events::{Event, Facts, invoice_facts, storable_time, subscription_facts};
 use crate::signature::verify_signature;
 use async_trait::async_trait;
+use callplane_core::ErrorCode;
 use callplane_core::seams::{BillingOutcome, BillingStore, BillingWebhooks, SubscriptionChange, WebhookError};
 use callplane_core::{OrgId, OrgStatus};
 use chrono::{DateTime, Utc};
@@ -60,7 +61,7 @@ impl StripeWebhooks {
     }
 }
 
-fn refused(code: &'static str, message: impl Into<String>) -> WebhookError {
+fn refused(code: ErrorCode, message: impl Into<String>) -> WebhookError {
     WebhookError::Refused { code, message: message.into() }
 }
 
@@ -75,7 +76,7 @@ const MAX_ID_CHARS: usize = 255;
 fn storable(field: &str, value: &str) -> Result<(), WebhookError> {
     if value.is_empty() || value.chars().count() > MAX_ID_CHARS || value.contains('\0') {
         return Err(refused(
-            "malformed_event",
+            ErrorCode::MalformedEvent,
             format!("`{field}` must be 1 to {MAX_ID_CHARS} characters with no NUL (\\u0000)"),
         ));
     }
@@ -104,16 +105,16 @@ impl BillingWebhooks for StripeWebhooks {
     ) -> Result<BillingOutcome, WebhookError> {
         if self.secrets.is_empty() {
             return Err(refused(
-                "webhook_not_configured",
+                ErrorCode::WebhookNotConfigured,
                 "stripe.webhook_secrets is not set; no Stripe event can be verified",
             ));
         }
         verify_signature(signature, body, &self.secrets, self.tolerance_seconds, now)
             .map_err(|e| refused(e.code(), e.to_string()))?;
-        let event: Event =
-            serde_json::from_slice(body).map_err(|e| refused("malformed_event", format!("not a Stripe event: {e}")))?;
+        let event: Event = serde_json::from_slice(body)
+            .map_err(|e| refused(ErrorCode::MalformedEvent, format!("not a Stripe event: {e}")))?;
         let at = storable_time(event.created)
-            .ok_or_else(|| refused("malformed_event", "`created` is not a time in the years 1970 to 9999"))?;
+            .ok_or_else(|| refused(ErrorCode::MalformedEvent, "`created` is not a time in the years 1970 to 9999"))?;
         let facts = match event.event_type.as_str() {
             t if t.starts_with("customer.subscription.") => subscription_facts(&event.data.object),
             t if t.starts_with("invoice.") => invoice_facts(&event.data.object),

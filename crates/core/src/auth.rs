@@ -5,6 +5,7 @@
 //! valid at once so they can be rotated without dropping calls. Every comparison is
 //! constant-time.
 
+use crate::ErrorCode;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
@@ -62,12 +63,12 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AuthError::Missing => "missing_credentials",
-            AuthError::Invalid => "invalid_credentials",
-            AuthError::BadTimestamp(_) => "invalid_signature_timestamp",
-            AuthError::Expired { .. } => "expired_signature",
+            AuthError::Missing => ErrorCode::MissingCredentials,
+            AuthError::Invalid => ErrorCode::InvalidCredentials,
+            AuthError::BadTimestamp(_) => ErrorCode::InvalidSignatureTimestamp,
+            AuthError::Expired { .. } => ErrorCode::ExpiredSignature,
         }
     }
 }

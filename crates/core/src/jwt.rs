@@ -10,6 +10,7 @@
 //! credential. `exp`, `iat` and `nbf` must be numbers within the range of an `i64`: anything
 //! else (a string, `1e300`) is malformed, never rounded into a valid time.
 
+use crate::ErrorCode;
 use crate::OrgId;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -56,18 +57,18 @@ pub enum JwtError {
 }
 
 impl JwtError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            JwtError::Malformed => "malformed_token",
-            JwtError::Algorithm(_) => "unsupported_token_algorithm",
-            JwtError::Signature => "invalid_token_signature",
-            JwtError::Expired => "token_expired",
-            JwtError::NotYetValid => "token_not_yet_valid",
-            JwtError::MissingExpiry => "token_missing_expiry",
-            JwtError::LifetimeTooLong { .. } => "token_lifetime_too_long",
-            JwtError::IssuedInFuture => "token_issued_in_future",
-            JwtError::Audience(_) => "token_wrong_audience",
-            JwtError::MissingOrganization(_) => "token_missing_organization",
+            JwtError::Malformed => ErrorCode::MalformedToken,
+            JwtError::Algorithm(_) => ErrorCode::UnsupportedTokenAlgorithm,
+            JwtError::Signature => ErrorCode::InvalidTokenSignature,
+            JwtError::Expired => ErrorCode::TokenExpired,
+            JwtError::NotYetValid => ErrorCode::TokenNotYetValid,
+            JwtError::MissingExpiry => ErrorCode::TokenMissingExpiry,
+            JwtError::LifetimeTooLong { .. } => ErrorCode::TokenLifetimeTooLong,
+            JwtError::IssuedInFuture => ErrorCode::TokenIssuedInFuture,
+            JwtError::Audience(_) => ErrorCode::TokenWrongAudience,
+            JwtError::MissingOrganization(_) => ErrorCode::TokenMissingOrganization,
         }
     }
 }
@@ -252,8 +253,8 @@ mod tests {
 
     #[test]
     fn the_new_refusals_have_stable_codes() {
-        assert_eq!(JwtError::LifetimeTooLong { max_seconds: 1 }.code(), "token_lifetime_too_long");
-        assert_eq!(JwtError::IssuedInFuture.code(), "token_issued_in_future");
-        assert_eq!(JwtError::Malformed.code(), "malformed_token");
+        assert_eq!(JwtError::LifetimeTooLong { max_seconds: 1 }.code().as_str(), "token_lifetime_too_long");
+        assert_eq!(JwtError::IssuedInFuture.code().as_str(), "token_issued_in_future");
+        assert_eq!(JwtError::Malformed.code().as_str(), "malformed_token");
     }
 }

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod auth;
 pub mod billing;
 pub mod domain;
+pub mod error_code;
 pub mod events;
 pub mod jwt;
 pub mod seams;
@@ -16,6 +17,7 @@ pub mod text;
 pub mod vapi;
 
 pub use domain::{CallRecord, OrgId, OrgStatus, Organization};
+pub use error_code::ErrorCode;
 
 /// An error and its causes on one line (`outer: inner: root`), for logs and for what is kept
 /// with a failed event.

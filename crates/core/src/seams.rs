@@ -1,6 +1,7 @@
 //! The seams: one narrow trait per capability, organization id first. Each phase plugs a
 //! backend in behind these; `api` and the pipeline only ever see `Arc<dyn Trait>`.
 
+use crate::ErrorCode;
 use crate::domain::{CallRecord, OrgId, Organization};
 use crate::vapi::ServerMessage;
 use async_trait::async_trait;
@@ -27,8 +28,21 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The request itself is wrong (the caller's fault): refused with this code; no retry
+    /// helps, and nothing about the system is broken.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The system's own state is wrong (a poisoned lock, a value in the database this build
+    /// does not know): not the caller's fault.
     #[error("{0}")]
-    Invalid(String),
+    Internal(String),
+}
+
+impl BillingError {
+    /// The provider's error, kept whole as the source.
+    pub fn provider(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BillingError::Provider { message: e.to_string(), source: Some(Box::new(e)) }
+    }
 }
 
 impl StoreError {
@@ -253,7 +267,7 @@ pub enum PipelineError {
     /// The event can never be processed as sent (e.g. a far-future `createdAt`). It was kept
     /// in the dead-letter table; the sender gets a 4xx.
     #[error("{message}")]
-    Rejected { code: &'static str, message: String, dead_letter_id: i64 },
+    Rejected { code: ErrorCode, message: String, dead_letter_id: i64 },
     /// Processing failed; the event was kept in the dead-letter table for replay.
     #[error("processing failed and the event was dead-lettered (id {dead_letter_id})")]
     DeadLettered {
@@ -360,7 +374,7 @@ pub trait BillingStore: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     #[error("{message}")]
-    Refused { code: &'static str, message: String },
+    Refused { code: ErrorCode, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -388,8 +402,13 @@ pub struct BillingLink {
 pub enum BillingError {
     #[error("billing is not configured: {0}")]
     NotConfigured(String),
-    #[error("the billing provider refused the request: {0}")]
-    Provider(String),
+    /// The provider refused or failed; its own error is kept as the source.
+    #[error("the billing provider refused the request: {message}")]
+    Provider {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -459,7 +478,7 @@ pub enum IntakeError {
     /// The event can never be processed as sent; it was kept as a dead letter (or is being
     /// kept) and the sender is told so.
     #[error("{message}")]
-    Rejected { code: &'static str, message: String },
+    Rejected { code: ErrorCode, message: String },
     /// No durable store could take the event (the inbox full or its disk failing, and the
     /// database unavailable): the sender should retry after a pause.
     #[error("cannot take the event now")]
@@ -508,4 +527,20 @@ pub trait EventIntake: Send + Sync {
         acknowledged: bool,
     ) -> Result<Accepted, IntakeError>;
     fn status(&self) -> IntakeStatus;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_billing_providers_error_is_kept_whole_as_the_source() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "stripe: connection reset");
+        let e = BillingError::provider(cause);
+        assert_eq!(
+            crate::error_chain(&e),
+            "the billing provider refused the request: stripe: connection reset: stripe: connection reset"
+        );
+        assert!(std::error::Error::source(&e).is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()));
+    }
 }

@@ -4,6 +4,7 @@
 //! epoch milliseconds or ISO-8601 strings, tool arguments as an object or a JSON string, and
 //! the `call` inside a message may be a stale snapshot, so the message's own fields win.
 
+use crate::ErrorCode;
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -28,15 +29,15 @@ pub enum ParseError {
 }
 
 impl ParseError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ParseError::MalformedJson(_) => "malformed_json",
-            ParseError::MissingMessage => "missing_message",
-            ParseError::MissingType => "missing_type",
-            ParseError::InvalidMessage(_) => "invalid_message",
-            ParseError::InvalidTimestamp { .. } => "invalid_timestamp",
-            ParseError::InvalidDuration { .. } => "invalid_duration",
-            ParseError::IdTooLong { .. } => "id_too_long",
+            ParseError::MalformedJson(_) => ErrorCode::MalformedJson,
+            ParseError::MissingMessage => ErrorCode::MissingMessage,
+            ParseError::MissingType => ErrorCode::MissingType,
+            ParseError::InvalidMessage(_) => ErrorCode::InvalidMessage,
+            ParseError::InvalidTimestamp { .. } => ErrorCode::InvalidTimestamp,
+            ParseError::InvalidDuration { .. } => ErrorCode::InvalidDuration,
+            ParseError::IdTooLong { .. } => ErrorCode::IdTooLong,
         }
     }
 

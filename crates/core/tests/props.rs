@@ -33,7 +33,7 @@ fn check_outcome(outcome: Result<ServerMessage, ParseError>) -> Result<(), TestC
     match outcome {
         Ok(m) => prop_assert!(!m.message_type.trim().is_empty()),
         Err(e) => {
-            prop_assert!(!e.code().is_empty() && e.code().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            prop_assert!(callplane_core::ErrorCode::ALL.contains(&e.code()));
             prop_assert!(!e.to_string().is_empty());
         }
     }

@@ -10,6 +10,7 @@
 //!   in the same transaction.
 
 use crate::{PgStore, db};
+use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::billing::{BillingRules, period_containing};
 use callplane_core::domain::{CallChange, REVIEW_DURATION_UNKNOWN};
@@ -132,7 +133,10 @@ impl PgStore {
         let owner: uuid::Uuid = key.try_get("organization_id").map_err(db)?;
         let created_at: DateTime<Utc> = key.try_get("created_at").map_err(db)?;
         if owner != org.0 {
-            return Err(StoreError::Invalid(CallRefusal::OtherOrganization { call_id }.to_string()));
+            return Err(StoreError::Refused {
+                code: ErrorCode::InvalidEvent,
+                message: CallRefusal::OtherOrganization { call_id }.to_string(),
+            });
         }
 
         // 2. Insert the call, or merge into it under a row lock so the status change we

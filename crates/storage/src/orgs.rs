@@ -2,6 +2,7 @@
 
 use crate::{PgStore, db};
 use async_trait::async_trait;
+use callplane_core::ErrorCode;
 use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
 use callplane_core::seams::{OrgDirectory, StoreError, StoreResult};
 use callplane_core::{OrgId, OrgStatus, Organization};
@@ -22,7 +23,7 @@ fn org_from_row(row: &PgRow) -> StoreResult<Organization> {
         name: row.try_get("name").map_err(db)?,
         plan: row.try_get("plan").map_err(db)?,
         status: OrgStatus::parse(&status)
-            .ok_or_else(|| StoreError::Invalid(format!("unknown organization status {status}")))?,
+            .ok_or_else(|| StoreError::Internal(format!("unknown organization status {status} in the database")))?,
         status_changed_at: row.try_get("status_changed_at").map_err(db)?,
         period_start: row.try_get("period_start").map_err(db)?,
         billing_anchor: row.try_get("billing_anchor").map_err(db)?,
@@ -71,10 +72,10 @@ impl PgStore {
     #[instrument(skip_all, fields(plan = %new.plan))]
     pub async fn create_organization(&self, new: &NewOrganization) -> StoreResult<Organization> {
         let id = OrgId::new();
-        let period_end = new
-            .period_start
-            .checked_add_months(Months::new(1))
-            .ok_or_else(|| StoreError::Invalid("period start out of range".into()))?;
+        let period_end = new.period_start.checked_add_months(Months::new(1)).ok_or_else(|| StoreError::Refused {
+            code: ErrorCode::InvalidBody,
+            message: "the period start is out of range".into(),
+        })?;
         let row = sqlx::query(&format!(
             "INSERT INTO organizations (id, name, plan, period_start, period_end, billing_anchor, default_assistant_id) \
              VALUES ($1, $2, $3, $4, $5, $4, $6) RETURNING {ORG_COLUMNS}"

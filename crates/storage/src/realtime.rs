@@ -72,8 +72,14 @@ impl PgRealtimeBus {
         tokio::spawn(async move { task.listen_forever(ready_tx).await });
         tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|ready| *ready))
             .await
-            .map_err(|_| StoreError::Invalid("the realtime listener could not connect within 10s".into()))?
-            .map_err(|_| StoreError::Invalid("the realtime listener stopped".into()))?;
+            .map_err(|_| {
+                let timeout = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the realtime listener could not connect within 10s",
+                );
+                StoreError::unavailable("postgres", timeout)
+            })?
+            .map_err(|_| StoreError::Internal("the realtime listener stopped".into()))?;
         Ok(bus)
     }
 
@@ -146,7 +152,7 @@ impl RealtimeBus for PgRealtimeBus {
     async fn subscribe(&self, org: OrgId) -> StoreResult<BoxStream<'static, Delivery>> {
         let rx = {
             let mut orgs =
-                self.fanout.orgs.lock().map_err(|_| StoreError::Invalid("realtime fanout poisoned".into()))?;
+                self.fanout.orgs.lock().map_err(|_| StoreError::Internal("realtime fanout poisoned".into()))?;
             orgs.entry(org).or_insert_with(|| broadcast::channel(self.queue).0).subscribe()
         };
         Ok(stream::unfold(Some(rx), |rx| async move {

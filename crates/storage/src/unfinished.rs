@@ -58,7 +58,7 @@ impl PgStore {
     #[instrument(skip_all, fields(org_id = ?f.org.map(|o| o.0)))]
     pub async fn unfinished_calls(&self, f: &UnfinishedFilter) -> StoreResult<Vec<UnfinishedCall>> {
         let Some(ended) = status_rank(ENDED) else {
-            return Err(StoreError::Invalid(format!("no status rank for {ENDED:?}")));
+            return Err(StoreError::Internal(format!("no status rank for {ENDED:?}")));
         };
         // The rank is written into the statement, not bound: only a literal lets the planner
         // match the `calls_org_live` partial index (`WHERE status_rank < 5`). It is core's

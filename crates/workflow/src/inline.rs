@@ -1,6 +1,7 @@
 //! `InlinePipeline`: process a VAPI event inside the request that delivered it.
 
 use async_trait::async_trait;
+use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::billing::BillingRules;
 use callplane_core::events;
@@ -59,19 +60,23 @@ enum Failure {
 }
 
 impl Failure {
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ErrorCode {
         match self {
-            Failure::FutureTimestamp { .. } => "future_timestamp",
-            Failure::PastTimestamp { .. } => "stale_timestamp",
-            Failure::Store(StoreError::Invalid(_)) => "invalid_event",
-            Failure::Store(StoreError::Backend { .. }) => "processing_failed",
-            Failure::Store(StoreError::Unavailable { .. }) => "unavailable",
+            Failure::FutureTimestamp { .. } => ErrorCode::FutureTimestamp,
+            Failure::PastTimestamp { .. } => ErrorCode::StaleTimestamp,
+            Failure::Store(StoreError::Refused { code, .. }) => *code,
+            Failure::Store(StoreError::Backend { .. } | StoreError::Internal(_)) => ErrorCode::ProcessingFailed,
+            Failure::Store(StoreError::Unavailable { .. }) => ErrorCode::Overloaded,
         }
     }
 
-    /// Whether the sender should be told its event is wrong (4xx) rather than acknowledged.
+    /// Whether the sender should be told its event is wrong (4xx) rather than acknowledged:
+    /// only when the event itself is at fault, never for the system's own failures.
     fn is_rejection(&self) -> bool {
-        !matches!(self, Failure::Store(StoreError::Backend { .. } | StoreError::Unavailable { .. }))
+        !matches!(
+            self,
+            Failure::Store(StoreError::Backend { .. } | StoreError::Unavailable { .. } | StoreError::Internal(_))
+        )
     }
 }
 
@@ -196,7 +201,7 @@ impl InlinePipeline {
                 org: Some(ev.org_id),
                 call_id: ev.message.call_id.as_deref(),
                 message_type: Some(&ev.message.message_type),
-                error_code: failure.code(),
+                error_code: failure.code().as_str(),
                 error: &message,
                 payload: &payload,
                 raw_body: None,
@@ -224,7 +229,7 @@ impl InlinePipeline {
                 None => parse_message(letter.payload.get("message").cloned().unwrap_or(Value::Null)),
             };
             let outcome = match parsed {
-                Err(e) => Err(("invalid_message", e.to_string())),
+                Err(e) => Err((e.code(), e.to_string())),
                 Ok(msg) => {
                     let org = match letter.organization_id {
                         Some(id) => Some(OrgId(id)),
@@ -234,9 +239,10 @@ impl InlinePipeline {
                         }
                     };
                     match org {
-                        None => {
-                            Err(("unknown_organization", "no organization could be resolved for this event".to_owned()))
-                        }
+                        None => Err((
+                            ErrorCode::UnknownOrganization,
+                            "no organization could be resolved for this event".to_owned(),
+                        )),
                         Some(org_id) => {
                             let ev = InboundEvent { org_id, received_at: letter.received_at, message: msg };
                             match self.process(&ev).await {
@@ -254,7 +260,7 @@ impl InlinePipeline {
                 }
                 Err((code, message)) => {
                     report.failed += 1;
-                    self.store.finish_dead_letter_attempt(letter.id, None, Some((code, &message))).await?;
+                    self.store.finish_dead_letter_attempt(letter.id, None, Some((code.as_str(), &message))).await?;
                 }
             }
             progress(&report);
@@ -306,7 +312,7 @@ impl EventPipeline for InlinePipeline {
         };
         match self.dead_letter(&ev, &failure).await {
             Ok(id) if failure.is_rejection() => {
-                info!(dead_letter_id = id, code = failure.code(), error = %failure, "event rejected and dead-lettered");
+                info!(dead_letter_id = id, code = failure.code().as_str(), error = %failure, "event rejected and dead-lettered");
                 Err(PipelineError::Rejected { code: failure.code(), message: failure.to_string(), dead_letter_id: id })
             }
             Ok(id) => {

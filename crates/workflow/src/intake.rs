@@ -8,6 +8,7 @@
 
 use crate::inbox::{Failure, Inbox, InboxError, StoredEvent};
 use async_trait::async_trait;
+use callplane_core::ErrorCode;
 use callplane_core::seams::{
     Accepted, AgentDirectory, EventIntake, EventPipeline, InboundEvent, IntakeError, IntakeStatus, PipelineError,
     Processed, ReceivedWebhook,
@@ -44,7 +45,7 @@ enum Outcome {
     DeadLettered,
     /// Kept as a dead letter; the sender is told why.
     Rejected {
-        code: &'static str,
+        code: ErrorCode,
         message: String,
     },
     /// Not processed; try again later.
@@ -236,7 +237,7 @@ impl LocalIntake {
             None => {
                 let message = match vapi::parse_body(&webhook.body) {
                     Ok(message) => message,
-                    Err(e) => return self.keep(webhook, None, e.code(), &e.to_string()).await,
+                    Err(e) => return self.keep(webhook, None, e.code().as_str(), &e.to_string()).await,
                 };
                 let from_path = webhook.path_org.as_deref().and_then(|raw| raw.parse::<OrgId>().ok());
                 let org = match webhook.org {
@@ -408,7 +409,9 @@ impl EventIntake for LocalIntake {
             let answer = match &outcome {
                 Outcome::Done(p) => Ok(Accepted::Processed(*p)),
                 Outcome::DeadLettered => Ok(Accepted::DeadLettered),
-                Outcome::Rejected { code, message } => Err(IntakeError::Rejected { code, message: message.clone() }),
+                Outcome::Rejected { code, message } => {
+                    Err(IntakeError::Rejected { code: *code, message: message.clone() })
+                }
                 Outcome::Retry(_) => Ok(Accepted::Queued),
             };
             // The sender hears first; settling the inbox is this task's own business.

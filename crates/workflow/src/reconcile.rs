@@ -13,6 +13,7 @@
 //! - VAPI reports it open under the ceiling, or cannot be asked (network, timeout, 5xx): it
 //!   is left for the next sweep and counted.
 
+use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::seams::{
     EventPipeline, InboundEvent, PipelineError, Processed, RealtimeBus, RealtimeEvent, StoreError,
@@ -258,8 +259,8 @@ impl CallFailure {
 enum MarkReason {
     UnknownToVapi,
     OpenPastCeiling { vapi_status: Option<String>, hours: i64 },
-    RecordRefused { code: &'static str, dead_letter_id: i64 },
-    RecordUnreadable { code: &'static str, dead_letter_id: i64 },
+    RecordRefused { code: ErrorCode, dead_letter_id: i64 },
+    RecordUnreadable { code: ErrorCode, dead_letter_id: i64 },
 }
 
 impl MarkReason {
@@ -499,7 +500,14 @@ impl Reconciler {
         let body = json!({ "message": message });
         let dead_letter_id = self
             .pipeline
-            .keep_unprocessed(Some(call.organization_id), &body, None, error.code(), &error.to_string(), received_at)
+            .keep_unprocessed(
+                Some(call.organization_id),
+                &body,
+                None,
+                error.code().as_str(),
+                &error.to_string(),
+                received_at,
+            )
             .await
             .map_err(CallFailure::Store)?;
         self.mark(call, MarkReason::RecordUnreadable { code: error.code(), dead_letter_id }).await
