@@ -453,8 +453,8 @@ async fn run() -> anyhow::Result<()> {
                 .run(&scope, Utc::now(), |p| {
                     let r = p.report;
                     progress(&format!(
-                        "examined {} ({} finished, {} marked, {} still open, {} failed)",
-                        r.examined, r.finished, r.marked, r.still_open, r.failed
+                        "examined {} ({} finished, {} marked, {} still open, {} left for review, {} failed)",
+                        r.examined, r.finished, r.marked, r.still_open, r.left_for_review, r.failed
                     ));
                 })
                 .await?;
@@ -462,8 +462,14 @@ async fn run() -> anyhow::Result<()> {
             let v = serde_json::to_value(&report)?;
             print(j, &v, || {
                 let mut s = format!(
-                    "{} examined: {} finished and billed, {} marked ended unbilled, {} still open, {} failed",
-                    report.examined, report.finished, report.marked, report.still_open, report.failed
+                    "{} examined: {} finished and billed, {} marked ended unbilled, {} still open, \
+                     {} left for review (no duration anywhere), {} failed",
+                    report.examined,
+                    report.finished,
+                    report.marked,
+                    report.still_open,
+                    report.left_for_review,
+                    report.failed
                 );
                 if let Some(why) = &report.stopped {
                     s.push_str(&format!("\nstopped early: {why}"));
