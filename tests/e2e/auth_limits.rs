@@ -178,29 +178,13 @@ async fn metrics_are_open_when_no_token_is_configured() {
 
 /// Creates an organization and a key through the admin API; returns (org id, key id, key).
 async fn admin_key(app: &TestApp) -> (String, String, String) {
-    let org: Value = app
-        .http
-        .post(format!("{}/admin/v1/organizations", app.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "Acme", "plan": "pro"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let post = |path: String, body: Value| async move {
+        let r = app.http.post(format!("{}{path}", app.base)).bearer_auth(ADMIN_TOKEN).json(&body).send().await;
+        r.unwrap().json::<Value>().await.unwrap()
+    };
+    let org = post("/admin/v1/organizations".into(), json!({"name": "Acme", "plan": "pro"})).await;
     let org_id = org["id"].as_str().unwrap().to_owned();
-    let key: Value = app
-        .http
-        .post(format!("{}/admin/v1/organizations/{org_id}/api-keys", app.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "dash"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let key = post(format!("/admin/v1/organizations/{org_id}/api-keys"), json!({"name": "dash"})).await;
     (org_id, key["id"].as_str().unwrap().to_owned(), key["key"].as_str().unwrap().to_owned())
 }
 

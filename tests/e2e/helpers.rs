@@ -145,6 +145,20 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Waits for the call to be recorded (an answered event is recorded on its own), then
+    /// deletes every trace of it, so only what a later message carries can route it.
+    pub async fn forget_call(&self, org: OrgId, id: &str) {
+        for _ in 0..100 {
+            if self.call(org, id).await.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        for sql in ["DELETE FROM calls WHERE id = $1", "DELETE FROM call_keys WHERE vapi_call_id = $1"] {
+            sqlx::query(sql).bind(id).execute(self.db.store.pool()).await.unwrap();
+        }
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(self.db.store.pool()).await.unwrap()
     }

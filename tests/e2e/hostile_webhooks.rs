@@ -309,18 +309,7 @@ async fn a_routing_hint_routes_only_its_own_call_and_only_from_call_metadata() {
     let signed = answer["assistantOverrides"]["metadata"].clone();
     assert_eq!(signed["callplaneOrgId"], owner.id.to_string());
     // Forget the call so only the hint can route it.
-    // The answered event is recorded on its own; wait for it before forgetting the call.
-    for _ in 0..100 {
-        if app.call(owner.id, "hinted-call").await.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    for sql in
-        ["DELETE FROM calls WHERE id = 'hinted-call'", "DELETE FROM call_keys WHERE vapi_call_id = 'hinted-call'"]
-    {
-        sqlx::query(sql).execute(app.db.store.pool()).await.unwrap();
-    }
+    app.forget_call(owner.id, "hinted-call").await;
     callplane_core::seams::AgentDirectory::invalidate_all(&app.app.agents);
 
     let shared = |call_id: &str, call: Value| {

@@ -189,18 +189,7 @@ async fn the_shared_url_resolves_the_org_from_metadata_phone_number_or_assistant
     request["message"]["call"]["id"] = json!("via-metadata");
     let (_, answer) = app.post_vapi(by_metadata.id, &request).await;
     let signed = answer["assistantOverrides"]["metadata"].clone();
-    // The answered event is recorded on its own; wait for it before forgetting the call.
-    for _ in 0..100 {
-        if app.call(by_metadata.id, "via-metadata").await.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    for sql in
-        ["DELETE FROM calls WHERE id = 'via-metadata'", "DELETE FROM call_keys WHERE vapi_call_id = 'via-metadata'"]
-    {
-        sqlx::query(sql).execute(app.db.store.pool()).await.unwrap();
-    }
+    app.forget_call(by_metadata.id, "via-metadata").await;
     assert_eq!(
         post(msg("via-metadata", json!({"assistantOverrides": {"metadata": signed}}))).await.status(),
         StatusCode::OK

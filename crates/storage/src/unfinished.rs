@@ -63,30 +63,26 @@ impl PgStore {
         // The rank is written into the statement, not bound: only a literal lets the planner
         // match the `calls_org_live` partial index (`WHERE status_rank < 5`). It is core's
         // constant, never input.
-        let mut q = QueryBuilder::new(format!(
-            "SELECT organization_id, id, created_at, status FROM calls WHERE status_rank < {ended}"
-        ));
-        q.push(" AND created_at >= ").push_bind(f.created_from);
-        q.push(" AND created_at < ").push_bind(f.created_before);
-        if let Some(org) = f.org {
-            q.push(" AND organization_id = ").push_bind(org.0);
-        }
-        if let Some((created_at, id)) = &f.after {
-            q.push(" AND (created_at, id) > (").push_bind(*created_at).push(", ").push_bind(id.clone()).push(")");
-        }
-        q.push(" ORDER BY created_at, id LIMIT ").push_bind(f.limit.max(1));
-        let rows: Vec<UnfinishedRow> = q.build_query_as().fetch_all(&self.pool).await.map_err(db)?;
-        Ok(rows.into_iter().map(UnfinishedCall::from).collect())
+        self.page_of_calls(
+            format!("SELECT organization_id, id, created_at, status FROM calls WHERE status_rank < {ended}"),
+            f,
+        )
+        .await
     }
 
     /// Calls waiting for review (ended connected, duration unknown) matching `f`, oldest
     /// first. `status` is the review reason.
     #[instrument(skip_all, fields(org_id = ?f.org.map(|o| o.0)))]
     pub async fn calls_for_review(&self, f: &UnfinishedFilter) -> StoreResult<Vec<UnfinishedCall>> {
-        let mut q = QueryBuilder::new(
-            "SELECT organization_id, id, created_at, review_reason AS status FROM calls \
-             WHERE review_reason IS NOT NULL",
-        );
+        let select = "SELECT organization_id, id, created_at, review_reason AS status FROM calls \
+                      WHERE review_reason IS NOT NULL";
+        self.page_of_calls(select.to_owned(), f).await
+    }
+
+    /// One page of `select` (a query over `calls` ending in a WHERE clause) within `f`'s
+    /// bounds, in `(created_at, id)` order.
+    async fn page_of_calls(&self, select: String, f: &UnfinishedFilter) -> StoreResult<Vec<UnfinishedCall>> {
+        let mut q = QueryBuilder::new(select);
         q.push(" AND created_at >= ").push_bind(f.created_from);
         q.push(" AND created_at < ").push_bind(f.created_before);
         if let Some(org) = f.org {
