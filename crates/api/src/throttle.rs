@@ -18,8 +18,13 @@
 //!   keeps working (its SHA-256 is in [`crate::ApiKeyCache`]), because it is not a guess and
 //!   answering it tells a guesser nothing; so a client sharing an address with an attacker
 //!   (an office NAT) is not locked out once it has been served. Anything else from a throttled
-//!   address (a key not seen before, a JWT, the admin or metrics token, a webhook secret) waits
-//!   out the window: checking it would tell a guesser whether the guess was right.
+//!   address (a key not seen before, a JWT, the admin or metrics token) waits out the window:
+//!   checking it would tell a guesser whether the guess was right.
+//! - VAPI webhooks are the exception: a valid secret or signature is always served, throttled
+//!   address or not. VAPI sends every customer's webhooks from shared addresses and never
+//!   retries, so throttling its address because someone else's assistant sends a wrong secret
+//!   would lose our events. Checking a webhook signature costs no query; past the limit the
+//!   wrong ones are answered 429 without a log line each.
 //! - The address is the TCP peer, or the last `X-Forwarded-For` entry (the one the proxy in
 //!   front appended) when `auth.trust_forwarded_for` is set. Behind a proxy it must be set, or
 //!   every client shares the proxy's address and one attacker throttles them all; without a
