@@ -1,7 +1,9 @@
 //! The composition root: configuration in, a running callplane out.
 
-use crate::settings::Settings;
-use anyhow::{Context, bail};
+use crate::settings::{
+    CounterBackend, FunctionDataBackend, PipelineBackend, RealtimeBackend, Settings, TranscriptBackend,
+};
+use anyhow::Context;
 use async_trait::async_trait;
 use callplane_api::{AppState, Metrics, Readiness};
 use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
@@ -82,33 +84,47 @@ impl Readiness for PgReadiness {
     }
 }
 
-// The factories: the one place configuration becomes backends. Names were validated in
-// `Settings::validate`; a later phase adds its arm under its feature.
-fn usage_counter(name: &str, store: &PgStore) -> anyhow::Result<Arc<dyn UsageCounter>> {
-    match name {
-        "postgres" => Ok(Arc::new(PgUsageCounter(store.clone()))),
-        other => bail!("backends.usage_counter: {other:?} is not compiled into this build"),
-    }
+/// The backends of the seams, as configured: built in one place, which is given every client
+/// a backend may need.
+struct Backends {
+    counter: Arc<dyn UsageCounter>,
+    transcripts: Arc<dyn TranscriptStore>,
+    function_data: Arc<dyn FunctionData>,
+    bus: Arc<dyn RealtimeBus>,
 }
 
-fn transcripts(name: &str, store: &PgStore) -> anyhow::Result<Arc<dyn TranscriptStore>> {
-    match name {
-        "postgres" => Ok(Arc::new(PgTranscriptStore(store.clone()))),
-        other => bail!("backends.transcripts: {other:?} is not compiled into this build"),
+impl Backends {
+    /// The one place configuration becomes backends. A later phase adds its arm (and the
+    /// client it needs) under its feature.
+    async fn build(settings: &Settings, store: &PgStore) -> anyhow::Result<Self> {
+        let b = &settings.backends;
+        let PipelineBackend::Inline = b.event_pipeline;
+        Ok(Self {
+            counter: match b.usage_counter {
+                CounterBackend::Postgres => Arc::new(PgUsageCounter(store.clone())),
+            },
+            transcripts: match b.transcripts {
+                TranscriptBackend::Postgres => Arc::new(PgTranscriptStore(store.clone())),
+            },
+            function_data: match b.function_data {
+                FunctionDataBackend::Postgres => Arc::new(PgFunctionData(store.clone())),
+            },
+            bus: match b.realtime {
+                RealtimeBackend::Postgres => {
+                    Arc::new(PgRealtimeBus::start(store.clone(), settings.realtime.queue).await?)
+                }
+            },
+        })
     }
-}
 
-fn function_data(name: &str, store: &PgStore) -> anyhow::Result<Arc<dyn FunctionData>> {
-    match name {
-        "postgres" => Ok(Arc::new(PgFunctionData(store.clone()))),
-        other => bail!("backends.function_data: {other:?} is not compiled into this build"),
-    }
-}
-
-async fn realtime(name: &str, store: &PgStore, queue: usize) -> anyhow::Result<Arc<dyn RealtimeBus>> {
-    match name {
-        "postgres" => Ok(Arc::new(PgRealtimeBus::start(store.clone(), queue).await?)),
-        other => bail!("backends.realtime: {other:?} is not compiled into this build"),
+    fn pipeline(&self, settings: &Settings, store: &PgStore) -> InlinePipeline {
+        InlinePipeline::new(
+            store.clone(),
+            self.counter.clone(),
+            self.transcripts.clone(),
+            self.bus.clone(),
+            App::pipeline_settings(settings),
+        )
     }
 }
 
@@ -128,14 +144,7 @@ impl App {
 
     /// The event processor alone (for commands that replay or reconcile without serving).
     pub async fn pipeline(settings: &Settings, store: &PgStore) -> anyhow::Result<InlinePipeline> {
-        let b = &settings.backends;
-        if b.event_pipeline != "inline" {
-            bail!("backends.event_pipeline: {:?} is not compiled into this build", b.event_pipeline);
-        }
-        let counter = usage_counter(&b.usage_counter, store)?;
-        let transcripts = transcripts(&b.transcripts, store)?;
-        let bus = realtime(&b.realtime, store, settings.realtime.queue).await?;
-        Ok(InlinePipeline::new(store.clone(), counter, transcripts, bus, Self::pipeline_settings(settings)))
+        Ok(Backends::build(settings, store).await?.pipeline(settings, store))
     }
 
     fn pipeline_settings(settings: &Settings) -> PipelineSettings {
@@ -152,15 +161,9 @@ impl App {
     /// API key is configured.
     pub async fn reconciler(settings: &Settings, store: &PgStore) -> anyhow::Result<Option<Reconciler>> {
         let Some(vapi) = settings.vapi_calls()? else { return Ok(None) };
-        let b = &settings.backends;
-        let bus = realtime(&b.realtime, store, settings.realtime.queue).await?;
-        let pipeline = InlinePipeline::new(
-            store.clone(),
-            usage_counter(&b.usage_counter, store)?,
-            transcripts(&b.transcripts, store)?,
-            bus.clone(),
-            Self::pipeline_settings(settings),
-        );
+        let backends = Backends::build(settings, store).await?;
+        let pipeline = backends.pipeline(settings, store);
+        let bus = backends.bus;
         Ok(Some(Reconciler::new(store.clone(), vapi, Arc::new(pipeline), bus, settings.reconcile_settings())))
     }
 
@@ -200,20 +203,9 @@ impl App {
     }
 
     pub async fn with_store(settings: Settings, store: PgStore) -> anyhow::Result<Self> {
-        let b = &settings.backends;
-        if b.event_pipeline != "inline" {
-            bail!("backends.event_pipeline: {:?} is not compiled into this build", b.event_pipeline);
-        }
-        let counter = usage_counter(&b.usage_counter, &store)?;
-        let transcripts = transcripts(&b.transcripts, &store)?;
-        let bus = realtime(&b.realtime, &store, settings.realtime.queue).await?;
-        let pipeline = Arc::new(InlinePipeline::new(
-            store.clone(),
-            counter.clone(),
-            transcripts.clone(),
-            bus.clone(),
-            Self::pipeline_settings(&settings),
-        ));
+        let backends = Backends::build(&settings, &store).await?;
+        let pipeline = Arc::new(backends.pipeline(&settings, &store));
+        let Backends { counter, transcripts, function_data, bus } = backends;
         let deadline = settings.answer_deadline();
         let answers = PgStore::answer_pool(
             settings.database.url.expose_secret(),
@@ -242,7 +234,7 @@ impl App {
             answer_deadline: deadline,
             inline_budget: Duration::from_millis(settings.inbox.inline_budget_ms),
             ready_max_backlog_seconds: settings.inbox.ready_max_age_seconds,
-            function_data: function_data(&b.function_data, &store)?,
+            function_data,
             calls: Arc::new(store.clone()),
             transcripts,
             usage: counter,

@@ -165,25 +165,90 @@ pub struct PartitionSettings {
     pub maintenance_interval_seconds: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// Which backend serves each seam. Each seam's choices are an enum: a name the build does not
+/// know is refused when the configuration is read, naming the key and the choices. A later
+/// phase adds its variant (and the feature that compiles it) to the seam it serves.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct BackendSettings {
-    pub usage_counter: String,
-    pub transcripts: String,
-    pub event_pipeline: String,
-    pub function_data: String,
-    pub realtime: String,
+    pub usage_counter: CounterBackend,
+    pub transcripts: TranscriptBackend,
+    pub event_pipeline: PipelineBackend,
+    pub function_data: FunctionDataBackend,
+    pub realtime: RealtimeBackend,
 }
 
-/// The backends compiled into this build, per seam. A later phase's backend module adds its
-/// name here under its feature.
-pub fn compiled_backends() -> [(&'static str, Vec<&'static str>); 5] {
-    [
-        ("usage_counter", vec!["postgres"]),
-        ("transcripts", vec!["postgres"]),
-        ("event_pipeline", vec!["inline"]),
-        ("function_data", vec!["postgres"]),
-        ("realtime", vec!["postgres"]),
-    ]
+/// A seam's backend choices: an enum whose config names are listed, so a name this build does
+/// not have is refused naming the choices.
+macro_rules! backend_choices {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+        #[serde(try_from = "String", into = "&'static str")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl From<$name> for &'static str {
+            fn from(b: $name) -> &'static str {
+                match b {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+
+            fn try_from(name: String) -> Result<Self, String> {
+                match name.as_str() {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "{other:?} is not a backend this build has; choices: {}",
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+backend_choices! {
+    /// `backends.usage_counter`: where each organization's seconds per billing period are counted.
+    CounterBackend {
+        /// `organizations.seconds_used`, raised in the ledger transaction.
+        Postgres = "postgres",
+    }
+}
+
+backend_choices! {
+    /// `backends.transcripts`: where transcripts are kept.
+    TranscriptBackend {
+        /// `call_transcripts`, partitioned with the calls.
+        Postgres = "postgres",
+    }
+}
+
+backend_choices! {
+    /// `backends.event_pipeline`: how a webhook's event is processed.
+    PipelineBackend {
+        /// In the serving process, out of the durable inbox.
+        Inline = "inline",
+    }
+}
+
+backend_choices! {
+    /// `backends.function_data`: where the tool answers' data is read from.
+    FunctionDataBackend {
+        Postgres = "postgres",
+    }
+}
+
+backend_choices! {
+    /// `backends.realtime`: how live events reach every serving process.
+    RealtimeBackend {
+        /// LISTEN/NOTIFY, with the events kept in `realtime_events` for resuming.
+        Postgres = "postgres",
+    }
 }
 
 fn non_empty(s: &SecretString) -> Option<Vec<u8>> {
@@ -459,21 +524,6 @@ impl Settings {
         }
         if self.billing.rounding_increment_seconds < 1 {
             errors.push("billing.rounding_increment_seconds: must be at least 1".into());
-        }
-        let selected = [
-            ("usage_counter", &self.backends.usage_counter),
-            ("transcripts", &self.backends.transcripts),
-            ("event_pipeline", &self.backends.event_pipeline),
-            ("function_data", &self.backends.function_data),
-            ("realtime", &self.backends.realtime),
-        ];
-        for ((seam, available), (_, chosen)) in compiled_backends().iter().zip(selected) {
-            if !available.contains(&chosen.as_str()) {
-                errors.push(format!(
-                    "backends.{seam}: {chosen:?} is not compiled into this build; available: {}",
-                    available.join(", ")
-                ));
-            }
         }
         if errors.is_empty() { Ok(()) } else { bail!("invalid configuration:\n  {}", errors.join("\n  ")) }
     }
@@ -831,10 +881,10 @@ mod tests {
 
     #[test]
     fn a_backend_not_compiled_in_is_refused_by_name() {
-        let mut settings = base();
-        settings.backends.usage_counter = "memcached".into();
-        let err = settings.validate().unwrap_err().to_string();
-        assert!(err.contains("backends.usage_counter"), "{err}");
+        let err = Settings::defaults_with(&[("backends.usage_counter", "memcached")]).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("backends.usage_counter") && err.contains("memcached"), "{err}");
+        assert!(err.contains("postgres"), "the choices are named: {err}");
     }
 
     #[test]

@@ -13,9 +13,9 @@ use crate::{PgStore, db};
 use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::billing::{BillingRules, period_containing};
-use callplane_core::domain::{CallChange, REVIEW_DURATION_UNKNOWN};
+use callplane_core::domain::{CallChange, REVIEW_DURATION_UNKNOWN, UsageAlert};
 use callplane_core::seams::{StoreError, StoreResult};
-use callplane_core::vapi::{MAX_CALL_DURATION_SECONDS, MessageKind, ServerMessage, status_rank};
+use callplane_core::vapi::{CallReport, MAX_CALL_DURATION_SECONDS, MessageKind, ServerMessage, status_rank};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
@@ -46,12 +46,12 @@ pub struct ApplyOptions<'a> {
 /// Records the 80/90/100% thresholds `used` has reached, each once per period; returns the
 /// ones reached just now.
 async fn crossed_thresholds(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tx: &mut Tx<'_>,
     org: OrgId,
     period_start: DateTime<Utc>,
     used: i64,
     included: i64,
-) -> StoreResult<Vec<callplane_core::domain::UsageAlert>> {
+) -> StoreResult<Vec<UsageAlert>> {
     let mut crossed = Vec::new();
     for threshold in [80_i32, 90, 100] {
         if used * 100 < included * i64::from(threshold) {
@@ -71,7 +71,7 @@ async fn crossed_thresholds(
         .rows_affected()
             == 1;
         if new {
-            crossed.push(callplane_core::domain::UsageAlert {
+            crossed.push(UsageAlert {
                 threshold,
                 period_start,
                 seconds_used: used,
@@ -90,10 +90,23 @@ pub enum CallRefusal {
     OtherOrganization { call_id: String },
 }
 
+type Tx<'t> = sqlx::Transaction<'t, sqlx::Postgres>;
+
+/// What the end-of-call report did to its call.
+struct ReportApplied {
+    /// Seconds, from the best source present; `None` when no source gave it.
+    duration: Option<f64>,
+    /// `None` while the duration is unknown for a call that connected: not billed yet.
+    billable: Option<i64>,
+    duration_unknown: bool,
+}
+
 impl PgStore {
-    /// Merges one event into its call; for an end-of-call report also writes the ledger row
-    /// and, when `raise_counter` is set, raises `organizations.seconds_used` in the same
-    /// transaction; when `publish` is set, publishes the change's realtime events in it too. Returns `Ok(None)` for messages that carry no call id.
+    /// Merges one event into its call, in one transaction, step by step: register the call
+    /// (its organization and partition), merge the event into the row, and for an end-of-call
+    /// report apply the report, write the ledger row and, when `raise_counter` is set, raise
+    /// `organizations.seconds_used` (with the usage alerts); when `publish` is set, publish the
+    /// change's realtime events in it too. Returns `Ok(None)` for messages that carry no call id.
     #[instrument(skip_all, fields(org_id = %org, call_id = msg.call_id.as_deref().unwrap_or("")))]
     pub async fn apply_call_event(
         &self,
@@ -108,61 +121,146 @@ impl PgStore {
         self.ensure_partition_for(claimed_created_at).await?;
 
         let mut tx = self.pool.begin().await.map_err(db)?;
-
-        // 1. The call's home: first sight registers it; later events use what was registered.
-        let registered = sqlx::query(
-            "INSERT INTO call_keys (vapi_call_id, organization_id, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (vapi_call_id) DO NOTHING RETURNING organization_id, created_at",
-        )
-        .bind(&call_id)
-        .bind(org.0)
-        .bind(claimed_created_at)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let key = match registered {
-            Some(row) => row,
-            // Registered before (possibly by a transaction that committed while we waited);
-            // a new statement sees it.
-            None => sqlx::query("SELECT organization_id, created_at FROM call_keys WHERE vapi_call_id = $1")
-                .bind(&call_id)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?,
-        };
-        let owner: uuid::Uuid = key.try_get("organization_id").map_err(db)?;
-        let created_at: DateTime<Utc> = key.try_get("created_at").map_err(db)?;
-        if owner != org.0 {
-            return Err(StoreError::Refused {
-                code: ErrorCode::InvalidEvent,
-                message: CallRefusal::OtherOrganization { call_id }.to_string(),
-            });
+        let created_at = register_call(&mut tx, org, &call_id, claimed_created_at).await?;
+        let (inserted, status_changed) = merge_event(&mut tx, org, &call_id, created_at, msg, event_at).await?;
+        let mut change =
+            CallChange { call_id, created_at, inserted, status_changed, billed: None, duration_unknown: false };
+        let mut alerts = Vec::new();
+        if let Some(report) = &msg.report {
+            let applied = apply_report(&mut tx, &change, report, event_at, opts.rules).await?;
+            change.duration_unknown = applied.duration_unknown;
+            if let Some(billable) = applied.billable
+                && let Some((period_start, period_end)) =
+                    write_ledger(&mut tx, org, &change, report, applied.duration, billable).await?
+            {
+                if opts.raise_counter && billable > 0 {
+                    alerts = raise_counter(&mut tx, org, (period_start, period_end), billable, opts).await?;
+                }
+                change.billed = Some((billable, period_start));
+            }
         }
+        if opts.publish {
+            publish_change(&mut tx, org, &change, &alerts).await?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Some(change))
+    }
+}
 
-        // 2. Insert the call, or merge into it under a row lock so the status change we
-        //    report is exact. (Partitioned tables cannot return `xmax`, hence two steps.)
-        let (status, rank) = match msg.status.as_deref().and_then(|s| status_rank(s).map(|r| (s, r))) {
-            Some((s, r)) => (s.to_owned(), r),
-            None => ("unknown".to_owned(), -1),
-        };
-        // Status updates record when the call connected and ended: the last source of its
-        // duration when the end-of-call report carries none.
-        let (seen_start, seen_end) = match (msg.kind, status.as_str()) {
-            (MessageKind::StatusUpdate, "in-progress") => (msg.timestamp, None),
-            (MessageKind::StatusUpdate, "ended") => (None, msg.timestamp),
-            _ => (None, None),
-        };
-        let inserted = sqlx::query(
-            "INSERT INTO calls (id, organization_id, created_at, call_type, status, status_rank, ended_reason, \
-                                assistant_id, phone_number_id, customer_number, last_event_at, started_at, ended_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id, created_at) DO NOTHING",
+/// Step 1: the call's home. The first event registers the call (its organization and the
+/// `created_at` that fixes its partition); later events use what was registered. An event
+/// for the call id from another organization is refused.
+async fn register_call(
+    tx: &mut Tx<'_>,
+    org: OrgId,
+    call_id: &str,
+    claimed_created_at: DateTime<Utc>,
+) -> StoreResult<DateTime<Utc>> {
+    let registered = sqlx::query(
+        "INSERT INTO call_keys (vapi_call_id, organization_id, created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (vapi_call_id) DO NOTHING RETURNING organization_id, created_at",
+    )
+    .bind(call_id)
+    .bind(org.0)
+    .bind(claimed_created_at)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db)?;
+    let key = match registered {
+        Some(row) => row,
+        // Registered before (possibly by a transaction that committed while we waited); a new
+        // statement sees it.
+        None => sqlx::query("SELECT organization_id, created_at FROM call_keys WHERE vapi_call_id = $1")
+            .bind(call_id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db)?,
+    };
+    let owner: uuid::Uuid = key.try_get("organization_id").map_err(db)?;
+    if owner != org.0 {
+        let call_id = call_id.to_owned();
+        return Err(StoreError::Refused {
+            code: ErrorCode::InvalidEvent,
+            message: CallRefusal::OtherOrganization { call_id }.to_string(),
+        });
+    }
+    key.try_get("created_at").map_err(db)
+}
+
+/// Step 2: inserts the call, or merges the event into it under a row lock so the status
+/// change reported is exact. (Partitioned tables cannot return `xmax`, hence two statements.)
+/// Returns whether the row was inserted and the status this event moved it to, if any.
+async fn merge_event(
+    tx: &mut Tx<'_>,
+    org: OrgId,
+    call_id: &str,
+    created_at: DateTime<Utc>,
+    msg: &ServerMessage,
+    event_at: DateTime<Utc>,
+) -> StoreResult<(bool, Option<String>)> {
+    let (status, rank) = match msg.status.as_deref().and_then(|s| status_rank(s).map(|r| (s, r))) {
+        Some((s, r)) => (s.to_owned(), r),
+        None => ("unknown".to_owned(), -1),
+    };
+    // Status updates record when the call connected and ended: the last source of its
+    // duration when the end-of-call report carries none.
+    let (seen_start, seen_end) = match (msg.kind, status.as_str()) {
+        (MessageKind::StatusUpdate, "in-progress") => (msg.timestamp, None),
+        (MessageKind::StatusUpdate, "ended") => (None, msg.timestamp),
+        _ => (None, None),
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO calls (id, organization_id, created_at, call_type, status, status_rank, ended_reason, \
+                            assistant_id, phone_number_id, customer_number, last_event_at, started_at, ended_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id, created_at) DO NOTHING",
+    )
+    .bind(call_id)
+    .bind(org.0)
+    .bind(created_at)
+    .bind(&msg.call_type)
+    .bind(&status)
+    .bind(rank)
+    .bind(&msg.ended_reason)
+    .bind(&msg.assistant_id)
+    .bind(&msg.phone_number_id)
+    .bind(&msg.customer_number)
+    .bind(event_at)
+    .bind(seen_start)
+    .bind(seen_end)
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?
+    .rows_affected()
+        == 1;
+    let status_changed = if inserted {
+        (rank >= 0).then(|| status.clone())
+    } else {
+        let before: i16 =
+            sqlx::query_scalar("SELECT status_rank FROM calls WHERE id = $1 AND created_at = $2 FOR UPDATE")
+                .bind(call_id)
+                .bind(created_at)
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(db)?;
+        sqlx::query(
+            "UPDATE calls SET \
+                status = CASE WHEN $3 > status_rank THEN $4 ELSE status END, \
+                status_rank = GREATEST(status_rank, $3), \
+                call_type = COALESCE(call_type, $5), \
+                ended_reason = COALESCE(ended_reason, $6), \
+                assistant_id = COALESCE(assistant_id, $7), \
+                phone_number_id = COALESCE(phone_number_id, $8), \
+                customer_number = COALESCE(customer_number, $9), \
+                last_event_at = GREATEST(last_event_at, $10), \
+                started_at = COALESCE(started_at, $11), ended_at = COALESCE(ended_at, $12), \
+                updated_at = now() \
+             WHERE id = $1 AND created_at = $2",
         )
-        .bind(&call_id)
-        .bind(org.0)
+        .bind(call_id)
         .bind(created_at)
-        .bind(&msg.call_type)
-        .bind(&status)
         .bind(rank)
+        .bind(&status)
+        .bind(&msg.call_type)
         .bind(&msg.ended_reason)
         .bind(&msg.assistant_id)
         .bind(&msg.phone_number_id)
@@ -170,198 +268,176 @@ impl PgStore {
         .bind(event_at)
         .bind(seen_start)
         .bind(seen_end)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
-        .map_err(db)?
-        .rows_affected()
-            == 1;
-        let status_changed = if inserted {
-            (rank >= 0).then(|| status.clone())
-        } else {
-            let before: i16 =
-                sqlx::query_scalar("SELECT status_rank FROM calls WHERE id = $1 AND created_at = $2 FOR UPDATE")
-                    .bind(&call_id)
+        .map_err(db)?;
+        (rank > before).then(|| status.clone())
+    };
+    Ok((inserted, status_changed))
+}
+
+/// Step 3: the end-of-call report's authoritative fields, with the duration from the best
+/// source present (the report's duration fields, its times, the call object's times: see
+/// `vapi::report`; else the times the status updates recorded). A call that connected but
+/// whose length nobody knows is never billed 0 in silence: it waits for review
+/// (reconciliation asks VAPI) and is not billed yet. The first report that knows the duration
+/// sets it, with the ledger: a late duplicate never changes what was billed.
+async fn apply_report(
+    tx: &mut Tx<'_>,
+    change: &CallChange,
+    report: &CallReport,
+    event_at: DateTime<Utc>,
+    rules: &BillingRules,
+) -> StoreResult<ReportApplied> {
+    let (call_id, created_at) = (&change.call_id, change.created_at);
+    let duration = match report.duration_seconds {
+        Some(d) => Some(d),
+        None => {
+            let (start, end): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+                sqlx::query_as("SELECT started_at, ended_at FROM calls WHERE id = $1 AND created_at = $2")
+                    .bind(call_id)
                     .bind(created_at)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(&mut **tx)
                     .await
                     .map_err(db)?;
-            sqlx::query(
-                "UPDATE calls SET \
-                    status = CASE WHEN $3 > status_rank THEN $4 ELSE status END, \
-                    status_rank = GREATEST(status_rank, $3), \
-                    call_type = COALESCE(call_type, $5), \
-                    ended_reason = COALESCE(ended_reason, $6), \
-                    assistant_id = COALESCE(assistant_id, $7), \
-                    phone_number_id = COALESCE(phone_number_id, $8), \
-                    customer_number = COALESCE(customer_number, $9), \
-                    last_event_at = GREATEST(last_event_at, $10), \
-                    started_at = COALESCE(started_at, $11), ended_at = COALESCE(ended_at, $12), \
-                    updated_at = now() \
-                 WHERE id = $1 AND created_at = $2",
-            )
-            .bind(&call_id)
-            .bind(created_at)
-            .bind(rank)
-            .bind(&status)
-            .bind(&msg.call_type)
-            .bind(&msg.ended_reason)
-            .bind(&msg.assistant_id)
-            .bind(&msg.phone_number_id)
-            .bind(&msg.customer_number)
-            .bind(event_at)
-            .bind(seen_start)
-            .bind(seen_end)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            (rank > before).then(|| status.clone())
-        };
+            match (report.started_at.or(start), report.ended_at.or(end)) {
+                (Some(s), Some(e)) if e >= s && (e - s).num_seconds() <= MAX_CALL_DURATION_SECONDS => {
+                    Some((e - s).num_milliseconds() as f64 / 1000.0)
+                }
+                _ => None,
+            }
+        }
+    };
+    let billable = match (rules.is_billed_reason(report.ended_reason.as_deref()), duration) {
+        (false, _) => Some(0),
+        (true, Some(d)) => Some(rules.billable_seconds(Some(d), report.ended_reason.as_deref())),
+        (true, None) => None,
+    };
+    let review: Option<(bool,)> = sqlx::query_as(
+        "UPDATE calls SET status = 'ended', status_rank = 5, \
+            ended_reason = COALESCE($3, ended_reason), started_at = COALESCE($4, started_at), \
+            ended_at = COALESCE($5, ended_at), duration_seconds = COALESCE(duration_seconds, $6), \
+            cost = COALESCE($7, cost), \
+            costs = COALESCE($8, costs), summary = COALESCE($9, summary), \
+            analysis = COALESCE($10, analysis), recording_url = COALESCE($11, recording_url), \
+            review_reason = CASE WHEN billable_seconds IS NOT NULL OR $12::bigint IS NOT NULL THEN NULL \
+                                 ELSE $14 END, \
+            billable_seconds = COALESCE(billable_seconds, $12), \
+            reported_at = COALESCE(reported_at, $13), updated_at = now() \
+         WHERE id = $1 AND created_at = $2 RETURNING review_reason IS NOT NULL",
+    )
+    .bind(call_id)
+    .bind(created_at)
+    .bind(&report.ended_reason)
+    .bind(report.started_at)
+    .bind(report.ended_at)
+    .bind(duration)
+    .bind(report.cost)
+    .bind(&report.costs)
+    .bind(&report.summary)
+    .bind(&report.analysis)
+    .bind(&report.recording_url)
+    .bind(billable)
+    .bind(event_at)
+    .bind(REVIEW_DURATION_UNKNOWN)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db)?;
+    Ok(ReportApplied { duration, billable, duration_unknown: review.is_some_and(|(flagged,)| flagged) })
+}
 
-        // 3. The end-of-call report: authoritative final fields, the ledger, the counter.
-        let mut billed = None;
-        let mut duration_unknown = false;
-        let mut alerts = Vec::new();
-        if let Some(report) = &msg.report {
-            // The duration from the best source present: the report (its duration fields,
-            // its times, the call object's times: see `vapi::report`), else the times the
-            // status updates recorded.
-            let duration = match report.duration_seconds {
-                Some(d) => Some(d),
-                None => {
-                    let (start, end): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
-                        sqlx::query_as("SELECT started_at, ended_at FROM calls WHERE id = $1 AND created_at = $2")
-                            .bind(&call_id)
-                            .bind(created_at)
-                            .fetch_one(&mut *tx)
-                            .await
-                            .map_err(db)?;
-                    match (report.started_at.or(start), report.ended_at.or(end)) {
-                        (Some(s), Some(e)) if e >= s && (e - s).num_seconds() <= MAX_CALL_DURATION_SECONDS => {
-                            Some((e - s).num_milliseconds() as f64 / 1000.0)
-                        }
-                        _ => None,
-                    }
-                }
-            };
-            let connected = opts.rules.is_billed_reason(report.ended_reason.as_deref());
-            // A call that connected but whose length nobody knows is never billed 0 in
-            // silence: it waits for review (reconciliation asks VAPI) and is not billed yet.
-            let billable = match (connected, duration) {
-                (false, _) => Some(0),
-                (true, Some(d)) => Some(opts.rules.billable_seconds(Some(d), report.ended_reason.as_deref())),
-                (true, None) => None,
-            };
-            // The first report that knows the duration sets it, with the ledger: a late
-            // duplicate never changes what was billed.
-            let review: Option<(bool,)> = sqlx::query_as(
-                "UPDATE calls SET status = 'ended', status_rank = 5, \
-                    ended_reason = COALESCE($3, ended_reason), started_at = COALESCE($4, started_at), \
-                    ended_at = COALESCE($5, ended_at), duration_seconds = COALESCE(duration_seconds, $6), \
-                    cost = COALESCE($7, cost), \
-                    costs = COALESCE($8, costs), summary = COALESCE($9, summary), \
-                    analysis = COALESCE($10, analysis), recording_url = COALESCE($11, recording_url), \
-                    review_reason = CASE WHEN billable_seconds IS NOT NULL OR $12::bigint IS NOT NULL THEN NULL \
-                                         ELSE $14 END, \
-                    billable_seconds = COALESCE(billable_seconds, $12), \
-                    reported_at = COALESCE(reported_at, $13), updated_at = now() \
-                 WHERE id = $1 AND created_at = $2 RETURNING review_reason IS NOT NULL",
-            )
-            .bind(&call_id)
-            .bind(created_at)
-            .bind(&report.ended_reason)
-            .bind(report.started_at)
-            .bind(report.ended_at)
-            .bind(duration)
-            .bind(report.cost)
-            .bind(&report.costs)
-            .bind(&report.summary)
-            .bind(&report.analysis)
-            .bind(&report.recording_url)
-            .bind(billable)
-            .bind(event_at)
-            .bind(REVIEW_DURATION_UNKNOWN)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-            duration_unknown = review.is_some_and(|(flagged,)| flagged);
-            if let Some(billable) = billable {
-                // A call cannot start before VAPI created it; the pipeline has refused far-future
-                // times already.
-                let started = report.started_at.map_or(created_at, |s| s.max(created_at));
-                let anchor: DateTime<Utc> =
-                    sqlx::query_scalar("SELECT billing_anchor FROM organizations WHERE id = $1")
-                        .bind(org.0)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                let (period_start, period_end) = period_containing(anchor, started);
-                let ledger_written = sqlx::query(
-                    "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
-                                           duration_seconds, billable_seconds, ended_reason) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (call_id) DO NOTHING",
-                )
-                .bind(&call_id)
-                .bind(org.0)
-                .bind(period_start)
-                .bind(started)
-                .bind(duration.unwrap_or(0.0))
-                .bind(billable)
-                .bind(&report.ended_reason)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?
-                .rows_affected()
-                    == 1;
-                if ledger_written {
-                    if opts.raise_counter && billable > 0 {
-                        // A call in a later period than the org's current one opens that period
-                        // (its counter starts from this call); a call from an earlier period is
-                        // only in the ledger, where that period's total stays readable.
-                        let raised: Option<(i64, String)> = sqlx::query_as(
-                            "UPDATE organizations SET \
-                            seconds_used = CASE WHEN period_start = $2 THEN seconds_used + $4 ELSE $4 END, \
-                            period_start = $2, period_end = $3, updated_at = now() \
-                         WHERE id = $1 AND period_start <= $2 RETURNING seconds_used, plan",
-                        )
-                        .bind(org.0)
-                        .bind(period_start)
-                        .bind(period_end)
-                        .bind(billable)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                        if let Some((used, plan)) = raised
-                            && let Some(included) = (opts.included_seconds)(&plan).filter(|i| *i > 0)
-                        {
-                            alerts = crossed_thresholds(&mut tx, org, period_start, used, included).await?;
-                        }
-                    }
-                    billed = Some((billable, period_start));
-                }
-            }
-        }
-        let change = CallChange { call_id, created_at, inserted, status_changed, billed, duration_unknown };
-        if opts.publish {
-            // Last lock of the transaction (after the organization row): the organization's
-            // event sequence follows the commit order of its calls' changes.
-            let usage_alerts = alerts.iter().map(|a| callplane_core::events::usage_alert(org, &change.call_id, a));
-            let events: Vec<_> =
-                callplane_core::events::for_change(org, &change).into_iter().chain(usage_alerts).collect();
-            if !events.is_empty() {
-                sqlx::query("SELECT callplane_publish_batch($1, $2, $3, $4)")
-                    .bind(org.0)
-                    .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
-                    .bind(events.iter().map(|e| e.call_id.clone()).collect::<Vec<_>>())
-                    .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            }
-        }
-        tx.commit().await.map_err(db)?;
-        Ok(Some(change))
+/// Step 4: the ledger row, unique per call. Returns the billing period it went to when this
+/// event wrote it (`None`: written before).
+async fn write_ledger(
+    tx: &mut Tx<'_>,
+    org: OrgId,
+    change: &CallChange,
+    report: &CallReport,
+    duration: Option<f64>,
+    billable: i64,
+) -> StoreResult<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+    // A call cannot start before VAPI created it; the pipeline has refused far-future times.
+    let started = report.started_at.map_or(change.created_at, |s| s.max(change.created_at));
+    let anchor: DateTime<Utc> = sqlx::query_scalar("SELECT billing_anchor FROM organizations WHERE id = $1")
+        .bind(org.0)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db)?;
+    let (period_start, period_end) = period_containing(anchor, started);
+    let written = sqlx::query(
+        "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
+                                   duration_seconds, billable_seconds, ended_reason) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (call_id) DO NOTHING",
+    )
+    .bind(&change.call_id)
+    .bind(org.0)
+    .bind(period_start)
+    .bind(started)
+    .bind(duration.unwrap_or(0.0))
+    .bind(billable)
+    .bind(&report.ended_reason)
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?
+    .rows_affected()
+        == 1;
+    Ok(written.then_some((period_start, period_end)))
+}
+
+/// Step 5 (the Postgres counter): raises the organization's counter by a call's billable
+/// seconds in the ledger transaction. A call in a later period than the organization's
+/// current one opens that period (its counter starts from this call); a call from an earlier
+/// period is only in the ledger, where that period's total stays readable. Returns the usage
+/// alerts crossed just now.
+async fn raise_counter(
+    tx: &mut Tx<'_>,
+    org: OrgId,
+    (period_start, period_end): (DateTime<Utc>, DateTime<Utc>),
+    billable: i64,
+    opts: &ApplyOptions<'_>,
+) -> StoreResult<Vec<UsageAlert>> {
+    let raised: Option<(i64, String)> = sqlx::query_as(
+        "UPDATE organizations SET \
+            seconds_used = CASE WHEN period_start = $2 THEN seconds_used + $4 ELSE $4 END, \
+            period_start = $2, period_end = $3, updated_at = now() \
+         WHERE id = $1 AND period_start <= $2 RETURNING seconds_used, plan",
+    )
+    .bind(org.0)
+    .bind(period_start)
+    .bind(period_end)
+    .bind(billable)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db)?;
+    match raised {
+        Some((used, plan)) => match (opts.included_seconds)(&plan).filter(|i| *i > 0) {
+            Some(included) => crossed_thresholds(tx, org, period_start, used, included).await,
+            None => Ok(Vec::new()),
+        },
+        None => Ok(Vec::new()),
     }
+}
 
+/// Step 6 (the Postgres bus): the change's realtime events, published in the transaction as
+/// its last lock (after the organization row), so the organization's event sequence follows
+/// the commit order of its calls' changes.
+async fn publish_change(tx: &mut Tx<'_>, org: OrgId, change: &CallChange, alerts: &[UsageAlert]) -> StoreResult<()> {
+    let usage_alerts = alerts.iter().map(|a| callplane_core::events::usage_alert(org, &change.call_id, a));
+    let events: Vec<_> = callplane_core::events::for_change(org, change).into_iter().chain(usage_alerts).collect();
+    if !events.is_empty() {
+        sqlx::query("SELECT callplane_publish_batch($1, $2, $3, $4)")
+            .bind(org.0)
+            .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.call_id.clone()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+impl PgStore {
     /// The ledger rows of an organization, oldest call first.
     #[instrument(skip_all, fields(org_id = %org))]
     pub async fn ledger(&self, org: OrgId) -> StoreResult<Vec<LedgerRow>> {
