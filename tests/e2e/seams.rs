@@ -1,9 +1,12 @@
 //! The phase-1 backends pass their seams' contract suites.
 
-use crate::helpers::TestApp;
+use crate::cli::{Cli, free_addr};
+use crate::helpers::{TestApp, lifecycle};
+use callplane_core::seams::UsageCounter;
 use callplane_storage::{PgFunctionData, PgRealtimeBus, PgTranscriptStore, PgUsageCounter};
 use callplane_testkit::contracts;
-use chrono::Utc;
+use chrono::{Duration, Utc};
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn pg_function_data_passes_the_contract() {
@@ -32,4 +35,77 @@ async fn pg_realtime_bus_passes_the_contract() {
     let app = TestApp::spawn().await;
     let (a, b) = (app.org("pro").await, app.org("pro").await);
     contracts::realtime_bus(&PgRealtimeBus::start(app.db.store.clone(), 64).await.unwrap(), a.id, b.id).await;
+}
+
+/// A counter that drifted from the ledger (a bug, a restore, a hand edit) is found and repaired
+/// by `callplane usage reconcile`, and what the dashboard shows follows the ledger again.
+#[tokio::test]
+async fn usage_reconcile_finds_a_counter_that_drifted_from_the_ledger_and_repairs_it() {
+    let app = TestApp::spawn().await;
+    let (drifted, fine) = (app.org("pro").await, app.org("pro").await);
+    let key = app.api_key(drifted.id).await;
+    for (org, call, seconds) in [(drifted.id, "d-1", 30.0), (drifted.id, "d-2", 45.0), (fine.id, "f-1", 12.0)] {
+        let report = lifecycle(call, Utc::now() - Duration::minutes(5), seconds).pop().unwrap();
+        assert_eq!(app.post_vapi(org, &report).await.0, reqwest::StatusCode::OK);
+    }
+    assert_eq!(app.seconds_used(drifted.id).await, 75);
+    sqlx::query("UPDATE organizations SET seconds_used = 7 WHERE id = $1")
+        .bind(drifted.id.0)
+        .execute(app.db.store.pool())
+        .await
+        .unwrap();
+
+    let cli = Cli { db_url: app.db.url.clone(), addr: free_addr() };
+    let out = cli.command(&["usage", "reconcile", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "differences exit 1: {}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["checked"], 2);
+    let differences = report["differences"].as_array().unwrap();
+    assert_eq!(differences.len(), 1, "{report}");
+    assert_eq!(differences[0]["organization_id"], drifted.id.to_string());
+    assert_eq!((differences[0]["counter"].as_i64(), differences[0]["ledger"].as_i64()), (Some(7), Some(75)));
+    assert!(differences[0]["repaired_to"].is_null());
+
+    let repaired = cli.json(&["usage", "reconcile", "--repair", "--json"]);
+    assert_eq!(repaired["differences"][0]["repaired_to"], 75);
+    assert_eq!(app.seconds_used(drifted.id).await, 75);
+    assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"], 75);
+    assert_eq!(cli.json(&["usage", "reconcile", "--json"])["differences"], json!([]));
+}
+
+/// A rebuild that arrives while a report's transaction holds the organization (ledger row
+/// written, counter raised, not yet committed) waits for it and counts its seconds: none is
+/// lost, none counted twice.
+#[tokio::test]
+async fn a_rebuild_racing_a_report_in_flight_loses_and_doubles_nothing() {
+    let app = TestApp::spawn().await;
+    let org = app.org("business").await;
+    let report = lifecycle("before", Utc::now() - Duration::minutes(5), 20.0).pop().unwrap();
+    assert_eq!(app.post_vapi(org.id, &report).await.0, reqwest::StatusCode::OK);
+
+    // What the pipeline does for a report, held open.
+    let mut in_flight = app.db.store.pool().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, duration_seconds, \
+                                   billable_seconds) VALUES ('in-flight', $1, $2, now(), 10, 10)",
+    )
+    .bind(org.id.0)
+    .bind(org.period_start)
+    .execute(&mut *in_flight)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE organizations SET seconds_used = seconds_used + 10 WHERE id = $1")
+        .bind(org.id.0)
+        .execute(&mut *in_flight)
+        .await
+        .unwrap();
+
+    let counter = PgUsageCounter(app.db.store.clone());
+    let rebuild = tokio::spawn(async move { counter.rebuild(org.id, org.period_start).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!rebuild.is_finished(), "the rebuild waits for the report's transaction");
+    in_flight.commit().await.unwrap();
+    assert_eq!(rebuild.await.unwrap().unwrap(), 30);
+    assert_eq!(app.seconds_used(org.id).await, 30, "the counter equals the ledger");
+    assert_eq!(app.db.store.ledger_total(org.id, org.period_start).await.unwrap(), 30);
 }

@@ -100,6 +100,9 @@ pub trait UsageCounter: Send + Sync {
     fn raised_in_ledger_transaction(&self) -> bool;
     async fn add(&self, org: OrgId, period_start: DateTime<Utc>, seconds: i64) -> StoreResult<i64>;
     async fn used(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64>;
+    /// Sets the counter of the organization's period to the ledger's total for it, safely
+    /// against concurrent adds (none is lost or counted twice). Returns the total.
+    async fn rebuild(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64>;
 }
 
 /// A call's transcript and conversation messages.

@@ -84,6 +84,13 @@ impl Readiness for PgReadiness {
     }
 }
 
+/// The configured usage counter (also for `callplane usage reconcile`).
+pub fn usage_counter(settings: &Settings, store: &PgStore) -> Arc<dyn UsageCounter> {
+    match settings.backends.usage_counter {
+        CounterBackend::Postgres => Arc::new(PgUsageCounter(store.clone())),
+    }
+}
+
 /// The backends of the seams, as configured: built in one place, which is given every client
 /// a backend may need.
 struct Backends {
@@ -100,9 +107,7 @@ impl Backends {
         let b = &settings.backends;
         let PipelineBackend::Inline = b.event_pipeline;
         Ok(Self {
-            counter: match b.usage_counter {
-                CounterBackend::Postgres => Arc::new(PgUsageCounter(store.clone())),
-            },
+            counter: usage_counter(settings, store),
             transcripts: match b.transcripts {
                 TranscriptBackend::Postgres => Arc::new(PgTranscriptStore(store.clone())),
             },

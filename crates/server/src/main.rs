@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use callplane_core::OrgId;
-use callplane_core::seams::FunctionData;
+use callplane_core::seams::{FunctionData, OrgDirectory};
 use callplane_server::{App, Settings, telemetry};
 use callplane_storage::{DeadLetterFilter, NewOrganization, PgFunctionData, PgStore};
 use chrono::{DateTime, Utc};
@@ -67,6 +67,22 @@ enum Command {
     /// Reconcile with VAPI's own records.
     #[command(subcommand)]
     Reconcile(ReconcileCommand),
+    /// Usage counters.
+    #[command(subcommand)]
+    Usage(UsageCommand),
+}
+
+#[derive(Subcommand)]
+enum UsageCommand {
+    /// Compare every organization's counter for its current billing period with the usage
+    /// ledger (the truth) and print the differences; exits 1 when there are some.
+    Reconcile {
+        /// Set each differing counter to the ledger's total.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        org: Option<OrgId>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -443,6 +459,57 @@ async fn run() -> anyhow::Result<()> {
             });
         }
         Command::Inbox(cmd) => inbox(cmd, settings, j).await?,
+        Command::Usage(UsageCommand::Reconcile { repair, org }) => {
+            let store = App::connect(&settings).await?;
+            let counter = callplane_server::app::usage_counter(&settings, &store);
+            let orgs = match org {
+                Some(id) => {
+                    vec![OrgDirectory::get(&store, id).await?.with_context(|| format!("no organization {id}"))?]
+                }
+                None => store.organizations(i64::MAX).await?,
+            };
+            let mut differences = Vec::new();
+            for (done, o) in orgs.iter().enumerate() {
+                let counted = counter.used(o.id, o.period_start).await?;
+                let ledger = store.ledger_total(o.id, o.period_start).await?;
+                if counted != ledger {
+                    let repaired = if repair { Some(counter.rebuild(o.id, o.period_start).await?) } else { None };
+                    differences.push(json!({
+                        "organization_id": o.id, "period_start": o.period_start,
+                        "counter": counted, "ledger": ledger, "repaired_to": repaired,
+                    }));
+                }
+                progress(&format!("checked {}/{} organizations, {} differ", done + 1, orgs.len(), differences.len()));
+            }
+            end_progress();
+            let v = json!({ "checked": orgs.len(), "counter": counter.backend(), "differences": differences });
+            print(j, &v, || {
+                let mut s = format!(
+                    "{} organizations checked ({} counter): {} differ from the ledger",
+                    orgs.len(),
+                    counter.backend(),
+                    differences.len()
+                );
+                for d in &differences {
+                    s.push_str(&format!(
+                        "\n  {} period {}: counter {} s, ledger {} s{}",
+                        d["organization_id"].as_str().unwrap_or(""),
+                        d["period_start"].as_str().unwrap_or(""),
+                        d["counter"],
+                        d["ledger"],
+                        if d["repaired_to"].is_null() {
+                            String::new()
+                        } else {
+                            format!(", repaired to {}", d["repaired_to"])
+                        }
+                    ));
+                }
+                s
+            });
+            if !differences.is_empty() && !repair {
+                std::process::exit(1);
+            }
+        }
         Command::Reconcile(ReconcileCommand::Calls { since, until, org }) => {
             let store = connect(&settings).await?;
             let Some(reconciler) = App::reconciler(&settings, &store).await? else {
