@@ -315,3 +315,32 @@ async fn the_reconcile_command_finishes_a_call_from_vapis_record_and_says_what_i
     assert_eq!(app.call(org.id, "cli-call").await.unwrap().status, "ended");
     assert_eq!(app.seconds_used(org.id).await, 125);
 }
+
+/// With several `serve` processes, one sweeps at a time: a sweep that finds the lock taken
+/// skips its turn, and the lock is free again once the running sweep ends.
+#[tokio::test]
+async fn one_process_sweeps_at_a_time() {
+    let app = TestApp::spawn().await;
+    let store = &app.db.store;
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .exclusively(callplane_workflow::reconcile::SWEEP_LOCK, async move {
+                    started_tx.send(()).unwrap();
+                    finish_rx.await.unwrap();
+                    "first"
+                })
+                .await
+        })
+    };
+    started_rx.await.unwrap();
+    let second = store.exclusively(callplane_workflow::reconcile::SWEEP_LOCK, async { "second" }).await.unwrap();
+    assert_eq!(second, None, "the lock is taken: the second sweep skips");
+    finish_tx.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), Some("first"));
+    let third = store.exclusively(callplane_workflow::reconcile::SWEEP_LOCK, async { "third" }).await.unwrap();
+    assert_eq!(third, Some("third"), "released when the running sweep ended");
+}

@@ -96,6 +96,29 @@ impl PgStore {
         Ok(rows.into_iter().map(UnfinishedCall::from).collect())
     }
 
+    /// Holds the sweep's advisory lock while `work` runs, when no other process holds it:
+    /// then one `serve` process sweeps at a time, however many run. Returns `None` (without
+    /// running `work`) when another holds it. The lock is the session's, on one connection
+    /// kept for the whole run, and is let go when `work` ends or the connection drops.
+    pub async fn exclusively<T>(&self, name: &str, work: impl Future<Output = T>) -> StoreResult<Option<T>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+        if !got {
+            return Ok(None);
+        }
+        let result = work.await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))").bind(name).execute(&mut *conn).await;
+        if unlocked.is_err() {
+            // The lock must not outlive the run on a pooled connection.
+            conn.detach();
+        }
+        Ok(Some(result))
+    }
+
     /// Why a call waits for review, if it does.
     pub async fn review_reason(
         &self,

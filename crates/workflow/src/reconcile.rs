@@ -550,8 +550,12 @@ impl ReconcileReport {
     }
 }
 
+/// The advisory lock that lets one process sweep at a time.
+pub const SWEEP_LOCK: &str = "callplane_reconcile_sweep";
+
 /// Reconciles every organization's stale calls (within the sweep lookback) every `interval`,
-/// starting now, logging what each run did.
+/// starting now, logging what each run did. With several processes, one sweeps at a time
+/// (the others skip a tick while it does).
 pub fn spawn_sweeper(reconciler: Arc<Reconciler>, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
@@ -560,7 +564,19 @@ pub fn spawn_sweeper(reconciler: Arc<Reconciler>, interval: Duration) -> tokio::
             tick.tick().await;
             let now = Utc::now();
             let scope = ReconcileScope::since(now - reconciler.settings.sweep_lookback);
-            match reconciler.run(&scope, now, |_| {}).await {
+            let run = reconciler.store.exclusively(SWEEP_LOCK, reconciler.run(&scope, now, |_| {})).await;
+            let result = match run {
+                Ok(Some(result)) => result,
+                Ok(None) => {
+                    debug!("another process is sweeping unfinished calls");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(error = ?e, "could not take the sweep's lock; will retry");
+                    continue;
+                }
+            };
+            match result {
                 Ok(r) if r.examined == 0 => debug!("no unfinished calls to reconcile"),
                 Ok(r) if r.failed > 0 || r.stopped.is_some() => warn!(
                     examined = r.examined,
