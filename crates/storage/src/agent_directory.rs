@@ -38,6 +38,9 @@ const MAX_WARM: i64 = 50_000;
 /// After a failed read, an organization is answered from memory without trying again for
 /// this long: a database that is down is not asked on every answer.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How many reads in a row a burst of changes to one organization may cost before the next
+/// answer is left to read it.
+const MAX_REFRESH_ROUNDS: usize = 10;
 
 #[derive(Clone)]
 struct Known {
@@ -194,12 +197,32 @@ impl PgAgentDirectory {
         if start {
             let inner = self.inner.clone();
             tokio::spawn(async move {
-                if let Err(e) = Self::load(&inner, org).await {
-                    warn!(org_id = %org, error = %e, "reading a changed organization failed; read when asked");
-                    if let Ok(mut maps) = inner.maps.lock()
-                        && let Some(entry) = maps.orgs.get_mut(&org)
-                    {
-                        entry.refreshing = false;
+                // Changes heard while a read was under way land it stale (an organization
+                // created, then its function data put key by key): read again until memory
+                // holds what was last written, rather than leave it for the next answer to
+                // read, which may come while the database is away and get the partial copy.
+                for _ in 0..MAX_REFRESH_ROUNDS {
+                    if let Err(e) = Self::load(&inner, org).await {
+                        warn!(org_id = %org, error = %e, "reading a changed organization failed; read when asked");
+                        if let Ok(mut maps) = inner.maps.lock()
+                            && let Some(entry) = maps.orgs.get_mut(&org)
+                        {
+                            entry.refreshing = false;
+                        }
+                        return;
+                    }
+                    let again = match inner.maps.lock() {
+                        Ok(mut maps) => match maps.orgs.get_mut(&org) {
+                            Some(entry) if entry.stale => {
+                                entry.refreshing = true;
+                                true
+                            }
+                            _ => false,
+                        },
+                        Err(_) => false,
+                    };
+                    if !again {
+                        return;
                     }
                 }
             });
