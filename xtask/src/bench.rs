@@ -709,17 +709,17 @@ impl Bench {
 
     /// Facts about the machine and the database, recorded with the results.
     fn machine_facts(&self, started_at: &str) -> Result<Value> {
-        let settings = self.psql(
-            "SELECT string_agg(name || '=' || setting || COALESCE(unit, ''), ', ' ORDER BY name) FROM pg_settings \
-             WHERE name IN ('shared_buffers', 'max_connections', 'fsync', 'synchronous_commit', \
-                            'full_page_writes', 'work_mem', 'max_wal_size', 'effective_cache_size')",
-        )?;
-        let mut facts = stack::machine_facts(started_at);
-        facts.insert("mode".into(), json!(if self.options.quick { "quick" } else { "full" }));
-        facts.insert("build".into(), json!(if self.options.release_build() { "release" } else { "dev" }));
-        facts.insert("postgres".into(), json!(self.psql("SHOW server_version")?));
-        facts.insert("postgres_settings".into(), json!(settings));
-        Ok(Value::Object(facts))
+        let settings = [
+            "shared_buffers",
+            "max_connections",
+            "fsync",
+            "synchronous_commit",
+            "full_page_writes",
+            "work_mem",
+            "max_wal_size",
+            "effective_cache_size",
+        ];
+        stack::run_facts(started_at, &self.options, &settings, |sql| self.psql(sql))
     }
 
     /// Writes `results.json` and the markdown table.

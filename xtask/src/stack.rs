@@ -515,6 +515,27 @@ impl Drop for RssSampler {
     }
 }
 
+/// What a run records next to its results: the machine, the mode and build, and the
+/// PostgreSQL version and `settings` (read through `psql`).
+pub fn run_facts(
+    started_at: &str,
+    options: &RunOptions,
+    settings: &[&str],
+    psql: impl Fn(&str) -> Result<String>,
+) -> Result<Value> {
+    let names = settings.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+    let values = psql(&format!(
+        "SELECT string_agg(name || '=' || setting || COALESCE(unit, ''), ', ' ORDER BY name) FROM pg_settings \
+         WHERE name IN ({names})"
+    ))?;
+    let mut facts = machine_facts(started_at);
+    facts.insert("mode".into(), json!(if options.quick { "quick" } else { "full" }));
+    facts.insert("build".into(), json!(if options.release_build() { "release" } else { "dev" }));
+    facts.insert("postgres".into(), json!(psql("SHOW server_version")?));
+    facts.insert("postgres_settings".into(), json!(values));
+    Ok(Value::Object(facts))
+}
+
 /// The machine, for the record next to published results: CPUs, memory, kernel, commit.
 pub fn machine_facts(started_at: &str) -> serde_json::Map<String, Value> {
     let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();

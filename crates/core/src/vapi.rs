@@ -463,7 +463,7 @@ fn duration(field: &'static str, value: Option<f64>, to_seconds: f64) -> Result<
 }
 
 /// The seconds between two instants, when they are in order.
-fn span(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> Option<f64> {
+pub fn span(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> Option<f64> {
     match (start, end) {
         (Some(s), Some(e)) if e >= s => Some((e - s).num_milliseconds() as f64 / 1000.0),
         _ => None,

@@ -28,14 +28,11 @@ static FIXTURES: LazyLock<Vec<Value>> = LazyLock::new(|| {
     names.iter().map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()).collect()
 });
 
-/// A parse is a message or a typed error with a stable snake_case code and a message.
+/// A parse is a message or a typed error with a message. (Its code is an `ErrorCode` by type.)
 fn check_outcome(outcome: Result<ServerMessage, ParseError>) -> Result<(), TestCaseError> {
     match outcome {
         Ok(m) => prop_assert!(!m.message_type.trim().is_empty()),
-        Err(e) => {
-            prop_assert!(callplane_core::ErrorCode::ALL.contains(&e.code()));
-            prop_assert!(!e.to_string().is_empty());
-        }
+        Err(e) => prop_assert!(!e.to_string().is_empty()),
     }
     Ok(())
 }

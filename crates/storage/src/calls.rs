@@ -15,7 +15,7 @@ use callplane_core::OrgId;
 use callplane_core::billing::{BillingRules, period_containing};
 use callplane_core::domain::{CallChange, REVIEW_DURATION_UNKNOWN, UsageAlert};
 use callplane_core::seams::{StoreError, StoreResult};
-use callplane_core::vapi::{CallReport, MAX_CALL_DURATION_SECONDS, MessageKind, ServerMessage, status_rank};
+use callplane_core::vapi::{CallReport, MAX_CALL_DURATION_SECONDS, MessageKind, ServerMessage, span, status_rank};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
@@ -300,12 +300,8 @@ async fn apply_report(
                     .fetch_one(&mut **tx)
                     .await
                     .map_err(db)?;
-            match (report.started_at.or(start), report.ended_at.or(end)) {
-                (Some(s), Some(e)) if e >= s && (e - s).num_seconds() <= MAX_CALL_DURATION_SECONDS => {
-                    Some((e - s).num_milliseconds() as f64 / 1000.0)
-                }
-                _ => None,
-            }
+            span(report.started_at.or(start), report.ended_at.or(end))
+                .filter(|d| *d <= MAX_CALL_DURATION_SECONDS as f64)
         }
     };
     let billable = match (rules.is_billed_reason(report.ended_reason.as_deref()), duration) {

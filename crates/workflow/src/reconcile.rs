@@ -15,10 +15,11 @@
 
 use callplane_core::ErrorCode;
 use callplane_core::OrgId;
+use callplane_core::error_chain;
 use callplane_core::seams::{
     EventPipeline, InboundEvent, PipelineError, Processed, RealtimeBus, RealtimeEvent, StoreError,
 };
-use callplane_core::vapi::{ParseError, RawTime, parse_message};
+use callplane_core::vapi::{ParseError, RawTime, parse_message, span};
 use callplane_storage::{PgStore, UnfinishedCall, UnfinishedFilter};
 use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
@@ -638,12 +639,9 @@ fn end_of_call_report(call_id: &str, record: &Value, at: DateTime<Utc>) -> Value
             m.insert(key.into(), v);
         }
     }
-    let duration = field("durationSeconds").and_then(|d| d.as_f64()).or_else(|| {
-        match (time(record.get("startedAt")), time(record.get("endedAt"))) {
-            (Some(s), Some(e)) if e >= s => Some((e - s).num_milliseconds() as f64 / 1000.0),
-            _ => None,
-        }
-    });
+    let duration = field("durationSeconds")
+        .and_then(|d| d.as_f64())
+        .or_else(|| span(time(record.get("startedAt")), time(record.get("endedAt"))));
     if let Some(d) = duration {
         m.insert("durationSeconds".into(), json!(d));
     }
@@ -665,18 +663,6 @@ fn end_of_call_report(call_id: &str, record: &Value, at: DateTime<Utc>) -> Value
     }
     m.insert("call".into(), call);
     Value::Object(m)
-}
-
-/// An error and its causes on one line, for reports.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -597,16 +597,8 @@ impl Suite {
 
     fn machine_facts(&self, started_at: &str) -> Result<Value> {
         let pg = self.pg()?;
-        let settings = pg.psql(
-            "SELECT string_agg(name || '=' || setting || COALESCE(unit, ''), ', ' ORDER BY name) FROM pg_settings \
-             WHERE name IN ('shared_buffers', 'max_connections', 'fsync', 'synchronous_commit', 'full_page_writes')",
-        )?;
-        let mut facts = stack::machine_facts(started_at);
-        facts.insert("mode".into(), json!(if self.options.quick { "quick" } else { "full" }));
-        facts.insert("build".into(), json!(if self.options.release_build() { "release" } else { "dev" }));
-        facts.insert("postgres".into(), json!(pg.psql("SHOW server_version")?));
-        facts.insert("postgres_settings".into(), json!(settings));
-        Ok(Value::Object(facts))
+        let settings = ["shared_buffers", "max_connections", "fsync", "synchronous_commit", "full_page_writes"];
+        stack::run_facts(started_at, &self.options, &settings, |sql| pg.psql(sql))
     }
 
     /// Writes `results.json` and the table; a full run in which every experiment passed
