@@ -45,6 +45,16 @@ pub fn iso(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// The Redis the suite runs against in a build with the `redis` feature
+/// (`CALLPLANE_TEST_REDIS_URL`, set by `cargo xtask test`): every `TestApp` then counts usage and
+/// caches function data in it, unless a test asks for another backend.
+pub fn redis_url() -> Option<String> {
+    if !cfg!(feature = "redis") {
+        return None;
+    }
+    std::env::var("CALLPLANE_TEST_REDIS_URL").ok().filter(|u| !u.is_empty())
+}
+
 impl TestApp {
     pub async fn spawn() -> Self {
         Self::spawn_with(&[]).await
@@ -79,6 +89,14 @@ impl TestApp {
             ("auth.admin_token", ADMIN_TOKEN),
             ("inbox.dir", inbox.as_str()),
         ];
+        let redis = redis_url();
+        if let Some(url) = &redis {
+            all.extend([
+                ("redis.url", url.as_str()),
+                ("backends.usage_counter", "redis"),
+                ("backends.function_data", "redis"),
+            ]);
+        }
         all.extend_from_slice(overrides);
         let settings = Settings::defaults_with(&all).expect("test settings");
         let app = App::with_store(settings, store).await.expect("app builds");
@@ -137,12 +155,14 @@ impl TestApp {
         self.db.store.get_call(org, id).await.unwrap()
     }
 
+    /// The organization's usage in its current period, from the configured counter.
     pub async fn seconds_used(&self, org: OrgId) -> i64 {
-        sqlx::query_scalar("SELECT seconds_used FROM organizations WHERE id = $1")
+        let period: DateTime<Utc> = sqlx::query_scalar("SELECT period_start FROM organizations WHERE id = $1")
             .bind(org.0)
             .fetch_one(self.db.store.pool())
             .await
-            .unwrap()
+            .unwrap();
+        self.app.state.metering.used(org, period).await.unwrap()
     }
 
     /// Waits for the call to be recorded (an answered event is recorded on its own), then

@@ -7,6 +7,7 @@ use callplane_storage::{PgFunctionData, PgRealtimeBus, PgTranscriptStore, PgUsag
 use callplane_testkit::contracts;
 use chrono::{Duration, Utc};
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 #[tokio::test]
 async fn pg_function_data_passes_the_contract() {
@@ -27,7 +28,7 @@ async fn pg_transcript_store_passes_the_contract() {
 async fn pg_usage_counter_passes_the_contract() {
     let app = TestApp::spawn().await;
     let (a, b) = (app.org("pro").await, app.org("pro").await);
-    contracts::usage_counter(&PgUsageCounter(app.db.store.clone()), a.id, b.id, a.period_start, b.period_start).await;
+    contracts::usage_counter(Arc::new(PgUsageCounter(app.db.store.clone())), &app.db.store, &a, &b, 500 * 60).await;
 }
 
 #[tokio::test]
@@ -41,7 +42,8 @@ async fn pg_realtime_bus_passes_the_contract() {
 /// by `callplane usage reconcile`, and what the dashboard shows follows the ledger again.
 #[tokio::test]
 async fn usage_reconcile_finds_a_counter_that_drifted_from_the_ledger_and_repairs_it() {
-    let app = TestApp::spawn().await;
+    // The drift is made by hand in the Postgres counter; the CLI runs with the default backend.
+    let app = TestApp::spawn_with(&[("backends.usage_counter", "postgres")]).await;
     let (drifted, fine) = (app.org("pro").await, app.org("pro").await);
     let key = app.api_key(drifted.id).await;
     for (org, call, seconds) in [(drifted.id, "d-1", 30.0), (drifted.id, "d-2", 45.0), (fine.id, "f-1", 12.0)] {
@@ -73,32 +75,26 @@ async fn usage_reconcile_finds_a_counter_that_drifted_from_the_ledger_and_repair
     assert_eq!(cli.json(&["usage", "reconcile", "--json"])["differences"], json!([]));
 }
 
-/// A rebuild that arrives while a report's transaction holds the organization (ledger row
-/// written, counter raised, not yet committed) waits for it and counts its seconds: none is
-/// lost, none counted twice.
+/// A rebuild that arrives while a call's add is in flight (the organization row locked, the
+/// ledger row flipped to counted, the total raised, not yet committed) waits for it and counts
+/// its seconds: none is lost, none counted twice.
 #[tokio::test]
-async fn a_rebuild_racing_a_report_in_flight_loses_and_doubles_nothing() {
-    let app = TestApp::spawn().await;
+async fn a_rebuild_racing_an_add_in_flight_loses_and_doubles_nothing() {
+    let app = TestApp::spawn_with(&[("backends.usage_counter", "postgres")]).await;
     let org = app.org("business").await;
     let report = lifecycle("before", Utc::now() - Duration::minutes(5), 20.0).pop().unwrap();
     assert_eq!(app.post_vapi(org.id, &report).await.0, reqwest::StatusCode::OK);
+    contracts::ledger_row(&app.db.store, org.id, org.period_start, "in-flight", 10).await;
 
-    // What the pipeline does for a report, held open.
+    // What `PgUsageCounter::add_call` does, held open.
     let mut in_flight = app.db.store.pool().begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, duration_seconds, \
-                                   billable_seconds) VALUES ('in-flight', $1, $2, now(), 10, 10)",
-    )
-    .bind(org.id.0)
-    .bind(org.period_start)
-    .execute(&mut *in_flight)
-    .await
-    .unwrap();
-    sqlx::query("UPDATE organizations SET seconds_used = seconds_used + 10 WHERE id = $1")
-        .bind(org.id.0)
-        .execute(&mut *in_flight)
-        .await
-        .unwrap();
+    for statement in [
+        "SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE",
+        "UPDATE usage_ledger SET counted = true WHERE call_id = 'in-flight' AND organization_id = $1",
+        "UPDATE organizations SET seconds_used = seconds_used + 10 WHERE id = $1",
+    ] {
+        sqlx::query(statement).bind(org.id.0).execute(&mut *in_flight).await.unwrap();
+    }
 
     let counter = PgUsageCounter(app.db.store.clone());
     let rebuild = tokio::spawn(async move { counter.rebuild(org.id, org.period_start).await });
@@ -107,5 +103,7 @@ async fn a_rebuild_racing_a_report_in_flight_loses_and_doubles_nothing() {
     in_flight.commit().await.unwrap();
     assert_eq!(rebuild.await.unwrap().unwrap(), 30);
     assert_eq!(app.seconds_used(org.id).await, 30, "the counter equals the ledger");
+    let again = PgUsageCounter(app.db.store.clone()).add_call(org.id, org.period_start, "in-flight", 10).await.unwrap();
+    assert!(!again.new && again.after == 30, "the call was counted again: {again:?}");
     assert_eq!(app.db.store.ledger_total(org.id, org.period_start).await.unwrap(), 30);
 }

@@ -62,9 +62,11 @@ pub struct CreatedApiKey {
     pub key: String,
 }
 
-fn view(s: &AppState, o: Organization) -> OrganizationView {
+/// An organization as operators see it; its usage is the counter's.
+async fn view(s: &AppState, o: Organization) -> Result<OrganizationView, ApiError> {
     let o = o.as_of(Utc::now());
-    OrganizationView {
+    let seconds_used = s.metering.used(o.id, o.period_start).await?;
+    Ok(OrganizationView {
         vapi_server_url: format!("{}/vapi/{}", s.public_url.trim_end_matches('/'), o.id),
         id: o.id,
         name: o.name,
@@ -72,10 +74,10 @@ fn view(s: &AppState, o: Organization) -> OrganizationView {
         status: o.status.as_str().to_owned(),
         period_start: o.period_start,
         period_end: o.period_end,
-        seconds_used: o.seconds_used,
+        seconds_used,
         default_assistant_id: o.default_assistant_id,
         created_at: o.created_at,
-    }
+    })
 }
 
 fn bad(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -131,14 +133,18 @@ pub async fn create_org(
             period_start: Utc::now(),
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(view(&s, org))))
+    Ok((StatusCode::CREATED, Json(view(&s, org).await?)))
 }
 
 /// All organizations (first 1,000, oldest first).
 #[utoipa::path(get, path = "/admin/v1/organizations", tag = "admin", responses((status = 200, body = Vec<OrganizationView>)), security(("admin" = [])))]
 pub async fn list_orgs(State(s): State<AppState>, _: Admin) -> Result<Json<Vec<OrganizationView>>, ApiError> {
     let orgs = s.admin.list(1000).await?;
-    Ok(Json(orgs.into_iter().map(|o| view(&s, o)).collect()))
+    let mut views = Vec::with_capacity(orgs.len());
+    for o in orgs {
+        views.push(view(&s, o).await?);
+    }
+    Ok(Json(views))
 }
 
 /// Any organization.
@@ -151,7 +157,7 @@ pub async fn get_org(
 ) -> Result<Json<OrganizationView>, ApiError> {
     let id = org_id(&id)?;
     let org = s.orgs.get(id).await?.ok_or_else(|| org_not_found(id))?;
-    Ok(Json(view(&s, org)))
+    Ok(Json(view(&s, org).await?))
 }
 
 /// Change an organization's plan or status.
@@ -184,7 +190,7 @@ pub async fn update_org(
     }
     s.agents.invalidate(id);
     let org = s.orgs.get(id).await?.ok_or_else(|| org_not_found(id))?;
-    Ok(Json(view(&s, org)))
+    Ok(Json(view(&s, org).await?))
 }
 
 /// Create an API key for an organization; the key is in this response only.

@@ -479,7 +479,7 @@ pub async fn usage(State(s): State<AppState>, caller: Caller) -> Result<Json<Usa
         .ok_or_else(|| ApiError::client(ErrorCode::OrganizationNotFound, "the organization no longer exists"))?;
     let org = org.as_of(Utc::now());
     let plan = s.plans.get(&org.plan);
-    let seconds_used = s.usage.used(org.id, org.period_start).await?;
+    let seconds_used = s.metering.used(org.id, org.period_start).await?;
     let included = plan.map(|p| p.included_minutes).unwrap_or(0);
     let minutes_used = (seconds_used + 59) / 60;
     let hard_limit = plan.is_some_and(|p| p.hard_limit);

@@ -35,7 +35,7 @@ use callplane_core::auth::WebhookAuth;
 use callplane_core::billing::Plan;
 use callplane_core::seams::{
     AgentDirectory, BillingProvider, BillingWebhooks, CallReads, EventIntake, FunctionData, OrgAdmin, OrgDirectory,
-    RealtimeBus, TranscriptStore, UsageCounter,
+    RealtimeBus, TranscriptStore,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,7 +65,8 @@ pub struct AppState {
     pub function_data: Arc<dyn FunctionData>,
     pub calls: Arc<dyn CallReads>,
     pub transcripts: Arc<dyn TranscriptStore>,
-    pub usage: Arc<dyn UsageCounter>,
+    /// The usage counter with its rules (alerts, admission).
+    pub metering: Arc<callplane_core::metering::Metering>,
     pub bus: Arc<dyn RealtimeBus>,
     pub billing: Arc<dyn BillingProvider>,
     pub billing_webhooks: Arc<dyn BillingWebhooks>,

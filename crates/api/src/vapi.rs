@@ -324,6 +324,27 @@ async fn answer_or_fail(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Res
     }
 }
 
+/// The period's total for a hard-limit admission, from the counter within a quarter of the
+/// answer deadline; past it (or when the counter fails), the last total this process saw.
+async fn admission_usage(s: &AppState, org: &callplane_core::Organization) -> i64 {
+    let budget = s.answer_deadline / 4;
+    let fallback = || s.metering.last_seen(org.id, org.period_start).unwrap_or(org.seconds_used);
+    match tokio::time::timeout(budget, s.metering.used(org.id, org.period_start)).await {
+        Ok(Ok(used)) => used,
+        Ok(Err(e)) => {
+            warn!(error = %callplane_core::error_chain(&e), "the usage counter failed; admitting on the last total seen");
+            fallback()
+        }
+        Err(_) => {
+            warn!(
+                budget_ms = budget.as_millis() as u64,
+                "the usage counter did not answer in time; admitting on the last total seen"
+            );
+            fallback()
+        }
+    }
+}
+
 async fn assistant_request(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> Result<Value, ApiError> {
     let now = Utc::now();
     let Some(org) = s.agents.get(org_id).await? else {
@@ -338,7 +359,8 @@ async fn assistant_request(s: &AppState, org_id: OrgId, msg: &ServerMessage) -> 
         tracing::error!(plan = %org.plan, "organization is on a plan missing from configuration");
         return refuse(Refusal { code: "unknown_plan", spoken: "Sorry, this line is not available right now.".into() });
     };
-    let max_seconds = match agent::admit(&org, plan, now, &s.agent) {
+    let used = if plan.hard_limit { admission_usage(s, &org).await } else { 0 };
+    let max_seconds = match agent::admit(&org, plan, used, now, &s.agent) {
         Ok(seconds) => seconds,
         Err(r) => return refuse(r),
     };

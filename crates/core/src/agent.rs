@@ -58,8 +58,15 @@ pub struct Refusal {
     pub spoken: String,
 }
 
-/// Decides whether an organization may take a new call now, and for how long.
-pub fn admit(org: &Organization, plan: &Plan, now: DateTime<Utc>, settings: &AgentSettings) -> Result<i64, Refusal> {
+/// Decides whether an organization may take a new call now, and for how long. `used` is the
+/// period's total from the usage counter (only hard-limit plans look at it).
+pub fn admit(
+    org: &Organization,
+    plan: &Plan,
+    used: i64,
+    now: DateTime<Utc>,
+    settings: &AgentSettings,
+) -> Result<i64, Refusal> {
     let refuse = |code, spoken: &str| Err(Refusal { code, spoken: spoken.to_owned() });
     match org.status {
         OrgStatus::Active => {}
@@ -72,7 +79,7 @@ pub fn admit(org: &Organization, plan: &Plan, now: DateTime<Utc>, settings: &Age
         }
     }
     if plan.hard_limit {
-        let left = plan.included_seconds() - org.seconds_used;
+        let left = plan.included_seconds().saturating_sub(used);
         if left <= 0 {
             return refuse("minutes_exhausted", "Sorry, this line has no call minutes left this month.");
         }
@@ -237,23 +244,23 @@ mod tests {
     #[test]
     fn hard_limit_plans_cap_calls_to_the_minutes_left_and_refuse_when_none_are() {
         let now = Utc::now();
-        assert_eq!(admit(&org(OrgStatus::Active, 0), &plan(true), now, &SETTINGS), Ok(1800));
-        assert_eq!(admit(&org(OrgStatus::Active, 5940), &plan(true), now, &SETTINGS), Ok(60));
+        assert_eq!(admit(&org(OrgStatus::Active, 0), &plan(true), 0, now, &SETTINGS), Ok(1800));
+        assert_eq!(admit(&org(OrgStatus::Active, 5940), &plan(true), 5940, now, &SETTINGS), Ok(60));
         assert_eq!(
-            admit(&org(OrgStatus::Active, 6000), &plan(true), now, &SETTINGS).unwrap_err().code,
+            admit(&org(OrgStatus::Active, 6000), &plan(true), 6000, now, &SETTINGS).unwrap_err().code,
             "minutes_exhausted"
         );
-        assert_eq!(admit(&org(OrgStatus::Active, 9000), &plan(false), now, &SETTINGS), Ok(1800));
+        assert_eq!(admit(&org(OrgStatus::Active, 9000), &plan(false), 9000, now, &SETTINGS), Ok(1800));
     }
 
     #[test]
     fn past_due_orgs_keep_calling_within_the_grace_period_and_canceled_ones_do_not() {
         let now = Utc::now();
-        assert!(admit(&org(OrgStatus::PastDue, 0), &plan(true), now, &SETTINGS).is_ok());
+        assert!(admit(&org(OrgStatus::PastDue, 0), &plan(true), 0, now, &SETTINGS).is_ok());
         let late = AgentSettings { past_due_grace: Duration::days(1), ..SETTINGS.clone() };
-        assert_eq!(admit(&org(OrgStatus::PastDue, 0), &plan(true), now, &late).unwrap_err().code, "payment_overdue");
+        assert_eq!(admit(&org(OrgStatus::PastDue, 0), &plan(true), 0, now, &late).unwrap_err().code, "payment_overdue");
         assert_eq!(
-            admit(&org(OrgStatus::Canceled, 0), &plan(true), now, &SETTINGS).unwrap_err().code,
+            admit(&org(OrgStatus::Canceled, 0), &plan(true), 0, now, &SETTINGS).unwrap_err().code,
             "organization_inactive"
         );
     }

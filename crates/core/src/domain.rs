@@ -163,11 +163,21 @@ pub struct CallChange {
     pub inserted: bool,
     /// The new status, when this event moved it forward.
     pub status_changed: Option<String>,
-    /// Set the first time the call's ledger row is written: (billable seconds, period start).
-    pub billed: Option<(i64, DateTime<Utc>)>,
+    /// Set the first time the call's ledger row is written.
+    pub billed: Option<Billed>,
     /// The call ended connected but no source gave its duration: it is not billed yet, and is
     /// marked for review until VAPI's record (reconciliation) gives the duration.
     pub duration_unknown: bool,
+}
+
+/// A call's ledger row, as written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Billed {
+    pub seconds: i64,
+    /// The billing period it counts in.
+    pub period_start: DateTime<Utc>,
+    /// The organization's plan when it was written (for the usage alerts).
+    pub plan: String,
 }
 
 /// Why a call waits for review (`calls.review_reason`).

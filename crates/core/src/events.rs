@@ -17,13 +17,13 @@ pub fn for_change(org: OrgId, c: &CallChange) -> Vec<RealtimeEvent> {
     if let Some(status) = &c.status_changed {
         events.push(event(org, "call.status", &c.call_id, json!({ "status": status })));
     }
-    if let Some((seconds, period)) = c.billed {
-        events.push(event(org, "call.ended", &c.call_id, json!({ "billable_seconds": seconds })));
+    if let Some(b) = &c.billed {
+        events.push(event(org, "call.ended", &c.call_id, json!({ "billable_seconds": b.seconds })));
         events.push(event(
             org,
             "usage.changed",
             &c.call_id,
-            json!({ "period_start": period, "added_seconds": seconds }),
+            json!({ "period_start": b.period_start, "added_seconds": b.seconds }),
         ));
     }
     events

@@ -12,6 +12,7 @@ pub mod domain;
 pub mod error_code;
 pub mod events;
 pub mod jwt;
+pub mod metering;
 pub mod seams;
 pub mod text;
 pub mod vapi;

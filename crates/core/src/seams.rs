@@ -90,18 +90,68 @@ pub trait AgentDirectory: OrgDirectory {
     fn invalidate_all(&self);
 }
 
-/// Billed seconds per organization and billing period. The usage ledger is the truth behind
-/// every counter; a counter can always be rebuilt from it.
+/// What adding a call to a counter did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counted {
+    /// The period's total before the add; `None` when the counter had no total for the period
+    /// and rebuilt it from the ledger on the way (the total may then have passed thresholds
+    /// without any add seeing it).
+    pub before: Option<i64>,
+    /// The period's total after it.
+    pub after: i64,
+    /// False when the call had been counted before: nothing changed.
+    pub new: bool,
+}
+
+/// A ledger row whose counter add is not known to be done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UncountedCall {
+    pub org: OrgId,
+    pub call_id: String,
+    pub period_start: DateTime<Utc>,
+    pub seconds: i64,
+    /// The organization's plan, for the usage alerts.
+    pub plan: String,
+}
+
+/// The usage ledger as counters see it: one row per billed call, the truth every counter is
+/// checked against and rebuilt from; and the usage alerts, recorded once per period.
+#[async_trait]
+pub trait UsageLedger: Send + Sync {
+    /// The calls of an organization's period with their billable seconds.
+    async fn calls_in_period(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>>;
+    /// The period's total billable seconds.
+    async fn total(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64>;
+    /// Marks calls as counted: their counter add is done.
+    async fn mark_counted(&self, org: OrgId, call_ids: &[String]) -> StoreResult<()>;
+    /// Ledger rows written more than `older_than` ago and not yet counted, oldest first.
+    async fn uncounted(&self, older_than: std::time::Duration, limit: i64) -> StoreResult<Vec<UncountedCall>>;
+    /// Records a usage alert unless the period has it already; true when recorded now.
+    async fn record_alert(&self, org: OrgId, alert: &crate::domain::UsageAlert) -> StoreResult<bool>;
+}
+
+/// Billed seconds per organization and billing period: a total kept apart from the ledger
+/// so it can be read (admission, the dashboard) without summing. Rules every backend keeps:
+/// a call is added after its ledger row commits, once (a second add of it changes nothing);
+/// a period starts from zero; a counter with no total for a period (new, flushed, evicted)
+/// rebuilds it from the ledger before use. Alerts and admission live in
+/// [`crate::metering::Metering`], on top of any backend.
 #[async_trait]
 pub trait UsageCounter: Send + Sync {
     fn backend(&self) -> &'static str;
-    /// True when the pipeline raises this counter inside the ledger transaction (the Postgres
-    /// column). Other backends are raised after the ledger row commits.
-    fn raised_in_ledger_transaction(&self) -> bool;
-    async fn add(&self, org: OrgId, period_start: DateTime<Utc>, seconds: i64) -> StoreResult<i64>;
+    /// Adds a call's billable seconds to its organization's period once, and marks its
+    /// ledger row counted.
+    async fn add_call(
+        &self,
+        org: OrgId,
+        period_start: DateTime<Utc>,
+        call_id: &str,
+        seconds: i64,
+    ) -> StoreResult<Counted>;
+    /// The period's total.
     async fn used(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64>;
-    /// Sets the counter of the organization's period to the ledger's total for it, safely
-    /// against concurrent adds (none is lost or counted twice). Returns the total.
+    /// Sets the period's total from the ledger, safely against concurrent adds (none is lost
+    /// or counted twice). Returns the total.
     async fn rebuild(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64>;
 }
 

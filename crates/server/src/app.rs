@@ -7,6 +7,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use callplane_api::{AppState, Metrics, Readiness};
 use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
+use callplane_core::metering::Metering;
 use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore, UsageCounter};
 use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
 use callplane_workflow::reconcile::{Reconciler, spawn_sweeper};
@@ -35,6 +36,9 @@ struct PgReadiness {
     store: PgStore,
     bus: Arc<dyn RealtimeBus>,
 }
+
+/// How often uncounted ledger rows are looked for.
+const COUNTER_REPAIR_EVERY: Duration = Duration::from_secs(1);
 
 /// How long `/readyz` and `/metrics` wait for the database before saying it did not answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
@@ -84,17 +88,75 @@ impl Readiness for PgReadiness {
     }
 }
 
-/// The configured usage counter (also for `callplane usage reconcile`).
-pub fn usage_counter(settings: &Settings, store: &PgStore) -> Arc<dyn UsageCounter> {
-    match settings.backends.usage_counter {
-        CounterBackend::Postgres => Arc::new(PgUsageCounter(store.clone())),
+/// The clients a backend may need, each made once, when some backend is configured to use it.
+#[derive(Clone)]
+pub struct Clients {
+    pub store: PgStore,
+    #[cfg(feature = "redis")]
+    pub redis: Option<redis::aio::ConnectionManager>,
+}
+
+impl Clients {
+    pub async fn connect(settings: &Settings, store: &PgStore) -> anyhow::Result<Self> {
+        #[cfg(feature = "redis")]
+        let redis = match settings.redis_backends().is_empty() {
+            true => None,
+            false => Some(
+                callplane_cache::connect(secrecy::ExposeSecret::expose_secret(&settings.redis.url))
+                    .await
+                    .with_context(|| format!("connecting to Redis at {} (redis.url)", settings.redis_url_masked()))?,
+            ),
+        };
+        #[cfg(not(feature = "redis"))]
+        let _ = settings;
+        Ok(Self {
+            store: store.clone(),
+            #[cfg(feature = "redis")]
+            redis,
+        })
+    }
+
+    #[cfg(feature = "redis")]
+    fn redis(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
+        self.redis.clone().context("a Redis backend is configured but no Redis client was made")
+    }
+
+    /// The configured usage counter, with its rules (alerts, admission, repair).
+    pub fn metering(&self, settings: &Settings) -> anyhow::Result<Arc<Metering>> {
+        let ledger = Arc::new(self.store.clone());
+        let counter: Arc<dyn UsageCounter> = match settings.backends.usage_counter {
+            CounterBackend::Postgres => Arc::new(PgUsageCounter(self.store.clone())),
+            #[cfg(feature = "redis")]
+            CounterBackend::Redis => Arc::new(callplane_cache::RedisCounter::new(self.redis()?, ledger.clone())),
+            #[cfg(not(feature = "redis"))]
+            CounterBackend::Redis => anyhow::bail!("backends.usage_counter = \"redis\" needs the `redis` feature"),
+        };
+        let included = settings.plans().into_iter().map(|(name, p)| (name, p.included_seconds())).collect();
+        Ok(Arc::new(Metering::new(counter, ledger, included)))
+    }
+
+    /// The configured function data, over `primary` (Postgres).
+    pub fn function_data(&self, settings: &Settings, primary: &PgStore) -> anyhow::Result<Arc<dyn FunctionData>> {
+        let pg = Arc::new(PgFunctionData(primary.clone()));
+        Ok(match settings.backends.function_data {
+            FunctionDataBackend::Postgres => pg,
+            #[cfg(feature = "redis")]
+            FunctionDataBackend::Redis => Arc::new(callplane_cache::RedisFunctionData::new(
+                self.redis()?,
+                pg,
+                Duration::from_secs(settings.redis.function_data_ttl_seconds.max(1)),
+            )),
+            #[cfg(not(feature = "redis"))]
+            FunctionDataBackend::Redis => anyhow::bail!("backends.function_data = \"redis\" needs the `redis` feature"),
+        })
     }
 }
 
 /// The backends of the seams, as configured: built in one place, which is given every client
 /// a backend may need.
 struct Backends {
-    counter: Arc<dyn UsageCounter>,
+    clients: Clients,
+    metering: Arc<Metering>,
     transcripts: Arc<dyn TranscriptStore>,
     function_data: Arc<dyn FunctionData>,
     bus: Arc<dyn RealtimeBus>,
@@ -106,26 +168,26 @@ impl Backends {
     async fn build(settings: &Settings, store: &PgStore) -> anyhow::Result<Self> {
         let b = &settings.backends;
         let PipelineBackend::Inline = b.event_pipeline;
+        let clients = Clients::connect(settings, store).await?;
         Ok(Self {
-            counter: usage_counter(settings, store),
+            metering: clients.metering(settings)?,
             transcripts: match b.transcripts {
                 TranscriptBackend::Postgres => Arc::new(PgTranscriptStore(store.clone())),
             },
-            function_data: match b.function_data {
-                FunctionDataBackend::Postgres => Arc::new(PgFunctionData(store.clone())),
-            },
+            function_data: clients.function_data(settings, store)?,
             bus: match b.realtime {
                 RealtimeBackend::Postgres => {
                     Arc::new(PgRealtimeBus::start(store.clone(), settings.realtime.queue).await?)
                 }
             },
+            clients,
         })
     }
 
     fn pipeline(&self, settings: &Settings, store: &PgStore) -> InlinePipeline {
         InlinePipeline::new(
             store.clone(),
-            self.counter.clone(),
+            self.metering.clone(),
             self.transcripts.clone(),
             self.bus.clone(),
             App::pipeline_settings(settings),
@@ -158,7 +220,6 @@ impl App {
             max_future_skew: chrono::Duration::hours(settings.partitions.max_future_skew_hours),
             max_past: chrono::Duration::days(settings.partitions.max_past_days),
             org_hint_key: settings.org_hint_key(),
-            included_seconds: settings.plans().into_iter().map(|(name, p)| (name, p.included_seconds())).collect(),
         }
     }
 
@@ -210,7 +271,7 @@ impl App {
     pub async fn with_store(settings: Settings, store: PgStore) -> anyhow::Result<Self> {
         let backends = Backends::build(&settings, &store).await?;
         let pipeline = Arc::new(backends.pipeline(&settings, &store));
-        let Backends { counter, transcripts, function_data, bus } = backends;
+        let Backends { clients, metering, transcripts, function_data, bus } = backends;
         let deadline = settings.answer_deadline();
         let answers = PgStore::answer_pool(
             settings.database.url.expose_secret(),
@@ -218,7 +279,11 @@ impl App {
             deadline,
         )
         .context("the answer pool (database.url)")?;
-        let agents = PgAgentDirectory::new(answers, store.clone(), deadline / 4);
+        let directory_data = match settings.backends.function_data {
+            FunctionDataBackend::Postgres => None,
+            _ => Some(clients.function_data(&settings, &answers)?),
+        };
+        let agents = PgAgentDirectory::new(answers, store.clone(), directory_data, deadline / 4);
         agents.spawn_listener();
         let intake = LocalIntake::new(
             Self::open_inbox(&settings)?,
@@ -242,7 +307,7 @@ impl App {
             function_data,
             calls: Arc::new(store.clone()),
             transcripts,
-            usage: counter,
+            metering,
             bus: bus.clone(),
             billing: match settings.stripe_settings() {
                 Some(stripe) => Arc::new(StripeBilling::new(Arc::new(store.clone()), stripe)?),
@@ -266,8 +331,14 @@ impl App {
             readiness: Arc::new(PgReadiness { store: store.clone(), bus }),
             shutdown,
         };
-        // Whatever a previous process left in the inbox is drained from now on.
+        // Whatever a previous process left in the inbox is drained from now on, and calls left
+        // uncounted (the counter failed, or a process stopped before counting) are counted.
         intake.spawn_drainer();
+        callplane_workflow::counting::spawn_counter_repair(
+            state.metering.clone(),
+            state.bus.clone(),
+            COUNTER_REPAIR_EVERY,
+        );
         Ok(Self { settings, store, pipeline, intake, agents, state, shutdown: Arc::new(shutdown_tx) })
     }
 

@@ -461,7 +461,16 @@ async fn run() -> anyhow::Result<()> {
         Command::Inbox(cmd) => inbox(cmd, settings, j).await?,
         Command::Usage(UsageCommand::Reconcile { repair, org }) => {
             let store = App::connect(&settings).await?;
-            let counter = callplane_server::app::usage_counter(&settings, &store);
+            let metering = callplane_server::app::Clients::connect(&settings, &store).await?.metering(&settings)?;
+            // Calls whose counter add has not happened yet are counted first, as `serve` would.
+            let mut pending = 0;
+            loop {
+                let (n, _) = metering.repair(std::time::Duration::ZERO, 1000).await?;
+                pending += n;
+                if n < 1000 {
+                    break;
+                }
+            }
             let orgs = match org {
                 Some(id) => {
                     vec![OrgDirectory::get(&store, id).await?.with_context(|| format!("no organization {id}"))?]
@@ -470,10 +479,11 @@ async fn run() -> anyhow::Result<()> {
             };
             let mut differences = Vec::new();
             for (done, o) in orgs.iter().enumerate() {
-                let counted = counter.used(o.id, o.period_start).await?;
+                let counted = metering.used(o.id, o.period_start).await?;
                 let ledger = store.ledger_total(o.id, o.period_start).await?;
                 if counted != ledger {
-                    let repaired = if repair { Some(counter.rebuild(o.id, o.period_start).await?) } else { None };
+                    let repaired =
+                        if repair { Some(metering.rebuild(o.id, o.period_start, &o.plan).await?.0) } else { None };
                     differences.push(json!({
                         "organization_id": o.id, "period_start": o.period_start,
                         "counter": counted, "ledger": ledger, "repaired_to": repaired,
@@ -482,12 +492,14 @@ async fn run() -> anyhow::Result<()> {
                 progress(&format!("checked {}/{} organizations, {} differ", done + 1, orgs.len(), differences.len()));
             }
             end_progress();
-            let v = json!({ "checked": orgs.len(), "counter": counter.backend(), "differences": differences });
+            let v = json!({ "checked": orgs.len(), "counter": metering.backend(), "pending_counted": pending,
+                            "differences": differences });
             print(j, &v, || {
                 let mut s = format!(
-                    "{} organizations checked ({} counter): {} differ from the ledger",
+                    "{} organizations checked ({} counter, {} pending calls counted first): {} differ from the ledger",
                     orgs.len(),
-                    counter.backend(),
+                    metering.backend(),
+                    pending,
                     differences.len()
                 );
                 for d in &differences {

@@ -33,6 +33,7 @@ pub struct Settings {
     pub inbox: InboxSettings,
     pub reconcile: ReconcileConfig,
     pub backends: BackendSettings,
+    pub redis: RedisSettings,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -75,6 +76,15 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub log_format: String,
     pub metrics_token: SecretString,
+}
+
+/// Redis (phase 2): the usage counter and the function-data cache, when the backends say so.
+#[derive(Clone, Debug, Deserialize)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port/db`; may carry a password, so it is a secret.
+    pub url: SecretString,
+    /// How long function data stays in Redis before it is read from Postgres again.
+    pub function_data_ttl_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -215,8 +225,10 @@ macro_rules! backend_choices {
 backend_choices! {
     /// `backends.usage_counter`: where each organization's seconds per billing period are counted.
     CounterBackend {
-        /// `organizations.seconds_used`, raised in the ledger transaction.
+        /// `organizations.seconds_used`.
         Postgres = "postgres",
+        /// One Redis hash per organization and period (the `redis` feature).
+        Redis = "redis",
     }
 }
 
@@ -240,6 +252,8 @@ backend_choices! {
     /// `backends.function_data`: where the tool answers' data is read from.
     FunctionDataBackend {
         Postgres = "postgres",
+        /// A Redis read-through cache over Postgres (the `redis` feature).
+        Redis = "redis",
     }
 }
 
@@ -439,6 +453,7 @@ impl Settings {
         if self.plans.is_empty() {
             errors.push("plans: at least one plan is needed".into());
         }
+        errors.extend(self.redis_problems());
         for (name, p) in &self.plans {
             if p.included_minutes < 0 || p.price_cents < 0 || p.overage_cents_per_minute < 0 {
                 errors.push(format!("plans.{name}: prices and minutes cannot be negative"));
@@ -529,6 +544,50 @@ impl Settings {
     }
 
     /// Refuses to serve webhooks nobody can authenticate, unless explicitly allowed.
+    /// The backends that need Redis, by key.
+    pub fn redis_backends(&self) -> Vec<&'static str> {
+        let b = &self.backends;
+        let mut keys = Vec::new();
+        if b.usage_counter == CounterBackend::Redis {
+            keys.push("backends.usage_counter");
+        }
+        if b.function_data == FunctionDataBackend::Redis {
+            keys.push("backends.function_data");
+        }
+        keys
+    }
+
+    fn redis_problems(&self) -> Vec<String> {
+        let keys = self.redis_backends();
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        if !cfg!(feature = "redis") {
+            return vec![format!(
+                "{} = \"redis\": this build has no Redis backends; build with the `redis` feature \
+                 (`--features phase2`)",
+                keys.join(", ")
+            )];
+        }
+        let url = self.redis.url.expose_secret();
+        if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            return vec![format!(
+                "redis.url: {} need a Redis URL like redis://127.0.0.1:6379/ (CALLPLANE__REDIS__URL)",
+                keys.join(", ")
+            )];
+        }
+        Vec::new()
+    }
+
+    /// The Redis URL with any password masked.
+    pub fn redis_url_masked(&self) -> String {
+        let url = self.redis.url.expose_secret();
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => format!("{}://********{}", &url[..scheme], &url[at..]),
+            _ => url.to_owned(),
+        }
+    }
+
     pub fn validate_for_serving(&self) -> anyhow::Result<()> {
         let auth = self.webhook_auth();
         if auth.shared_secrets.is_empty() && auth.hmac.is_none() && !auth.allow_unauthenticated {
@@ -835,6 +894,8 @@ impl Settings {
                 "max_backoff_seconds": self.inbox.max_backoff_seconds,
                 "ready_max_age_seconds": self.inbox.ready_max_age_seconds,
             },
+            "redis": { "url": self.redis_url_masked(),
+                       "function_data_ttl_seconds": self.redis.function_data_ttl_seconds },
             "backends": {
                 "usage_counter": self.backends.usage_counter,
                 "transcripts": self.backends.transcripts,
@@ -888,12 +949,31 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_backend_needs_the_redis_feature_and_a_redis_url() {
+        let chosen =
+            Settings::defaults_with(&[("backends.usage_counter", "redis"), ("backends.function_data", "redis")]);
+        if cfg!(feature = "redis") {
+            let settings = chosen.expect("a redis build takes the redis backends");
+            assert_eq!(settings.redis_backends(), ["backends.usage_counter", "backends.function_data"]);
+            let err = Settings::defaults_with(&[("backends.usage_counter", "redis"), ("redis.url", "localhost:6379")])
+                .unwrap_err();
+            assert!(format!("{err:#}").contains("redis.url"), "{err:#}");
+        } else {
+            let err = format!("{:#}", chosen.unwrap_err());
+            assert!(err.contains("backends.usage_counter, backends.function_data"), "{err}");
+            assert!(err.contains("`redis` feature") && err.contains("--features phase2"), "{err}");
+        }
+    }
+
+    #[test]
     fn secrets_are_masked_when_printed() {
         let mut settings = base();
         settings.vapi.secret = SecretString::from("super-secret-value");
         settings.vapi.api_key = SecretString::from("vapi-private-key");
         settings.database.url = SecretString::from("postgres://app:hunter2@db:5432/callplane");
+        settings.redis.url = SecretString::from("redis://:redis-pass@cache:6379/0");
         let printed = settings.redacted().to_string();
+        assert!(!printed.contains("redis-pass") && printed.contains("redis://********@cache:6379/0"), "{printed}");
         assert!(!printed.contains("super-secret-value") && !printed.contains("hunter2"), "{printed}");
         assert!(!printed.contains("vapi-private-key"), "{printed}");
         assert!(printed.contains("postgres://app:********@db:5432/callplane"), "{printed}");

@@ -70,6 +70,9 @@ struct Inner {
     answers: PgStore,
     /// The main store, for what answers never need (API keys).
     primary: PgStore,
+    /// Where function data is read from when an organization is (re)read: Postgres over the
+    /// answer pool, or a cache in front of it.
+    data: Arc<dyn FunctionData>,
     maps: Mutex<Maps>,
     /// How long a stale entry's read is awaited before the stale entry is served.
     refresh_budget: Duration,
@@ -82,8 +85,16 @@ pub struct PgAgentDirectory {
 
 impl PgAgentDirectory {
     /// `answers` should be a store over a small pool of its own (see [`PgStore::answer_pool`]).
-    pub fn new(answers: PgStore, primary: PgStore, refresh_budget: Duration) -> Self {
-        Self { inner: Arc::new(Inner { answers, primary, maps: Mutex::default(), refresh_budget }) }
+    /// Function data is read from `data` when given (a cache in front of Postgres), else from
+    /// `answers`.
+    pub fn new(
+        answers: PgStore,
+        primary: PgStore,
+        data: Option<Arc<dyn FunctionData>>,
+        refresh_budget: Duration,
+    ) -> Self {
+        let data = data.unwrap_or_else(|| Arc::new(PgFunctionData(answers.clone())));
+        Self { inner: Arc::new(Inner { answers, primary, data, maps: Mutex::default(), refresh_budget }) }
     }
 
     /// Listens for change notifications for as long as the process runs.
@@ -245,8 +256,7 @@ impl PgAgentDirectory {
     async fn load(inner: &Inner, org: OrgId) -> StoreResult<Known> {
         let version = |maps: &Maps| (maps.changes.get(&org).copied().unwrap_or(0), maps.all_changes);
         let before = inner.maps.lock().map(|maps| version(&maps)).ok();
-        let data = PgFunctionData(inner.answers.clone());
-        let (row, data) = tokio::try_join!(inner.answers.get(org), data.preload(org))?;
+        let (row, data) = tokio::try_join!(inner.answers.get(org), inner.data.preload(org))?;
         let known = Known {
             org: row,
             data: Arc::new(data),

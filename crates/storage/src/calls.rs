@@ -6,14 +6,14 @@
 //!   time the call is seen; an event for the same call id from another organization is refused.
 //! - status only moves forward (`status_rank`); a stale snapshot never moves it back.
 //! - descriptive fields fill in once (`COALESCE`); the end-of-call report's fields win.
-//! - the ledger row is unique per call; the counter is raised only when that insert happens,
-//!   in the same transaction.
+//! - the ledger row is unique per call and starts uncounted; the counter seam adds the call
+//!   after the row commits (`callplane_core::metering`), once, whatever the backend.
 
 use crate::{PgStore, db};
 use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::billing::{BillingRules, period_containing};
-use callplane_core::domain::{CallChange, REVIEW_DURATION_UNKNOWN, UsageAlert};
+use callplane_core::domain::{Billed, CallChange, REVIEW_DURATION_UNKNOWN};
 use callplane_core::seams::{StoreError, StoreResult};
 use callplane_core::vapi::{CallReport, MAX_CALL_DURATION_SECONDS, MessageKind, ServerMessage, span, status_rank};
 use chrono::{DateTime, Utc};
@@ -35,52 +35,8 @@ pub struct LedgerRow {
 /// How an event is applied.
 pub struct ApplyOptions<'a> {
     pub rules: &'a BillingRules,
-    /// Raise `organizations.seconds_used` in the ledger transaction (the Postgres counter).
-    pub raise_counter: bool,
     /// Publish the change's realtime events in the transaction (the Postgres bus).
     pub publish: bool,
-    /// Included seconds of a plan, for the usage alerts.
-    pub included_seconds: &'a (dyn Fn(&str) -> Option<i64> + Sync),
-}
-
-/// Records the 80/90/100% thresholds `used` has reached, each once per period; returns the
-/// ones reached just now.
-async fn crossed_thresholds(
-    tx: &mut Tx<'_>,
-    org: OrgId,
-    period_start: DateTime<Utc>,
-    used: i64,
-    included: i64,
-) -> StoreResult<Vec<UsageAlert>> {
-    let mut crossed = Vec::new();
-    for threshold in [80_i32, 90, 100] {
-        if used * 100 < included * i64::from(threshold) {
-            break;
-        }
-        let new = sqlx::query(
-            "INSERT INTO usage_alerts (organization_id, period_start, threshold, seconds_used) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(org.0)
-        .bind(period_start)
-        .bind(threshold)
-        .bind(used)
-        .execute(&mut **tx)
-        .await
-        .map_err(db)?
-        .rows_affected()
-            == 1;
-        if new {
-            crossed.push(UsageAlert {
-                threshold,
-                period_start,
-                seconds_used: used,
-                included_seconds: included,
-                at: Utc::now(),
-            });
-        }
-    }
-    Ok(crossed)
 }
 
 /// Refusals that no retry can fix.
@@ -104,9 +60,9 @@ struct ReportApplied {
 impl PgStore {
     /// Merges one event into its call, in one transaction, step by step: register the call
     /// (its organization and partition), merge the event into the row, and for an end-of-call
-    /// report apply the report, write the ledger row and, when `raise_counter` is set, raise
-    /// `organizations.seconds_used` (with the usage alerts); when `publish` is set, publish the
-    /// change's realtime events in it too. Returns `Ok(None)` for messages that carry no call id.
+    /// report apply the report and write the ledger row (uncounted: the counter seam adds it
+    /// after commit); when `publish` is set, publish the change's realtime events in it too.
+    /// Returns `Ok(None)` for messages that carry no call id.
     #[instrument(skip_all, fields(org_id = %org, call_id = msg.call_id.as_deref().unwrap_or("")))]
     pub async fn apply_call_event(
         &self,
@@ -125,22 +81,15 @@ impl PgStore {
         let (inserted, status_changed) = merge_event(&mut tx, org, &call_id, created_at, msg, event_at).await?;
         let mut change =
             CallChange { call_id, created_at, inserted, status_changed, billed: None, duration_unknown: false };
-        let mut alerts = Vec::new();
         if let Some(report) = &msg.report {
             let applied = apply_report(&mut tx, &change, report, event_at, opts.rules).await?;
             change.duration_unknown = applied.duration_unknown;
-            if let Some(billable) = applied.billable
-                && let Some((period_start, period_end)) =
-                    write_ledger(&mut tx, org, &change, report, applied.duration, billable).await?
-            {
-                if opts.raise_counter && billable > 0 {
-                    alerts = raise_counter(&mut tx, org, (period_start, period_end), billable, opts).await?;
-                }
-                change.billed = Some((billable, period_start));
+            if let Some(billable) = applied.billable {
+                change.billed = write_ledger(&mut tx, org, &change, report, applied.duration, billable).await?;
             }
         }
         if opts.publish {
-            publish_change(&mut tx, org, &change, &alerts).await?;
+            publish_change(&mut tx, org, &change).await?;
         }
         tx.commit().await.map_err(db)?;
         Ok(Some(change))
@@ -342,8 +291,9 @@ async fn apply_report(
     Ok(ReportApplied { duration, billable, duration_unknown: review.is_some_and(|(flagged,)| flagged) })
 }
 
-/// Step 4: the ledger row, unique per call. Returns the billing period it went to when this
-/// event wrote it (`None`: written before).
+/// Step 4: the ledger row, unique per call, written uncounted. A call in a later billing
+/// period than the organization's current one moves the organization into that period. Returns
+/// what was billed when this event wrote the row (`None`: written before).
 async fn write_ledger(
     tx: &mut Tx<'_>,
     org: OrgId,
@@ -351,19 +301,21 @@ async fn write_ledger(
     report: &CallReport,
     duration: Option<f64>,
     billable: i64,
-) -> StoreResult<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+) -> StoreResult<Option<Billed>> {
     // A call cannot start before VAPI created it; the pipeline has refused far-future times.
     let started = report.started_at.map_or(change.created_at, |s| s.max(change.created_at));
-    let anchor: DateTime<Utc> = sqlx::query_scalar("SELECT billing_anchor FROM organizations WHERE id = $1")
-        .bind(org.0)
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(db)?;
+    let (anchor, plan): (DateTime<Utc>, String) =
+        sqlx::query_as("SELECT billing_anchor, plan FROM organizations WHERE id = $1")
+            .bind(org.0)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db)?;
     let (period_start, period_end) = period_containing(anchor, started);
+    // A row with nothing to add is counted as written.
     let written = sqlx::query(
         "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
-                                   duration_seconds, billable_seconds, ended_reason) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (call_id) DO NOTHING",
+                                   duration_seconds, billable_seconds, ended_reason, counted) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $6 = 0) ON CONFLICT (call_id) DO NOTHING",
     )
     .bind(&change.call_id)
     .bind(org.0)
@@ -377,49 +329,29 @@ async fn write_ledger(
     .map_err(db)?
     .rows_affected()
         == 1;
-    Ok(written.then_some((period_start, period_end)))
-}
-
-/// Step 5 (the Postgres counter): raises the organization's counter by a call's billable
-/// seconds in the ledger transaction. A call in a later period than the organization's
-/// current one opens that period (its counter starts from this call); a call from an earlier
-/// period is only in the ledger, where that period's total stays readable. Returns the usage
-/// alerts crossed just now.
-async fn raise_counter(
-    tx: &mut Tx<'_>,
-    org: OrgId,
-    (period_start, period_end): (DateTime<Utc>, DateTime<Utc>),
-    billable: i64,
-    opts: &ApplyOptions<'_>,
-) -> StoreResult<Vec<UsageAlert>> {
-    let raised: Option<(i64, String)> = sqlx::query_as(
-        "UPDATE organizations SET \
-            seconds_used = CASE WHEN period_start = $2 THEN seconds_used + $4 ELSE $4 END, \
-            period_start = $2, period_end = $3, updated_at = now() \
-         WHERE id = $1 AND period_start <= $2 RETURNING seconds_used, plan",
+    if !written {
+        return Ok(None);
+    }
+    // Rolling the period matches (and locks) the organization row only when the period
+    // changes; a call of the current period leaves the row alone.
+    sqlx::query(
+        "UPDATE organizations SET period_start = $2, period_end = $3, seconds_used = 0, updated_at = now() \
+         WHERE id = $1 AND period_start < $2",
     )
     .bind(org.0)
     .bind(period_start)
     .bind(period_end)
-    .bind(billable)
-    .fetch_optional(&mut **tx)
+    .execute(&mut **tx)
     .await
     .map_err(db)?;
-    match raised {
-        Some((used, plan)) => match (opts.included_seconds)(&plan).filter(|i| *i > 0) {
-            Some(included) => crossed_thresholds(tx, org, period_start, used, included).await,
-            None => Ok(Vec::new()),
-        },
-        None => Ok(Vec::new()),
-    }
+    Ok(Some(Billed { seconds: billable, period_start, plan }))
 }
 
-/// Step 6 (the Postgres bus): the change's realtime events, published in the transaction as
-/// its last lock (after the organization row), so the organization's event sequence follows
-/// the commit order of its calls' changes.
-async fn publish_change(tx: &mut Tx<'_>, org: OrgId, change: &CallChange, alerts: &[UsageAlert]) -> StoreResult<()> {
-    let usage_alerts = alerts.iter().map(|a| callplane_core::events::usage_alert(org, &change.call_id, a));
-    let events: Vec<_> = callplane_core::events::for_change(org, change).into_iter().chain(usage_alerts).collect();
+/// Step 5 (the Postgres bus): the change's realtime events, published in the transaction as
+/// its last lock, so the organization's event sequence follows the commit order of its calls'
+/// changes.
+async fn publish_change(tx: &mut Tx<'_>, org: OrgId, change: &CallChange) -> StoreResult<()> {
+    let events = callplane_core::events::for_change(org, change);
     if !events.is_empty() {
         sqlx::query("SELECT callplane_publish_batch($1, $2, $3, $4)")
             .bind(org.0)

@@ -1,12 +1,15 @@
-//! `PgUsageCounter`: the phase-1 counter, `organizations.seconds_used`.
+//! `PgUsageCounter`: the phase-1 counter, `organizations.seconds_used`; and the usage ledger
+//! as every counter sees it (`impl UsageLedger for PgStore`).
 //!
-//! The pipeline raises it inside the ledger transaction; `add` is for rebuilding and tests.
-//! For a period other than the current one the total comes from the ledger.
+//! A call is added in a short transaction of its own after its ledger row commits: flipping
+//! the row's `counted` flag is what makes the add happen once. For a period other than the
+//! organization's current one the total is the ledger's.
 
 use crate::{PgStore, db};
 use async_trait::async_trait;
 use callplane_core::OrgId;
-use callplane_core::seams::{StoreResult, UsageCounter};
+use callplane_core::domain::UsageAlert;
+use callplane_core::seams::{Counted, StoreResult, UncountedCall, UsageCounter, UsageLedger};
 use chrono::{DateTime, Utc};
 use tracing::instrument;
 
@@ -19,33 +22,62 @@ impl UsageCounter for PgUsageCounter {
         "postgres"
     }
 
-    fn raised_in_ledger_transaction(&self) -> bool {
-        true
-    }
-
-    #[instrument(skip_all, fields(org_id = %org))]
-    async fn add(&self, org: OrgId, period_start: DateTime<Utc>, seconds: i64) -> StoreResult<i64> {
-        let total: Option<i64> = sqlx::query_scalar(
-            "UPDATE organizations SET seconds_used = seconds_used + $3, updated_at = now() \
-             WHERE id = $1 AND period_start = $2 RETURNING seconds_used",
+    /// The organization row is locked first (the same order as `rebuild`), then the ledger row
+    /// flipped to counted; only a flip raises the total.
+    #[instrument(skip_all, fields(org_id = %org, call_id))]
+    async fn add_call(
+        &self,
+        org: OrgId,
+        period_start: DateTime<Utc>,
+        call_id: &str,
+        seconds: i64,
+    ) -> StoreResult<Counted> {
+        let mut tx = self.0.pool().begin().await.map_err(db)?;
+        let current: Option<(DateTime<Utc>, i64)> =
+            sqlx::query_as("SELECT period_start, seconds_used FROM organizations WHERE id = $1 FOR UPDATE")
+                .bind(org.0)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        let flipped = sqlx::query(
+            "UPDATE usage_ledger SET counted = true \
+             WHERE call_id = $1 AND organization_id = $2 AND period_start = $3 AND NOT counted",
         )
+        .bind(call_id)
         .bind(org.0)
         .bind(period_start)
-        .bind(seconds)
-        .fetch_optional(self.0.pool())
+        .execute(&mut *tx)
         .await
-        .map_err(db)?;
-        match total {
-            Some(t) => Ok(t),
-            None => self.used(org, period_start).await,
-        }
+        .map_err(db)?
+        .rows_affected()
+            == 1;
+        let counted = match current {
+            Some((current, before)) if current == period_start => {
+                if flipped {
+                    sqlx::query("UPDATE organizations SET seconds_used = $2, updated_at = now() WHERE id = $1")
+                        .bind(org.0)
+                        .bind(before.saturating_add(seconds))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                let after = if flipped { before.saturating_add(seconds) } else { before };
+                Counted { before: Some(before), after, new: flipped }
+            }
+            // An earlier period (or a later one the row has not moved to): the ledger's total.
+            _ => {
+                let after = self.0.ledger_total_in(&mut tx, org, period_start).await?;
+                Counted { before: Some(if flipped { after - seconds } else { after }), after, new: flipped }
+            }
+        };
+        tx.commit().await.map_err(db)?;
+        Ok(counted)
     }
 
-    /// The organization row is locked first, then the ledger summed by a later statement: in
-    /// READ COMMITTED that statement sees every ledger row whose transaction raised the counter
-    /// before we got the lock, and a transaction still to raise it waits for ours and adds on
-    /// top. (Summing in the UPDATE itself would use a snapshot from before the wait and lose
-    /// the call that held the lock.)
+    /// The organization row is locked first, then the counted ledger rows summed by a later
+    /// statement: in READ COMMITTED that statement sees every add that committed before we got
+    /// the lock, and an add still in flight waits for ours and adds on top. Rows not counted
+    /// yet are left to their add (or the repair loop), which raises the rebuilt total.
     #[instrument(skip_all, fields(org_id = %org))]
     async fn rebuild(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
         let mut tx = self.0.pool().begin().await.map_err(db)?;
@@ -55,16 +87,27 @@ impl UsageCounter for PgUsageCounter {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db)?;
-        let total = self.0.ledger_total_in(&mut tx, org, period_start).await?;
-        // Only the current period is counted on the row; earlier ones are read from the ledger.
-        if current == Some(period_start) {
-            sqlx::query("UPDATE organizations SET seconds_used = $2, updated_at = now() WHERE id = $1")
-                .bind(org.0)
-                .bind(total)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+        if current != Some(period_start) {
+            // Only the current period is counted on the row; earlier ones are the ledger's.
+            let total = self.0.ledger_total_in(&mut tx, org, period_start).await?;
+            tx.commit().await.map_err(db)?;
+            return Ok(total);
         }
+        let total: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(billable_seconds), 0)::bigint FROM usage_ledger \
+             WHERE organization_id = $1 AND period_start = $2 AND counted",
+        )
+        .bind(org.0)
+        .bind(period_start)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("UPDATE organizations SET seconds_used = $2, updated_at = now() WHERE id = $1")
+            .bind(org.0)
+            .bind(total)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(total)
     }
@@ -107,5 +150,89 @@ impl PgStore {
         .fetch_one(conn)
         .await
         .map_err(db)
+    }
+
+    /// Seconds in an organization's period whose counter add is not done yet.
+    pub async fn uncounted_seconds(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(sum(billable_seconds), 0)::bigint FROM usage_ledger \
+             WHERE organization_id = $1 AND period_start = $2 AND NOT counted",
+        )
+        .bind(org.0)
+        .bind(period_start)
+        .fetch_one(self.pool())
+        .await
+        .map_err(db)
+    }
+}
+
+#[async_trait]
+impl UsageLedger for PgStore {
+    async fn calls_in_period(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>> {
+        sqlx::query_as(
+            "SELECT call_id, billable_seconds FROM usage_ledger WHERE organization_id = $1 AND period_start = $2",
+        )
+        .bind(org.0)
+        .bind(period_start)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db)
+    }
+
+    async fn total(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
+        self.ledger_total(org, period_start).await
+    }
+
+    async fn mark_counted(&self, org: OrgId, call_ids: &[String]) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE usage_ledger SET counted = true WHERE organization_id = $1 AND call_id = ANY($2) AND NOT counted",
+        )
+        .bind(org.0)
+        .bind(call_ids)
+        .execute(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn uncounted(&self, older_than: std::time::Duration, limit: i64) -> StoreResult<Vec<UncountedCall>> {
+        let rows: Vec<(uuid::Uuid, String, DateTime<Utc>, i64, String)> = sqlx::query_as(
+            "SELECT l.organization_id, l.call_id, l.period_start, l.billable_seconds, o.plan \
+             FROM usage_ledger l JOIN organizations o ON o.id = l.organization_id \
+             WHERE NOT l.counted AND l.created_at < now() - make_interval(secs => $1) \
+             ORDER BY l.created_at LIMIT $2",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(org, call_id, period_start, seconds, plan)| UncountedCall {
+                org: OrgId(org),
+                call_id,
+                period_start,
+                seconds,
+                plan,
+            })
+            .collect())
+    }
+
+    async fn record_alert(&self, org: OrgId, a: &UsageAlert) -> StoreResult<bool> {
+        let recorded = sqlx::query(
+            "INSERT INTO usage_alerts (organization_id, period_start, threshold, seconds_used) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(org.0)
+        .bind(a.period_start)
+        .bind(a.threshold)
+        .bind(a.seconds_used)
+        .execute(self.pool())
+        .await
+        .map_err(db)?
+        .rows_affected()
+            == 1;
+        Ok(recorded)
     }
 }

@@ -3,13 +3,17 @@
 //! Later phases (Redis, object storage, ...) run the same functions against their backends.
 
 #![allow(clippy::expect_used)] // Contract suites are test code: a failed call is a failed test.
-use callplane_core::OrgId;
+use callplane_core::metering::Metering;
 use callplane_core::seams::{
     Delivery, FunctionData, RealtimeBus, RealtimeEvent, Transcript, TranscriptStore, UsageCounter,
 };
+use callplane_core::{OrgId, Organization};
+use callplane_storage::PgStore;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Function data: put, get, preload, overwrite, delete, and org B never sees org A's keys.
@@ -59,14 +63,103 @@ pub async fn transcript_store(ts: &dyn TranscriptStore, a: OrgId, b: OrgId, call
     assert_eq!(ts.get(a, call_a).await.expect("get"), Some(fin), "org B overwrote org A's transcript");
 }
 
-/// Usage counters: add accumulates per org and period; org B's total is its own.
-pub async fn usage_counter(c: &dyn UsageCounter, a: OrgId, b: OrgId, period_a: DateTime<Utc>, period_b: DateTime<Utc>) {
-    let before_a = c.used(a, period_a).await.expect("used");
-    let before_b = c.used(b, period_b).await.expect("used");
-    assert_eq!(c.add(a, period_a, 61).await.expect("add"), before_a + 61);
-    assert_eq!(c.add(a, period_a, 30).await.expect("add"), before_a + 91);
-    assert_eq!(c.used(a, period_a).await.expect("used"), before_a + 91);
-    assert_eq!(c.used(b, period_b).await.expect("used"), before_b, "org A's usage leaked into org B's counter");
+/// Writes an uncounted ledger row, as the pipeline does before it counts the call.
+pub async fn ledger_row(store: &PgStore, org: OrgId, period_start: DateTime<Utc>, call_id: &str, seconds: i64) {
+    sqlx::query(
+        "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, duration_seconds, \
+                                   billable_seconds, counted) VALUES ($1, $2, $3, $3, $4, $4, false)",
+    )
+    .bind(call_id)
+    .bind(org.0)
+    .bind(period_start)
+    .bind(seconds)
+    .execute(store.pool())
+    .await
+    .expect("ledger row");
+}
+
+async fn alerts_recorded(store: &PgStore, org: OrgId, period_start: DateTime<Utc>) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT threshold FROM usage_alerts WHERE organization_id = $1 AND period_start = $2 ORDER BY threshold",
+    )
+    .bind(org.0)
+    .bind(period_start)
+    .fetch_all(store.pool())
+    .await
+    .expect("alerts")
+}
+
+/// Usage counters, with their rules (`Metering`) on top. `a` and `b` are organizations on
+/// `plan`, which includes `included` seconds; their current periods are used.
+/// - a call is added once, however often and however concurrently it is added;
+/// - each alert threshold fires exactly once per period under concurrent adds;
+/// - a rebuild equals the ledger, also with adds running alongside it;
+/// - org B's total never moves with org A's calls.
+pub async fn usage_counter(
+    counter: Arc<dyn UsageCounter>,
+    store: &PgStore,
+    a: &Organization,
+    b: &Organization,
+    included: i64,
+) {
+    let plan = a.plan.clone();
+    let metering = Metering::new(counter.clone(), Arc::new(store.clone()), HashMap::from([(plan.clone(), included)]));
+    let (pa, pb) = (a.period_start, b.period_start);
+    let before_b = metering.used(b.id, pb).await.expect("used");
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+
+    // Once per call: 40 calls of included/40 seconds, each counted three times at once.
+    let share = included / 40;
+    for i in 0..40 {
+        ledger_row(store, a.id, pa, &format!("{tag}-{i}"), share).await;
+    }
+    let adds = (0..40).flat_map(|i| std::iter::repeat_n(i, 3)).map(|i| {
+        let (metering, call, plan) = (&metering, format!("{tag}-{i}"), plan.clone());
+        async move { metering.count_call(a.id, &call, pa, share, &plan).await.expect("count_call") }
+    });
+    let results = futures::future::join_all(adds).await;
+    assert_eq!(
+        metering.used(a.id, pa).await.expect("used"),
+        share * 40,
+        "{} counted a call more than once",
+        counter.backend()
+    );
+    let fired: Vec<i32> = results.iter().flat_map(|r| r.alerts.iter().map(|a| a.threshold)).collect();
+    let mut sorted = fired.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [80, 90, 100], "each threshold fires once ({} counter); fired {fired:?}", counter.backend());
+    assert_eq!(alerts_recorded(store, a.id, pa).await, [80, 90, 100]);
+
+    // A rebuild equals the ledger, with adds of new calls running alongside it.
+    for i in 40..60 {
+        ledger_row(store, a.id, pa, &format!("{tag}-{i}"), 7).await;
+    }
+    let more = (40..60).map(|i| {
+        let (metering, call, plan) = (&metering, format!("{tag}-{i}"), plan.clone());
+        async move { metering.count_call(a.id, &call, pa, 7, &plan).await.expect("count_call") }
+    });
+    let (_, rebuilt) = tokio::join!(futures::future::join_all(more), metering.rebuild(a.id, pa, &plan));
+    let (_, again) = rebuilt.expect("rebuild");
+    assert!(again.is_empty(), "a rebuild fired alerts again: {again:?}");
+    let ledger = store.ledger_total(a.id, pa).await.expect("ledger");
+    assert_eq!(ledger, share * 40 + 20 * 7);
+    assert_eq!(
+        metering.used(a.id, pa).await.expect("used"),
+        ledger,
+        "{} counter differs from the ledger",
+        counter.backend()
+    );
+    assert_eq!(metering.rebuild(a.id, pa, &plan).await.expect("rebuild").0, ledger);
+
+    // A row whose add never happened is counted by the repair pass, once.
+    ledger_row(store, a.id, pa, &format!("{tag}-late"), 11).await;
+    let (repaired, _) = metering.repair(Duration::ZERO, 100).await.expect("repair");
+    assert!(repaired >= 1);
+    assert_eq!(metering.used(a.id, pa).await.expect("used"), ledger + 11);
+    assert_eq!(metering.repair(Duration::ZERO, 100).await.expect("repair").0, 0, "the repaired row is still pending");
+
+    assert_eq!(metering.used(b.id, pb).await.expect("used"), before_b, "org A's usage leaked into org B's counter");
+    assert!(alerts_recorded(store, b.id, pb).await.is_empty(), "org A's alerts were recorded for org B");
 }
 
 /// Realtime: each organization's events are numbered 1, 2, 3, ... in its own sequence; a

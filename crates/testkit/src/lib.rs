@@ -9,6 +9,7 @@
 pub mod contracts;
 mod db;
 pub mod fault_proxy;
+pub mod redis;
 pub mod stripe_stub;
 pub mod vapi_stub;
 

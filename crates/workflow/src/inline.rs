@@ -5,9 +5,10 @@ use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::billing::BillingRules;
 use callplane_core::events;
+use callplane_core::metering::Metering;
 use callplane_core::seams::{
     EventPipeline, InboundEvent, OrgDirectory, PipelineError, Processed, RealtimeBus, RealtimeEvent, StoreError,
-    Transcript, TranscriptStore, UsageCounter,
+    Transcript, TranscriptStore,
 };
 use callplane_core::vapi::{MessageKind, parse_body, parse_message};
 use callplane_storage::{ApplyOptions, CallChange, DeadLetterFilter, NewDeadLetter, PgStore};
@@ -27,14 +28,12 @@ pub struct PipelineSettings {
     pub max_past: Duration,
     /// Verifies organization ids in call metadata when replaying events that had none.
     pub org_hint_key: Option<Vec<u8>>,
-    /// Included seconds per plan name, for the 80/90/100% usage alerts.
-    pub included_seconds: std::collections::HashMap<String, i64>,
 }
 
 #[derive(Clone)]
 pub struct InlinePipeline {
     store: PgStore,
-    counter: Arc<dyn UsageCounter>,
+    metering: Arc<Metering>,
     transcripts: Arc<dyn TranscriptStore>,
     bus: Arc<dyn RealtimeBus>,
     settings: PipelineSettings,
@@ -83,12 +82,12 @@ impl Failure {
 impl InlinePipeline {
     pub fn new(
         store: PgStore,
-        counter: Arc<dyn UsageCounter>,
+        metering: Arc<Metering>,
         transcripts: Arc<dyn TranscriptStore>,
         bus: Arc<dyn RealtimeBus>,
         settings: PipelineSettings,
     ) -> Self {
-        Self { store, counter, transcripts, bus, settings }
+        Self { store, metering, transcripts, bus, settings }
     }
 
     /// Times that would open partitions (or billing periods) far from now are refused.
@@ -127,7 +126,6 @@ impl InlinePipeline {
             return Ok(Processed::Ignored);
         }
         self.check_times(ev)?;
-        let raise_in_tx = self.counter.raised_in_ledger_transaction();
         let publish_in_tx = self.bus.publishes_in_transaction();
         let Some(change) = self
             .store
@@ -135,22 +133,25 @@ impl InlinePipeline {
                 ev.org_id,
                 msg,
                 ev.received_at,
-                &ApplyOptions {
-                    rules: &self.settings.rules,
-                    raise_counter: raise_in_tx,
-                    publish: publish_in_tx,
-                    included_seconds: &|plan| self.settings.included_seconds.get(plan).copied(),
-                },
+                &ApplyOptions { rules: &self.settings.rules, publish: publish_in_tx },
             )
             .await?
         else {
             return Ok(Processed::Ignored);
         };
-        if let (Some((seconds, period)), false) = (change.billed, raise_in_tx)
-            && seconds > 0
-        {
-            // The ledger row is committed; a counter that fails here is rebuilt from it.
-            self.counter.add(ev.org_id, period, seconds).await?;
+        let mut alerts = Vec::new();
+        if let Some(billed) = change.billed.as_ref().filter(|b| b.seconds > 0) {
+            // The ledger row is committed: a counter that fails now leaves the row uncounted,
+            // and the repair loop adds it once the counter answers again.
+            match self
+                .metering
+                .count_call(ev.org_id, &change.call_id, billed.period_start, billed.seconds, &billed.plan)
+                .await
+            {
+                Ok(counted) => alerts = counted.alerts,
+                Err(e) => warn!(error = %callplane_core::error_chain(&e), call_id = %change.call_id,
+                                "counting the call failed; it stays uncounted in the ledger and is added later"),
+            }
         }
         if change.duration_unknown {
             warn!(call_id = %change.call_id, "the call ended connected but no source gave its duration; \
@@ -159,6 +160,8 @@ impl InlinePipeline {
         if !publish_in_tx {
             self.publish(&events::for_change(ev.org_id, &change)).await;
         }
+        let alerts: Vec<_> = alerts.iter().map(|a| events::usage_alert(ev.org_id, &change.call_id, a)).collect();
+        self.publish(&alerts).await;
         let transcript = self.store_transcript(ev, &change).await?;
         if let Some(is_final) = transcript {
             self.publish(&[events::transcript_changed(ev.org_id, &change.call_id, is_final)]).await;

@@ -9,6 +9,7 @@
 mod inbox;
 mod inline;
 mod intake;
+pub mod counting;
 pub mod reconcile;
 
 pub use inbox::{Inbox, InboxError, InboxLimits, StoredEvent};
