@@ -3,8 +3,9 @@
 //!
 //! Failed attempts are throttled before any database query (see [`crate::throttle`] for the
 //! policy). A valid API key costs no query per request: it is remembered by its SHA-256 for
-//! `auth.api_key_cache_seconds` (5 by default), so a revoked key stops working within that
-//! long on every server process.
+//! `auth.api_key_cache_seconds` (60 by default). A revocation reaches every server process at
+//! once through the database's change notification ([`ApiKeyCache::forget_org`]); the
+//! expiry bounds how long a revoked key could work if a notification were missed.
 
 use crate::throttle::{AuthThrottle, ClientAddr, Throttled, key_prefix};
 use crate::{ApiError, AppState};
@@ -81,6 +82,16 @@ impl ApiKeyCache {
 
     fn forget(&self, hash: &[u8; 32]) {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner).remove(hash);
+    }
+
+    /// Forgets the verified keys of an organization whose keys changed (one revoked, say),
+    /// or every key (`None`); each is checked again on its next use.
+    pub fn forget_org(&self, org: Option<OrgId>) {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        match org {
+            Some(org) => keys.retain(|_, v| v.org != org),
+            None => keys.clear(),
+        }
     }
 }
 

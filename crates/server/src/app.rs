@@ -284,6 +284,9 @@ impl App {
             _ => Some(clients.function_data(&settings, &answers)?),
         };
         let agents = PgAgentDirectory::new(answers, store.clone(), directory_data, deadline / 4);
+        let dashboard_auth = Arc::new(settings.dashboard_auth());
+        let keys = dashboard_auth.clone();
+        agents.on_change(move |org| keys.api_keys.forget_org(org));
         agents.spawn_listener();
         let intake = LocalIntake::new(
             Self::open_inbox(&settings)?,
@@ -295,7 +298,7 @@ impl App {
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {
             webhook_auth: Arc::new(settings.webhook_auth()),
-            dashboard_auth: Arc::new(settings.dashboard_auth()),
+            dashboard_auth,
             auth_throttle: Arc::new(settings.auth_throttle()),
             orgs: Arc::new(store.clone()),
             admin: Arc::new(store.clone()),

@@ -74,9 +74,14 @@ struct Inner {
     /// answer pool, or a cache in front of it.
     data: Arc<dyn FunctionData>,
     maps: Mutex<Maps>,
+    /// Told of every change heard (`None`: anything may have changed), for the caches kept
+    /// outside the directory (verified API keys).
+    on_change: Mutex<Vec<ChangeHook>>,
     /// How long a stale entry's read is awaited before the stale entry is served.
     refresh_budget: Duration,
 }
+
+type ChangeHook = Arc<dyn Fn(Option<OrgId>) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct PgAgentDirectory {
@@ -94,7 +99,22 @@ impl PgAgentDirectory {
         refresh_budget: Duration,
     ) -> Self {
         let data = data.unwrap_or_else(|| Arc::new(PgFunctionData(answers.clone())));
-        Self { inner: Arc::new(Inner { answers, primary, data, maps: Mutex::default(), refresh_budget }) }
+        let inner =
+            Inner { answers, primary, data, maps: Mutex::default(), on_change: Mutex::default(), refresh_budget };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Calls `hook` with every organization a change notification names (API keys revoked
+    /// included), and with `None` when changes may have been missed (the listener reconnected).
+    pub fn on_change(&self, hook: impl Fn(Option<OrgId>) + Send + Sync + 'static) {
+        if let Ok(mut hooks) = self.inner.on_change.lock() {
+            hooks.push(Arc::new(hook));
+        }
+    }
+
+    fn changed(&self, org: Option<OrgId>) {
+        let hooks = self.inner.on_change.lock().map(|h| h.clone()).unwrap_or_default();
+        hooks.iter().for_each(|hook| hook(org));
     }
 
     /// Listens for change notifications for as long as the process runs.
@@ -172,6 +192,7 @@ impl PgAgentDirectory {
         match payload.split_once(':') {
             Some(("org", id)) => {
                 if let Ok(id) = id.parse::<uuid::Uuid>() {
+                    self.changed(Some(OrgId(id)));
                     self.refresh_in_background(OrgId(id));
                 }
             }
@@ -241,6 +262,7 @@ impl PgAgentDirectory {
     }
 
     fn mark_all_stale(&self) {
+        self.changed(None);
         if let Ok(mut maps) = self.inner.maps.lock() {
             maps.all_changes += 1;
             maps.orgs.values_mut().for_each(|k| {
