@@ -71,12 +71,15 @@ async fn send_event(app: &TestApp, event: &Value) -> (StatusCode, Value) {
     deliver(app, &body, &sign_for_tests(WHSEC.as_bytes(), body.as_bytes(), Utc::now())).await
 }
 
+/// Plan, status, current period and its usage (from the configured counter).
 async fn org_state(app: &TestApp, org: callplane_core::OrgId) -> (String, String, DateTime<Utc>, i64) {
-    sqlx::query_as("SELECT plan, status, period_start, seconds_used FROM organizations WHERE id = $1")
-        .bind(org.0)
-        .fetch_one(app.db.store.pool())
-        .await
-        .unwrap()
+    let (plan, status, period_start): (String, String, DateTime<Utc>) =
+        sqlx::query_as("SELECT plan, status, period_start FROM organizations WHERE id = $1")
+            .bind(org.0)
+            .fetch_one(app.db.store.pool())
+            .await
+            .unwrap();
+    (plan, status, period_start, app.seconds_used(org).await)
 }
 
 #[tokio::test]

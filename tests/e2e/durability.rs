@@ -18,7 +18,7 @@ async fn metric(app: &TestApp, name: &str) -> f64 {
 }
 
 /// Waits (up to 20 s) until `check` holds.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let started = Instant::now();
     while started.elapsed() < std::time::Duration::from_secs(20) {
         if check().await {

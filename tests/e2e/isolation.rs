@@ -1,8 +1,8 @@
 //! Tenant isolation in every storage function and through the webhook.
 
 use crate::helpers::{TestApp, lifecycle};
-use callplane_core::seams::{CallFilter, CallReads, TranscriptStore, UsageCounter};
-use callplane_storage::{DeadLetterFilter, PgTranscriptStore, PgUsageCounter};
+use callplane_core::seams::{CallFilter, CallReads, TranscriptStore};
+use callplane_storage::{DeadLetterFilter, PgTranscriptStore};
 use chrono::{Duration, Utc};
 use reqwest::StatusCode;
 
@@ -41,8 +41,8 @@ async fn org_b_never_sees_or_changes_org_a_rows() {
     assert_eq!(store.period_calls(a.id, a.period_start).await.unwrap(), 1);
     assert!(store.ledger(b.id).await.unwrap().is_empty());
     assert_eq!(PgTranscriptStore(store.clone()).get(b.id, "a-call").await.unwrap(), None);
-    assert_eq!(PgUsageCounter(store.clone()).used(b.id, b.period_start).await.unwrap(), 0);
-    assert_eq!(PgUsageCounter(store.clone()).used(a.id, a.period_start).await.unwrap(), 90);
+    assert_eq!(app.seconds_used(b.id).await, 0);
+    assert_eq!(app.seconds_used(a.id).await, 90);
 
     // Org B replaying org A's call id through its own URL changes nothing of A's.
     for event in lifecycle("a-call", created, 5000.0) {

@@ -20,5 +20,7 @@ mod partitions;
 mod realtime;
 mod realtime_limits;
 mod reconcile;
+#[cfg(feature = "redis")]
+mod redis;
 mod samples;
 mod seams;

@@ -116,9 +116,14 @@ impl Metering {
         Ok(fired)
     }
 
-    /// The period's total, from the counter.
+    /// The period's total, from the counter; from the ledger (the truth it is kept from) when
+    /// the counter is unavailable.
     pub async fn used(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
-        let total = self.counter.used(org, period_start).await?;
+        let total = match self.counter.used(org, period_start).await {
+            Ok(total) => total,
+            Err(e) if e.is_transient() => self.ledger.total(org, period_start).await?,
+            Err(e) => return Err(e),
+        };
         self.remember(org, period_start, total);
         Ok(total)
     }

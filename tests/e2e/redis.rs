@@ -1,0 +1,171 @@
+//! Phase 2 on a real Redis this test owns: the books balance when Redis restarts or is flushed
+//! in the middle of traffic, and the Redis backends pass the seams' contracts.
+
+use crate::durability::eventually;
+use crate::helpers::{TestApp, lifecycle};
+use callplane_core::OrgId;
+use callplane_testkit::contracts;
+use callplane_testkit::redis::RedisServer;
+use chrono::{Duration, Utc};
+use reqwest::StatusCode;
+use serde_json::json;
+use std::collections::HashMap;
+
+async fn app_on(redis: &RedisServer) -> TestApp {
+    let url = redis.url();
+    TestApp::spawn_with(&[
+        ("redis.url", url.as_str()),
+        ("backends.usage_counter", "redis"),
+        ("backends.function_data", "redis"),
+    ])
+    .await
+}
+
+/// Calls of every organization in turn, each a whole lifecycle ending in its report, `calls`
+/// per organization; `fault` runs once half of them are in. Every report is sent a second
+/// time at the end (VAPI retries): nothing may count twice. Returns the seconds billed per
+/// organization, from what was sent.
+async fn traffic(app: &TestApp, orgs: &[OrgId], calls: usize, fault: impl AsyncFnOnce()) -> HashMap<OrgId, i64> {
+    let mut expected: HashMap<OrgId, i64> = HashMap::new();
+    let mut reports = Vec::new();
+    let mut fault = Some(fault);
+    for i in 0..calls {
+        if i == calls / 2
+            && let Some(f) = fault.take()
+        {
+            f().await;
+        }
+        let sends = orgs.iter().enumerate().map(|(n, org)| {
+            let seconds = 150 + (i * 7 + n * 13) as i64 % 200;
+            let events = lifecycle(&format!("{org}-{i}"), Utc::now() - Duration::minutes(10), seconds as f64);
+            async move {
+                for e in &events {
+                    let (status, body) = app.post_vapi(*org, e).await;
+                    assert_eq!(status, StatusCode::OK, "{body}");
+                }
+                (*org, seconds, events.last().cloned().unwrap())
+            }
+        });
+        for (org, seconds, report) in futures::future::join_all(sends).await {
+            *expected.entry(org).or_default() += seconds;
+            reports.push((org, report));
+        }
+    }
+    for (org, report) in &reports {
+        assert_eq!(app.post_vapi(*org, report).await.0, StatusCode::OK);
+    }
+    expected
+}
+
+/// What every reader of usage says, once the repair loop has caught up: the counter itself
+/// (Redis), the dashboard API and the ledger all equal what was billed.
+async fn books_balance(app: &TestApp, expected: &HashMap<OrgId, i64>) {
+    let counter = app.app.state.metering.counter().clone();
+    for (org, seconds) in expected {
+        let o = callplane_core::seams::OrgDirectory::get(&app.db.store, *org).await.unwrap().unwrap();
+        let ledger = app.db.store.ledger_total(*org, o.period_start).await.unwrap();
+        assert_eq!(ledger, *seconds, "the ledger of {org} lost or doubled a call");
+        eventually("the counter catches up with the ledger", async || {
+            app.db.store.uncounted_seconds(*org, o.period_start).await.unwrap() == 0
+                && counter.used(*org, o.period_start).await.ok() == Some(ledger)
+        })
+        .await;
+        let key = app.api_key(*org).await;
+        assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"].as_i64(), Some(ledger));
+    }
+}
+
+async fn alert_thresholds(app: &TestApp, org: OrgId) -> Vec<i32> {
+    sqlx::query_scalar("SELECT threshold FROM usage_alerts WHERE organization_id = $1 ORDER BY threshold")
+        .bind(org.0)
+        .fetch_all(app.db.store.pool())
+        .await
+        .unwrap()
+}
+
+/// Redis goes away for two seconds in the middle of traffic and comes back empty. Reports
+/// keep being answered 200 and billed in the ledger; the calls Redis missed are counted once
+/// it is back; the alerts crossed while it was away fire, once.
+#[tokio::test]
+async fn a_redis_restart_in_the_middle_of_traffic_loses_and_doubles_nothing() {
+    let mut redis = RedisServer::start();
+    let app = app_on(&redis).await;
+    // Starter includes 6,000 s: 30 calls of 150-350 s cross 80, 90 and 100%.
+    let orgs = [app.org("starter").await.id, app.org("pro").await.id, app.org("business").await.id];
+    let expected = traffic(&app, &orgs, 30, async || {
+        redis.stop();
+        let report = lifecycle("while-redis-is-down", Utc::now() - Duration::minutes(5), 42.0);
+        for e in &report {
+            assert_eq!(app.post_vapi(orgs[1], e).await.0, StatusCode::OK);
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        redis.start_again();
+    })
+    .await;
+    let mut expected = expected;
+    *expected.get_mut(&orgs[1]).unwrap() += 42;
+    books_balance(&app, &expected).await;
+    assert_eq!(alert_thresholds(&app, orgs[0]).await, [80, 90, 100], "each alert fires once");
+}
+
+/// `FLUSHALL` in the middle of traffic: every counter is rebuilt from the ledger before it is
+/// used again, and the reports sent again afterwards are not counted twice.
+#[tokio::test]
+async fn a_flushall_in_the_middle_of_traffic_loses_and_doubles_nothing() {
+    let redis = RedisServer::start();
+    let app = app_on(&redis).await;
+    let orgs = [app.org("starter").await.id, app.org("pro").await.id];
+    let expected = traffic(&app, &orgs, 30, async || redis.flushall()).await;
+    books_balance(&app, &expected).await;
+    assert_eq!(alert_thresholds(&app, orgs[0]).await, [80, 90, 100], "each alert fires once");
+    assert!(alert_thresholds(&app, orgs[1]).await.is_empty(), "pro (30,000 s) is not near its limit");
+}
+
+/// With Redis stopped, the agent's answers are still served (from memory, then Postgres),
+/// function data is still written, and an admission on a hard-limit plan still sees the
+/// minutes used.
+#[tokio::test]
+async fn with_redis_stopped_answers_are_served_and_function_data_is_written() {
+    let mut redis = RedisServer::start();
+    let app = app_on(&redis).await;
+    let org = app.org("starter").await;
+    let key = app.api_key(org.id).await;
+    redis.stop();
+    let put = app
+        .http
+        .put(format!("{}/v1/function-data/hours", app.base))
+        .bearer_auth(&key)
+        .json(&json!("9-5"))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{:?}", put.text().await);
+    let mut request = crate::helpers::sample("01-assistant-request.json");
+    request["message"]["call"]["id"] = json!("redis-down-call");
+    let started = std::time::Instant::now();
+    let (status, answer) = app.post_vapi(org.id, &request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "answered in {:?}", started.elapsed());
+    assert_eq!(answer["assistantOverrides"]["variableValues"]["hours"], "9-5", "{answer}");
+    assert!(answer["assistantOverrides"]["maxDurationSeconds"].as_i64().unwrap() > 0, "{answer}");
+    assert_eq!(app.get("/v1/usage", &key).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn redis_usage_counter_passes_the_contract() {
+    let redis = RedisServer::start();
+    let app = app_on(&redis).await;
+    let (a, b) = (app.org("pro").await, app.org("pro").await);
+    let counter = app.app.state.metering.counter().clone();
+    assert_eq!(counter.backend(), "redis");
+    contracts::usage_counter(counter, &app.db.store, &a, &b, 500 * 60).await;
+}
+
+#[tokio::test]
+async fn redis_function_data_passes_the_contract() {
+    let redis = RedisServer::start();
+    let app = app_on(&redis).await;
+    let (a, b) = (app.org("pro").await, app.org("pro").await);
+    assert_eq!(app.app.state.function_data.backend(), "redis");
+    contracts::function_data(app.app.state.function_data.as_ref(), a.id, b.id).await;
+}
