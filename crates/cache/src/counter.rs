@@ -161,7 +161,7 @@ impl RedisCounter {
             [-1] => Ok(Added::NotReady),
             [0, total] => Ok(Added::Before(total)),
             [1, before, after] => Ok(Added::Now { before, after }),
-            _ => Err(unexpected(reply)),
+            _ => Err(StoreError::backend(BACKEND, CacheError::UnexpectedReply(reply))),
         }
     }
 
@@ -194,11 +194,6 @@ impl RedisCounter {
 
 fn flag(b: bool) -> &'static str {
     if b { "1" } else { "0" }
-}
-
-fn unexpected(reply: Vec<i64>) -> StoreError {
-    let reply = redis::Value::Array(reply.into_iter().map(redis::Value::Int).collect());
-    StoreError::backend(BACKEND, CacheError::UnexpectedReply(reply))
 }
 
 #[async_trait]

@@ -69,7 +69,8 @@ impl RedisFunctionData {
         let mut get = redis::cmd("GET");
         get.arg(key(org));
         let get = &get;
-        let json = round_trip(&self.conn, |mut c| async move { get.query_async::<Option<String>>(&mut c).await }).await?;
+        let json =
+            round_trip(&self.conn, |mut c| async move { get.query_async::<Option<String>>(&mut c).await }).await?;
         Ok(json.and_then(|json| serde_json::from_str(&json).ok()))
     }
 

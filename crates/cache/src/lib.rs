@@ -57,7 +57,7 @@ enum CacheError {
     #[error("the usage counter was flushed or evicted while it was being rebuilt")]
     Vanished,
     #[error("the counter script answered {0:?}")]
-    UnexpectedReply(redis::Value),
+    UnexpectedReply(Vec<i64>),
 }
 
 /// Connection trouble (refused, dropped, timed out) and a Redis that is loading or failing

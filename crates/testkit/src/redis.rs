@@ -19,10 +19,7 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server on a free loopback port and waits until it answers PING.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("no free loopback port")
-            .port();
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("no free loopback port").port();
         let dir = std::env::temp_dir().join(format!("callplane-redis-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("creating the redis directory");
         let mut server = Self { port, dir, child: None };
@@ -98,7 +95,11 @@ impl RedisServer {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("`{BINARY}` on port {} exited at startup with {status}", self.port);
             }
-            assert!(Instant::now() < deadline, "`{BINARY}` on port {} did not answer PING within {STARTUP:?}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "`{BINARY}` on port {} did not answer PING within {STARTUP:?}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

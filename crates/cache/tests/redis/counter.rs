@@ -275,3 +275,41 @@ async fn a_hung_redis_fails_calls_within_a_second_and_they_work_once_it_answers(
     assert!(env.counted("h2").await);
     assert_eq!(counter.used(org, p).await.unwrap(), env.ledger_total(org, p).await);
 }
+
+#[tokio::test]
+async fn a_flush_in_the_middle_of_a_rebuild_never_leaves_a_partial_total_marked_ready() {
+    let env = Env::new().await;
+    let (p, org) = (period(), env.org(period()).await);
+    let counter = env.counter();
+    // Five rebuild chunks, with FLUSHALLs landing between them.
+    env.ledger_many(org, p, "big", 5000).await;
+    let want = 5000 * 5001 / 2;
+    let flusher = {
+        let mut conn = env.conn.clone();
+        tokio::spawn(async move {
+            loop {
+                let _: Result<(), _> = redis::cmd("FLUSHALL").query_async(&mut conn).await;
+                tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+            }
+        })
+    };
+    let key = format!("callplane:usage:{org}:{}", p.timestamp());
+    let (mut finished, mut conn) = (0, env.conn.clone());
+    for _ in 0..30 {
+        match counter.rebuild(org, p).await {
+            Ok(total) => {
+                assert_eq!(total, want, "a rebuild returned a partial total");
+                finished += 1;
+            }
+            Err(e) => assert!(e.is_transient(), "{e:?}"),
+        }
+        let (ready, total): (Option<String>, Option<i64>) =
+            redis::cmd("HMGET").arg(&key).arg("ready").arg("total").query_async(&mut conn).await.unwrap();
+        if ready.is_some() {
+            assert_eq!(total, Some(want), "a partial total was marked ready");
+        }
+    }
+    flusher.abort();
+    assert_eq!(counter.used(org, p).await.unwrap(), want);
+    println!("{finished} of 30 rebuilds finished between flushes");
+}
