@@ -9,10 +9,17 @@ ALTER TABLE usage_ledger ADD COLUMN counted boolean NOT NULL DEFAULT true;
 ALTER TABLE usage_ledger ALTER COLUMN counted SET DEFAULT false;
 CREATE INDEX usage_ledger_uncounted ON usage_ledger (created_at) WHERE NOT counted;
 
--- A key revoked or deleted: every `callplane serve` hears of it at once and forgets the
--- organization's verified keys. (Recording a key's use, `last_used_at`, notifies nobody.)
+-- A key revoked or deleted: every `callplane serve` hears of it at once (`keys:<org id>`) and
+-- checks the organization's verified keys again. (Recording a key's use, `last_used_at`,
+-- notifies nobody.)
+CREATE FUNCTION callplane_notify_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('callplane_cache', 'keys:' || COALESCE(NEW.organization_id, OLD.organization_id)::text);
+    RETURN NULL;
+END
+$$;
 CREATE TRIGGER api_keys_cache AFTER DELETE OR UPDATE OF revoked_at ON api_keys
-    FOR EACH ROW EXECUTE FUNCTION callplane_notify_org_changed();
+    FOR EACH ROW EXECUTE FUNCTION callplane_notify_keys_changed();
 
 -- Admission asks the counter now, not the organization row: a change to the Postgres counter
 -- alone (`seconds_used`, once per billed call) no longer makes every process read the

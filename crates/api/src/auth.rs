@@ -4,7 +4,7 @@
 //! Failed attempts are throttled before any database query (see [`crate::throttle`] for the
 //! policy). A valid API key costs no query per request: it is remembered by its SHA-256 for
 //! `auth.api_key_cache_seconds` (60 by default). A revocation reaches every server process at
-//! once through the database's change notification ([`ApiKeyCache::forget_org`]); the
+//! once through the database's change notification ([`ApiKeyCache::recheck`]); the
 //! expiry bounds how long a revoked key could work if a notification were missed.
 
 use crate::throttle::{AuthThrottle, ClientAddr, Throttled, key_prefix};
@@ -46,6 +46,8 @@ pub struct ApiKeyCache {
 struct Verified {
     org: OrgId,
     at: Instant,
+    /// The organization's keys changed (one was revoked): check it again before trusting it.
+    stale: bool,
 }
 
 enum CachedKey {
@@ -63,7 +65,7 @@ impl ApiKeyCache {
     fn lookup(&self, hash: &[u8; 32], now: Instant) -> CachedKey {
         let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         match keys.get(hash) {
-            Some(v) if now.saturating_duration_since(v.at) < self.fresh_for => CachedKey::Fresh(v.org),
+            Some(v) if !v.stale && now.saturating_duration_since(v.at) < self.fresh_for => CachedKey::Fresh(v.org),
             Some(_) => CachedKey::Known,
             None => CachedKey::Unknown,
         }
@@ -77,21 +79,19 @@ impl ApiKeyCache {
                 keys.remove(&oldest);
             }
         }
-        keys.insert(hash, Verified { org, at: now });
+        keys.insert(hash, Verified { org, at: now, stale: false });
     }
 
     fn forget(&self, hash: &[u8; 32]) {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner).remove(hash);
     }
 
-    /// Forgets the verified keys of an organization whose keys changed (one revoked, say),
-    /// or every key (`None`); each is checked again on its next use.
-    pub fn forget_org(&self, org: Option<OrgId>) {
+    /// Marks the verified keys of an organization whose keys changed (one revoked, say), or
+    /// every key (`None`), to be checked again on their next use. They stay known (not
+    /// guesses) to the throttle.
+    pub fn recheck(&self, org: Option<OrgId>) {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        match org {
-            Some(org) => keys.retain(|_, v| v.org != org),
-            None => keys.clear(),
-        }
+        keys.values_mut().filter(|v| org.is_none_or(|o| v.org == o)).for_each(|v| v.stale = true);
     }
 }
 

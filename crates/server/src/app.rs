@@ -286,7 +286,7 @@ impl App {
         let agents = PgAgentDirectory::new(answers, store.clone(), directory_data, deadline / 4);
         let dashboard_auth = Arc::new(settings.dashboard_auth());
         let keys = dashboard_auth.clone();
-        agents.on_change(move |org| keys.api_keys.forget_org(org));
+        agents.on_keys_changed(move |org| keys.api_keys.recheck(org));
         agents.spawn_listener();
         let intake = LocalIntake::new(
             Self::open_inbox(&settings)?,

@@ -74,9 +74,9 @@ struct Inner {
     /// answer pool, or a cache in front of it.
     data: Arc<dyn FunctionData>,
     maps: Mutex<Maps>,
-    /// Told of every change heard (`None`: anything may have changed), for the caches kept
-    /// outside the directory (verified API keys).
-    on_change: Mutex<Vec<ChangeHook>>,
+    /// Told when an organization's API keys change (`None`: anything may have changed), for
+    /// the verified-key cache kept outside the directory.
+    on_keys_changed: Mutex<Vec<ChangeHook>>,
     /// How long a stale entry's read is awaited before the stale entry is served.
     refresh_budget: Duration,
 }
@@ -100,20 +100,20 @@ impl PgAgentDirectory {
     ) -> Self {
         let data = data.unwrap_or_else(|| Arc::new(PgFunctionData(answers.clone())));
         let inner =
-            Inner { answers, primary, data, maps: Mutex::default(), on_change: Mutex::default(), refresh_budget };
+            Inner { answers, primary, data, maps: Mutex::default(), on_keys_changed: Mutex::default(), refresh_budget };
         Self { inner: Arc::new(inner) }
     }
 
-    /// Calls `hook` with every organization a change notification names (API keys revoked
-    /// included), and with `None` when changes may have been missed (the listener reconnected).
-    pub fn on_change(&self, hook: impl Fn(Option<OrgId>) + Send + Sync + 'static) {
-        if let Ok(mut hooks) = self.inner.on_change.lock() {
+    /// Calls `hook` with the organization whose API keys changed (a key revoked or deleted),
+    /// and with `None` when changes may have been missed (the listener reconnected).
+    pub fn on_keys_changed(&self, hook: impl Fn(Option<OrgId>) + Send + Sync + 'static) {
+        if let Ok(mut hooks) = self.inner.on_keys_changed.lock() {
             hooks.push(Arc::new(hook));
         }
     }
 
-    fn changed(&self, org: Option<OrgId>) {
-        let hooks = self.inner.on_change.lock().map(|h| h.clone()).unwrap_or_default();
+    fn keys_changed(&self, org: Option<OrgId>) {
+        let hooks = self.inner.on_keys_changed.lock().map(|h| h.clone()).unwrap_or_default();
         hooks.iter().for_each(|hook| hook(org));
     }
 
@@ -192,8 +192,12 @@ impl PgAgentDirectory {
         match payload.split_once(':') {
             Some(("org", id)) => {
                 if let Ok(id) = id.parse::<uuid::Uuid>() {
-                    self.changed(Some(OrgId(id)));
                     self.refresh_in_background(OrgId(id));
+                }
+            }
+            Some(("keys", id)) => {
+                if let Ok(id) = id.parse::<uuid::Uuid>() {
+                    self.keys_changed(Some(OrgId(id)));
                 }
             }
             Some(("registry", _)) => {
@@ -262,7 +266,7 @@ impl PgAgentDirectory {
     }
 
     fn mark_all_stale(&self) {
-        self.changed(None);
+        self.keys_changed(None);
         if let Ok(mut maps) = self.inner.maps.lock() {
             maps.all_changes += 1;
             maps.orgs.values_mut().for_each(|k| {
