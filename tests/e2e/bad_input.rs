@@ -82,7 +82,12 @@ async fn unknown_organizations_are_refused_with_404() {
         refused(r, StatusCode::NOT_FOUND, "unknown_organization").await;
     }
     nothing_written(&app).await;
-    assert_eq!(kept(&app, "unknown_organization").await, 2, "unroutable events are kept for replay");
+    // Kept in the inbox before the answer; written as dead letters within the inline budget,
+    // or by the drainer soon after when the machine is busy.
+    crate::durability::eventually("unroutable events are kept for replay", async || {
+        kept(&app, "unknown_organization").await == 2
+    })
+    .await;
 }
 
 fn hmac_hex(secret: &str, payload: &str) -> String {

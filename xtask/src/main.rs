@@ -8,6 +8,7 @@ mod chaos;
 mod fuzz;
 mod http;
 mod pg;
+mod redis;
 mod run;
 mod stack;
 mod test;
@@ -19,22 +20,28 @@ const USAGE: &str = "\
 Usage: cargo xtask <command>
 
 Commands:
-  test [ARGS...]  Check the prerequisites (PostgreSQL, rustfmt, clippy, cargo-nextest, Node.js 16+ and
-                  npm), run `cargo fmt --all --check` and `cargo clippy --workspace --all-targets
-                  --all-features -- -D warnings`, then all tests against a throwaway PostgreSQL cluster
-                  (target/xtask/pg-test), then check that the phase2 and phase3 feature builds validate
-                  their default configuration. ARGS are passed to `cargo nextest run`.
-                  XTASK_SKIP_FEATURE_CHECKS=1 skips the phase2/phase3 checks; then the quick
+  test [ARGS...]  Check the prerequisites (PostgreSQL, redis-server, rustfmt, clippy, cargo-nextest,
+                  Node.js 16+ and npm), run `cargo fmt --all --check` and `cargo clippy --workspace
+                  --all-targets --all-features -- -D warnings`, then all tests against a throwaway
+                  PostgreSQL cluster (target/xtask/pg-test), then the server's and the cache's tests
+                  again with `--features callplane-server/phase2` on a throwaway redis-server
+                  (target/xtask/redis-test, CALLPLANE_TEST_REDIS_URL), then check that the phase3
+                  build validates its default configuration (phase 1 and 2's runs include that
+                  test). ARGS are passed to both `cargo nextest run`s.
+                  XTASK_SKIP_FEATURE_CHECKS=1 skips the phase3 check; then the quick
                   benchmarks run (`bench --quick`) unless XTASK_SKIP_BENCH=1, and the quick fault
                   suite (`chaos --quick`) unless XTASK_SKIP_CHAOS=1.
-  run             Start the development PostgreSQL cluster (.data/pg), migrate, create a demo
+  run [--phase N] Start the development PostgreSQL cluster (.data/pg), migrate, create a demo
                   organization and serve callplane in the foreground until Ctrl-C; a new demo
                   organization gets a demo call dated now (its webhooks in .data/demo). Prints the
                   export/alias lines that point the callplane CLI at this database.
                   CALLPLANE_PG_PORT (default 54329), CALLPLANE_PORT (default 8080) and
                   CALLPLANE__VAPI__SECRET (default dev-vapi-secret) configure it;
-                  XTASK_KEEP_PG=1 leaves PostgreSQL running afterwards.
-  stop            Stop the development PostgreSQL cluster.
+                  XTASK_KEEP_PG=1 leaves PostgreSQL running afterwards. --phase 2 (default 1)
+                  builds with `--features phase2` and counts usage and serves function data from
+                  a redis-server in .data/redis (append-only file; port CALLPLANE_REDIS_PORT,
+                  default 63790), stopped with callplane.
+  stop            Stop the development PostgreSQL cluster (and a Redis a killed run left).
   bench [--quick] Benchmarks next to the machine's raw limits (own PostgreSQL cluster and callplane):
                   ingest, agent latency, hot organization, dashboard, real time, memory. Results in
                   target/bench/results.json and docs/BENCHMARKS.md (quick: target/bench/results.md).
@@ -81,7 +88,7 @@ fn main() -> ExitCode {
 
     let result = match command {
         "test" => test::test(rest),
-        "run" => run::run(),
+        "run" => run::run(rest),
         "stop" => run::stop(),
         "bench" => bench::bench(rest),
         "chaos" => chaos::chaos(rest),

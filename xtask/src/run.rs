@@ -1,5 +1,6 @@
 //! `cargo xtask run` and `cargo xtask stop`: a local callplane on a persistent PostgreSQL cluster in
-//! `.data/pg`, with a demo organization, a demo call dated today and ready-to-paste commands.
+//! `.data/pg`, with a demo organization, a demo call dated today and ready-to-paste commands. In
+//! phase 2 it also runs a `redis-server` in `.data/redis` for the Redis backends.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -14,10 +15,13 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde_json::{Number, Value};
 
 use crate::pg::{self, Cluster, StopOnDrop};
+use crate::redis::{self, Durability, Redis};
 use crate::stack;
 use crate::util::{self, shell_quote};
 
 const DEFAULT_PG_PORT: u16 = 54329;
+/// Next to Redis's usual 6379 rather than on it, so that a system Redis does not get in the way.
+const DEFAULT_REDIS_PORT: u16 = 63790;
 const DEFAULT_HTTP_PORT: u16 = 8080;
 const DEFAULT_VAPI_SECRET: &str = "dev-vapi-secret";
 const DATABASE: &str = "callplane";
@@ -53,8 +57,43 @@ fn dev_cluster() -> Result<Cluster> {
     Cluster::new(pg::bin_dir()?, data_dir().join("pg"), port)
 }
 
+/// The phase `cargo xtask run` serves: which features it builds and which backends it picks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    /// PostgreSQL only.
+    One,
+    /// Usage counters and function data in Redis.
+    Two,
+}
+
+const RUN_USAGE: &str = "usage: cargo xtask run [--phase 1|2]";
+
+/// Reads `[--phase N]`; phase 1 when it is not given.
+fn parse_phase(args: &[String]) -> Result<Phase> {
+    let value = match args {
+        [] => return Ok(Phase::One),
+        [flag, value] if flag == "--phase" => value.as_str(),
+        [flag] => {
+            flag.strip_prefix("--phase=").with_context(|| format!("unexpected argument {flag:?}; {RUN_USAGE}"))?
+        }
+        _ => bail!("unexpected arguments {args:?}; {RUN_USAGE}"),
+    };
+    match value {
+        "1" => Ok(Phase::One),
+        "2" => Ok(Phase::Two),
+        "3" => {
+            bail!("phase 3 is not built yet (no Temporal, object storage or search backends); --phase 2 is the latest")
+        }
+        other => bail!("there is no phase {other:?}; {RUN_USAGE}"),
+    }
+}
+
 /// Builds and serves callplane against the development cluster until it exits or Ctrl-C.
-pub fn run() -> Result<ExitCode> {
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    let phase = parse_phase(args)?;
+    if phase == Phase::Two {
+        redis::check_installed()?;
+    }
     util::install_ctrlc_handler()?;
     let cluster = dev_cluster()?;
     let http_port = util::env_port("CALLPLANE_PORT", DEFAULT_HTTP_PORT)?;
@@ -64,7 +103,12 @@ pub fn run() -> Result<ExitCode> {
         .unwrap_or_else(|| DEFAULT_VAPI_SECRET.to_string());
 
     // Build first: a compile error should not leave a database running.
-    util::run(util::cargo().args(["build", "-p", "callplane-server", "--bin", "callplane"]))?;
+    let mut build = util::cargo();
+    build.args(["build", "-p", "callplane-server", "--bin", "callplane"]);
+    if phase == Phase::Two {
+        build.args(["--features", "phase2"]);
+    }
+    util::run(&mut build)?;
     let binary = util::target_dir().join("debug").join("callplane");
 
     start_dev_cluster(&cluster)?;
@@ -75,9 +119,19 @@ pub fn run() -> Result<ExitCode> {
     }
     let cluster = guard.cluster();
     let database_is_new = create_database(cluster)?;
+    // Stopped when dropped, before PostgreSQL, after callplane has exited.
+    let redis = match phase {
+        Phase::One => None,
+        Phase::Two => {
+            let port = util::env_port("CALLPLANE_REDIS_PORT", DEFAULT_REDIS_PORT)?;
+            let redis = Redis::start(&data_dir().join("redis"), port, Durability::AppendOnly)?;
+            eprintln!("xtask: started Redis on port {port}");
+            Some(redis)
+        }
+    };
 
     let public_url = format!("http://127.0.0.1:{http_port}");
-    let callplane = Callplane {
+    let mut callplane = Callplane {
         binary,
         env: vec![
             ("CALLPLANE__DATABASE__URL", cluster.url(DATABASE)),
@@ -86,11 +140,18 @@ pub fn run() -> Result<ExitCode> {
             ("CALLPLANE__VAPI__SECRET", secret.clone()),
         ],
     };
+    if let Some(redis) = &redis {
+        callplane.env.extend([
+            ("CALLPLANE__REDIS__URL", redis.url()),
+            ("CALLPLANE__BACKENDS__USAGE_COUNTER", "redis".to_string()),
+            ("CALLPLANE__BACKENDS__FUNCTION_DATA", "redis".to_string()),
+        ]);
+    }
 
     util::run(&mut callplane.command(&["migrate"]))?;
     let (org, org_is_new) = demo_org(&callplane, database_is_new)?;
     let demo = write_demo_call(&data_dir().join("demo"), Utc::now())?;
-    print_next_steps(&org, &secret, &public_url, &callplane, &demo, org_is_new);
+    print_next_steps(&org, &secret, &public_url, &callplane, &demo, org_is_new, redis.as_ref());
 
     // A new demo organization gets the demo call as soon as the server answers, so that the
     // dashboard API has a call and minutes to show.
@@ -120,8 +181,12 @@ pub fn run() -> Result<ExitCode> {
     }
 }
 
-/// Stops the development cluster if it is running.
+/// Stops the development cluster if it is running, and a Redis that a killed `run` left behind
+/// (a `run` that ends normally stops its Redis itself).
 pub fn stop() -> Result<ExitCode> {
+    if redis::stop_leftover(&data_dir().join("redis"))? {
+        eprintln!("xtask: stopped the development Redis (.data/redis)");
+    }
     let cluster = dev_cluster()?;
     if !cluster.is_initialized() {
         eprintln!("xtask: there is no development cluster in .data/pg");
@@ -384,9 +449,17 @@ fn request(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) 
     Ok((status, answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned()))
 }
 
-/// Prints the organization, how to run the CLI against this database, and curl commands to
-/// paste into another terminal.
-fn print_next_steps(org: &DemoOrg, secret: &str, public_url: &str, callplane: &Callplane, demo: &DemoCall, sent: bool) {
+/// Prints the organization, how to run the CLI against this database (and Redis), and curl
+/// commands to paste into another terminal.
+fn print_next_steps(
+    org: &DemoOrg,
+    secret: &str,
+    public_url: &str,
+    callplane: &Callplane,
+    demo: &DemoCall,
+    sent: bool,
+    redis: Option<&Redis>,
+) {
     let root = util::repo_root();
     let url = shell_quote(&org.vapi_server_url);
     let auth = shell_quote(&format!("Authorization: Bearer {secret}"));
@@ -396,15 +469,21 @@ fn print_next_steps(org: &DemoOrg, secret: &str, public_url: &str, callplane: &C
     eprintln!("  VAPI webhook URL:  {}", org.vapi_server_url);
     eprintln!("  VAPI secret:       {secret}");
     eprintln!("  dashboard API key: {}", org.api_key);
+    if let Some(redis) = redis {
+        eprintln!("  Redis (phase 2):   {} (data in .data/redis; redis-cli -p {})", redis.url(), redis.port());
+    }
     eprintln!();
     eprintln!("The callplane CLI on this database, from another terminal in {}:", root.display());
     for (name, value) in &callplane.env {
-        if matches!(*name, "CALLPLANE__DATABASE__URL" | "CALLPLANE__SERVER__PUBLIC_URL") {
+        if !matches!(*name, "CALLPLANE__SERVER__ADDR" | "CALLPLANE__VAPI__SECRET") {
             eprintln!("  export {name}={}", shell_quote(value));
         }
     }
     eprintln!("  alias callplane={}", shell_quote(&callplane.binary.to_string_lossy()));
     eprintln!("  callplane apikey list --org {}", org.id);
+    if redis.is_some() {
+        eprintln!("  callplane usage reconcile    # Redis's counters against the usage ledger (--repair fixes them)");
+    }
     eprintln!();
     if sent {
         eprintln!("The demo call {}, dated now, goes out as soon as callplane answers; sent again, it is", demo.id);
@@ -427,13 +506,27 @@ fn print_next_steps(org: &DemoOrg, secret: &str, public_url: &str, callplane: &C
         org.api_key
     );
     eprintln!();
-    eprintln!("Ctrl-C stops callplane and PostgreSQL (XTASK_KEEP_PG=1 keeps PostgreSQL; `cargo xtask stop` stops it).");
+    let services = if redis.is_some() { "callplane, Redis and PostgreSQL" } else { "callplane and PostgreSQL" };
+    eprintln!("Ctrl-C stops {services} (XTASK_KEEP_PG=1 keeps PostgreSQL; `cargo xtask stop` stops it).");
     eprintln!();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_phase_is_1_unless_asked_and_3_is_refused() -> Result<()> {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(parse_phase(&[])?, Phase::One);
+        assert_eq!(parse_phase(&args(&["--phase", "2"]))?, Phase::Two);
+        assert_eq!(parse_phase(&args(&["--phase=1"]))?, Phase::One);
+        let refused = parse_phase(&args(&["--phase", "3"])).unwrap_err().to_string();
+        assert!(refused.contains("phase 3 is not built yet"), "{refused}");
+        assert!(parse_phase(&args(&["--phase", "two"])).is_err());
+        assert!(parse_phase(&args(&["--quick"])).is_err());
+        Ok(())
+    }
 
     /// The demo call is the fixtures' call under a new id, starting at `now`, every time in it
     /// moved alike, so that it is billed as long and in the current period.

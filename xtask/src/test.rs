@@ -1,15 +1,18 @@
 //! `cargo xtask test`: a check that every tool it needs is installed, the quality gate (`cargo fmt
 //! --check`, then clippy with warnings denied), the whole test suite against a throwaway
-//! PostgreSQL cluster, a check that every phase feature combination builds and validates its
+//! PostgreSQL cluster, the server's and the cache's tests again on phase 2's Redis backends
+//! against a throwaway `redis-server`, a check that the later phases' builds validate their
 //! default configuration, the quick benchmarks (`cargo xtask bench --quick`) and the quick fault
 //! suite (`cargo xtask chaos --quick`).
 
+use std::fs;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::pg::{self, Cluster, StopOnDrop};
+use crate::redis::{self, Durability, Redis};
 use crate::util::{self, Report};
 use crate::{bench, chaos};
 
@@ -17,12 +20,33 @@ use crate::{bench, chaos};
 /// per test in it).
 const TEST_DATABASE_ENV: &str = "CALLPLANE_TEST_DATABASE_URL";
 
+/// The variable through which tests find the Redis server: built with the `redis` feature, the
+/// end-to-end harness serves on the Redis backends with it; without, it is ignored.
+const TEST_REDIS_ENV: &str = "CALLPLANE_TEST_REDIS_URL";
+
+/// The phase 2 run, after the main one: the server's tests (end-to-end included) and the cache's,
+/// built with the phase 2 backends. `--workspace` with the feature named through its package
+/// keeps every dependency's features as in the main run, so only what the feature changes is
+/// rebuilt (`-p callplane-server` alone would unify fewer features, and rebuild uuid, sqlx and
+/// every callplane crate); the filterset then picks the two packages' tests.
+const PHASE2_ARGS: &[&str] = &[
+    "nextest",
+    "run",
+    "--workspace",
+    "--no-fail-fast",
+    "--features",
+    "callplane-server/phase2",
+    "-E",
+    "package(callplane-server) | package(callplane-cache)",
+];
+
 /// Server settings for a disposable cluster: durability off for speed, room for parallel tests.
 const TEST_SETTINGS: &[&str] =
     &["fsync=off", "synchronous_commit=off", "full_page_writes=off", "max_connections=400", "shared_buffers=256MB"];
 
-/// The feature umbrellas checked besides the default build (which the main run covers).
-const PHASES: &[&str] = &["phase2", "phase3"];
+/// The feature umbrellas whose default configuration is checked besides phase 1 and phase 2
+/// (whose runs include that test).
+const PHASES: &[&str] = &["phase3"];
 
 /// The oldest Node.js the Stripe SDK in `tests/stripe-node` supports.
 const NODE_MAJOR: u32 = 16;
@@ -52,24 +76,55 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
     with_test_cluster(report, bin, |report, cluster| {
         let url = cluster.url("postgres");
 
+        let mut redis = None;
+        report.step("start Redis (redis-server)", || {
+            redis = Some(start_test_redis()?);
+            Ok(())
+        });
+        let redis_url = redis.as_ref().map(Redis::url);
+        if let Some(redis_url) = &redis_url {
+            eprintln!("xtask: {TEST_REDIS_ENV}={redis_url}");
+        }
+
         report.step("cargo nextest run --workspace", || {
             let mut command = util::cargo();
             command
                 .args(["nextest", "run", "--workspace", "--no-fail-fast"])
                 .args(nextest_args)
-                .env(TEST_DATABASE_ENV, &url);
+                .env(TEST_DATABASE_ENV, &url)
+                .envs(redis_url.iter().map(|redis_url| (TEST_REDIS_ENV, redis_url)));
             util::run(&mut command)
         });
+
+        let phase2 = format!("phase 2 (Redis backends): {}", util::describe(&with_args(util::cargo(), PHASE2_ARGS)));
+        match &redis_url {
+            Some(redis_url) => report.step(&phase2, || {
+                let mut command = util::cargo();
+                command
+                    .args(PHASE2_ARGS)
+                    .args(nextest_args)
+                    .env(TEST_DATABASE_ENV, &url)
+                    .env(TEST_REDIS_ENV, redis_url);
+                util::run(&mut command)
+            }),
+            None => report.skip(&phase2, "Redis did not start"),
+        }
+        // Runs even after Ctrl-C, before the benchmarks, which do not need Redis.
+        if let Some(mut redis) = redis {
+            report.always("stop Redis", || redis.stop());
+        }
 
         if util::env_flag("XTASK_SKIP_FEATURE_CHECKS") {
             report.skip("phase feature checks", "XTASK_SKIP_FEATURE_CHECKS is set");
         } else {
             for phase in PHASES {
-                report.step(&format!("default configuration with --features {phase}"), || {
+                let feature = format!("callplane-server/{phase}");
+                report.step(&format!("default configuration with --features {feature}"), || {
+                    // `--workspace`, as in the phase 2 run: only callplane-server is rebuilt.
                     let mut command = util::cargo();
                     command
-                        .args(["test", "-p", "callplane-server", "--lib", "--no-default-features"])
-                        .args(["--features", phase, "--", "default_configuration"])
+                        .args(["test", "--workspace", "--lib", "--features", &feature])
+                        .args(["--", "default_configuration"])
                         .env(TEST_DATABASE_ENV, &url);
                     util::run(&mut command)
                 });
@@ -138,6 +193,17 @@ fn start_test_cluster(bin: PathBuf) -> Result<StopOnDrop> {
     Ok(StopOnDrop::new(cluster))
 }
 
+/// Starts a `redis-server` that keeps nothing, in a fresh `target/xtask/redis-test`, on a free
+/// loopback port.
+fn start_test_redis() -> Result<Redis> {
+    let dir = util::repo_root().join("target/xtask/redis-test");
+    redis::stop_leftover(&dir)?;
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("could not remove {}", dir.display()))?;
+    }
+    Redis::start(&dir, pg::free_port()?, Durability::Throwaway)
+}
+
 /// Checks every tool the run needs and names each one missing with how to install it, before
 /// any work starts. Returns PostgreSQL's `bin` directory.
 fn check_prerequisites() -> Result<PathBuf> {
@@ -147,6 +213,7 @@ fn check_prerequisites() -> Result<PathBuf> {
         ("rustfmt (cargo fmt)", with_args(util::cargo(), &["fmt", "--version"]), "rustup component add rustfmt"),
         ("clippy (cargo clippy)", with_args(util::cargo(), &["clippy", "--version"]), "rustup component add clippy"),
         ("cargo-nextest", with_args(util::cargo(), &["nextest", "--version"]), "cargo install cargo-nextest --locked"),
+        ("redis-server (phase 2's backends)", with_args(Command::new(redis::SERVER), &["--version"]), redis::INSTALL),
         (
             "npm (installs the Stripe SDK for tests/stripe-node)",
             with_args(Command::new("npm"), &["--version"]),

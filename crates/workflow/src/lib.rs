@@ -6,10 +6,10 @@
 //! cannot be processed is kept in the dead-letter table and can be replayed. Depends on `core` and `storage`;
 //! never on `api` or `server`.
 
+pub mod counting;
 mod inbox;
 mod inline;
 mod intake;
-pub mod counting;
 pub mod reconcile;
 
 pub use inbox::{Inbox, InboxError, InboxLimits, StoredEvent};
