@@ -169,3 +169,20 @@ async fn redis_function_data_passes_the_contract() {
     assert_eq!(app.app.state.function_data.backend(), "redis");
     contracts::function_data(app.app.state.function_data.as_ref(), a.id, b.id).await;
 }
+
+/// A server started while Redis is down serves at once (usage from the ledger), and counts
+/// what it billed in Redis once Redis is up.
+#[tokio::test]
+async fn a_server_started_while_redis_is_down_serves_and_counts_once_it_is_up() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let app = app_on(&redis).await;
+    let org = app.org("pro").await;
+    for e in lifecycle("started-without-redis", Utc::now() - Duration::minutes(5), 60.0) {
+        assert_eq!(app.post_vapi(org.id, &e).await.0, StatusCode::OK);
+    }
+    let key = app.api_key(org.id).await;
+    assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"].as_i64(), Some(60), "read from the ledger");
+    redis.start_again();
+    books_balance(&app, &HashMap::from([(org.id, 60)])).await;
+}

@@ -8,13 +8,12 @@
 //! before use. Every write is a union on the call fields (HSETNX, then add the seconds only if
 //! the field is new), so a call added twice, or by an add and a rebuild racing, counts once.
 
-use crate::{BACKEND, CacheError, round_trip};
+use crate::{BACKEND, CacheError, Redis, round_trip};
 use async_trait::async_trait;
 use callplane_core::OrgId;
 use callplane_core::seams::{Counted, StoreError, StoreResult, UsageCounter, UsageLedger};
 use chrono::{DateTime, Duration, Utc};
 use redis::Script;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use tracing::instrument;
@@ -80,7 +79,7 @@ return total
 
 /// The usage counter in Redis, over the ledger it is rebuilt from.
 pub struct RedisCounter {
-    conn: ConnectionManager,
+    conn: Redis,
     ledger: Arc<dyn UsageLedger>,
     /// One rebuild at a time per period hash in this process: after a flush, a burst of adds
     /// that all find the hash gone reads the ledger once, not once each (which would also
@@ -110,7 +109,7 @@ fn expire_at(period_start: DateTime<Utc>) -> i64 {
 }
 
 impl RedisCounter {
-    pub fn new(conn: ConnectionManager, ledger: Arc<dyn UsageLedger>) -> Self {
+    pub fn new(conn: Redis, ledger: Arc<dyn UsageLedger>) -> Self {
         Self { conn, ledger, gates: Mutex::default() }
     }
 

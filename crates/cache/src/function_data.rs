@@ -5,11 +5,10 @@
 //! undoes a reader that read the primary before the write and filled the cache after the
 //! first drop. Redis failing costs only speed: every read is served from the primary then.
 
-use crate::{BACKEND, WarnEvery, round_trip};
+use crate::{BACKEND, Redis, WarnEvery, round_trip};
 use async_trait::async_trait;
 use callplane_core::OrgId;
 use callplane_core::seams::{FunctionData, StoreError, StoreResult};
-use redis::aio::ConnectionManager;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use tracing::instrument;
 const DROP_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 pub struct RedisFunctionData {
-    conn: ConnectionManager,
+    conn: Redis,
     primary: Arc<dyn FunctionData>,
     ttl: Duration,
     warn: Arc<WarnEvery>,
@@ -31,7 +30,7 @@ fn key(org: OrgId) -> String {
 }
 
 impl RedisFunctionData {
-    pub fn new(conn: ConnectionManager, primary: Arc<dyn FunctionData>, ttl: Duration) -> Self {
+    pub fn new(conn: Redis, primary: Arc<dyn FunctionData>, ttl: Duration) -> Self {
         Self { conn, primary, ttl, warn: Arc::new(WarnEvery::new(Duration::from_secs(10))) }
     }
 
@@ -91,7 +90,7 @@ fn warn(every: &WarnEvery, what: &str, e: &StoreError) {
     }
 }
 
-async fn del(conn: &ConnectionManager, org: OrgId) -> StoreResult<()> {
+async fn del(conn: &Redis, org: OrgId) -> StoreResult<()> {
     let mut del = redis::cmd("DEL");
     del.arg(key(org));
     let del = &del;

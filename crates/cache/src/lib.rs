@@ -16,7 +16,7 @@ pub use function_data::RedisFunctionData;
 use callplane_core::seams::StoreError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The backend name in errors and metrics.
@@ -36,6 +36,10 @@ const ROUND_TRIP: Duration = Duration::from_millis(500);
 /// connection comes back with the first command after Redis does.
 pub async fn connect(url: &str) -> Result<ConnectionManager, StoreError> {
     let client = redis::Client::open(url).map_err(|e| StoreError::backend(BACKEND, e))?;
+    connect_client(client).await
+}
+
+async fn connect_client(client: redis::Client) -> Result<ConnectionManager, StoreError> {
     let config = ConnectionManagerConfig::new()
         .set_number_of_retries(0)
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -48,8 +52,64 @@ pub async fn connect(url: &str) -> Result<ConnectionManager, StoreError> {
     }
 }
 
+/// A Redis the backends share, connected on first use: a `serve` started while Redis is down
+/// runs on its fallbacks (the ledger, Postgres) and uses Redis from the first call after it
+/// answers. While no connection was ever made, a failed attempt is not repeated for a second,
+/// so an outage costs callers nothing but the fallback.
+#[derive(Clone)]
+pub struct Redis {
+    inner: Arc<RedisInner>,
+}
+
+struct RedisInner {
+    client: redis::Client,
+    conn: std::sync::RwLock<Option<ConnectionManager>>,
+    /// Held while a first connection is attempted; its value is when the last attempt failed.
+    connecting: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// After a failed first connection, how long callers fail at once before the next attempt.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+impl Redis {
+    /// A client for `url` (checked now); nothing is connected until first use.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::backend(BACKEND, e))?;
+        let inner = RedisInner { client, conn: Default::default(), connecting: Default::default() };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The connection manager (which reconnects by itself once made), made now if need be.
+    pub async fn manager(&self) -> Result<ConnectionManager, StoreError> {
+        let made = |r: &Self| r.inner.conn.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(conn) = made(self) {
+            return Ok(conn);
+        }
+        let mut last_failure = self.inner.connecting.lock().await;
+        if let Some(conn) = made(self) {
+            return Ok(conn);
+        }
+        if last_failure.is_some_and(|at| at.elapsed() < RECONNECT_PAUSE) {
+            return Err(StoreError::unavailable(BACKEND, CacheError::NotConnected));
+        }
+        match connect_client(self.inner.client.clone()).await {
+            Ok(conn) => {
+                *self.inner.conn.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.clone());
+                *last_failure = None;
+                Ok(conn)
+            }
+            Err(e) => {
+                *last_failure = Some(Instant::now());
+                Err(e)
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum CacheError {
+    #[error("redis has not been reachable since this process started; retrying")]
+    NotConnected,
     #[error("redis did not answer within {0:?}")]
     TimedOut(Duration),
     /// A rebuild's earlier chunks were gone when a later one ran (FLUSHALL, eviction), again
@@ -73,19 +133,21 @@ fn redis_error(e: redis::RedisError) -> StoreError {
 /// Runs one Redis round trip within [`ROUND_TRIP`]. A command that failed because the
 /// connection was lost (Redis restarted) is sent once more on the connection the manager
 /// opens in its place; every command sent through here is idempotent, so that is safe.
-async fn round_trip<T, F, Fut>(conn: &ConnectionManager, op: F) -> Result<T, StoreError>
+async fn round_trip<T, F, Fut>(redis: &Redis, op: F) -> Result<T, StoreError>
 where
     F: Fn(ConnectionManager) -> Fut,
     Fut: Future<Output = redis::RedisResult<T>>,
 {
     let tries = async {
+        let conn = redis.manager().await?;
         match op(conn.clone()).await {
-            Err(e) if e.is_unrecoverable_error() => op(conn.clone()).await,
+            Err(e) if e.is_unrecoverable_error() => op(conn).await,
             done => done,
         }
+        .map_err(redis_error)
     };
     match tokio::time::timeout(ROUND_TRIP, tries).await {
-        Ok(result) => result.map_err(redis_error),
+        Ok(result) => result,
         Err(_) => Err(StoreError::unavailable(BACKEND, CacheError::TimedOut(ROUND_TRIP))),
     }
 }

@@ -93,7 +93,7 @@ impl Readiness for PgReadiness {
 pub struct Clients {
     pub store: PgStore,
     #[cfg(feature = "redis")]
-    pub redis: Option<redis::aio::ConnectionManager>,
+    pub redis: Option<callplane_cache::Redis>,
 }
 
 impl Clients {
@@ -101,11 +101,16 @@ impl Clients {
         #[cfg(feature = "redis")]
         let redis = match settings.redis_backends().is_empty() {
             true => None,
-            false => Some(
-                callplane_cache::connect(secrecy::ExposeSecret::expose_secret(&settings.redis.url))
-                    .await
-                    .with_context(|| format!("connecting to Redis at {} (redis.url)", settings.redis_url_masked()))?,
-            ),
+            false => {
+                let redis = callplane_cache::Redis::new(settings.redis.url.expose_secret())
+                    .with_context(|| format!("redis.url {}", settings.redis_url_masked()))?;
+                // Not fatal: the backends fall back (Postgres, the ledger) until Redis answers.
+                if let Err(e) = redis.manager().await {
+                    warn!(error = %callplane_core::error_chain(&e), url = %settings.redis_url_masked(),
+                          "Redis is not reachable; serving from Postgres until it is");
+                }
+                Some(redis)
+            }
         };
         #[cfg(not(feature = "redis"))]
         let _ = settings;
@@ -117,7 +122,7 @@ impl Clients {
     }
 
     #[cfg(feature = "redis")]
-    fn redis(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
+    fn redis(&self) -> anyhow::Result<callplane_cache::Redis> {
         self.redis.clone().context("a Redis backend is configured but no Redis client was made")
     }
 

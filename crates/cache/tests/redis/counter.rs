@@ -9,7 +9,7 @@ use std::time::Instant;
 
 impl Env {
     fn counter(&self) -> Arc<RedisCounter> {
-        Arc::new(RedisCounter::new(self.conn.clone(), Arc::new(self.db.store.clone())))
+        Arc::new(RedisCounter::new(self.client.clone(), Arc::new(self.db.store.clone())))
     }
 
     async fn ledger(&self, org: OrgId, period_start: DateTime<Utc>, call_id: &str, seconds: i64) {

@@ -16,7 +16,10 @@ use redis::aio::ConnectionManager;
 struct Env {
     redis: RedisServer,
     db: TestDb,
+    /// Raw commands, for the tests' own checks and faults.
     conn: ConnectionManager,
+    /// What the backends are given.
+    client: callplane_cache::Redis,
 }
 
 impl Env {
@@ -24,7 +27,8 @@ impl Env {
         let redis = RedisServer::start();
         let db = TestDb::fresh().await.unwrap();
         let conn = callplane_cache::connect(&redis.url()).await.unwrap();
-        Self { redis, db, conn }
+        let client = callplane_cache::Redis::new(&redis.url()).unwrap();
+        Self { redis, db, conn, client }
     }
 
     /// A new organization on the "starter" plan whose period starts at `period_start`.
