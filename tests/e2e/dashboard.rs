@@ -448,3 +448,43 @@ async fn readiness_follows_the_database_and_its_migrations() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(r.json::<Value>().await.unwrap()["reason"].as_str().unwrap().contains("callplane migrate"));
 }
+
+/// A dashboard request reads its organization from memory: a change nobody is told of (the
+/// notification trigger switched off) is not seen, which only a query would see; a change made
+/// the normal way reaches every reader within a second.
+#[tokio::test]
+async fn the_organization_behind_a_dashboard_request_is_read_from_memory_and_kept_current() {
+    let app = TestApp::spawn().await;
+    let org = app.org("pro").await;
+    let key = app.api_key(org.id).await;
+    assert_eq!(app.get("/v1/usage", &key).await.1["plan"], "pro");
+    let set_plan = async |plan: &str| {
+        sqlx::query("UPDATE organizations SET plan = $2 WHERE id = $1")
+            .bind(org.id.0)
+            .bind(plan)
+            .execute(app.db.store.pool())
+            .await
+            .unwrap();
+    };
+    let mut tx = app.db.store.pool().begin().await.unwrap();
+    sqlx::query("ALTER TABLE organizations DISABLE TRIGGER organizations_cache_update")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE organizations SET plan = 'business' WHERE id = $1")
+        .bind(org.id.0)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE organizations ENABLE TRIGGER organizations_cache_update").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(app.get("/v1/usage", &key).await.1["plan"], "pro", "the request asked the database");
+    }
+    set_plan("starter").await;
+    let changed = std::time::Instant::now();
+    while app.get("/v1/usage", &key).await.1["plan"] != "starter" {
+        assert!(changed.elapsed() < std::time::Duration::from_secs(1), "the plan change was not seen within a second");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -305,7 +305,8 @@ impl App {
             webhook_auth: Arc::new(settings.webhook_auth()),
             dashboard_auth,
             auth_throttle: Arc::new(settings.auth_throttle()),
-            orgs: Arc::new(store.clone()),
+            // Organizations are read from memory, kept current by change notifications.
+            orgs: Arc::new(agents.clone()),
             admin: Arc::new(store.clone()),
             intake: Arc::new(intake.clone()),
             agents: Arc::new(agents.clone()),
