@@ -186,3 +186,50 @@ async fn a_server_started_while_redis_is_down_serves_and_counts_once_it_is_up() 
     redis.start_again();
     books_balance(&app, &HashMap::from([(org.id, 60)])).await;
 }
+
+/// A Redis counter that drifted from the ledger (a total set by hand, a restore from an old
+/// snapshot) is found by `callplane usage reconcile` and replaced by the ledger's total with
+/// `--repair`; the dashboard follows.
+#[tokio::test]
+async fn usage_reconcile_finds_and_repairs_a_drifted_redis_counter() {
+    let redis = RedisServer::start();
+    let app = app_on(&redis).await;
+    let org = app.org("pro").await;
+    for (call, seconds) in [("r-1", 30.0), ("r-2", 45.0)] {
+        for e in lifecycle(call, Utc::now() - Duration::minutes(5), seconds) {
+            assert_eq!(app.post_vapi(org.id, &e).await.0, StatusCode::OK);
+        }
+    }
+    let key = app.api_key(org.id).await;
+    assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"].as_i64(), Some(75));
+    let hash = format!("callplane:usage:{}:{}", org.id, org.period_start.timestamp());
+    let drift = std::process::Command::new("redis-cli")
+        .args(["-u", &redis.url(), "HSET", &hash, "total", "7000"])
+        .output()
+        .unwrap();
+    assert!(drift.status.success(), "{drift:?}");
+    assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"].as_i64(), Some(7000));
+
+    let cli = crate::cli::Cli { db_url: app.db.url.clone(), addr: crate::cli::free_addr() };
+    let reconcile = |repair: bool| {
+        let mut c = cli.command(&["usage", "reconcile", "--json"]);
+        if repair {
+            c.arg("--repair");
+        }
+        c.env("CALLPLANE__REDIS__URL", redis.url()).env("CALLPLANE__BACKENDS__USAGE_COUNTER", "redis");
+        c.output().unwrap()
+    };
+    let found = reconcile(false);
+    assert_eq!(found.status.code(), Some(1), "a difference exits 1: {found:?}");
+    let report: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    assert_eq!(report["counter"], "redis");
+    let d = &report["differences"][0];
+    assert_eq!((d["counter"].as_i64(), d["ledger"].as_i64()), (Some(7000), Some(75)), "{report}");
+
+    let repaired = reconcile(true);
+    assert!(repaired.status.success(), "{repaired:?}");
+    let report: serde_json::Value = serde_json::from_slice(&repaired.stdout).unwrap();
+    assert_eq!(report["differences"][0]["repaired_to"].as_i64(), Some(75), "{report}");
+    assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"].as_i64(), Some(75));
+    assert_eq!(reconcile(false).status.code(), Some(0), "nothing differs after the repair");
+}

@@ -167,8 +167,11 @@ impl RedisCounter {
     /// Unions the ledger's calls into the hash, chunk by chunk, then marks it ready. `None`
     /// when the hash vanished between chunks.
     async fn union_ledger(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<Option<i64>> {
+        self.union_ledger_into(&key(org, period_start), org, period_start).await
+    }
+
+    async fn union_ledger_into(&self, key: &str, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<Option<i64>> {
         let calls = self.ledger.calls_in_period(org, period_start).await?;
-        let key = key(org, period_start);
         let token = uuid::Uuid::new_v4().simple().to_string();
         let expire_at = expire_at(period_start);
         // An empty period still takes one (empty) chunk, to set the total to 0 and `ready`.
@@ -177,7 +180,7 @@ impl RedisCounter {
         let mut total = 0;
         for (i, chunk) in chunks.iter().enumerate() {
             let mut union = UNION.prepare_invoke();
-            union.key(&key).arg(&token).arg(flag(i == 0)).arg(flag(i == chunks.len() - 1)).arg(expire_at);
+            union.key(key).arg(&token).arg(flag(i == 0)).arg(flag(i == chunks.len() - 1)).arg(expire_at);
             for (call_id, seconds) in *chunk {
                 union.arg(field(call_id)).arg(*seconds);
             }
@@ -248,10 +251,33 @@ impl UsageCounter for RedisCounter {
         }
     }
 
+    /// Builds the period's hash afresh from the ledger under a key of its own and renames it
+    /// over the live one (so a drifted total is replaced, not merged into), then unions the
+    /// ledger into it once more: a call whose add went to the old hash between the first read
+    /// and the rename committed its ledger row before the second read, which brings it in.
     #[instrument(skip_all, fields(org_id = %org))]
     async fn rebuild(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
-        let gate = self.gate(&key(org, period_start));
+        let live = key(org, period_start);
+        let gate = self.gate(&live);
         let _one_at_a_time = gate.lock().await;
-        self.rebuild_now(org, period_start).await
+        for _ in 0..ATTEMPTS {
+            let fresh = format!("{live}:rebuild:{}", uuid::Uuid::new_v4().simple());
+            if self.union_ledger_into(&fresh, org, period_start).await?.is_none() {
+                continue;
+            }
+            let mut rename = redis::cmd("RENAME");
+            rename.arg(&fresh).arg(&live);
+            let rename = &rename;
+            // A flush between the build and the rename leaves nothing to rename: build again.
+            match round_trip(&self.conn, |mut c| async move { rename.query_async::<()>(&mut c).await }).await {
+                Ok(()) => {}
+                Err(StoreError::Backend { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            if let Some(total) = self.union_ledger(org, period_start).await? {
+                return Ok(total);
+            }
+        }
+        Err(StoreError::unavailable(BACKEND, CacheError::Vanished))
     }
 }
