@@ -75,6 +75,12 @@ async fn books_balance(app: &TestApp, expected: &HashMap<OrgId, i64>) {
     }
 }
 
+async fn uncounted_gauge(app: &TestApp) -> f64 {
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    let line = metrics.lines().find(|l| l.starts_with("callplane_usage_uncounted_calls "));
+    line.and_then(|l| l.split(' ').nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no gauge in {metrics}"))
+}
+
 async fn alert_thresholds(app: &TestApp, org: OrgId) -> Vec<i32> {
     sqlx::query_scalar("SELECT threshold FROM usage_alerts WHERE organization_id = $1 ORDER BY threshold")
         .bind(org.0)
@@ -98,6 +104,7 @@ async fn a_redis_restart_in_the_middle_of_traffic_loses_and_doubles_nothing() {
         for e in &report {
             assert_eq!(app.post_vapi(orgs[1], e).await.0, StatusCode::OK);
         }
+        assert!(uncounted_gauge(&app).await >= 1.0, "the call billed while Redis is down waits, counted in /metrics");
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         redis.start_again();
     })
@@ -105,6 +112,7 @@ async fn a_redis_restart_in_the_middle_of_traffic_loses_and_doubles_nothing() {
     let mut expected = expected;
     *expected.get_mut(&orgs[1]).unwrap() += 42;
     books_balance(&app, &expected).await;
+    assert_eq!(uncounted_gauge(&app).await, 0.0);
     assert_eq!(alert_thresholds(&app, orgs[0]).await, [80, 90, 100], "each alert fires once");
 }
 

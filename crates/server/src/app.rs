@@ -66,11 +66,19 @@ impl Readiness for PgReadiness {
             ),
         ];
         // The database's figures are left out when it cannot answer in time.
-        let (dead, live, review) = tokio::join!(
+        let (dead, live, review, uncounted) = tokio::join!(
             tokio::time::timeout(PROBE_TIMEOUT, self.store.open_dead_letter_count()),
             tokio::time::timeout(PROBE_TIMEOUT, self.store.concurrent_calls()),
             tokio::time::timeout(PROBE_TIMEOUT, self.store.calls_for_review_count()),
+            tokio::time::timeout(PROBE_TIMEOUT, self.store.uncounted_calls()),
         );
+        if let Ok(Ok(n)) = uncounted {
+            g.push((
+                "callplane_usage_uncounted_calls",
+                "Billed calls not yet added to the usage counter (it failed, or is catching up).",
+                n as f64,
+            ));
+        }
         if let Ok(Ok(n)) = review {
             g.push((
                 "callplane_calls_needing_review",

@@ -152,6 +152,14 @@ impl PgStore {
         .map_err(db)
     }
 
+    /// Ledger rows whose counter add is not done yet, across organizations.
+    pub async fn uncounted_calls(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT count(*) FROM usage_ledger WHERE NOT counted")
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)
+    }
+
     /// Seconds in an organization's period whose counter add is not done yet.
     pub async fn uncounted_seconds(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
         sqlx::query_scalar(
