@@ -1,15 +1,22 @@
 //! `cargo xtask bench [--quick]`: callplane's benchmarks, each next to the raw limit of the same
 //! machine measured in the same run on the same services.
 //!
-//! The xtask starts its own PostgreSQL cluster (`target/xtask/pg-bench`) and a `callplane
-//! serve`, then drives them with `callplane-loadgen` and `pgbench`:
+//! The xtask starts its own PostgreSQL cluster (`target/xtask/pg-bench`), a throwaway
+//! `redis-server` (`target/xtask/redis-bench`, for benchmarks 2 and 3) and a `callplane serve`
+//! built with phase 2's backends (`--features phase2`), then drives them with
+//! `callplane-loadgen`, `pgbench` and `redis-benchmark`. The server counts usage and serves
+//! function data from Postgres; the benchmarks that measure the Redis backends restart it on
+//! them and back:
 //!
 //! 1. Ingest: end-of-call reports per second through the whole HTTP pipeline, against pgbench
 //!    running the same writes (call key, partitioned call row, ledger row, counter) as one
 //!    transaction.
 //! 2. Agent latency: `assistant-request` and `tool-calls` percentiles with many calls in flight,
-//!    against `GET /healthz` on the same server at the same concurrency and rate.
-//! 3. Hot organization: all traffic on one organization, against pgbench's hot-row update.
+//!    against `GET /healthz` on the same server at the same concurrency and rate; once on the
+//!    Postgres backends, once on the Redis ones.
+//! 3. Hot organization: all traffic on one organization, with the Postgres counter and with the
+//!    Redis counter, against uniform ingest (benchmark 1's simulation), pgbench's hot-row update
+//!    and `redis-benchmark`'s INCR.
 //! 4. Dashboard: `GET /v1/calls` (first page, and `status=ended`) on a bulk-loaded history,
 //!    against the same query on an unpartitioned copy of the table (full mode: 1M and 10M calls).
 //! 5. Real time: WebSocket delivery to many subscribers, against NOTIFY → LISTEN → plain
@@ -24,7 +31,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 use std::time::Duration;
 
@@ -32,6 +39,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::pg;
+use crate::redis::{self, Durability, Redis};
 use crate::stack::Binaries;
 use crate::stack::{
     self, DATABASE, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, rss_kb, run_with_timeout,
@@ -45,6 +53,16 @@ const MARKERS: (&str, &str) = ("<!-- bench:results:start -->", "<!-- bench:resul
 /// The benchmarks, by the names `--only` takes.
 const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory"];
 
+/// The benchmarks that measure phase 2's Redis backends too (and need a `redis-server`).
+const ON_REDIS: &[&str] = &["hot", "agent"];
+
+/// The server settings that phase 2 moves to Redis, and the Redis it uses.
+const BACKEND_SETTINGS: [&str; 2] = ["CALLPLANE__BACKENDS__USAGE_COUNTER", "CALLPLANE__BACKENDS__FUNCTION_DATA"];
+const REDIS_URL_SETTING: &str = "CALLPLANE__REDIS__URL";
+
+/// Benchmark 3's raw limit of the Redis counter: `redis-benchmark`'s INCR on the same Redis.
+const INCR_ARGS: &[&str] = &["-t", "incr", "-n", "100000", "-c", "50", "-q", "--csv"];
+
 const USAGE: &str = "\
 Usage: cargo xtask bench [--quick] [--release] [--only NAME,...]
 
@@ -52,7 +70,8 @@ Usage: cargo xtask bench [--quick] [--release] [--only NAME,...]
   --release    build the release profile in quick mode too (full mode always does)
   --only       run some benchmarks: ingest, hot, agent, realtime, dashboard, memory
 
-CALLPLANE_BIN=/path/to/callplane benchmarks that binary instead of building callplane-server.
+CALLPLANE_BIN=/path/to/callplane benchmarks that binary instead of building callplane-server
+(built with `--features phase2` for benchmarks 2 and 3, which also run it on Redis).
 ";
 
 /// Command-line options.
@@ -171,6 +190,31 @@ impl Row {
     }
 }
 
+/// Where the server counts usage and reads function data: phase 1's Postgres, or phase 2's
+/// Redis (a counter hash per organization and period, a read-through cache).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backends {
+    Postgres,
+    Redis,
+}
+
+impl Backends {
+    /// The value of both [`BACKEND_SETTINGS`].
+    fn setting(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Redis => "redis",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Postgres => "Postgres",
+            Self::Redis => "Redis",
+        }
+    }
+}
+
 /// A simulation's books, for the results.
 struct BooksLine {
     benchmark: String,
@@ -186,10 +230,16 @@ struct Bench {
     out_dir: PathBuf,
     loadgen_binary: PathBuf,
     cluster: Option<Postgres>,
+    /// Running when a benchmark in [`ON_REDIS`] is.
+    redis: Option<Redis>,
     /// Set once the cluster is up.
     loadgen: Option<Loadgen>,
     server: Option<ServerProcess>,
+    /// What the running server is configured with.
+    backends: Backends,
     http_port: u16,
+    /// Benchmark 1's reports per second, which benchmark 3 compares the hot organization with.
+    uniform_reports: Option<f64>,
     rows: Vec<Row>,
     books: Vec<BooksLine>,
     raw: serde_json::Map<String, Value>,
@@ -223,15 +273,18 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     let bin = pg::bin_dir()?;
     let sizes = if options.quick { Sizes::quick() } else { Sizes::full() };
     let started_at = utc_now();
-    let Some(binaries) = Binaries::build(report, &options) else { return Ok(()) };
+    let Some(binaries) = build(report, &options) else { return Ok(()) };
     let mut bench = Bench {
         sizes,
         out_dir: util::target_dir().join("bench"),
         loadgen_binary: binaries.loadgen,
         cluster: None,
+        redis: None,
         loadgen: None,
         server: None,
+        backends: Backends::Postgres,
         http_port: pg::free_port()?,
+        uniform_reports: None,
         rows: Vec::new(),
         books: Vec::new(),
         raw: serde_json::Map::new(),
@@ -244,7 +297,7 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     let callplane = binaries.callplane;
 
     let mut ready = false;
-    report.step("start PostgreSQL and callplane", || {
+    report.step("start PostgreSQL, Redis and callplane", || {
         bench.start(&bin, &callplane)?;
         ready = true;
         Ok(())
@@ -253,22 +306,69 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         let facts = bench.machine_facts(&started_at);
         bench.run_benchmarks(report);
         report.always("stop callplane serve", || bench.server.take().map_or(Ok(()), |mut s| s.stop()));
+        report.always("stop Redis", || bench.redis.take().map_or(Ok(()), |mut r| r.stop()));
         report.always("stop PostgreSQL bench cluster", || bench.cluster.take().map_or(Ok(()), |mut c| c.stop()));
         // A run with a failed benchmark never replaces the published results.
         let all_passed = report.all_passed();
         report.always("write results", || bench.write_results(&facts?, &started_at, all_passed));
     } else {
         bench.server = None;
+        bench.redis = None;
         bench.cluster = None;
     }
     Ok(())
 }
 
+/// Builds `callplane-loadgen`, and `callplane-server` with phase 2's backends unless
+/// `CALLPLANE_BIN` names a callplane built elsewhere, in the profile the options ask for. One
+/// binary serves both backends: the configuration picks them. `None` when the build failed
+/// (the report says why).
+fn build(report: &mut Report, options: &Options) -> Option<Binaries> {
+    let prebuilt = std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let mut built = false;
+    report.step("build callplane (--features phase2) and callplane-loadgen", || {
+        let mut command = util::cargo();
+        command.args(["build", "-p", "callplane-loadgen"]);
+        if prebuilt.is_none() {
+            command.args(["-p", "callplane-server", "--features", "callplane-server/phase2"]);
+        }
+        if options.release_build() {
+            command.arg("--release");
+        }
+        util::run(&mut command)?;
+        built = true;
+        Ok(())
+    });
+    let target = util::target_dir().join(if options.release_build() { "release" } else { "debug" });
+    built.then(|| Binaries {
+        callplane: prebuilt.unwrap_or_else(|| target.join("callplane")),
+        loadgen: target.join("callplane-loadgen"),
+    })
+}
+
+/// Starts a `redis-server` that keeps nothing, in a fresh `target/xtask/redis-bench`, on a free
+/// loopback port.
+fn start_redis() -> Result<Redis> {
+    redis::check_installed()?;
+    let dir = util::target_dir().join("xtask/redis-bench");
+    redis::stop_leftover(&dir)?;
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("could not remove {}", dir.display()))?;
+    }
+    Redis::start(&dir, pg::free_port()?, Durability::Throwaway)
+}
+
 impl Bench {
-    /// Starts a fresh cluster, migrates, and starts `callplane serve`.
+    /// Starts a fresh cluster (and Redis, when a benchmark needs it), migrates, and starts
+    /// `callplane serve` on the Postgres backends.
     fn start(&mut self, bin: &Path, callplane: &Path) -> Result<()> {
         let data = util::target_dir().join("xtask/pg-bench");
         let cluster = Postgres::start_fresh(bin, data, self.sizes.settings)?;
+        if ON_REDIS.iter().any(|name| self.options.runs(name)) {
+            let redis = start_redis()?;
+            eprintln!("xtask: started Redis on port {}", redis.port());
+            self.redis = Some(redis);
+        }
         let log = self.out_dir.join("server.log");
         // A fresh log each run (the server appends to it).
         fs::write(&log, "").with_context(|| format!("could not create {}", log.display()))?;
@@ -279,11 +379,19 @@ impl Bench {
             fs::remove_dir_all(&inbox).with_context(|| format!("could not remove {}", inbox.display()))?;
         }
         fs::create_dir_all(&inbox).with_context(|| format!("could not create {}", inbox.display()))?;
-        let spec = ServerSpec::new(callplane.to_path_buf(), self.http_port, &cluster.database_url(), log)
+        let mut spec = ServerSpec::new(callplane.to_path_buf(), self.http_port, &cluster.database_url(), log)
             .with_env("CALLPLANE__INBOX__DIR", inbox.to_string_lossy())
             // Benchmark 5 fans one organization's events out to up to 5,000 sockets on one key.
             .with_env("CALLPLANE__REALTIME__MAX_CONNECTIONS_PER_ORG", "10000")
             .with_env("CALLPLANE__REALTIME__MAX_CONNECTIONS_PER_KEY", "10000");
+        // Set even to their defaults, so that none comes from the caller's environment. The
+        // loadgen reads the counter's too, to know where to check it.
+        for name in BACKEND_SETTINGS {
+            spec = spec.with_env(name, Backends::Postgres.setting());
+        }
+        if let Some(redis) = &self.redis {
+            spec = spec.with_env(REDIS_URL_SETTING, redis.url());
+        }
         self.cluster = Some(cluster);
         spec.migrate()?;
         self.server = Some(spec.start(Duration::from_secs(60))?);
@@ -291,6 +399,27 @@ impl Bench {
         // Settle before measuring the idle footprint.
         thread::sleep(Duration::from_secs(2));
         self.idle_rss_kb = self.server.as_ref().and_then(|s| rss_kb(s.pid()));
+        Ok(())
+    }
+
+    /// Restarts the server with its usage counter and function data on `backends`, unless it
+    /// already runs on them.
+    fn use_backends(&mut self, backends: Backends) -> Result<()> {
+        if self.backends == backends && self.server.is_some() {
+            return Ok(());
+        }
+        let loadgen = self.loadgen.as_mut().context("the server was never started")?;
+        let mut spec = loadgen.spec.clone();
+        for name in BACKEND_SETTINGS {
+            spec = spec.with_env(name, backends.setting());
+        }
+        if let Some(mut server) = self.server.take() {
+            server.stop()?;
+        }
+        eprintln!("xtask: restarting callplane serve on the {} backends", backends.label());
+        self.server = Some(spec.start(Duration::from_secs(60))?);
+        loadgen.spec = spec;
+        self.backends = backends;
         Ok(())
     }
 
@@ -306,15 +435,19 @@ impl Bench {
         type Step = fn(&mut Bench) -> Result<()>;
         let steps: [(&str, &str, Step); 6] = [
             ("ingest", "1. ingest: end-of-call reports vs pgbench", Bench::ingest),
-            ("hot", "3. hot organization vs pgbench hot-row update", Bench::hot_org),
-            ("agent", "2. agent latency with calls in flight vs /healthz", Bench::agent_latency),
+            ("hot", "3. hot organization (Postgres and Redis counters) vs uniform ingest", Bench::hot_org),
+            ("agent", "2. agent latency with calls in flight (Postgres and Redis) vs /healthz", Bench::agent_latency),
             ("realtime", "5. real time: WebSocket delivery vs raw NOTIFY", Bench::realtime),
             ("dashboard", "4. dashboard: /v1/calls vs an unpartitioned table", Bench::dashboard),
             ("memory", "6. memory: server RSS idle and under ingest", Bench::memory),
         ];
         for (name, title, step) in steps {
             if self.options.runs(name) {
-                report.step(title, || step(self));
+                // Each starts on the Postgres backends, whatever the one before left.
+                report.step(title, || {
+                    self.use_backends(Backends::Postgres)?;
+                    step(self)
+                });
             } else {
                 report.skip(title, "not in --only");
             }
@@ -368,6 +501,25 @@ impl Bench {
             }
             _ => bail!("pgbench {name} reported no throughput:\n{output}"),
         }
+    }
+
+    /// Runs `redis-benchmark`'s INCR on the bench Redis and returns its CSV figures (`rps`,
+    /// `p50_latency_ms`, ...).
+    fn redis_incr(&self) -> Result<serde_json::Map<String, Value>> {
+        let port = self.redis.as_ref().context("Redis is not running")?.port().to_string();
+        let mut command = Command::new("redis-benchmark");
+        command.args(["-h", "127.0.0.1", "-p", &port]).args(INCR_ARGS);
+        command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        eprintln!("xtask: $ {}", describe(&command));
+        let output = run_with_timeout(command, self.sizes.short_timeout)
+            .context("redis-benchmark failed (it comes with redis-server, in redis-tools)")?;
+        let figures =
+            csv_row(&output, "INCR").with_context(|| format!("redis-benchmark printed no INCR:\n{output}"))?;
+        match figures.get("rps").and_then(Value::as_f64) {
+            Some(rps) if rps > 0.0 => eprintln!("xtask: redis-benchmark INCR: {rps:.0} requests/s"),
+            _ => bail!("redis-benchmark reported no INCR rate:\n{output}"),
+        }
+        Ok(figures)
     }
 
     /// Organizations for pgbench, listed in `bench_orgs(n, id)` so scripts can pick one by number.
@@ -431,6 +583,7 @@ impl Bench {
         let summary = summary?;
         self.check_simulation("1. ingest", &summary)?;
         let reports = number(&summary, "/reports_per_second")?;
+        self.uniform_reports = Some(reports);
 
         self.pgbench_orgs(self.sizes.ingest_orgs)?;
         let (clients, seconds) = (self.sizes.ingest_clients, self.sizes.ingest_seconds);
@@ -473,40 +626,95 @@ impl Bench {
         Ok(())
     }
 
+    /// The hot organization on each counter, next to uniform ingest: phase 2's Redis counter is
+    /// meant to take the organization's row lock out of the report's transaction.
     fn hot_org(&mut self) -> Result<()> {
-        let summary = self.ingest_simulation("hot", 1, "1")?;
-        self.check_simulation("3. hot organization", &summary)?;
-        let reports = number(&summary, "/reports_per_second")?;
-        let (clients, seconds) = (self.sizes.ingest_clients, self.sizes.ingest_seconds);
-        let hot = self.psql("SELECT id FROM bench_orgs WHERE n = 1").or_else(|_| {
+        let (clients, seconds, orgs) = (self.sizes.ingest_clients, self.sizes.ingest_seconds, self.sizes.ingest_orgs);
+        let uniform = match self.uniform_reports {
+            Some(reports) => reports,
+            None => {
+                let summary = self.ingest_simulation("uniform", orgs, "0")?;
+                self.check_simulation("3. uniform ingest", &summary)?;
+                let reports = number(&summary, "/reports_per_second")?;
+                self.raw.insert("uniform".into(), summary);
+                self.uniform_reports = Some(reports);
+                reports
+            }
+        };
+        let (postgres, postgres_run) = self.hot_simulation(Backends::Postgres)?;
+        let (redis, redis_run) = self.hot_simulation(Backends::Redis)?;
+        let incr = self.redis_incr()?;
+        self.use_backends(Backends::Postgres)?;
+
+        let hot_id = self.psql("SELECT id FROM bench_orgs WHERE n = 1").or_else(|_| {
             self.pgbench_orgs(1)?;
             self.psql("SELECT id FROM bench_orgs WHERE n = 1")
         })?;
-        let update = self.pgbench(HOT_ROW_SCRIPT, "hot-row", clients, seconds, &[("hot", hot)])?;
+        let update = self.pgbench(HOT_ROW_SCRIPT, "hot-row", clients, seconds, &[("hot", hot_id)])?;
         let one_org = self.pgbench(INGEST_SCRIPT, "ingest-one-org", clients, seconds, &[("orgs", "1".into())])?;
-        self.rows.push(Row {
+
+        let row = |backends: Backends, baseline: Option<f64>, baseline_is: &str, note: &str| Row {
             benchmark: "3. Hot organization".into(),
-            metric: format!("end-of-call reports/s, all on one org, {clients} clients"),
+            metric: format!("end-of-call reports/s, all on one org, {} counter, {clients} clients", backends.label()),
             unit: "/s",
-            callplane: reports,
-            baseline: Some(update),
-            baseline_is: "pgbench: UPDATE organizations SET seconds_used = seconds_used + 1 on one row".into(),
-            note: String::new(),
-        });
-        self.rows.push(Row {
-            benchmark: "3. Hot organization".into(),
-            metric: format!("end-of-call reports/s, all on one org, {clients} clients"),
-            unit: "/s",
-            callplane: reports,
-            baseline: Some(one_org),
-            baseline_is: "pgbench: benchmark 1's raw transaction, all on one org".into(),
-            note: String::new(),
-        });
-        self.raw.insert("hot_org".into(), summary);
+            callplane: if backends == Backends::Redis { redis } else { postgres },
+            baseline,
+            baseline_is: baseline_is.into(),
+            note: note.into(),
+        };
+        let uniform_is = format!("callplane: the same reports over {orgs} orgs (benchmark 1), Postgres counter");
+        self.rows.extend([
+            row(Backends::Postgres, Some(uniform), &uniform_is, ""),
+            row(Backends::Redis, Some(uniform), &uniform_is, "target: ratio ≥ 0.90"),
+            row(
+                Backends::Redis,
+                incr.get("rps").and_then(Value::as_f64),
+                "redis-benchmark INCR, 50 clients, the same Redis",
+                "",
+            ),
+            row(
+                Backends::Postgres,
+                Some(update),
+                "pgbench: UPDATE organizations SET seconds_used = seconds_used + 1 on one row",
+                "",
+            ),
+            row(Backends::Postgres, Some(one_org), "pgbench: benchmark 1's raw transaction, all on one org", ""),
+        ]);
+        self.raw.insert(
+            "hot_org".into(),
+            json!({
+                "uniform_reports_per_second": uniform,
+                "postgres": postgres_run,
+                "redis": redis_run,
+                "redis_benchmark_incr": incr,
+            }),
+        );
         Ok(())
     }
 
+    /// All reports on one organization with the server on `backends`: the reports per second
+    /// and the loadgen's summary.
+    fn hot_simulation(&mut self, backends: Backends) -> Result<(f64, Value)> {
+        self.use_backends(backends)?;
+        let summary = self.ingest_simulation(&format!("hot-{}", backends.setting()), 1, "1")?;
+        self.check_simulation(&format!("3. hot organization, {} counter", backends.label()), &summary)?;
+        Ok((number(&summary, "/reports_per_second")?, summary))
+    }
+
+    /// The agent's answers on the Postgres backends, then on the Redis ones (the counter that
+    /// admissions read, the function data that tool calls read).
     fn agent_latency(&mut self) -> Result<()> {
+        let postgres = self.agent_run(Backends::Postgres)?;
+        self.raw.insert("agent".into(), postgres);
+        let redis = self.agent_run(Backends::Redis)?;
+        self.raw.insert("agent_redis".into(), redis);
+        Ok(())
+    }
+
+    /// One agent-latency run with the server on `backends`, and its `/healthz` baseline; adds
+    /// the rows and returns the loadgen's summaries.
+    fn agent_run(&mut self, backends: Backends) -> Result<Value> {
+        self.use_backends(backends)?;
         let s = &self.sizes;
         let (in_flight, steady, calls) = (s.agent_in_flight, s.agent_in_flight * 3 / 4, s.agent_calls);
         let (gap, mean, probe_seconds) = (s.agent_gap_ms, s.agent_duration_mean, s.probe_seconds);
@@ -520,13 +728,14 @@ impl Bench {
             &format!(
                 "simulate --orgs 20 --plans pro=1,business=1 --calls {calls} --max-concurrent {in_flight} \
                  --rate {rate:.2} --event-gap-ms {gap} --duration-mean {mean} --duration-max {max} \
-                 --steady-in-flight {steady} --label agent --seed 22 --json",
-                max = mean * 5
+                 --steady-in-flight {steady} --label agent-{label} --seed 22 --json",
+                max = mean * 5,
+                label = backends.setting(),
             ),
             long_timeout,
             true,
         )?;
-        self.check_simulation("2. agent latency", &summary)?;
+        self.check_simulation(&format!("2. agent latency, {} backends", backends.label()), &summary)?;
         // The baseline gets the rate of the steady state, not of the whole run with its ramps.
         let events_per_second = number(&summary, "/steady_deliveries_per_second")?;
         if events_per_second <= 0.0 {
@@ -553,19 +762,23 @@ impl Bench {
                 bail!("no {kind} latency was recorded with the calls in flight");
             }
             for (label, field) in [("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")] {
+                // Phase 2's aim for the Redis function-data cache.
+                let target = backends == Backends::Redis && kind == "tool-calls" && label == "p99";
                 self.rows.push(Row {
                     benchmark: "2. Agent latency".into(),
-                    metric: format!("{kind} {label}, {peak:.0} calls in flight ({count:.0} samples)"),
+                    metric: format!(
+                        "{kind} {label}, {peak:.0} calls in flight, {} backends ({count:.0} samples)",
+                        backends.label()
+                    ),
                     unit: "ms",
                     callplane: number(&summary, &format!("/latency/{kind}/{field}"))?,
                     baseline: Some(number(&probe, &format!("/latency/{field}"))?),
                     baseline_is: format!("GET /healthz, same server, {in_flight} clients at {probe_rate:.0}/s"),
-                    note: String::new(),
+                    note: if target { "target: < 2 ms, ratio ≤ 3".into() } else { String::new() },
                 });
             }
         }
-        self.raw.insert("agent".into(), json!({ "simulation": summary, "healthz": probe }));
-        Ok(())
+        Ok(json!({ "simulation": summary, "healthz": probe }))
     }
 
     fn realtime(&mut self) -> Result<()> {
@@ -719,7 +932,14 @@ impl Bench {
             "max_wal_size",
             "effective_cache_size",
         ];
-        stack::run_facts(started_at, &self.options, &settings, |sql| self.psql(sql))
+        let mut facts = stack::run_facts(started_at, &self.options, &settings, |sql| self.psql(sql))?;
+        if self.redis.is_some() {
+            let version = stack::command_output(redis::SERVER, &["--version"]);
+            // `Redis server v=7.0.15 sha=...`
+            let version = version.split_whitespace().find_map(|w| w.strip_prefix("v=")).unwrap_or(&version);
+            facts["redis"] = json!(version);
+        }
+        Ok(facts)
     }
 
     /// Writes `results.json` and the markdown table.
@@ -761,17 +981,18 @@ impl Bench {
             text("date").unwrap_or_default()
         ));
         out.push_str(&format!(
-            "Machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}. PostgreSQL {} ({}). callplane {}, {} build; \
-             server, PostgreSQL and load generator share the machine.\n\n",
+            "Machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}. PostgreSQL {} ({}).{} callplane {}, {} build; \
+             server, databases and load generator share the machine.\n\n",
             text("nproc").unwrap_or_default(),
             text("cpu").unwrap_or_default(),
             facts.get("memory_gib").and_then(Value::as_f64).unwrap_or(0.0),
             text("kernel").unwrap_or_default(),
             text("postgres").unwrap_or_default(),
             text("postgres_settings").unwrap_or_default(),
+            text("redis").map_or_else(String::new, |v| format!(" Redis {v} (no persistence).")),
             match facts.get("callplane_bin").and_then(Value::as_str) {
                 Some(path) => format!("binary {path}"),
-                None => text("commit").unwrap_or_default(),
+                None => format!("{} with `--features phase2`", text("commit").unwrap_or_default()),
             },
             text("build").unwrap_or_default(),
         ));
@@ -791,7 +1012,7 @@ impl Bench {
                 row.note
             ));
         }
-        out.push_str("\nBooks (every simulated call recorded once; ledger, counters and `GET /v1/usage` equal to the simulated billable seconds; no dead letters):\n\n");
+        out.push_str("\nBooks (every simulated call recorded once; ledger, counters and `GET /v1/usage` equal to the simulated billable seconds, a Redis counter read through `GET /v1/usage`; no dead letters):\n\n");
         for books in &self.books {
             out.push_str(&format!(
                 "- {}: {} calls, {} billable seconds: {}\n",
@@ -840,6 +1061,18 @@ fn number(value: &Value, pointer: &str) -> Result<f64> {
         .pointer(pointer)
         .and_then(Value::as_f64)
         .with_context(|| format!("no number at {pointer} in the loadgen's summary"))
+}
+
+/// The row of `test` in `redis-benchmark --csv` output, as {column: number} after its header
+/// (`"test","rps","avg_latency_ms",...`).
+fn csv_row(output: &str, test: &str) -> Option<serde_json::Map<String, Value>> {
+    let fields = |line: &str| line.split(',').map(|f| f.trim().trim_matches('"').to_owned()).collect::<Vec<_>>();
+    let mut rows = output.lines().map(fields);
+    let header = rows.find(|row| row.first().is_some_and(|f| f == "test"))?;
+    let row = rows.find(|row| row.first().is_some_and(|f| f == test))?;
+    let numbers =
+        header.into_iter().zip(row).skip(1).filter_map(|(name, value)| Some((name, json!(value.parse::<f64>().ok()?))));
+    Some(numbers.collect())
 }
 
 /// Formats a figure for the table: rates and sizes without decimals, latencies with two.
@@ -895,5 +1128,15 @@ mod tests {
             note: String::new(),
         };
         assert_eq!(row.ratio(), Some(0.25));
+    }
+
+    #[test]
+    fn redis_benchmark_csv_is_read() {
+        let output =
+            "\"test\",\"rps\",\"avg_latency_ms\",\"p50_latency_ms\"\n\"INCR\",\"64474.53\",\"0.520\",\"0.343\"\n";
+        let incr = csv_row(output, "INCR").unwrap();
+        assert_eq!(incr.get("rps").and_then(Value::as_f64), Some(64474.53));
+        assert_eq!(incr.get("p50_latency_ms").and_then(Value::as_f64), Some(0.343));
+        assert!(csv_row(output, "SET").is_none() && csv_row("", "INCR").is_none());
     }
 }

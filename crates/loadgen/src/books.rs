@@ -1,6 +1,8 @@
 //! Checking the books after a simulation: every simulated call recorded exactly once, in the
 //! right organization, ended, billed what its duration says; one ledger row per call; each
-//! organization's counter equal to the sum of its calls; nothing dead-lettered.
+//! organization's counter equal to the sum of its calls; nothing dead-lettered. A counter kept
+//! in Redis (`backends.usage_counter = "redis"`) is out of the database's reach: it is checked
+//! through `GET /v1/usage`, which reads it.
 //!
 //! The comparison ([`check`]) is pure; [`read_database`] and [`read_api`] gather what callplane
 //! recorded, from Postgres and from `GET /v1/usage`.
@@ -32,6 +34,16 @@ pub struct ExpectedCall {
     pub billable_seconds: i64,
 }
 
+/// Where callplane counts each organization's seconds: its `backends.usage_counter`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CounterStore {
+    /// `organizations.seconds_used`, read with the other rows.
+    #[default]
+    Postgres,
+    /// Redis: the counter is read through `GET /v1/usage` only.
+    Redis,
+}
+
 /// A row of `calls`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CallRow {
@@ -55,8 +67,8 @@ pub struct Recorded {
     pub calls: Vec<CallRow>,
     pub keys: Vec<KeyRow>,
     pub ledger: Vec<KeyRow>,
-    /// `organizations.seconds_used`.
-    pub counters: HashMap<Uuid, i64>,
+    /// `organizations.seconds_used`; `None` when callplane counts in Redis.
+    pub counters: Option<HashMap<Uuid, i64>>,
     pub open_dead_letters: i64,
 }
 
@@ -159,11 +171,16 @@ pub fn check(expected: &[ExpectedCall], orgs: &[Uuid], recorded: Option<&Recorde
     }
 
     // The API: GET /v1/usage agrees with the books.
+    // Without counters from the database, the API's figures are the counters.
     if let Some(api) = api {
         books.api_orgs_checked = api.len();
+        let api_is_counter = recorded.is_none_or(|r| r.counters.is_none());
+        if api_is_counter {
+            books.counter_seconds = api.iter().map(|u| u.seconds_used).sum();
+        }
         for usage in api {
             let (seconds, calls) = per_org.get(&usage.org_id).copied().unwrap_or((0, 0));
-            if recorded.is_none() {
+            if api_is_counter {
                 books.over_counted_seconds += (usage.seconds_used - seconds).max(0);
             }
             if usage.seconds_used != seconds || usage.calls != calls {
@@ -189,7 +206,6 @@ fn check_rows(
     books.database_checked = true;
     books.ledger_rows = recorded.ledger.len();
     books.ledger_seconds = recorded.ledger.iter().map(|r| r.billable_seconds).sum();
-    books.counter_seconds = orgs.iter().map(|o| recorded.counters.get(o).copied().unwrap_or(0)).sum();
     books.open_dead_letters = recorded.open_dead_letters;
 
     // calls: exactly one row per simulated call, ended, in its organization, billed right.
@@ -258,14 +274,17 @@ fn check_rows(
     }
 
     // Counters: each organization's seconds_used is the sum of its calls.
-    let mut org_ids: Vec<&Uuid> = per_org.keys().collect();
-    org_ids.sort();
-    for org in org_ids {
-        let (seconds, _) = per_org[org];
-        let counter = recorded.counters.get(org).copied();
-        books.over_counted_seconds += counter.map_or(0, |c| (c - seconds).max(0));
-        if counter != Some(seconds) {
-            books.problem(format!("organization {org} counts {counter:?} seconds, the calls add up to {seconds}"));
+    if let Some(counters) = &recorded.counters {
+        books.counter_seconds = orgs.iter().map(|o| counters.get(o).copied().unwrap_or(0)).sum();
+        let mut org_ids: Vec<&Uuid> = per_org.keys().collect();
+        org_ids.sort();
+        for org in org_ids {
+            let (seconds, _) = per_org[org];
+            let counter = counters.get(org).copied();
+            books.over_counted_seconds += counter.map_or(0, |c| (c - seconds).max(0));
+            if counter != Some(seconds) {
+                books.problem(format!("organization {org} counts {counter:?} seconds, the calls add up to {seconds}"));
+            }
         }
     }
 
@@ -274,9 +293,15 @@ fn check_rows(
     }
 }
 
-/// Reads what callplane recorded for `orgs` from Postgres. Dead letters count if they belong to
-/// one of `orgs` or arrived since `since` (some have no organization).
-pub async fn read_database(pool: &PgPool, orgs: &[Uuid], since: DateTime<Utc>) -> Result<Recorded> {
+/// Reads what callplane recorded for `orgs` from Postgres, the counters only when they are kept
+/// there. Dead letters count if they belong to one of `orgs` or arrived since `since` (some have
+/// no organization).
+pub async fn read_database(
+    pool: &PgPool,
+    orgs: &[Uuid],
+    since: DateTime<Utc>,
+    counter: CounterStore,
+) -> Result<Recorded> {
     let calls =
         sqlx::query("SELECT id, organization_id, status, billable_seconds FROM calls WHERE organization_id = ANY($1)")
             .bind(orgs)
@@ -321,14 +346,19 @@ pub async fn read_database(pool: &PgPool, orgs: &[Uuid], since: DateTime<Utc>) -
             .collect::<Result<Vec<_>, sqlx::Error>>()
     };
 
-    let counters: HashMap<Uuid, i64> = sqlx::query("SELECT id, seconds_used FROM organizations WHERE id = ANY($1)")
-        .bind(orgs)
-        .fetch_all(pool)
-        .await
-        .context("reading organizations")?
-        .iter()
-        .map(|r| Ok((r.try_get("id")?, r.try_get("seconds_used")?)))
-        .collect::<Result<_, sqlx::Error>>()?;
+    let counters = match counter {
+        CounterStore::Postgres => Some(
+            sqlx::query("SELECT id, seconds_used FROM organizations WHERE id = ANY($1)")
+                .bind(orgs)
+                .fetch_all(pool)
+                .await
+                .context("reading organizations")?
+                .iter()
+                .map(|r| Ok((r.try_get("id")?, r.try_get("seconds_used")?)))
+                .collect::<Result<HashMap<Uuid, i64>, sqlx::Error>>()?,
+        ),
+        CounterStore::Redis => None,
+    };
 
     let open_dead_letters: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM dead_letters WHERE resolved_at IS NULL \
@@ -383,8 +413,13 @@ impl RunRecord {
 }
 
 /// Reads the books of `record` from `GET /v1/usage` and, given a URL, from Postgres, and
-/// compares them with what was sent.
-pub async fn check_run(server: &Server, record: &RunRecord, database_url: Option<&str>) -> Result<Books> {
+/// compares them with what was sent. `counter` says where callplane counts usage.
+pub async fn check_run(
+    server: &Server,
+    record: &RunRecord,
+    database_url: Option<&str>,
+    counter: CounterStore,
+) -> Result<Books> {
     let org_ids: Vec<Uuid> = record.orgs.iter().map(|o| o.id).collect();
     let keys: Vec<(Uuid, String)> = record.orgs.iter().map(|o| (o.id, o.api_key.clone())).collect();
     let api = read_api(server, &keys).await?;
@@ -395,7 +430,7 @@ pub async fn check_run(server: &Server, record: &RunRecord, database_url: Option
                 .connect(url)
                 .await
                 .context("connecting to Postgres to check the books")?;
-            let recorded = read_database(&pool, &org_ids, record.started_at).await?;
+            let recorded = read_database(&pool, &org_ids, record.started_at, counter).await?;
             pool.close().await;
             Some(recorded)
         }
@@ -412,7 +447,8 @@ mod tests {
         Uuid::from_u128(n)
     }
 
-    /// Two organizations, three calls, recorded perfectly.
+    /// Two organizations with three calls and one without any (its counter zero), recorded
+    /// perfectly.
     fn balanced() -> (Vec<ExpectedCall>, Vec<Uuid>, Recorded) {
         let expected = vec![
             ExpectedCall { call_id: "a".into(), org_id: org(1), billable_seconds: 75 },
@@ -437,7 +473,7 @@ mod tests {
             calls,
             keys,
             ledger,
-            counters: [(org(1), 75), (org(2), 30)].into_iter().collect(),
+            counters: Some([(org(1), 75), (org(2), 30), (org(3), 0)].into_iter().collect()),
             open_dead_letters: 0,
         };
         (expected, vec![org(1), org(2), org(3)], recorded)
@@ -445,9 +481,7 @@ mod tests {
 
     #[test]
     fn perfect_books_balance() {
-        let (expected, orgs, mut recorded) = balanced();
-        // An organization without calls has a zero counter.
-        recorded.counters.insert(org(3), 0);
+        let (expected, orgs, recorded) = balanced();
         let api = [
             ApiUsage { org_id: org(1), seconds_used: 75, calls: 2 },
             ApiUsage { org_id: org(2), seconds_used: 30, calls: 1 },
@@ -467,10 +501,30 @@ mod tests {
         assert_eq!(books.over_counted_seconds, 1);
     }
 
+    /// With the counter in Redis, the database has no counters to compare: `GET /v1/usage`
+    /// is the counter, and a wrong total there is caught as over-counted seconds.
+    #[test]
+    fn a_counter_kept_in_redis_is_checked_through_the_api() {
+        let (expected, orgs, mut recorded) = balanced();
+        recorded.counters = None;
+        let api = [
+            ApiUsage { org_id: org(1), seconds_used: 75, calls: 2 },
+            ApiUsage { org_id: org(2), seconds_used: 30, calls: 1 },
+            ApiUsage { org_id: org(3), seconds_used: 0, calls: 0 },
+        ];
+        let books = check(&expected, &orgs, Some(&recorded), Some(&api));
+        assert!(books.balanced() && books.database_checked, "{:?}", books.problems);
+        assert_eq!((books.ledger_seconds, books.counter_seconds), (105, 105));
+        let mut wrong = api.clone();
+        wrong[1].seconds_used = 60;
+        let books = check(&expected, &orgs, Some(&recorded), Some(&wrong));
+        assert_eq!((books.problem_count, books.over_counted_seconds, books.counter_seconds), (1, 30, 135));
+        assert!(books.problems[0].contains("says 60 seconds in 1 calls; simulated 30"), "{:?}", books.problems);
+    }
+
     #[test]
     fn a_missing_call_and_a_double_ledger_row_are_found() {
         let (expected, orgs, mut recorded) = balanced();
-        recorded.counters.insert(org(3), 0);
         recorded.calls.retain(|c| c.call_id != "c");
         let duplicate = recorded.ledger[0].clone();
         recorded.ledger.push(duplicate);
@@ -489,10 +543,9 @@ mod tests {
     #[test]
     fn wrong_seconds_wrong_counters_and_dead_letters_are_found() {
         let (expected, orgs, mut recorded) = balanced();
-        recorded.counters.insert(org(3), 0);
         recorded.calls[0].billable_seconds = Some(74);
         recorded.calls[2].status = "in-progress".into();
-        recorded.counters.insert(org(2), 60);
+        recorded.counters.as_mut().unwrap().insert(org(2), 60);
         recorded.open_dead_letters = 2;
         let books = check(&expected, &orgs, Some(&recorded), None);
         let text = books.problems.join("\n");
@@ -508,7 +561,6 @@ mod tests {
     #[test]
     fn unexpected_rows_and_api_disagreements_are_found() {
         let (expected, orgs, mut recorded) = balanced();
-        recorded.counters.insert(org(3), 0);
         recorded.calls.push(CallRow {
             call_id: "zzz".into(),
             org_id: org(3),
@@ -527,7 +579,7 @@ mod tests {
         let expected: Vec<ExpectedCall> = (0..50)
             .map(|i| ExpectedCall { call_id: format!("call-{i}"), org_id: org(1), billable_seconds: 10 })
             .collect();
-        let recorded = Recorded { counters: [(org(1), 500)].into_iter().collect(), ..Recorded::default() };
+        let recorded = Recorded { counters: Some([(org(1), 500)].into_iter().collect()), ..Recorded::default() };
         let books = check(&expected, &[org(1)], Some(&recorded), None);
         // Each call is missing from calls, call_keys and the ledger.
         assert_eq!(books.problem_count, 150);

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
-use crate::books::{self, Books, ExpectedCall, RunRecord};
+use crate::books::{self, Books, CounterStore, ExpectedCall, RunRecord};
 use crate::client::{Delivery, DeliveryError, RetryPolicy, Server};
 use crate::messages::{CallOwner, CallScript, EventSpec};
 use crate::plan::{TrafficConfig, TrafficPlan, stream};
@@ -43,6 +43,8 @@ pub struct BurstConfig {
     pub concurrency: usize,
     pub retry: RetryPolicy,
     pub database_url: Option<String>,
+    /// Where the server counts usage, for the books.
+    pub usage_counter: CounterStore,
     pub check_books: bool,
     pub run_file: Option<PathBuf>,
     pub label: String,
@@ -281,7 +283,7 @@ pub async fn run(server: Server, config: BurstConfig) -> Result<BurstSummary> {
         record.save(path)?;
     }
     let books = if config.check_books {
-        Some(books::check_run(&server, &record, config.database_url.as_deref()).await?)
+        Some(books::check_run(&server, &record, config.database_url.as_deref(), config.usage_counter).await?)
     } else {
         None
     };

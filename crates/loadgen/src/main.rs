@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use callplane_loadgen::books::{self, RunRecord};
+use callplane_loadgen::books::{self, CounterStore, RunRecord};
 use callplane_loadgen::client::{RetryPolicy, Server, WebhookAuth, wait_ready};
 use callplane_loadgen::messages::{CallOwner, CallScript};
 use callplane_loadgen::plan::{CallSpec, DurationDist, Lifecycle, PlanMix, TrafficConfig, stream};
@@ -130,6 +130,10 @@ struct SimulateArgs {
     /// Postgres, to read the books from (without it only `GET /v1/usage` is compared).
     #[arg(long, env = "CALLPLANE__DATABASE__URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// Where the server counts usage (its `backends.usage_counter`): in Postgres the books
+    /// compare `organizations.seconds_used`, in Redis they read the counter through the API.
+    #[arg(long, env = "CALLPLANE__BACKENDS__USAGE_COUNTER", value_enum, default_value_t = CounterStore::Postgres)]
+    usage_counter: CounterStore,
     /// Organizations to create.
     #[arg(long, default_value_t = 10)]
     orgs: usize,
@@ -203,6 +207,10 @@ struct BurstArgs {
     /// Postgres, to read the books from (without it only `GET /v1/usage` is compared).
     #[arg(long, env = "CALLPLANE__DATABASE__URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// Where the server counts usage (its `backends.usage_counter`): in Postgres the books
+    /// compare `organizations.seconds_used`, in Redis they read the counter through the API.
+    #[arg(long, env = "CALLPLANE__BACKENDS__USAGE_COUNTER", value_enum, default_value_t = CounterStore::Postgres)]
+    usage_counter: CounterStore,
     /// Requests opened at once.
     #[arg(long, default_value_t = 2000)]
     requests: usize,
@@ -237,6 +245,10 @@ struct BooksArgs {
     server: ServerArgs,
     #[arg(long, env = "CALLPLANE__DATABASE__URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// Where the server counts usage (its `backends.usage_counter`): in Postgres the books
+    /// compare `organizations.seconds_used`, in Redis they read the counter through the API.
+    #[arg(long, env = "CALLPLANE__BACKENDS__USAGE_COUNTER", value_enum, default_value_t = CounterStore::Postgres)]
+    usage_counter: CounterStore,
     /// The file a run saved with `--run-file`.
     #[arg(long)]
     run_file: PathBuf,
@@ -404,6 +416,7 @@ async fn run(command: Command) -> Result<bool> {
                 time_limit: args.time_limit_secs.map(Duration::from_secs_f64),
                 steady_in_flight: args.steady_in_flight,
                 database_url: args.database_url,
+                usage_counter: args.usage_counter,
                 check_books: !args.no_check,
                 retry: args.delivery.retry(),
                 run_file: args.delivery.run_file.clone(),
@@ -432,6 +445,7 @@ async fn run(command: Command) -> Result<bool> {
                     concurrency: args.concurrency,
                     retry: args.delivery.retry(),
                     database_url: args.database_url,
+                    usage_counter: args.usage_counter,
                     check_books: !args.no_check,
                     run_file: args.delivery.run_file.clone(),
                     label: args.label,
@@ -445,7 +459,9 @@ async fn run(command: Command) -> Result<bool> {
         }
         Command::Books(args) => {
             let record = RunRecord::load(&args.run_file)?;
-            let books = books::check_run(&args.server.server()?, &record, args.database_url.as_deref()).await?;
+            let books =
+                books::check_run(&args.server.server()?, &record, args.database_url.as_deref(), args.usage_counter)
+                    .await?;
             eprintln!("loadgen: {}", books.line());
             for problem in &books.problems {
                 eprintln!("loadgen:   {problem}");

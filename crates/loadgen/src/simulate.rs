@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::books::{self, Books, ExpectedCall, RunRecord};
+use crate::books::{self, Books, CounterStore, ExpectedCall, RunRecord};
 use crate::client::{RetryPolicy, Server};
 use crate::messages::{CallOwner, CallScript, EventSpec};
 use crate::plan::{CallSpec, TrafficConfig, TrafficPlan, deliveries, stream};
@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub steady_in_flight: Option<usize>,
     /// Postgres, for the books; without it only the API is checked.
     pub database_url: Option<String>,
+    /// Where the server counts usage, for the books.
+    pub usage_counter: CounterStore,
     pub check_books: bool,
     /// When to send a delivery again (never, by default).
     pub retry: RetryPolicy,
@@ -301,7 +303,7 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
         record.save(path)?;
     }
     let books = if config.check_books {
-        Some(books::check_run(&shared.server, &record, config.database_url.as_deref()).await?)
+        Some(books::check_run(&shared.server, &record, config.database_url.as_deref(), config.usage_counter).await?)
     } else {
         None
     };
