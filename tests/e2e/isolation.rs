@@ -44,10 +44,17 @@ async fn org_b_never_sees_or_changes_org_a_rows() {
     assert_eq!(app.seconds_used(b.id).await, 0);
     assert_eq!(app.seconds_used(a.id).await, 90);
 
-    // Org B replaying org A's call id through its own URL changes nothing of A's.
+    // Org B replaying org A's call id through its own URL changes nothing of A's. Events that
+    // change state are refused; a tool's answer (from B's own data) does not wait to learn
+    // that its event will be refused, which it is all the same.
     for event in lifecycle("a-call", created, 5000.0) {
         let (status, body) = app.post_vapi(b.id, &event).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let kind = event["message"]["type"].as_str().unwrap();
+        if matches!(kind, "tool-calls" | "function-call" | "transfer-destination-request") {
+            assert_eq!(status, StatusCode::OK, "{kind}: {body}");
+            continue;
+        }
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{kind}: {body}");
         assert_eq!(body["code"], "invalid_event");
     }
     assert_eq!(app.call(a.id, "a-call").await.unwrap(), a_row);
@@ -55,8 +62,13 @@ async fn org_b_never_sees_or_changes_org_a_rows() {
     assert_eq!(app.seconds_used(b.id).await, 0);
     assert!(store.ledger(b.id).await.unwrap().is_empty());
 
-    // The refused events are kept, under B, for an operator to look at.
-    let b_letters = store.dead_letters(&DeadLetterFilter { org: Some(b.id), ..Default::default() }).await.unwrap();
-    assert!(!b_letters.is_empty());
+    // The refused events are kept, under B, for an operator to look at: the tools' ones too,
+    // once processed.
+    let refused = lifecycle("a-call", created, 5000.0).len();
+    let filter = DeadLetterFilter { org: Some(b.id), ..Default::default() };
+    crate::durability::eventually("every replayed event of A's call is kept under B", async || {
+        store.dead_letters(&filter).await.unwrap().len() == refused
+    })
+    .await;
     assert!(store.dead_letters(&DeadLetterFilter { org: Some(a.id), ..Default::default() }).await.unwrap().is_empty());
 }

@@ -78,9 +78,13 @@ fn refused_outcome(code: ErrorCode) -> &'static str {
     }
 }
 
-/// How long an answer waits to learn whether recording the event was refused (another
-/// organization's call id, a far-future time). The answer never waits longer, nor past the
-/// deadline: the caller is on the line, and the event is safe in the intake already.
+/// How long an `assistant-request` answer waits to learn whether recording the event was
+/// refused (another organization's call id, a far-future time). The answer never waits
+/// longer, nor past the deadline: the caller is on the line, and the event is safe in the
+/// intake already. A tool's answer (`tool-calls`, `function-call`,
+/// `transfer-destination-request`) waits only for the event to be stored: mid-call, a refusal
+/// would only take the answer from a caller already admitted, and the event is processed (or
+/// dead-lettered) all the same.
 const RECORDING_BUDGET: Duration = Duration::from_millis(500);
 
 async fn receive(
@@ -213,7 +217,10 @@ async fn receive(
     // The caller is on the line: record the event (on disk before we answer, processing on
     // its own) while the answer is made, and answer within the deadline whatever happens.
     let intake = s.intake.clone();
-    let recording_budget = RECORDING_BUDGET.min(deadline.saturating_sub(started.elapsed()));
+    let recording_budget = match msg.kind {
+        MessageKind::AssistantRequest => RECORDING_BUDGET.min(deadline.saturating_sub(started.elapsed())),
+        _ => Duration::ZERO,
+    };
     let mut recording = tokio::spawn(async move { intake.accept(webhook, event, recording_budget, true).await });
     let remaining = deadline.saturating_sub(started.elapsed());
     let answer = match org_id {
@@ -227,8 +234,12 @@ async fn receive(
         None => unavailable_answer(&msg),
     };
     match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), &mut recording).await {
-        Ok(Ok(Err(IntakeError::Rejected { code, message }))) => {
+        Ok(Ok(Err(IntakeError::Rejected { code, message }))) if msg.kind == MessageKind::AssistantRequest => {
             return Err(ApiError::client(code, message));
+        }
+        // A tool's answer goes out whatever became of its event (kept as refused).
+        Ok(Ok(Err(IntakeError::Rejected { code, .. }))) => {
+            tracing::info!(code = code.as_str(), "a tool's event was refused; answered all the same")
         }
         // Counted as lost by the intake.
         Ok(Ok(Err(e @ IntakeError::Overloaded { .. }))) => {
