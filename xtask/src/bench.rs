@@ -273,7 +273,8 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     let bin = pg::bin_dir()?;
     let sizes = if options.quick { Sizes::quick() } else { Sizes::full() };
     let started_at = utc_now();
-    let Some(binaries) = build(report, &options) else { return Ok(()) };
+    // One binary serves both backends: the configuration picks them.
+    let Some(binaries) = Binaries::build(report, &options, &["phase2"]) else { return Ok(()) };
     let mut bench = Bench {
         sizes,
         out_dir: util::target_dir().join("bench"),
@@ -317,33 +318,6 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         bench.cluster = None;
     }
     Ok(())
-}
-
-/// Builds `callplane-loadgen`, and `callplane-server` with phase 2's backends unless
-/// `CALLPLANE_BIN` names a callplane built elsewhere, in the profile the options ask for. One
-/// binary serves both backends: the configuration picks them. `None` when the build failed
-/// (the report says why).
-fn build(report: &mut Report, options: &Options) -> Option<Binaries> {
-    let prebuilt = std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from);
-    let mut built = false;
-    report.step("build callplane (--features phase2) and callplane-loadgen", || {
-        let mut command = util::cargo();
-        command.args(["build", "-p", "callplane-loadgen"]);
-        if prebuilt.is_none() {
-            command.args(["-p", "callplane-server", "--features", "callplane-server/phase2"]);
-        }
-        if options.release_build() {
-            command.arg("--release");
-        }
-        util::run(&mut command)?;
-        built = true;
-        Ok(())
-    });
-    let target = util::target_dir().join(if options.release_build() { "release" } else { "debug" });
-    built.then(|| Binaries {
-        callplane: prebuilt.unwrap_or_else(|| target.join("callplane")),
-        loadgen: target.join("callplane-loadgen"),
-    })
 }
 
 /// Starts a `redis-server` that keeps nothing, in a fresh `target/xtask/redis-bench`, on a free

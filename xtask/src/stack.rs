@@ -84,19 +84,26 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    /// Builds `callplane-loadgen`, and `callplane-server` unless `CALLPLANE_BIN` names a
-    /// callplane built elsewhere (another checkout, another commit), in the profile the options
-    /// ask for. `None` when the build failed (the report says why).
-    pub fn build(report: &mut util::Report, options: &RunOptions) -> Option<Self> {
+    /// Builds `callplane-loadgen`, and `callplane-server` with `features` unless
+    /// `CALLPLANE_BIN` names a callplane built elsewhere (another checkout, another commit), in
+    /// the profile the options ask for. `None` when the build failed (the report says why).
+    pub fn build(report: &mut util::Report, options: &RunOptions, features: &[&str]) -> Option<Self> {
         let profile = if options.release_build() { "release" } else { "debug" };
         let target = util::target_dir().join(profile);
         let prebuilt = std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from);
         let mut built = false;
-        report.step("build callplane and callplane-loadgen", || {
+        let step = match features {
+            [] => "build callplane and callplane-loadgen".to_owned(),
+            _ => format!("build callplane (--features {}) and callplane-loadgen", features.join(",")),
+        };
+        report.step(&step, || {
             let mut command = util::cargo();
             command.args(["build", "-p", "callplane-loadgen"]);
             if prebuilt.is_none() {
                 command.args(["-p", "callplane-server"]);
+                for feature in features {
+                    command.args(["--features", &format!("callplane-server/{feature}")]);
+                }
             }
             if options.release_build() {
                 command.arg("--release");

@@ -292,10 +292,7 @@ impl App {
             deadline,
         )
         .context("the answer pool (database.url)")?;
-        let directory_data = match settings.backends.function_data {
-            FunctionDataBackend::Postgres => None,
-            _ => Some(clients.function_data(&settings, &answers)?),
-        };
+        let directory_data = clients.function_data(&settings, &answers)?;
         let agents = PgAgentDirectory::new(answers, store.clone(), directory_data, deadline / 4);
         let dashboard_auth = Arc::new(settings.dashboard_auth());
         let keys = dashboard_auth.clone();

@@ -15,7 +15,7 @@
 //! is away. Registry and call lookups are cached only when found: a mapping, once made, never
 //! moves to another organization.
 
-use crate::{PgFunctionData, PgStore};
+use crate::PgStore;
 use async_trait::async_trait;
 use callplane_core::seams::{AgentDirectory, FunctionData, OrgDirectory, StoreResult};
 use callplane_core::{OrgId, Organization};
@@ -89,16 +89,9 @@ pub struct PgAgentDirectory {
 }
 
 impl PgAgentDirectory {
-    /// `answers` should be a store over a small pool of its own (see [`PgStore::answer_pool`]).
-    /// Function data is read from `data` when given (a cache in front of Postgres), else from
-    /// `answers`.
-    pub fn new(
-        answers: PgStore,
-        primary: PgStore,
-        data: Option<Arc<dyn FunctionData>>,
-        refresh_budget: Duration,
-    ) -> Self {
-        let data = data.unwrap_or_else(|| Arc::new(PgFunctionData(answers.clone())));
+    /// `answers` should be a store over a small pool of its own (see [`PgStore::answer_pool`]);
+    /// function data is read from `data` (Postgres over that pool, or a cache in front of it).
+    pub fn new(answers: PgStore, primary: PgStore, data: Arc<dyn FunctionData>, refresh_budget: Duration) -> Self {
         let inner =
             Inner { answers, primary, data, maps: Mutex::default(), on_keys_changed: Mutex::default(), refresh_budget };
         Self { inner: Arc::new(inner) }

@@ -159,19 +159,6 @@ impl PgStore {
             .await
             .map_err(db)
     }
-
-    /// Seconds in an organization's period whose counter add is not done yet.
-    pub async fn uncounted_seconds(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "SELECT COALESCE(sum(billable_seconds), 0)::bigint FROM usage_ledger \
-             WHERE organization_id = $1 AND period_start = $2 AND NOT counted",
-        )
-        .bind(org.0)
-        .bind(period_start)
-        .fetch_one(self.pool())
-        .await
-        .map_err(db)
-    }
 }
 
 #[async_trait]

@@ -265,7 +265,7 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     let started_at = utc_now();
     let out_dir = util::target_dir().join("chaos");
     fs::create_dir_all(&out_dir).with_context(|| format!("could not create {}", out_dir.display()))?;
-    let Some(binaries) = Binaries::build(report, &options) else { return Ok(()) };
+    let Some(binaries) = Binaries::build(report, &options, &[]) else { return Ok(()) };
     let mut suite = Suite {
         callplane: binaries.callplane,
         loadgen: binaries.loadgen,
