@@ -74,7 +74,7 @@ impl RedisFunctionData {
     }
 
     async fn fill(&self, org: OrgId, map: &Map<String, Value>) {
-        let json = Value::Object(map.clone()).to_string();
+        let Ok(json) = serde_json::to_string(map) else { return };
         let mut set = redis::cmd("SET");
         set.arg(key(org)).arg(json).arg("EX").arg(self.ttl.as_secs().max(1));
         let set = &set;
