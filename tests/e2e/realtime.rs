@@ -150,7 +150,7 @@ async fn a_subscriber_that_falls_behind_is_told_it_lagged_and_the_history_fills_
             call_id: Some(format!("c{i}")),
             data: json!({}),
         };
-        bus.publish(&e).await.unwrap();
+        bus.publish(&[e]).await.unwrap();
     }
     // Give the listener time to fan out past the 16-event queue.
     tokio::time::sleep(StdDuration::from_millis(500)).await;
@@ -220,4 +220,71 @@ async fn an_event_ingested_by_one_server_process_reaches_a_subscriber_on_another
     );
     assert!(got.iter().all(|e| e["call_id"] == "cross-process"));
     drop((one, two));
+}
+
+fn status_event(org: callplane_core::OrgId, call: &str) -> RealtimeEvent {
+    RealtimeEvent { org_id: org, kind: "call.status".into(), call_id: Some(call.into()), data: json!({}) }
+}
+
+/// Events queued in a change's transaction: nothing is delivered before the commit, nothing of a
+/// rolled-back change ever is, and its numbers are not skipped.
+#[tokio::test]
+async fn queued_events_are_published_only_after_their_transaction_commits_and_never_after_a_rollback() {
+    let app = TestApp::spawn().await;
+    let org = app.org("pro").await;
+    let bus = PgRealtimeBus::start(app.db.store.clone(), 64).await.unwrap();
+    let mut sub = bus.subscribe(org.id).await.unwrap();
+
+    let mut open = app.db.store.pool().begin().await.unwrap();
+    callplane_storage::queue_realtime_events(&mut open, &[status_event(org.id, "committed-later")]).await.unwrap();
+    let mut doomed = app.db.store.pool().begin().await.unwrap();
+    callplane_storage::queue_realtime_events(&mut doomed, &[status_event(org.id, "rolled-back")]).await.unwrap();
+    bus.queued();
+    assert!(
+        tokio::time::timeout(StdDuration::from_millis(500), sub.next()).await.is_err(),
+        "an event was delivered before its transaction committed"
+    );
+    assert!(bus.history(org.id, 0, 10).await.unwrap().is_empty());
+
+    doomed.rollback().await.unwrap();
+    open.commit().await.unwrap();
+    bus.queued();
+    bus.publish(&[status_event(org.id, "published-after")]).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(StdDuration::from_secs(5), sub.next()).await.expect("an event within 5s");
+        let Some(Delivery::Event(e)) = d else { panic!("lagged on an idle bus") };
+        got.push((e.seq, e.call_id.clone().unwrap()));
+    }
+    assert_eq!(got, vec![(1, "committed-later".to_owned()), (2, "published-after".to_owned())]);
+    assert!(
+        tokio::time::timeout(StdDuration::from_millis(300), sub.next()).await.is_err(),
+        "the rolled-back change's event was delivered"
+    );
+}
+
+/// A process that commits and stops before publishing leaves its events queued; another
+/// process's publisher publishes them (at start and on its sweep), so none is lost.
+#[tokio::test]
+async fn events_left_queued_by_a_stopped_process_are_published_by_another() {
+    let app = TestApp::spawn().await;
+    let org = app.org("pro").await;
+    let mut tx = app.db.store.pool().begin().await.unwrap();
+    let events: Vec<_> = (0..3).map(|i| status_event(org.id, &format!("orphan-{i}"))).collect();
+    callplane_storage::queue_realtime_events(&mut tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    // Nobody was told: this bus finds them by itself.
+    let bus = PgRealtimeBus::start(app.db.store.clone(), 64).await.unwrap();
+    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(5);
+    loop {
+        let history = bus.history(org.id, 0, 10).await.unwrap();
+        let got: Vec<_> = history.iter().map(|e| (e.seq, e.call_id.clone().unwrap())).collect();
+        if got.len() == 3 {
+            assert_eq!(got, (0..3).map(|i| (i + 1, format!("orphan-{i}"))).collect::<Vec<_>>());
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "queued events not published after 5s: {got:?}");
+        tokio::time::sleep(StdDuration::from_millis(50)).await;
+    }
+    assert_eq!(app.db.store.realtime_queued().await.unwrap(), 0);
 }

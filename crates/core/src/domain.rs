@@ -165,6 +165,9 @@ pub struct CallChange {
     pub status_changed: Option<String>,
     /// Set the first time the call's ledger row is written.
     pub billed: Option<Billed>,
+    /// The event stored or replaced the call's transcript (in the call's transaction):
+    /// whether it is final.
+    pub transcript: Option<bool>,
     /// The call ended connected but no source gave its duration: it is not billed yet, and is
     /// marked for review until VAPI's record (reconciliation) gives the duration.
     pub duration_unknown: bool,

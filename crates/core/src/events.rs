@@ -8,7 +8,8 @@ fn event(org: OrgId, kind: &str, call_id: &str, data: serde_json::Value) -> Real
     RealtimeEvent { org_id: org, kind: kind.to_owned(), call_id: Some(call_id.to_owned()), data }
 }
 
-/// `call.created`, `call.status`, `call.ended` and `usage.changed`, as they apply.
+/// `call.created`, `call.status`, `call.ended`, `usage.changed` and `call.transcript`, as they
+/// apply.
 pub fn for_change(org: OrgId, c: &CallChange) -> Vec<RealtimeEvent> {
     let mut events = Vec::new();
     if c.inserted {
@@ -25,6 +26,9 @@ pub fn for_change(org: OrgId, c: &CallChange) -> Vec<RealtimeEvent> {
             &c.call_id,
             json!({ "period_start": b.period_start, "added_seconds": b.seconds }),
         ));
+    }
+    if let Some(is_final) = c.transcript {
+        events.push(transcript_changed(org, &c.call_id, is_final));
     }
     events
 }

@@ -169,6 +169,12 @@ pub struct Transcript {
 #[async_trait]
 pub trait TranscriptStore: Send + Sync {
     fn backend(&self) -> &'static str;
+    /// True when the store keeps transcripts in the database that holds the calls (Postgres):
+    /// the pipeline then writes a call's transcript in the transaction that changes the call,
+    /// one commit per event. Other backends are written to with `put` after that commit.
+    fn stores_in_transaction(&self) -> bool {
+        false
+    }
     /// Stores (replaces) the transcript of a call created at `call_created_at`.
     async fn put(&self, org: OrgId, call_id: &str, call_created_at: DateTime<Utc>, t: &Transcript) -> StoreResult<()>;
     async fn get(&self, org: OrgId, call_id: &str) -> StoreResult<Option<Transcript>>;
@@ -220,12 +226,16 @@ pub enum Delivery {
 #[async_trait]
 pub trait RealtimeBus: Send + Sync {
     fn backend(&self) -> &'static str;
-    /// True when the store publishes a call's events inside the transaction that changes the
-    /// call (Postgres), so the stream's order is the commit order and nothing committed goes
-    /// unpublished. Other backends are published to after commit.
-    fn publishes_in_transaction(&self) -> bool;
-    /// Publishes an event; returns its sequence number in the organization's stream.
-    async fn publish(&self, event: &RealtimeEvent) -> StoreResult<i64>;
+    /// True when the store queues a call's events inside the transaction that changes the call
+    /// (Postgres's outbox): an event is published only once its change has committed, and
+    /// every committed one is. Tell the bus with `queued` after such a commit. Other backends
+    /// are published to after commit.
+    fn queues_in_transaction(&self) -> bool;
+    /// A transaction that queued events has committed: publish them now.
+    fn queued(&self);
+    /// Publishes events, in order, each in its organization's stream. Returns once they are
+    /// kept; they are numbered and delivered right after.
+    async fn publish(&self, events: &[RealtimeEvent]) -> StoreResult<()>;
     /// The organization's live events, and nobody else's, in sequence order.
     async fn subscribe(&self, org: OrgId) -> StoreResult<BoxStream<'static, Delivery>>;
     /// Stored events after `after_seq`, oldest first, at most `limit`.

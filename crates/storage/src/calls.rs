@@ -14,7 +14,7 @@ use callplane_core::ErrorCode;
 use callplane_core::OrgId;
 use callplane_core::billing::{BillingRules, period_containing};
 use callplane_core::domain::{Billed, CallChange, REVIEW_DURATION_UNKNOWN};
-use callplane_core::seams::{StoreError, StoreResult};
+use callplane_core::seams::{StoreError, StoreResult, Transcript};
 use callplane_core::vapi::{CallReport, MAX_CALL_DURATION_SECONDS, MessageKind, ServerMessage, span, status_rank};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -35,8 +35,11 @@ pub struct LedgerRow {
 /// How an event is applied.
 pub struct ApplyOptions<'a> {
     pub rules: &'a BillingRules,
-    /// Publish the change's realtime events in the transaction (the Postgres bus).
-    pub publish: bool,
+    /// Queue the change's realtime events in the transaction (the Postgres bus's outbox).
+    pub queue_events: bool,
+    /// The transcript the event carries, to store in the transaction (the Postgres
+    /// transcript store); `None` when there is none or another backend keeps it.
+    pub transcript: Option<&'a Transcript>,
 }
 
 /// Refusals that no retry can fix.
@@ -58,11 +61,11 @@ struct ReportApplied {
 }
 
 impl PgStore {
-    /// Merges one event into its call, in one transaction, step by step: register the call
-    /// (its organization and partition), merge the event into the row, and for an end-of-call
-    /// report apply the report and write the ledger row (uncounted: the counter seam adds it
-    /// after commit); when `publish` is set, publish the change's realtime events in it too.
-    /// Returns `Ok(None)` for messages that carry no call id.
+    /// Merges one event into its call, in one transaction and one commit, step by step:
+    /// register the call (its organization and partition), merge the event into the row, for
+    /// an end-of-call report apply the report and write the ledger row (uncounted: the counter
+    /// seam adds it after commit), store the transcript when given one, and queue the change's
+    /// realtime events when asked. Returns `Ok(None)` for messages that carry no call id.
     #[instrument(skip_all, fields(org_id = %org, call_id = msg.call_id.as_deref().unwrap_or("")))]
     pub async fn apply_call_event(
         &self,
@@ -79,8 +82,15 @@ impl PgStore {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let created_at = register_call(&mut tx, org, &call_id, claimed_created_at).await?;
         let (inserted, status_changed) = merge_event(&mut tx, org, &call_id, created_at, msg, event_at).await?;
-        let mut change =
-            CallChange { call_id, created_at, inserted, status_changed, billed: None, duration_unknown: false };
+        let mut change = CallChange {
+            call_id,
+            created_at,
+            inserted,
+            status_changed,
+            billed: None,
+            duration_unknown: false,
+            transcript: None,
+        };
         if let Some(report) = &msg.report {
             let applied = apply_report(&mut tx, &change, report, event_at, opts.rules).await?;
             change.duration_unknown = applied.duration_unknown;
@@ -88,8 +98,12 @@ impl PgStore {
                 change.billed = write_ledger(&mut tx, org, &change, report, applied.duration, billable).await?;
             }
         }
-        if opts.publish {
-            publish_change(&mut tx, org, &change).await?;
+        if let Some(t) = opts.transcript {
+            let written = crate::transcripts::write(&mut *tx, org, &change.call_id, created_at, t).await?;
+            change.transcript = written.then_some(t.is_final);
+        }
+        if opts.queue_events {
+            crate::realtime::queue_in(&mut tx, &callplane_core::events::for_change(org, &change)).await?;
         }
         tx.commit().await.map_err(db)?;
         Ok(Some(change))
@@ -345,24 +359,6 @@ async fn write_ledger(
     .await
     .map_err(db)?;
     Ok(Some(Billed { seconds: billable, period_start, plan }))
-}
-
-/// Step 5 (the Postgres bus): the change's realtime events, published in the transaction as
-/// its last lock, so the organization's event sequence follows the commit order of its calls'
-/// changes.
-async fn publish_change(tx: &mut Tx<'_>, org: OrgId, change: &CallChange) -> StoreResult<()> {
-    let events = callplane_core::events::for_change(org, change);
-    if !events.is_empty() {
-        sqlx::query("SELECT callplane_publish_batch($1, $2, $3, $4)")
-            .bind(org.0)
-            .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.call_id.clone()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
-    }
-    Ok(())
 }
 
 impl PgStore {

@@ -1,9 +1,16 @@
 //! `PgRealtimeBus`: organizations' event streams over Postgres, the phase-1 backend.
 //!
-//! Publishing numbers the event in its organization's sequence, stores it and notifies, in
-//! one statement (`callplane_publish`). One LISTEN connection per process receives every
-//! notification and fans it out in memory to that organization's subscribers only, so every
-//! `callplane serve` on the database delivers every event. Subscribers never block the
+//! Publishing is in two steps (migration `20261130000005_realtime_outbox.sql` says why). An
+//! event is first queued in `realtime_outbox`, inside the transaction of the change that makes
+//! it (`queue_in`), or on its own (`publish`). After commit, the process's publisher moves
+//! queued events into their organizations' streams, one batch per short transaction
+//! (`callplane_publish_outbox`): numbered, stored and notified. Any process may publish; an
+//! advisory lock makes them take turns, and each wakes its own publisher after its commits (a
+//! timer catches what a stopped process left queued).
+//!
+//! One LISTEN connection per process receives every notification and fans it out in memory to
+//! that organization's subscribers only, so every `callplane serve` on the database delivers
+//! every event. Subscribers never block the
 //! publisher: each has a bounded queue, and one that falls behind is told it lagged and must
 //! resume from the stored history. The history is read in pages bounded in count and bytes.
 
@@ -17,10 +24,42 @@ use sqlx::postgres::PgListener;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tracing::{info, warn};
 
 pub const CHANNEL: &str = "callplane_events";
+
+/// The most events one publishing transaction moves.
+const PUBLISH_BATCH: i32 = 512;
+
+/// How often a publisher looks for events queued by a process that stopped before publishing.
+const PUBLISH_SWEEP: Duration = Duration::from_secs(1);
+
+type Tx<'t> = sqlx::Transaction<'t, sqlx::Postgres>;
+
+/// Queues events in the caller's transaction; they are published after it commits (wake the
+/// bus with [`RealtimeBus::queued`]) and never if it rolls back.
+pub async fn queue_in(tx: &mut Tx<'_>, events: &[RealtimeEvent]) -> StoreResult<()> {
+    queue(&mut **tx, events).await
+}
+
+async fn queue<'e>(exec: impl sqlx::PgExecutor<'e>, events: &[RealtimeEvent]) -> StoreResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO realtime_outbox (organization_id, kind, call_id, data) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[])",
+    )
+    .bind(events.iter().map(|e| e.org_id.0).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.call_id.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
+    .execute(exec)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
 
 /// The most event data (as JSON text) one history page carries beyond its first event.
 const HISTORY_PAGE_BYTES: i64 = 64 * 1024;
@@ -60,16 +99,19 @@ pub struct PgRealtimeBus {
     store: PgStore,
     fanout: Arc<Fanout>,
     queue: usize,
+    wake: Arc<Notify>,
 }
 
 impl PgRealtimeBus {
-    /// Starts the process's listener and waits until it is listening, so no event published
-    /// after this returns can be missed.
+    /// Starts the process's listener and publisher, and waits until the listener is listening,
+    /// so no event published after this returns can be missed.
     pub async fn start(store: PgStore, queue: usize) -> StoreResult<Self> {
-        let bus = Self { store, fanout: Arc::default(), queue: queue.max(16) };
+        let bus = Self { store, fanout: Arc::default(), queue: queue.max(16), wake: Arc::default() };
         let (ready_tx, mut ready_rx) = watch::channel(false);
         let task = bus.clone();
         tokio::spawn(async move { task.listen_forever(ready_tx).await });
+        let publisher = bus.clone();
+        tokio::spawn(async move { publisher.publish_forever().await });
         tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|ready| *ready))
             .await
             .map_err(|_| {
@@ -81,6 +123,19 @@ impl PgRealtimeBus {
             })?
             .map_err(|_| StoreError::Internal("the realtime listener stopped".into()))?;
         Ok(bus)
+    }
+
+    /// Publishes what is queued, whenever a commit of this process queued events and every
+    /// [`PUBLISH_SWEEP`]. A wake-up that arrives while a batch is being published is kept,
+    /// so nothing queued before it waits for the sweep.
+    async fn publish_forever(self) {
+        loop {
+            if let Err(e) = publish_queued(&self.store).await {
+                warn!(error = %e, "publishing queued realtime events failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let _ = tokio::time::timeout(PUBLISH_SWEEP, self.wake.notified()).await;
+        }
     }
 
     async fn listen_forever(self, ready: watch::Sender<bool>) {
@@ -134,19 +189,18 @@ impl RealtimeBus for PgRealtimeBus {
         "postgres"
     }
 
-    fn publishes_in_transaction(&self) -> bool {
+    fn queues_in_transaction(&self) -> bool {
         true
     }
 
-    async fn publish(&self, event: &RealtimeEvent) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT callplane_publish($1, $2, $3, $4)")
-            .bind(event.org_id.0)
-            .bind(&event.kind)
-            .bind(&event.call_id)
-            .bind(&event.data)
-            .fetch_one(self.store.pool())
-            .await
-            .map_err(db)
+    fn queued(&self) {
+        self.wake.notify_one();
+    }
+
+    async fn publish(&self, events: &[RealtimeEvent]) -> StoreResult<()> {
+        queue(self.store.pool(), events).await?;
+        self.queued();
+        Ok(())
     }
 
     async fn subscribe(&self, org: OrgId) -> StoreResult<BoxStream<'static, Delivery>> {
@@ -206,7 +260,28 @@ impl RealtimeBus for PgRealtimeBus {
     }
 }
 
+/// Publishes every queued event, a batch per transaction; returns how many.
+async fn publish_queued(store: &PgStore) -> StoreResult<u64> {
+    let mut total = 0;
+    loop {
+        let n: i32 = sqlx::query_scalar("SELECT callplane_publish_outbox($1)")
+            .bind(PUBLISH_BATCH)
+            .fetch_one(store.pool())
+            .await
+            .map_err(db)?;
+        total += n as u64;
+        if n < PUBLISH_BATCH {
+            return Ok(total);
+        }
+    }
+}
+
 impl PgStore {
+    /// Events queued and not yet published.
+    pub async fn realtime_queued(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT count(*) FROM realtime_outbox").fetch_one(&self.pool).await.map_err(db)
+    }
+
     /// Deletes stored events older than the retention window; returns how many.
     pub async fn prune_realtime_events(&self, older_than: chrono::DateTime<chrono::Utc>) -> StoreResult<u64> {
         Ok(sqlx::query("DELETE FROM realtime_events WHERE created_at < $1")

@@ -12,33 +12,51 @@ use tracing::instrument;
 #[derive(Clone)]
 pub struct PgTranscriptStore(pub PgStore);
 
+/// Stores (replaces) a call's transcript; returns whether the stored one changed. A final
+/// transcript is never replaced by a live one, a live one only by one with as many messages.
+/// The caller has made the month's partition.
+pub(crate) async fn write<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    org: OrgId,
+    call_id: &str,
+    call_created_at: DateTime<Utc>,
+    t: &Transcript,
+) -> StoreResult<bool> {
+    let written = sqlx::query(
+        "INSERT INTO call_transcripts (call_id, organization_id, created_at, transcript, messages, is_final) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (call_id, created_at) DO UPDATE SET transcript = EXCLUDED.transcript, \
+            messages = EXCLUDED.messages, is_final = EXCLUDED.is_final, updated_at = now() \
+         WHERE call_transcripts.organization_id = EXCLUDED.organization_id AND ( \
+            EXCLUDED.is_final OR (NOT call_transcripts.is_final \
+            AND jsonb_array_length(EXCLUDED.messages) >= jsonb_array_length(call_transcripts.messages)))",
+    )
+    .bind(call_id)
+    .bind(org.0)
+    .bind(call_created_at)
+    .bind(&t.text)
+    .bind(Value::Array(t.messages.clone()))
+    .bind(t.is_final)
+    .execute(exec)
+    .await
+    .map_err(db)?;
+    Ok(written.rows_affected() == 1)
+}
+
 #[async_trait]
 impl TranscriptStore for PgTranscriptStore {
     fn backend(&self) -> &'static str {
         "postgres"
     }
 
+    fn stores_in_transaction(&self) -> bool {
+        true
+    }
+
     #[instrument(skip_all, fields(org_id = %org, call_id))]
     async fn put(&self, org: OrgId, call_id: &str, call_created_at: DateTime<Utc>, t: &Transcript) -> StoreResult<()> {
         self.0.ensure_partition_for(call_created_at).await?;
-        sqlx::query(
-            "INSERT INTO call_transcripts (call_id, organization_id, created_at, transcript, messages, is_final) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (call_id, created_at) DO UPDATE SET transcript = EXCLUDED.transcript, \
-                messages = EXCLUDED.messages, is_final = EXCLUDED.is_final, updated_at = now() \
-             WHERE call_transcripts.organization_id = EXCLUDED.organization_id AND ( \
-                EXCLUDED.is_final OR (NOT call_transcripts.is_final \
-                AND jsonb_array_length(EXCLUDED.messages) >= jsonb_array_length(call_transcripts.messages)))",
-        )
-        .bind(call_id)
-        .bind(org.0)
-        .bind(call_created_at)
-        .bind(&t.text)
-        .bind(Value::Array(t.messages.clone()))
-        .bind(t.is_final)
-        .execute(self.0.pool())
-        .await
-        .map_err(db)?;
+        write(self.0.pool(), org, call_id, call_created_at, t).await?;
         Ok(())
     }
 

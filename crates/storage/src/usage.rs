@@ -4,6 +4,12 @@
 //! A call is added in a short transaction of its own after its ledger row commits: flipping
 //! the row's `counted` flag is what makes the add happen once. For a period other than the
 //! organization's current one the total is the ledger's.
+//!
+//! Adds and marks commit asynchronously (`synchronous_commit = off`): they are derived from
+//! the ledger, which commits durably first. A crash can lose the last few of them, and loses
+//! each one whole (the flag with the total it raised): the row is uncounted again and the
+//! repair loop adds it once. So an add does not hold the organization's row through a WAL
+//! flush, which is what serialized a busy organization's reports.
 
 use crate::{PgStore, db};
 use async_trait::async_trait;
@@ -15,6 +21,13 @@ use tracing::instrument;
 
 #[derive(Clone)]
 pub struct PgUsageCounter(pub PgStore);
+
+/// The transaction's commit does not wait for its WAL flush (see the module's note on why
+/// that is safe for counting).
+async fn relaxed_commit(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> StoreResult<()> {
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut **tx).await.map_err(db)?;
+    Ok(())
+}
 
 #[async_trait]
 impl UsageCounter for PgUsageCounter {
@@ -33,6 +46,7 @@ impl UsageCounter for PgUsageCounter {
         seconds: i64,
     ) -> StoreResult<Counted> {
         let mut tx = self.0.pool().begin().await.map_err(db)?;
+        relaxed_commit(&mut tx).await?;
         let current: Option<(DateTime<Utc>, i64)> =
             sqlx::query_as("SELECT period_start, seconds_used FROM organizations WHERE id = $1 FOR UPDATE")
                 .bind(org.0)
@@ -179,15 +193,17 @@ impl UsageLedger for PgStore {
     }
 
     async fn mark_counted(&self, org: OrgId, call_ids: &[String]) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await.map_err(db)?;
+        relaxed_commit(&mut tx).await?;
         sqlx::query(
             "UPDATE usage_ledger SET counted = true WHERE organization_id = $1 AND call_id = ANY($2) AND NOT counted",
         )
         .bind(org.0)
         .bind(call_ids)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
-        Ok(())
+        tx.commit().await.map_err(db)
     }
 
     async fn uncounted(&self, older_than: std::time::Duration, limit: i64) -> StoreResult<Vec<UncountedCall>> {

@@ -22,10 +22,10 @@ pub async fn repair_counts(metering: &Metering, bus: &dyn RealtimeBus, grace: Du
     loop {
         match metering.repair(grace, REPAIR_BATCH).await {
             Ok((counted, alerts)) => {
-                for (org, call_id, alert) in &alerts {
-                    if let Err(e) = bus.publish(&events::usage_alert(*org, call_id, alert)).await {
-                        warn!(error = %e, "realtime publish of a usage alert failed");
-                    }
+                let alerts: Vec<_> =
+                    alerts.iter().map(|(org, call_id, alert)| events::usage_alert(*org, call_id, alert)).collect();
+                if let Err(e) = bus.publish(&alerts).await {
+                    warn!(error = %e, "realtime publish of usage alerts failed");
                 }
                 total += counted;
                 if counted < REPAIR_BATCH as usize {

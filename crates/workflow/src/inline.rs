@@ -11,7 +11,7 @@ use callplane_core::seams::{
     Transcript, TranscriptStore,
 };
 use callplane_core::vapi::{MessageKind, parse_body, parse_message};
-use callplane_storage::{ApplyOptions, CallChange, DeadLetterFilter, NewDeadLetter, PgStore};
+use callplane_storage::{ApplyOptions, DeadLetterFilter, NewDeadLetter, PgStore};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -79,6 +79,19 @@ impl Failure {
     }
 }
 
+/// The transcript a message carries: the report's (final) or the live conversation.
+fn carried_transcript(msg: &callplane_core::vapi::ServerMessage) -> Option<Transcript> {
+    match (&msg.report, &msg.conversation) {
+        (Some(r), _) => Some(Transcript {
+            text: r.transcript.clone(),
+            messages: r.messages.clone().unwrap_or_default(),
+            is_final: true,
+        }),
+        (None, Some(messages)) => Some(Transcript { text: None, messages: messages.clone(), is_final: false }),
+        _ => None,
+    }
+}
+
 impl InlinePipeline {
     pub fn new(
         store: PgStore,
@@ -126,19 +139,24 @@ impl InlinePipeline {
             return Ok(Processed::Ignored);
         }
         self.check_times(ev)?;
-        let publish_in_tx = self.bus.publishes_in_transaction();
-        let Some(change) = self
+        let queue_events = self.bus.queues_in_transaction();
+        let transcript = carried_transcript(msg);
+        let transcript_in_tx = transcript.as_ref().filter(|_| self.transcripts.stores_in_transaction());
+        let Some(mut change) = self
             .store
             .apply_call_event(
                 ev.org_id,
                 msg,
                 ev.received_at,
-                &ApplyOptions { rules: &self.settings.rules, publish: publish_in_tx },
+                &ApplyOptions { rules: &self.settings.rules, queue_events, transcript: transcript_in_tx },
             )
             .await?
         else {
             return Ok(Processed::Ignored);
         };
+        if queue_events {
+            self.bus.queued();
+        }
         let mut alerts = Vec::new();
         if let Some(billed) = change.billed.as_ref().filter(|b| b.seconds > 0) {
             // The ledger row is committed: a counter that fails now leaves the row uncounted,
@@ -157,42 +175,33 @@ impl InlinePipeline {
             warn!(call_id = %change.call_id, "the call ended connected but no source gave its duration; \
                    not billed yet, marked for review (reconciliation asks VAPI)");
         }
-        if !publish_in_tx {
-            self.publish(&events::for_change(ev.org_id, &change)).await;
+        // A transcript kept elsewhere is stored after the call's commit.
+        if let Some(t) = transcript.as_ref().filter(|_| transcript_in_tx.is_none()) {
+            self.transcripts.put(ev.org_id, &change.call_id, change.created_at, t).await?;
+            change.transcript = Some(t.is_final);
         }
-        let alerts: Vec<_> = alerts.iter().map(|a| events::usage_alert(ev.org_id, &change.call_id, a)).collect();
-        self.publish(&alerts).await;
-        let transcript = self.store_transcript(ev, &change).await?;
-        if let Some(is_final) = transcript {
-            self.publish(&[events::transcript_changed(ev.org_id, &change.call_id, is_final)]).await;
+        let mut after_commit = Vec::new();
+        if !queue_events {
+            after_commit = events::for_change(ev.org_id, &change);
+        } else if transcript_in_tx.is_none() {
+            after_commit.extend(change.transcript.map(|f| events::transcript_changed(ev.org_id, &change.call_id, f)));
         }
-        let changed =
-            change.inserted || change.status_changed.is_some() || change.billed.is_some() || transcript.is_some();
+        after_commit.extend(alerts.iter().map(|a| events::usage_alert(ev.org_id, &change.call_id, a)));
+        self.publish(&after_commit).await;
+        let changed = change.inserted
+            || change.status_changed.is_some()
+            || change.billed.is_some()
+            || change.transcript.is_some();
         Ok(if changed { Processed::Applied } else { Processed::NoChange })
-    }
-
-    /// Stores the transcript a message carries; returns whether it was final, if any.
-    async fn store_transcript(&self, ev: &InboundEvent, applied: &CallChange) -> Result<Option<bool>, Failure> {
-        let msg = &ev.message;
-        let transcript = match (&msg.report, &msg.conversation) {
-            (Some(r), _) => Transcript {
-                text: r.transcript.clone(),
-                messages: r.messages.clone().unwrap_or_default(),
-                is_final: true,
-            },
-            (None, Some(messages)) => Transcript { text: None, messages: messages.clone(), is_final: false },
-            _ => return Ok(None),
-        };
-        self.transcripts.put(ev.org_id, &applied.call_id, applied.created_at, &transcript).await?;
-        Ok(Some(transcript.is_final))
     }
 
     /// Events published after commit are best effort: the dashboard can always re-read.
     async fn publish(&self, events: &[RealtimeEvent]) {
-        for e in events {
-            if let Err(err) = self.bus.publish(e).await {
-                warn!(error = %err, kind = %e.kind, "realtime publish failed");
-            }
+        if events.is_empty() {
+            return;
+        }
+        if let Err(err) = self.bus.publish(events).await {
+            warn!(error = %err, events = events.len(), "realtime publish failed");
         }
     }
 

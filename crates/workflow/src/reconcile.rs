@@ -531,7 +531,7 @@ impl Reconciler {
             data: json!({ "status": "ended", "reconciled": true }),
         };
         // Best effort, like every publish after commit: the dashboard can always re-read.
-        if let Err(e) = self.bus.publish(&event).await {
+        if let Err(e) = self.bus.publish(std::slice::from_ref(&event)).await {
             warn!(org_id = %org, call_id = %call.id, error = %e, "realtime publish failed");
         }
         Ok(CallOutcome::Marked { note })
