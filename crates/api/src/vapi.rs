@@ -82,9 +82,12 @@ fn refused_outcome(code: ErrorCode) -> &'static str {
 /// refused (another organization's call id, a far-future time). The answer never waits
 /// longer, nor past the deadline: the caller is on the line, and the event is safe in the
 /// intake already. A tool's answer (`tool-calls`, `function-call`,
-/// `transfer-destination-request`) waits only for the event to be stored: mid-call, a refusal
-/// would only take the answer from a caller already admitted, and the event is processed (or
-/// dead-lettered) all the same.
+/// `transfer-destination-request`) does not wait for its event at all: the answer does not
+/// depend on it, a refusal mid-call would only take the answer from a caller already
+/// admitted, and what such an event tells (a call in progress, the tool asked for) the
+/// end-of-call report tells again, with the whole conversation. Its event is stored by the
+/// inbox's next group commit, a few milliseconds later, and processed (or dead-lettered) as
+/// any other.
 const RECORDING_BUDGET: Duration = Duration::from_millis(500);
 
 async fn receive(
@@ -214,14 +217,22 @@ async fn receive(
     }
 
     let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg.clone() });
-    // The caller is on the line: record the event (on disk before we answer, processing on
-    // its own) while the answer is made, and answer within the deadline whatever happens.
+    // The caller is on the line: record the event while the answer is made, and answer within
+    // the deadline whatever happens: an assistant-request once its event is on disk (see
+    // RECORDING_BUDGET), a tool as soon as its answer is ready.
     let intake = s.intake.clone();
     let recording_budget = match msg.kind {
         MessageKind::AssistantRequest => RECORDING_BUDGET.min(deadline.saturating_sub(started.elapsed())),
         _ => Duration::ZERO,
     };
-    let mut recording = tokio::spawn(async move { intake.accept(webhook, event, recording_budget, true).await });
+    let tool = msg.kind != MessageKind::AssistantRequest;
+    let mut recording = tokio::spawn(async move {
+        let recorded = intake.accept(webhook, event, recording_budget, true).await;
+        if tool {
+            log_tool_recording(&recorded);
+        }
+        recorded
+    });
     let remaining = deadline.saturating_sub(started.elapsed());
     let answer = match org_id {
         Some(org_id) => match tokio::time::timeout(remaining, answer(s, org_id, &msg)).await {
@@ -233,15 +244,11 @@ async fn receive(
         },
         None => unavailable_answer(&msg),
     };
+    if tool {
+        return Ok((answer, "answered"));
+    }
     match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), &mut recording).await {
-        Ok(Ok(Err(IntakeError::Rejected { code, message }))) if msg.kind == MessageKind::AssistantRequest => {
-            return Err(ApiError::client(code, message));
-        }
-        // A tool's answer goes out whatever became of its event (kept as refused).
-        Ok(Ok(Err(IntakeError::Rejected { code, .. }))) => {
-            tracing::info!(code = code.as_str(), "a tool's event was refused; answered all the same")
-        }
-        // Counted as lost by the intake.
+        Ok(Ok(Err(IntakeError::Rejected { code, message }))) => return Err(ApiError::client(code, message)),
         Ok(Ok(Err(e @ IntakeError::Overloaded { .. }))) => {
             tracing::error!(error = ?e, "an answered event could not be stored")
         }
@@ -251,6 +258,19 @@ async fn receive(
         Err(_) => warn!("recording is slow; answering without waiting (it continues)"),
     }
     Ok((answer, "answered"))
+}
+
+/// What became of a tool's event, answered without waiting for it.
+fn log_tool_recording(recorded: &Result<Accepted, IntakeError>) {
+    match recorded {
+        Ok(_) => {}
+        // Kept as a dead letter by the intake.
+        Err(IntakeError::Rejected { code, .. }) => {
+            tracing::info!(code = code.as_str(), "a tool's event was refused; answered all the same")
+        }
+        // Counted as lost by the intake.
+        Err(e) => tracing::error!(error = ?e, "an answered tool's event could not be stored"),
+    }
 }
 
 /// Why the organization is not known yet.
