@@ -149,7 +149,7 @@ async fn a_refused_event_with_nul_is_kept_as_a_dead_letter_with_its_exact_bytes_
         .await
         .unwrap();
     let filter = DeadLetterFilter { call_id: Some("orphan\u{FFFD}".into()), ..Default::default() };
-    let report = app.app.pipeline.replay(&filter, app.app.state.orgs.as_ref(), |_| {}).await.unwrap();
+    let report = app.app.dead_letters.replay(&filter, app.app.state.orgs.as_ref(), |_| {}).await.unwrap();
     assert_eq!((report.attempted, report.succeeded), (1, 1), "{report:?}");
     assert_eq!(app.call(org.id, "orphan\u{FFFD}").await.unwrap().billable_seconds, Some(30));
 }

@@ -8,10 +8,11 @@ use async_trait::async_trait;
 use callplane_api::{AppState, Metrics, Readiness};
 use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
 use callplane_core::metering::Metering;
+use callplane_core::seams::EventPipeline;
 use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore, UsageCounter};
 use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
 use callplane_workflow::reconcile::{Reconciler, spawn_sweeper};
-use callplane_workflow::{Inbox, InlinePipeline, LocalIntake, PipelineSettings};
+use callplane_workflow::{DeadLetters, Inbox, InlinePipeline, LocalIntake, PipelineSettings, Processor};
 use chrono::Utc;
 use secrecy::ExposeSecret;
 use std::sync::Arc;
@@ -24,7 +25,9 @@ use tracing::{info, warn};
 pub struct App {
     pub settings: Settings,
     pub store: PgStore,
-    pub pipeline: Arc<InlinePipeline>,
+    pub pipeline: Arc<dyn EventPipeline>,
+    /// Events that failed processing, and their replay.
+    pub dead_letters: DeadLetters,
     pub intake: LocalIntake,
     pub agents: PgAgentDirectory,
     pub state: AppState,
@@ -180,7 +183,6 @@ impl Backends {
     /// client it needs) under its feature.
     async fn build(settings: &Settings, store: &PgStore) -> anyhow::Result<Self> {
         let b = &settings.backends;
-        let PipelineBackend::Inline = b.event_pipeline;
         let clients = Clients::connect(settings, store).await?;
         Ok(Self {
             metering: clients.metering(settings)?,
@@ -197,14 +199,18 @@ impl Backends {
         })
     }
 
-    fn pipeline(&self, settings: &Settings, store: &PgStore) -> InlinePipeline {
-        InlinePipeline::new(
+    /// The event processor, its dead letters, and the pipeline that runs them.
+    fn pipeline(&self, settings: &Settings, store: &PgStore) -> (Arc<dyn EventPipeline>, DeadLetters) {
+        let processor = Processor::new(
             store.clone(),
             self.metering.clone(),
             self.transcripts.clone(),
             self.bus.clone(),
             App::pipeline_settings(settings),
-        )
+        );
+        let dead_letters = DeadLetters::new(store.clone(), processor.clone());
+        let PipelineBackend::Inline = settings.backends.event_pipeline;
+        (Arc::new(InlinePipeline::new(processor, dead_letters.clone())), dead_letters)
     }
 }
 
@@ -222,8 +228,12 @@ impl App {
         Self::with_store(settings, store).await
     }
 
-    /// The event processor alone (for commands that replay or reconcile without serving).
-    pub async fn pipeline(settings: &Settings, store: &PgStore) -> anyhow::Result<InlinePipeline> {
+    /// The event pipeline and its dead letters alone (for commands that drain, replay or
+    /// reconcile without serving).
+    pub async fn pipeline(
+        settings: &Settings,
+        store: &PgStore,
+    ) -> anyhow::Result<(Arc<dyn EventPipeline>, DeadLetters)> {
         Ok(Backends::build(settings, store).await?.pipeline(settings, store))
     }
 
@@ -241,9 +251,9 @@ impl App {
     pub async fn reconciler(settings: &Settings, store: &PgStore) -> anyhow::Result<Option<Reconciler>> {
         let Some(vapi) = settings.vapi_calls()? else { return Ok(None) };
         let backends = Backends::build(settings, store).await?;
-        let pipeline = backends.pipeline(settings, store);
+        let (pipeline, _) = backends.pipeline(settings, store);
         let bus = backends.bus;
-        Ok(Some(Reconciler::new(store.clone(), vapi, Arc::new(pipeline), bus, settings.reconcile_settings())))
+        Ok(Some(Reconciler::new(store.clone(), vapi, pipeline, bus, settings.reconcile_settings())))
     }
 
     /// Sweeps calls that never reached `ended` every `reconcile.interval_seconds`, when VAPI's
@@ -283,7 +293,7 @@ impl App {
 
     pub async fn with_store(settings: Settings, store: PgStore) -> anyhow::Result<Self> {
         let backends = Backends::build(&settings, &store).await?;
-        let pipeline = Arc::new(backends.pipeline(&settings, &store));
+        let (pipeline, dead_letters) = backends.pipeline(&settings, &store);
         let Backends { clients, metering, transcripts, function_data, bus } = backends;
         let deadline = settings.answer_deadline();
         let answers = PgStore::answer_pool(
@@ -353,7 +363,7 @@ impl App {
             state.bus.clone(),
             COUNTER_REPAIR_EVERY,
         );
-        Ok(Self { settings, store, pipeline, intake, agents, state, shutdown: Arc::new(shutdown_tx) })
+        Ok(Self { settings, store, pipeline, dead_letters, intake, agents, state, shutdown: Arc::new(shutdown_tx) })
     }
 
     pub fn router(&self) -> axum::Router {

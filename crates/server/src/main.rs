@@ -588,8 +588,8 @@ async fn run() -> anyhow::Result<()> {
                     // Of the letters taken on, those still open afterwards failed again; the
                     // store has the reason.
                     let taken: HashSet<i64> = store.dead_letters(&filter).await?.iter().map(|d| d.id).collect();
-                    let pipeline = App::pipeline(&settings, &store).await?;
-                    let report = pipeline
+                    let (_, dead_letters) = App::pipeline(&settings, &store).await?;
+                    let report = dead_letters
                         .replay(&filter, &store, |r| {
                             progress(&format!("replayed {} ({} ok, {} failed)", r.attempted, r.succeeded, r.failed));
                         })
@@ -661,7 +661,7 @@ async fn inbox(cmd: InboxCommand, settings: Settings, j: bool) -> anyhow::Result
         }
         InboxCommand::Drain { patience_secs } => {
             let store = connect(&settings).await?;
-            let pipeline = std::sync::Arc::new(App::pipeline(&settings, &store).await?);
+            let (pipeline, _) = App::pipeline(&settings, &store).await?;
             let intake = callplane_workflow::LocalIntake::new(
                 inbox,
                 pipeline,

@@ -7,11 +7,15 @@
 //! never on `api` or `server`.
 
 pub mod counting;
+mod dead_letters;
 mod inbox;
 mod inline;
 mod intake;
+mod processor;
 pub mod reconcile;
 
+pub use dead_letters::{DeadLetters, ReplayReport};
 pub use inbox::{Inbox, InboxError, InboxLimits, StoredEvent};
-pub use inline::{InlinePipeline, PipelineSettings, ReplayReport};
+pub use inline::InlinePipeline;
 pub use intake::{DrainReport, IntakeSettings, LocalIntake};
+pub use processor::{Failure, PipelineSettings, Processor};

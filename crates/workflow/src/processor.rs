@@ -1,0 +1,211 @@
+//! `Processor`: what applying one VAPI event means, whichever pipeline runs it (inline in the
+//! request, from the inbox, or a workflow's activity): the call, its ledger row, transcript
+//! and realtime events in one transaction; the counter after that commit; and what is
+//! published after it.
+
+use callplane_core::ErrorCode;
+use callplane_core::billing::BillingRules;
+use callplane_core::events;
+use callplane_core::metering::Metering;
+use callplane_core::seams::{
+    InboundEvent, Processed, RealtimeBus, RealtimeEvent, StoreError, Transcript, TranscriptStore,
+};
+use callplane_core::vapi::MessageKind;
+use callplane_storage::{ApplyOptions, PgStore};
+use chrono::{DateTime, Duration, Utc};
+use std::sync::Arc;
+use tracing::warn;
+
+#[derive(Clone, Debug)]
+pub struct PipelineSettings {
+    pub rules: BillingRules,
+    /// A call created further than this in the future is refused: it would need a partition
+    /// that should not exist yet.
+    pub max_future_skew: Duration,
+    /// A call created longer ago than this is refused: it would open a partition for a
+    /// month long gone (and VAPI does not deliver such events).
+    pub max_past: Duration,
+    /// Verifies organization ids in call metadata when replaying events that had none.
+    pub org_hint_key: Option<Vec<u8>>,
+}
+
+/// Why one event could not be processed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("`{field}` {at} is more than {max_hours}h in the future")]
+    FutureTimestamp { field: &'static str, at: DateTime<Utc>, max_hours: i64 },
+    #[error("`{field}` {at} is more than {max_days} days in the past")]
+    PastTimestamp { field: &'static str, at: DateTime<Utc>, max_days: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Failure {
+    /// The database (or another store) is away: trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Failure::Store(e) if e.is_transient())
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Failure::FutureTimestamp { .. } => ErrorCode::FutureTimestamp,
+            Failure::PastTimestamp { .. } => ErrorCode::StaleTimestamp,
+            Failure::Store(StoreError::Refused { code, .. }) => *code,
+            Failure::Store(StoreError::Backend { .. } | StoreError::Internal(_)) => ErrorCode::ProcessingFailed,
+            Failure::Store(StoreError::Unavailable { .. }) => ErrorCode::Overloaded,
+        }
+    }
+
+    /// Whether the sender should be told its event is wrong (4xx) rather than acknowledged:
+    /// only when the event itself is at fault, never for the system's own failures.
+    pub fn is_rejection(&self) -> bool {
+        !matches!(
+            self,
+            Failure::Store(StoreError::Backend { .. } | StoreError::Unavailable { .. } | StoreError::Internal(_))
+        )
+    }
+}
+
+/// The transcript a message carries: the report's (final) or the live conversation.
+fn carried_transcript(msg: &callplane_core::vapi::ServerMessage) -> Option<Transcript> {
+    match (&msg.report, &msg.conversation) {
+        (Some(r), _) => Some(Transcript {
+            text: r.transcript.clone(),
+            messages: r.messages.clone().unwrap_or_default(),
+            is_final: true,
+        }),
+        (None, Some(messages)) => Some(Transcript { text: None, messages: messages.clone(), is_final: false }),
+        _ => None,
+    }
+}
+
+/// Applies events; cheap to clone.
+#[derive(Clone)]
+pub struct Processor {
+    store: PgStore,
+    metering: Arc<Metering>,
+    transcripts: Arc<dyn TranscriptStore>,
+    bus: Arc<dyn RealtimeBus>,
+    settings: PipelineSettings,
+}
+
+impl Processor {
+    pub fn new(
+        store: PgStore,
+        metering: Arc<Metering>,
+        transcripts: Arc<dyn TranscriptStore>,
+        bus: Arc<dyn RealtimeBus>,
+        settings: PipelineSettings,
+    ) -> Self {
+        Self { store, metering, transcripts, bus, settings }
+    }
+
+    pub fn settings(&self) -> &PipelineSettings {
+        &self.settings
+    }
+
+    /// Times that would open partitions (or billing periods) far from now are refused.
+    fn check_times(&self, ev: &InboundEvent) -> Result<(), Failure> {
+        let msg = &ev.message;
+        let report = msg.report.as_ref();
+        let times = [
+            ("call.createdAt", msg.call_created_at.or(msg.timestamp)),
+            ("timestamp", msg.timestamp),
+            ("startedAt", report.and_then(|r| r.started_at)),
+            ("endedAt", report.and_then(|r| r.ended_at)),
+        ];
+        let latest = ev.received_at + self.settings.max_future_skew;
+        let earliest = ev.received_at - self.settings.max_past;
+        for (field, at) in times {
+            match at {
+                Some(at) if at > latest => {
+                    return Err(Failure::FutureTimestamp {
+                        field,
+                        at,
+                        max_hours: self.settings.max_future_skew.num_hours(),
+                    });
+                }
+                Some(at) if at < earliest => {
+                    return Err(Failure::PastTimestamp { field, at, max_days: self.settings.max_past.num_days() });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one event: the call (with its ledger row, transcript and queued realtime
+    /// events, in one transaction), then its count and whatever is published after commit.
+    /// Idempotent on the call: applying an event again changes nothing.
+    pub async fn process(&self, ev: &InboundEvent) -> Result<Processed, Failure> {
+        let msg = &ev.message;
+        if msg.kind == MessageKind::Unknown || msg.call_id.is_none() {
+            return Ok(Processed::Ignored);
+        }
+        self.check_times(ev)?;
+        let queue_events = self.bus.queues_in_transaction();
+        let transcript = carried_transcript(msg);
+        let transcript_in_tx = transcript.as_ref().filter(|_| self.transcripts.stores_in_transaction());
+        let Some(mut change) = self
+            .store
+            .apply_call_event(
+                ev.org_id,
+                msg,
+                ev.received_at,
+                &ApplyOptions { rules: &self.settings.rules, queue_events, transcript: transcript_in_tx },
+            )
+            .await?
+        else {
+            return Ok(Processed::Ignored);
+        };
+        if queue_events {
+            self.bus.queued();
+        }
+        let mut alerts = Vec::new();
+        if let Some(billed) = change.billed.as_ref().filter(|b| b.seconds > 0) {
+            // The ledger row is committed: a counter that fails now leaves the row uncounted,
+            // and the repair loop adds it once the counter answers again.
+            match self
+                .metering
+                .count_call(ev.org_id, &change.call_id, billed.period_start, billed.seconds, &billed.plan)
+                .await
+            {
+                Ok(counted) => alerts = counted.alerts,
+                Err(e) => warn!(error = %callplane_core::error_chain(&e), call_id = %change.call_id,
+                                "counting the call failed; it stays uncounted in the ledger and is added later"),
+            }
+        }
+        if change.duration_unknown {
+            warn!(call_id = %change.call_id, "the call ended connected but no source gave its duration; \
+                   not billed yet, marked for review (reconciliation asks VAPI)");
+        }
+        // A transcript kept elsewhere is stored after the call's commit.
+        if let Some(t) = transcript.as_ref().filter(|_| transcript_in_tx.is_none()) {
+            self.transcripts.put(ev.org_id, &change.call_id, change.created_at, t).await?;
+            change.transcript = Some(t.is_final);
+        }
+        let mut after_commit = Vec::new();
+        if !queue_events {
+            after_commit = events::for_change(ev.org_id, &change);
+        } else if transcript_in_tx.is_none() {
+            after_commit.extend(change.transcript.map(|f| events::transcript_changed(ev.org_id, &change.call_id, f)));
+        }
+        after_commit.extend(alerts.iter().map(|a| events::usage_alert(ev.org_id, &change.call_id, a)));
+        self.publish(&after_commit).await;
+        let changed = change.inserted
+            || change.status_changed.is_some()
+            || change.billed.is_some()
+            || change.transcript.is_some();
+        Ok(if changed { Processed::Applied } else { Processed::NoChange })
+    }
+
+    /// Events published after commit are best effort: the dashboard can always re-read.
+    async fn publish(&self, events: &[RealtimeEvent]) {
+        if events.is_empty() {
+            return;
+        }
+        if let Err(err) = self.bus.publish(events).await {
+            warn!(error = %err, events = events.len(), "realtime publish failed");
+        }
+    }
+}
