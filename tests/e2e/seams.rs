@@ -107,3 +107,10 @@ async fn a_rebuild_racing_an_add_in_flight_loses_and_doubles_nothing() {
     assert!(!again.new && again.after == 30, "the call was counted again: {again:?}");
     assert_eq!(app.db.store.ledger_total(org.id, org.period_start).await.unwrap(), 30);
 }
+
+#[tokio::test]
+async fn the_inline_pipeline_passes_the_contract() {
+    let app = TestApp::spawn().await;
+    let (a, b) = (app.org("pro").await, app.org("pro").await);
+    contracts::event_pipeline(app.app.pipeline.as_ref(), &app.db.store, a.id, b.id).await;
+}

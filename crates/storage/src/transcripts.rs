@@ -13,7 +13,8 @@ use tracing::instrument;
 pub struct PgTranscriptStore(pub PgStore);
 
 /// Stores (replaces) a call's transcript; returns whether the stored one changed. A final
-/// transcript is never replaced by a live one, a live one only by one with as many messages.
+/// transcript is never replaced by a live one, a live one only by one with as many messages,
+/// and nothing is rewritten by the same transcript again (a duplicate delivery).
 /// The caller has made the month's partition.
 pub(crate) async fn write<'e>(
     exec: impl sqlx::PgExecutor<'e>,
@@ -29,7 +30,9 @@ pub(crate) async fn write<'e>(
             messages = EXCLUDED.messages, is_final = EXCLUDED.is_final, updated_at = now() \
          WHERE call_transcripts.organization_id = EXCLUDED.organization_id AND ( \
             EXCLUDED.is_final OR (NOT call_transcripts.is_final \
-            AND jsonb_array_length(EXCLUDED.messages) >= jsonb_array_length(call_transcripts.messages)))",
+            AND jsonb_array_length(EXCLUDED.messages) >= jsonb_array_length(call_transcripts.messages))) \
+         AND (call_transcripts.is_final, call_transcripts.transcript, call_transcripts.messages) \
+             IS DISTINCT FROM (EXCLUDED.is_final, EXCLUDED.transcript, EXCLUDED.messages)",
     )
     .bind(call_id)
     .bind(org.0)

@@ -209,3 +209,144 @@ pub async fn realtime_bus(bus: &dyn RealtimeBus, a: OrgId, b: OrgId) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A call's lifecycle as VAPI sends it, without the noise: three status updates and the
+/// end-of-call report (billed `ceil(seconds)`), with the report's transcript.
+pub fn call_lifecycle(call_id: &str, created_at: DateTime<Utc>, seconds: f64) -> Vec<serde_json::Value> {
+    let at = |s: i64| (created_at + chrono::Duration::seconds(s)).to_rfc3339();
+    let call = json!({ "id": call_id, "createdAt": created_at.to_rfc3339() });
+    let status =
+        |status: &str, s: i64| json!({ "type": "status-update", "status": status, "timestamp": at(s), "call": call });
+    let ended = (seconds.ceil() as i64) + 2;
+    vec![
+        status("ringing", 0),
+        status("in-progress", 1),
+        status("ended", ended),
+        json!({
+            "type": "end-of-call-report", "timestamp": at(ended + 1), "call": call,
+            "startedAt": at(1), "endedAt": at(ended), "durationSeconds": seconds,
+            "endedReason": "customer-ended-call", "transcript": format!("AI: Hello from {call_id}"),
+            "messages": [{ "role": "bot", "message": format!("Hello from {call_id}") }],
+        }),
+    ]
+}
+
+/// What a pipeline left of a call, for comparing runs: status, duration, billed seconds, its
+/// ledger rows, and its transcript.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallOutcome {
+    pub status: String,
+    pub duration_seconds: Option<f64>,
+    pub billable_seconds: Option<i64>,
+    pub ledger_rows: Vec<(String, i64)>,
+    pub transcript: Option<(Option<String>, bool)>,
+}
+
+pub async fn call_outcome(store: &PgStore, org: OrgId, call_id: &str) -> Option<CallOutcome> {
+    use callplane_core::seams::CallReads;
+    let call = store.get_call(org, call_id).await.expect("get call")?;
+    let ledger_rows = store
+        .ledger(org)
+        .await
+        .expect("ledger")
+        .into_iter()
+        .filter(|r| r.call_id == call_id)
+        .map(|r| (r.call_id, r.billable_seconds))
+        .collect();
+    let transcript = callplane_storage::PgTranscriptStore(store.clone())
+        .get(org, call_id)
+        .await
+        .expect("transcript")
+        .map(|t| (t.text, t.is_final));
+    Some(CallOutcome {
+        status: call.status,
+        duration_seconds: call.duration_seconds,
+        billable_seconds: call.billable_seconds,
+        ledger_rows,
+        transcript,
+    })
+}
+
+fn inbound(org: OrgId, message: serde_json::Value) -> callplane_core::seams::InboundEvent {
+    callplane_core::seams::InboundEvent {
+        org_id: org,
+        received_at: Utc::now(),
+        message: callplane_core::vapi::parse_message(message).expect("a valid VAPI message"),
+    }
+}
+
+/// The event pipeline: applying an event twice changes nothing; any order and any number of
+/// duplicates of a call's events leave the same call, billed once; another organization's
+/// event for the call is refused and kept, and changes nothing of it; an event that cannot be
+/// processed is kept as a dead letter with its reason. `submit` must have applied an event
+/// when it returns (a pipeline that runs events elsewhere waits for them here).
+pub async fn event_pipeline(pipeline: &dyn callplane_core::seams::EventPipeline, store: &PgStore, a: OrgId, b: OrgId) {
+    use callplane_core::seams::{PipelineError, Processed};
+    let now = Utc::now() - chrono::Duration::minutes(10);
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+
+    // In order, each event once: the reference outcome.
+    let reference = format!("pipe-ref-{tag}");
+    for m in call_lifecycle(&reference, now, 61.2) {
+        let p = pipeline.submit(inbound(a, m)).await.expect("submit");
+        assert_eq!(p, Processed::Applied, "a new event of the call changed nothing");
+    }
+    let want = call_outcome(store, a, &reference).await.expect("the call is stored");
+    assert_eq!(want.status, "ended");
+    assert_eq!(want.billable_seconds, Some(62));
+    assert_eq!(want.ledger_rows, vec![(reference.clone(), 62)]);
+    assert_eq!(want.transcript.as_ref().map(|t| t.1), Some(true), "the report's transcript is final");
+
+    // Again, every event: nothing changes.
+    for m in call_lifecycle(&reference, now, 61.2) {
+        let p = pipeline.submit(inbound(a, m)).await.expect("submit");
+        assert_eq!(p, Processed::NoChange, "an event applied twice changed the call");
+    }
+    assert_eq!(call_outcome(store, a, &reference).await.as_ref(), Some(&want));
+
+    // Any order, with duplicates: the same call, billed once.
+    let orders: [&[usize]; 4] = [&[3, 2, 1, 0], &[3, 3, 0, 1, 2, 3], &[1, 3, 0, 1, 2, 2], &[2, 0, 3, 1, 0]];
+    for (i, order) in orders.iter().enumerate() {
+        let call_id = format!("pipe-order-{i}-{tag}");
+        let events = call_lifecycle(&call_id, now, 61.2);
+        for &n in order.iter() {
+            pipeline.submit(inbound(a, events[n].clone())).await.expect("submit");
+        }
+        let got = call_outcome(store, a, &call_id).await.expect("the call is stored");
+        let same = CallOutcome {
+            ledger_rows: vec![(call_id.clone(), 62)],
+            transcript: Some((Some(format!("AI: Hello from {call_id}")), true)),
+            ..want.clone()
+        };
+        assert_eq!(got, same, "order {order:?} left another call");
+    }
+
+    // Another organization's event for the call: refused, kept, and the call untouched.
+    let before = call_outcome(store, a, &reference).await;
+    let stolen = call_lifecycle(&reference, now, 500.0).pop().expect("a report");
+    match pipeline.submit(inbound(b, stolen)).await {
+        Err(PipelineError::Rejected { dead_letter_id, .. }) => assert!(dead_letter_id > 0),
+        other => panic!("org B's event for org A's call was not refused: {other:?}"),
+    }
+    assert_eq!(call_outcome(store, a, &reference).await, before, "org B's event changed org A's call");
+    assert!(call_outcome(store, b, &reference).await.is_none(), "org B can read org A's call");
+    assert!(store.ledger(b).await.expect("ledger").iter().all(|r| r.call_id != reference));
+
+    // An event that cannot be processed (a call made a year from now) is kept with its reason.
+    let future = format!("pipe-future-{tag}");
+    let far = Utc::now() + chrono::Duration::days(365);
+    let event = call_lifecycle(&future, far, 10.0).remove(0);
+    match pipeline.submit(inbound(a, event)).await {
+        Err(PipelineError::Rejected { code, dead_letter_id, .. }) => {
+            assert_eq!(code, callplane_core::ErrorCode::FutureTimestamp);
+            let kept = store
+                .dead_letters(&callplane_storage::DeadLetterFilter { org: Some(a), ..Default::default() })
+                .await
+                .expect("dead letters");
+            let letter = kept.iter().find(|d| d.id == dead_letter_id).expect("the refused event is kept");
+            assert_eq!(letter.call_id.as_deref(), Some(future.as_str()));
+        }
+        other => panic!("an event a year ahead was not refused: {other:?}"),
+    }
+    assert!(call_outcome(store, a, &future).await.is_none());
+}
