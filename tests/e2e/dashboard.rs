@@ -427,6 +427,7 @@ async fn metrics_report_latencies_by_message_type_and_route() {
         "callplane_concurrent_calls 0",
         "callplane_dead_letters_open 0",
         "callplane_realtime_subscribers 0",
+        "callplane_realtime_queued_events ",
         "callplane_db_pool_connections",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");

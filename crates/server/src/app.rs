@@ -69,12 +69,20 @@ impl Readiness for PgReadiness {
             ),
         ];
         // The database's figures are left out when it cannot answer in time.
-        let (dead, live, review, uncounted) = tokio::join!(
+        let (dead, live, review, uncounted, queued) = tokio::join!(
             tokio::time::timeout(PROBE_TIMEOUT, self.store.open_dead_letter_count()),
             tokio::time::timeout(PROBE_TIMEOUT, self.store.concurrent_calls()),
             tokio::time::timeout(PROBE_TIMEOUT, self.store.calls_for_review_count()),
             tokio::time::timeout(PROBE_TIMEOUT, self.store.uncounted_calls()),
+            tokio::time::timeout(PROBE_TIMEOUT, self.store.realtime_queued()),
         );
+        if let Ok(Ok(n)) = queued {
+            g.push((
+                "callplane_realtime_queued_events",
+                "Realtime events committed and not yet published (the publisher is behind, or failing).",
+                n as f64,
+            ));
+        }
         if let Ok(Ok(n)) = uncounted {
             g.push((
                 "callplane_usage_uncounted_calls",
