@@ -3,14 +3,15 @@
 //! and realtime events in one transaction; the counter after that commit; and what is
 //! published after it.
 
-use callplane_core::ErrorCode;
 use callplane_core::billing::BillingRules;
+use callplane_core::domain::{CallChange, UsageAlert};
 use callplane_core::events;
 use callplane_core::metering::Metering;
 use callplane_core::seams::{
     InboundEvent, Processed, RealtimeBus, RealtimeEvent, StoreError, Transcript, TranscriptStore,
 };
 use callplane_core::vapi::MessageKind;
+use callplane_core::{ErrorCode, OrgId};
 use callplane_storage::{ApplyOptions, PgStore};
 use chrono::{DateTime, Duration, Utc};
 use std::sync::Arc;
@@ -134,69 +135,88 @@ impl Processor {
         Ok(())
     }
 
-    /// Applies one event: the call (with its ledger row, transcript and queued realtime
-    /// events, in one transaction), then its count and whatever is published after commit.
-    /// Idempotent on the call: applying an event again changes nothing.
+    /// Applies one event, in three steps that a workflow can also run (and retry) one by one:
+    /// [`apply`](Self::apply), [`count`](Self::count), [`finish`](Self::finish). Idempotent on
+    /// the call: applying an event again changes nothing.
     pub async fn process(&self, ev: &InboundEvent) -> Result<Processed, Failure> {
-        let msg = &ev.message;
-        if msg.kind == MessageKind::Unknown || msg.call_id.is_none() {
-            return Ok(Processed::Ignored);
-        }
-        self.check_times(ev)?;
-        let queue_events = self.bus.queues_in_transaction();
-        let transcript = carried_transcript(msg);
-        let transcript_in_tx = transcript.as_ref().filter(|_| self.transcripts.stores_in_transaction());
-        let Some(mut change) = self
-            .store
-            .apply_call_event(
-                ev.org_id,
-                msg,
-                ev.received_at,
-                &ApplyOptions { rules: &self.settings.rules, queue_events, transcript: transcript_in_tx },
-            )
-            .await?
-        else {
-            return Ok(Processed::Ignored);
-        };
-        if queue_events {
-            self.bus.queued();
-        }
-        let mut alerts = Vec::new();
-        if let Some(billed) = change.billed.as_ref().filter(|b| b.seconds > 0) {
-            // The ledger row is committed: a counter that fails now leaves the row uncounted,
-            // and the repair loop adds it once the counter answers again.
-            match self
-                .metering
-                .count_call(ev.org_id, &change.call_id, billed.period_start, billed.seconds, &billed.plan)
-                .await
-            {
-                Ok(counted) => alerts = counted.alerts,
-                Err(e) => warn!(error = %callplane_core::error_chain(&e), call_id = %change.call_id,
-                                "counting the call failed; it stays uncounted in the ledger and is added later"),
-            }
-        }
-        if change.duration_unknown {
-            warn!(call_id = %change.call_id, "the call ended connected but no source gave its duration; \
-                   not billed yet, marked for review (reconciliation asks VAPI)");
-        }
-        // A transcript kept elsewhere is stored after the call's commit.
-        if let Some(t) = transcript.as_ref().filter(|_| transcript_in_tx.is_none()) {
-            self.transcripts.put(ev.org_id, &change.call_id, change.created_at, t).await?;
-            change.transcript = Some(t.is_final);
-        }
-        let mut after_commit = Vec::new();
-        if !queue_events {
-            after_commit = events::for_change(ev.org_id, &change);
-        } else if transcript_in_tx.is_none() {
-            after_commit.extend(change.transcript.map(|f| events::transcript_changed(ev.org_id, &change.call_id, f)));
-        }
-        after_commit.extend(alerts.iter().map(|a| events::usage_alert(ev.org_id, &change.call_id, a)));
-        self.publish(&after_commit).await;
+        let Some(mut change) = self.apply(ev).await? else { return Ok(Processed::Ignored) };
+        let alerts = self.count(ev.org_id, &change).await;
+        self.finish(ev, &mut change, &alerts).await?;
         let changed = change.inserted
             || change.status_changed.is_some()
             || change.billed.is_some()
             || change.transcript.is_some();
         Ok(if changed { Processed::Applied } else { Processed::NoChange })
+    }
+
+    /// Step 1, one transaction: the call, its ledger row (for a report), its transcript (when
+    /// the transcript store is the database) and its realtime events (queued, when the bus
+    /// queues in the transaction). `None`: nothing to apply (no call id, an unknown message).
+    pub async fn apply(&self, ev: &InboundEvent) -> Result<Option<CallChange>, Failure> {
+        let msg = &ev.message;
+        if msg.kind == MessageKind::Unknown || msg.call_id.is_none() {
+            return Ok(None);
+        }
+        self.check_times(ev)?;
+        let queue_events = self.bus.queues_in_transaction();
+        let transcript = carried_transcript(msg).filter(|_| self.transcripts.stores_in_transaction());
+        let change = self
+            .store
+            .apply_call_event(
+                ev.org_id,
+                msg,
+                ev.received_at,
+                &ApplyOptions { rules: &self.settings.rules, queue_events, transcript: transcript.as_ref() },
+            )
+            .await?;
+        if change.is_some() && queue_events {
+            self.bus.queued();
+        }
+        if let Some(c) = change.as_ref().filter(|c| c.duration_unknown) {
+            warn!(call_id = %c.call_id, "the call ended connected but no source gave its duration; \
+                   not billed yet, marked for review (reconciliation asks VAPI)");
+        }
+        Ok(change)
+    }
+
+    /// Step 2, after step 1 committed: adds the seconds the change billed to the counter, and
+    /// returns the usage alerts they reached. A counter that fails leaves the ledger row
+    /// uncounted, and the repair loop adds it once the counter answers again: this step never
+    /// fails the event.
+    pub async fn count(&self, org: OrgId, change: &CallChange) -> Vec<UsageAlert> {
+        let Some(billed) = change.billed.as_ref().filter(|b| b.seconds > 0) else { return Vec::new() };
+        match self.metering.count_call(org, &change.call_id, billed.period_start, billed.seconds, &billed.plan).await {
+            Ok(counted) => counted.alerts,
+            Err(e) => {
+                warn!(error = %callplane_core::error_chain(&e), call_id = %change.call_id,
+                      "counting the call failed; it stays uncounted in the ledger and is added later");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Step 3: a transcript kept outside the database, then what is published after commit
+    /// (the change's events when the bus does not queue them, the transcript's, the alerts).
+    pub async fn finish(
+        &self,
+        ev: &InboundEvent,
+        change: &mut CallChange,
+        alerts: &[UsageAlert],
+    ) -> Result<(), Failure> {
+        let transcript_elsewhere = !self.transcripts.stores_in_transaction();
+        if let Some(t) = carried_transcript(&ev.message).filter(|_| transcript_elsewhere) {
+            self.transcripts.put(ev.org_id, &change.call_id, change.created_at, &t).await?;
+            change.transcript = Some(t.is_final);
+        }
+        let mut after_commit = Vec::new();
+        if !self.bus.queues_in_transaction() {
+            after_commit = events::for_change(ev.org_id, change);
+        } else if transcript_elsewhere {
+            after_commit.extend(change.transcript.map(|f| events::transcript_changed(ev.org_id, &change.call_id, f)));
+        }
+        after_commit.extend(alerts.iter().map(|a| events::usage_alert(ev.org_id, &change.call_id, a)));
+        self.publish(&after_commit).await;
+        Ok(())
     }
 
     /// Events published after commit are best effort: the dashboard can always re-read.
