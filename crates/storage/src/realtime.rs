@@ -10,9 +10,9 @@
 //!
 //! One LISTEN connection per process receives every notification and fans it out in memory to
 //! that organization's subscribers only, so every `callplane serve` on the database delivers
-//! every event. Subscribers never block the
-//! publisher: each has a bounded queue, and one that falls behind is told it lagged and must
-//! resume from the stored history. The history is read in pages bounded in count and bytes.
+//! every event. Subscribers never block the publisher: each has a bounded queue, and one that
+//! falls behind is told it lagged and must resume from the stored history. The history is read
+//! in pages bounded in count and bytes.
 
 use crate::{PgStore, db};
 use async_trait::async_trait;
