@@ -144,13 +144,7 @@ async fn a_subscriber_that_falls_behind_is_told_it_lagged_and_the_history_fills_
     let bus = PgRealtimeBus::start(app.db.store.clone(), 16).await.unwrap();
     let mut slow = bus.subscribe(org.id).await.unwrap();
     for i in 0..100 {
-        let e = RealtimeEvent {
-            org_id: org.id,
-            kind: "call.status".into(),
-            call_id: Some(format!("c{i}")),
-            data: json!({}),
-        };
-        bus.publish(&[e]).await.unwrap();
+        bus.publish(&[status_event(org.id, &format!("c{i}"))]).await.unwrap();
     }
     // Give the listener time to fan out past the 16-event queue.
     tokio::time::sleep(StdDuration::from_millis(500)).await;

@@ -221,11 +221,9 @@ async fn receive(
     // the deadline whatever happens: an assistant-request once its event is on disk (see
     // RECORDING_BUDGET), a tool as soon as its answer is ready.
     let intake = s.intake.clone();
-    let recording_budget = match msg.kind {
-        MessageKind::AssistantRequest => RECORDING_BUDGET.min(deadline.saturating_sub(started.elapsed())),
-        _ => Duration::ZERO,
-    };
     let tool = msg.kind != MessageKind::AssistantRequest;
+    let recording_budget =
+        if tool { Duration::ZERO } else { RECORDING_BUDGET.min(deadline.saturating_sub(started.elapsed())) };
     let mut recording = tokio::spawn(async move {
         let recorded = intake.accept(webhook, event, recording_budget, true).await;
         if tool {

@@ -72,6 +72,15 @@ enum Command {
     },
 }
 
+/// Where the server counts usage, for the books.
+#[derive(Args)]
+struct CounterArgs {
+    /// Where the server counts usage (its `backends.usage_counter`): in Postgres the books
+    /// compare `organizations.seconds_used`, in Redis they read the counter through the API.
+    #[arg(long, env = "CALLPLANE__BACKENDS__USAGE_COUNTER", value_enum, default_value_t = CounterStore::Postgres)]
+    usage_counter: CounterStore,
+}
+
 /// Where the server is and how to authenticate to it.
 #[derive(Args, Clone)]
 struct ServerArgs {
@@ -130,10 +139,8 @@ struct SimulateArgs {
     /// Postgres, to read the books from (without it only `GET /v1/usage` is compared).
     #[arg(long, env = "CALLPLANE__DATABASE__URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Where the server counts usage (its `backends.usage_counter`): in Postgres the books
-    /// compare `organizations.seconds_used`, in Redis they read the counter through the API.
-    #[arg(long, env = "CALLPLANE__BACKENDS__USAGE_COUNTER", value_enum, default_value_t = CounterStore::Postgres)]
-    usage_counter: CounterStore,
+    #[command(flatten)]
+    counter: CounterArgs,
     /// Organizations to create.
     #[arg(long, default_value_t = 10)]
     orgs: usize,
@@ -207,10 +214,8 @@ struct BurstArgs {
     /// Postgres, to read the books from (without it only `GET /v1/usage` is compared).
     #[arg(long, env = "CALLPLANE__DATABASE__URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Where the server counts usage (its `backends.usage_counter`): in Postgres the books
-    /// compare `organizations.seconds_used`, in Redis they read the counter through the API.
-    #[arg(long, env = "CALLPLANE__BACKENDS__USAGE_COUNTER", value_enum, default_value_t = CounterStore::Postgres)]
-    usage_counter: CounterStore,
+    #[command(flatten)]
+    counter: CounterArgs,
     /// Requests opened at once.
     #[arg(long, default_value_t = 2000)]
     requests: usize,
@@ -245,10 +250,8 @@ struct BooksArgs {
     server: ServerArgs,
     #[arg(long, env = "CALLPLANE__DATABASE__URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Where the server counts usage (its `backends.usage_counter`): in Postgres the books
-    /// compare `organizations.seconds_used`, in Redis they read the counter through the API.
-    #[arg(long, env = "CALLPLANE__BACKENDS__USAGE_COUNTER", value_enum, default_value_t = CounterStore::Postgres)]
-    usage_counter: CounterStore,
+    #[command(flatten)]
+    counter: CounterArgs,
     /// The file a run saved with `--run-file`.
     #[arg(long)]
     run_file: PathBuf,
@@ -416,7 +419,7 @@ async fn run(command: Command) -> Result<bool> {
                 time_limit: args.time_limit_secs.map(Duration::from_secs_f64),
                 steady_in_flight: args.steady_in_flight,
                 database_url: args.database_url,
-                usage_counter: args.usage_counter,
+                usage_counter: args.counter.usage_counter,
                 check_books: !args.no_check,
                 retry: args.delivery.retry(),
                 run_file: args.delivery.run_file.clone(),
@@ -445,7 +448,7 @@ async fn run(command: Command) -> Result<bool> {
                     concurrency: args.concurrency,
                     retry: args.delivery.retry(),
                     database_url: args.database_url,
-                    usage_counter: args.usage_counter,
+                    usage_counter: args.counter.usage_counter,
                     check_books: !args.no_check,
                     run_file: args.delivery.run_file.clone(),
                     label: args.label,
@@ -459,9 +462,13 @@ async fn run(command: Command) -> Result<bool> {
         }
         Command::Books(args) => {
             let record = RunRecord::load(&args.run_file)?;
-            let books =
-                books::check_run(&args.server.server()?, &record, args.database_url.as_deref(), args.usage_counter)
-                    .await?;
+            let books = books::check_run(
+                &args.server.server()?,
+                &record,
+                args.database_url.as_deref(),
+                args.counter.usage_counter,
+            )
+            .await?;
             eprintln!("loadgen: {}", books.line());
             for problem in &books.problems {
                 eprintln!("loadgen:   {problem}");

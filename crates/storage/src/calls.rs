@@ -103,7 +103,7 @@ impl PgStore {
             change.transcript = written.then_some(t.is_final);
         }
         if opts.queue_events {
-            crate::realtime::queue_in(&mut tx, &callplane_core::events::for_change(org, &change)).await?;
+            crate::realtime::queue_realtime_events(&mut tx, &callplane_core::events::for_change(org, &change)).await?;
         }
         tx.commit().await.map_err(db)?;
         Ok(Some(change))

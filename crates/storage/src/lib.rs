@@ -25,7 +25,7 @@ pub use calls::{ApplyOptions, LedgerRow};
 pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter};
 pub use function_data::PgFunctionData;
 pub use partitions::PartitionReport;
-pub use realtime::{PgRealtimeBus, queue_in as queue_realtime_events};
+pub use realtime::{PgRealtimeBus, queue_realtime_events};
 pub use transcripts::PgTranscriptStore;
 pub use unfinished::{UnfinishedCall, UnfinishedFilter};
 pub use usage::PgUsageCounter;

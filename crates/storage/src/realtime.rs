@@ -2,7 +2,7 @@
 //!
 //! Publishing is in two steps (migration `20261130000005_realtime_outbox.sql` says why). An
 //! event is first queued in `realtime_outbox`, inside the transaction of the change that makes
-//! it (`queue_in`), or on its own (`publish`). After commit, the process's publisher moves
+//! it (`queue_realtime_events`), or on its own (`publish`). After commit, the process's publisher moves
 //! queued events into their organizations' streams, one batch per short transaction
 //! (`callplane_publish_outbox`): numbered, stored and notified. Any process may publish; an
 //! advisory lock makes them take turns, and each wakes its own publisher after its commits (a
@@ -39,7 +39,7 @@ type Tx<'t> = sqlx::Transaction<'t, sqlx::Postgres>;
 
 /// Queues events in the caller's transaction; they are published after it commits (wake the
 /// bus with [`RealtimeBus::queued`]) and never if it rolls back.
-pub async fn queue_in(tx: &mut Tx<'_>, events: &[RealtimeEvent]) -> StoreResult<()> {
+pub async fn queue_realtime_events(tx: &mut Tx<'_>, events: &[RealtimeEvent]) -> StoreResult<()> {
     queue(&mut **tx, events).await
 }
 

@@ -42,11 +42,6 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// The database (or another store) is away: trying again later can succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Failure::Store(e) if e.is_transient())
-    }
-
     pub fn code(&self) -> ErrorCode {
         match self {
             Failure::FutureTimestamp { .. } => ErrorCode::FutureTimestamp,
