@@ -284,6 +284,9 @@ async fn the_sweeper_finishes_unfinished_calls_on_its_own() {
         assert!(tokio::time::Instant::now() < deadline, "the sweeper did not finish the call");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // The call is counted right after its commit (or by the repair loop): wait for it
+    // before stopping the sweeper, which could otherwise be stopped between the two.
+    crate::durability::eventually("the swept call counted", async || app.seconds_used(org.id).await == 30).await;
     sweeper.abort();
     assert_eq!(app.seconds_used(org.id).await, 30);
     assert_eq!(app.count("SELECT count(*) FROM usage_ledger").await, 1);
