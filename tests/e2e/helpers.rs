@@ -55,6 +55,17 @@ pub fn redis_url() -> Option<String> {
     std::env::var("CALLPLANE_TEST_REDIS_URL").ok().filter(|u| !u.is_empty())
 }
 
+/// The Temporal server the suite runs against in a build with the `temporal` feature
+/// (`CALLPLANE_TEST_TEMPORAL_ADDRESS`, set by `cargo xtask test`): every `TestApp` then hands its
+/// events to Temporal workflows, run by a worker inside it, unless a test asks for another
+/// pipeline.
+pub fn temporal_address() -> Option<String> {
+    if !cfg!(feature = "temporal") {
+        return None;
+    }
+    std::env::var("CALLPLANE_TEST_TEMPORAL_ADDRESS").ok().filter(|u| !u.is_empty())
+}
+
 impl TestApp {
     pub async fn spawn() -> Self {
         Self::spawn_with(&[]).await
@@ -95,6 +106,18 @@ impl TestApp {
                 ("redis.url", url.as_str()),
                 ("backends.usage_counter", "redis"),
                 ("backends.function_data", "redis"),
+            ]);
+        }
+        // Each server has its own database, so its own task queue: no worker takes another
+        // test's events. The answer waits for the worker, so tests read what it applied.
+        let temporal = temporal_address();
+        let task_queue = format!("callplane-test-{}", uuid::Uuid::new_v4().simple());
+        if let Some(address) = &temporal {
+            all.extend([
+                ("backends.event_pipeline", "temporal"),
+                ("temporal.address", address.as_str()),
+                ("temporal.task_queue", task_queue.as_str()),
+                ("temporal.answer_wait_ms", "10000"),
             ]);
         }
         all.extend_from_slice(overrides);

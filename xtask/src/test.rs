@@ -1,7 +1,8 @@
 //! `cargo xtask test`: a check that every tool it needs is installed, the quality gate (`cargo fmt
 //! --check`, then clippy with warnings denied), the whole test suite against a throwaway
-//! PostgreSQL cluster, the server's and the cache's tests again on phase 2's Redis backends
-//! against a throwaway `redis-server`, a check that the later phases' builds validate their
+//! PostgreSQL cluster, the server's, the cache's and the Temporal pipeline's tests again on phase
+//! 2's Redis backends and Temporal pipeline against a throwaway `redis-server` and Temporal
+//! development server, a check that the later phases' builds validate their
 //! default configuration, the quick benchmarks (`cargo xtask bench --quick`) and the quick fault
 //! suite (`cargo xtask chaos --quick`).
 
@@ -13,6 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::pg::{self, Cluster, StopOnDrop};
 use crate::redis::{self, Durability, Redis};
+use crate::temporal::{self, Temporal};
 use crate::util::{self, Report};
 use crate::{bench, chaos};
 
@@ -37,8 +39,12 @@ const PHASE2_ARGS: &[&str] = &[
     "--features",
     "callplane-server/phase2",
     "-E",
-    "package(callplane-server) | package(callplane-cache)",
+    "package(callplane-server) | package(callplane-cache) | package(callplane-temporal)",
 ];
+
+/// The variable through which tests find the Temporal server: built with the `temporal` feature,
+/// the end-to-end harness hands its events to Temporal workflows with it.
+const TEST_TEMPORAL_ENV: &str = "CALLPLANE_TEST_TEMPORAL_ADDRESS";
 
 /// Server settings for a disposable cluster: durability off for speed, room for parallel tests.
 const TEST_SETTINGS: &[&str] =
@@ -96,22 +102,36 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
             util::run(&mut command)
         });
 
-        let phase2 = format!("phase 2 (Redis backends): {}", util::describe(&with_args(util::cargo(), PHASE2_ARGS)));
-        match &redis_url {
-            Some(redis_url) => report.step(&phase2, || {
+        let mut temporal = None;
+        report.step("start Temporal (temporal server start-dev)", || {
+            temporal = Some(start_test_temporal()?);
+            Ok(())
+        });
+        let temporal_address = temporal.as_ref().map(Temporal::address);
+
+        let phase2 = format!(
+            "phase 2 (Redis backends, Temporal pipeline): {}",
+            util::describe(&with_args(util::cargo(), PHASE2_ARGS))
+        );
+        match (&redis_url, &temporal_address) {
+            (Some(redis_url), Some(temporal_address)) => report.step(&phase2, || {
                 let mut command = util::cargo();
                 command
                     .args(PHASE2_ARGS)
                     .args(nextest_args)
                     .env(TEST_DATABASE_ENV, &url)
-                    .env(TEST_REDIS_ENV, redis_url);
+                    .env(TEST_REDIS_ENV, redis_url)
+                    .env(TEST_TEMPORAL_ENV, temporal_address);
                 util::run(&mut command)
             }),
-            None => report.skip(&phase2, "Redis did not start"),
+            _ => report.skip(&phase2, "Redis or Temporal did not start"),
         }
-        // Runs even after Ctrl-C, before the benchmarks, which do not need Redis.
+        // Runs even after Ctrl-C, before the benchmarks, which need neither.
         if let Some(mut redis) = redis {
             report.always("stop Redis", || redis.stop());
+        }
+        if let Some(mut temporal) = temporal {
+            report.always("stop Temporal", || temporal.stop());
         }
 
         if util::env_flag("XTASK_SKIP_FEATURE_CHECKS") {
@@ -204,6 +224,16 @@ fn start_test_redis() -> Result<Redis> {
     Redis::start(&dir, pg::free_port()?, Durability::Throwaway)
 }
 
+/// Starts a Temporal development server with a fresh database in `target/xtask/temporal-test`,
+/// on a free loopback port.
+fn start_test_temporal() -> Result<Temporal> {
+    let dir = util::repo_root().join("target/xtask/temporal-test");
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("could not remove {}", dir.display()))?;
+    }
+    Temporal::start(&dir, pg::free_port()?)
+}
+
 /// Checks every tool the run needs and names each one missing with how to install it, before
 /// any work starts. Returns PostgreSQL's `bin` directory.
 fn check_prerequisites() -> Result<PathBuf> {
@@ -214,6 +244,16 @@ fn check_prerequisites() -> Result<PathBuf> {
         ("clippy (cargo clippy)", with_args(util::cargo(), &["clippy", "--version"]), "rustup component add clippy"),
         ("cargo-nextest", with_args(util::cargo(), &["nextest", "--version"]), "cargo install cargo-nextest --locked"),
         ("redis-server (phase 2's backends)", with_args(Command::new(redis::SERVER), &["--version"]), redis::INSTALL),
+        (
+            "protoc (the Temporal SDK's build)",
+            with_args(Command::new("protoc"), &["--version"]),
+            "apt-get install -y protobuf-compiler",
+        ),
+        (
+            "python3 with venv (installs the Temporal CLI from PyPI)",
+            with_args(Command::new("python3"), &["-c", "import venv, ensurepip"]),
+            temporal::INSTALL,
+        ),
         (
             "npm (installs the Stripe SDK for tests/stripe-node)",
             with_args(Command::new("npm"), &["--version"]),

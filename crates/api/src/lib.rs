@@ -53,6 +53,8 @@ pub struct AppState {
     pub admin: Arc<dyn OrgAdmin>,
     /// Where webhooks go: durable first, processed at once or later.
     pub intake: Arc<dyn EventIntake>,
+    /// What processes the intake's events (its counters are on `/metrics`).
+    pub pipeline: Arc<dyn callplane_core::seams::EventPipeline>,
     /// What the agent's answers are read from, in memory.
     pub agents: Arc<dyn AgentDirectory>,
     /// Answers VAPI waits for go out within this, whatever the database does.

@@ -86,7 +86,7 @@ pub async fn metrics(
         ("callplane_inbox_bytes", "Bytes of accepted events waiting in the intake.", intake.bytes as f64),
         ("callplane_inbox_oldest_seconds", "Age of the oldest event waiting in the intake.", intake.oldest_age_seconds),
     ]);
-    let counters = [
+    let mut counters = vec![
         (
             "callplane_inbox_drained_total",
             "Events processed (or kept as dead letters) out of the intake by this process.",
@@ -118,6 +118,7 @@ pub async fn metrics(
             s.auth_throttle.throttled_total(),
         ),
     ];
+    counters.extend(s.pipeline.counters());
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&gauges, &counters)))
 }
 

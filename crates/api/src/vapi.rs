@@ -210,7 +210,7 @@ async fn receive(
             Accepted::Processed(Processed::Applied) => "applied",
             Accepted::Processed(Processed::NoChange) => "no_change",
             Accepted::Processed(Processed::Ignored) => "ignored",
-            Accepted::Queued => "queued",
+            Accepted::Queued | Accepted::Processed(Processed::Scheduled) => "queued",
             Accepted::DeadLettered => "dead_lettered",
         };
         return Ok((json!({}), outcome));

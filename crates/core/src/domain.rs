@@ -155,7 +155,7 @@ pub struct NewApiKey {
 }
 
 /// What applying one event did.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CallChange {
     pub call_id: String,
     /// Where the call lives (its partition key), from `call_keys`.

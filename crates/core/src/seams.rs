@@ -323,6 +323,9 @@ pub enum Processed {
     NoChange,
     /// The message carries no call; it was acknowledged only.
     Ignored,
+    /// Handed to a durable pipeline (a workflow) that processes it later: its effects are
+    /// not committed yet, but the event can no longer be lost.
+    Scheduled,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -366,6 +369,10 @@ pub trait EventPipeline: Send + Sync {
         error: &str,
         received_at: DateTime<Utc>,
     ) -> StoreResult<i64>;
+    /// The pipeline's counters for `/metrics`: (name, help, value).
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Operators' changes to organizations and their API keys (the admin surface and the CLI).

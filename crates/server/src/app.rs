@@ -33,6 +33,9 @@ pub struct App {
     pub state: AppState,
     /// Set on shutdown: WebSocket sessions close with 1001.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The Temporal worker `serve` runs (`temporal.worker`); stops when the last clone drops.
+    #[cfg(feature = "temporal")]
+    pub worker: Option<Arc<callplane_temporal::WorkerHandle>>,
 }
 
 struct PgReadiness {
@@ -208,7 +211,7 @@ impl Backends {
     }
 
     /// The event processor, its dead letters, and the pipeline that runs them.
-    fn pipeline(&self, settings: &Settings, store: &PgStore) -> (Arc<dyn EventPipeline>, DeadLetters) {
+    fn pipeline(&self, settings: &Settings, store: &PgStore) -> anyhow::Result<Pipeline> {
         let processor = Processor::new(
             store.clone(),
             self.metering.clone(),
@@ -217,8 +220,46 @@ impl Backends {
             App::pipeline_settings(settings),
         );
         let dead_letters = DeadLetters::new(store.clone(), processor.clone());
-        let PipelineBackend::Inline = settings.backends.event_pipeline;
-        (Arc::new(InlinePipeline::new(processor, dead_letters.clone())), dead_letters)
+        #[cfg(feature = "temporal")]
+        let temporal = settings
+            .uses_temporal()
+            .then(|| callplane_temporal::TemporalPipeline::new(settings.temporal_settings(), dead_letters.clone()));
+        let pipeline: Arc<dyn EventPipeline> = match settings.backends.event_pipeline {
+            PipelineBackend::Inline => Arc::new(InlinePipeline::new(processor.clone(), dead_letters.clone())),
+            #[cfg(feature = "temporal")]
+            PipelineBackend::Temporal => Arc::new(temporal.clone().context("the Temporal pipeline was not made")?),
+            #[cfg(not(feature = "temporal"))]
+            PipelineBackend::Temporal => {
+                anyhow::bail!("backends.event_pipeline = \"temporal\" needs the `temporal` feature")
+            }
+        };
+        Ok(Pipeline {
+            pipeline,
+            dead_letters,
+            processor,
+            #[cfg(feature = "temporal")]
+            temporal,
+        })
+    }
+}
+
+/// The configured pipeline, with what a worker needs to run its steps.
+pub struct Pipeline {
+    pub pipeline: Arc<dyn EventPipeline>,
+    pub dead_letters: DeadLetters,
+    pub processor: Processor,
+    /// The Temporal pipeline, when this process uses Temporal (its pipeline, or a worker).
+    #[cfg(feature = "temporal")]
+    pub temporal: Option<callplane_temporal::TemporalPipeline>,
+}
+
+impl Pipeline {
+    /// Starts a Temporal worker running this pipeline's steps.
+    #[cfg(feature = "temporal")]
+    pub fn spawn_worker(&self) -> anyhow::Result<callplane_temporal::WorkerHandle> {
+        let temporal = self.temporal.as_ref().context("Temporal is not configured for this process")?;
+        callplane_temporal::spawn_worker(temporal, self.processor.clone(), self.dead_letters.clone())
+            .context("starting the Temporal worker's thread")
     }
 }
 
@@ -238,11 +279,8 @@ impl App {
 
     /// The event pipeline and its dead letters alone (for commands that drain, replay or
     /// reconcile without serving).
-    pub async fn pipeline(
-        settings: &Settings,
-        store: &PgStore,
-    ) -> anyhow::Result<(Arc<dyn EventPipeline>, DeadLetters)> {
-        Ok(Backends::build(settings, store).await?.pipeline(settings, store))
+    pub async fn pipeline(settings: &Settings, store: &PgStore) -> anyhow::Result<Pipeline> {
+        Backends::build(settings, store).await?.pipeline(settings, store)
     }
 
     fn pipeline_settings(settings: &Settings) -> PipelineSettings {
@@ -259,7 +297,7 @@ impl App {
     pub async fn reconciler(settings: &Settings, store: &PgStore) -> anyhow::Result<Option<Reconciler>> {
         let Some(vapi) = settings.vapi_calls()? else { return Ok(None) };
         let backends = Backends::build(settings, store).await?;
-        let (pipeline, _) = backends.pipeline(settings, store);
+        let pipeline = backends.pipeline(settings, store)?.pipeline;
         let bus = backends.bus;
         Ok(Some(Reconciler::new(store.clone(), vapi, pipeline, bus, settings.reconcile_settings())))
     }
@@ -301,7 +339,13 @@ impl App {
 
     pub async fn with_store(settings: Settings, store: PgStore) -> anyhow::Result<Self> {
         let backends = Backends::build(&settings, &store).await?;
-        let (pipeline, dead_letters) = backends.pipeline(&settings, &store);
+        let built = backends.pipeline(&settings, &store)?;
+        #[cfg(feature = "temporal")]
+        let worker = match settings.serves_worker() {
+            true => Some(Arc::new(built.spawn_worker()?)),
+            false => None,
+        };
+        let Pipeline { pipeline, dead_letters, .. } = built;
         let Backends { clients, metering, transcripts, function_data, bus } = backends;
         let deadline = settings.answer_deadline();
         let answers = PgStore::answer_pool(
@@ -332,6 +376,7 @@ impl App {
             orgs: Arc::new(agents.clone()),
             admin: Arc::new(store.clone()),
             intake: Arc::new(intake.clone()),
+            pipeline: pipeline.clone(),
             agents: Arc::new(agents.clone()),
             answer_deadline: deadline,
             inline_budget: Duration::from_millis(settings.inbox.inline_budget_ms),
@@ -371,7 +416,18 @@ impl App {
             state.bus.clone(),
             COUNTER_REPAIR_EVERY,
         );
-        Ok(Self { settings, store, pipeline, dead_letters, intake, agents, state, shutdown: Arc::new(shutdown_tx) })
+        Ok(Self {
+            settings,
+            store,
+            pipeline,
+            dead_letters,
+            intake,
+            agents,
+            state,
+            shutdown: Arc::new(shutdown_tx),
+            #[cfg(feature = "temporal")]
+            worker,
+        })
     }
 
     pub fn router(&self) -> axum::Router {

@@ -39,6 +39,9 @@ struct Cli {
 enum Command {
     /// Serve the VAPI webhook, the API and the operational routes.
     Serve,
+    /// Run a Temporal worker alone (phase 2, the `temporal` feature): it processes the call
+    /// workflows that `serve` hands events to, so workers scale apart from the HTTP servers.
+    Worker,
     /// Apply database migrations and create the partitions ahead.
     Migrate,
     /// Print the resolved configuration, secrets masked.
@@ -321,6 +324,7 @@ async fn run() -> anyhow::Result<()> {
             print(j, &v, || serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         Command::Serve => serve(settings).await?,
+        Command::Worker => worker(settings).await?,
         Command::Migrate => {
             let store = connect(&settings).await?;
             eprintln!("applying migrations...");
@@ -588,7 +592,7 @@ async fn run() -> anyhow::Result<()> {
                     // Of the letters taken on, those still open afterwards failed again; the
                     // store has the reason.
                     let taken: HashSet<i64> = store.dead_letters(&filter).await?.iter().map(|d| d.id).collect();
-                    let (_, dead_letters) = App::pipeline(&settings, &store).await?;
+                    let dead_letters = App::pipeline(&settings, &store).await?.dead_letters;
                     let report = dead_letters
                         .replay(&filter, &store, |r| {
                             progress(&format!("replayed {} ({} ok, {} failed)", r.attempted, r.succeeded, r.failed));
@@ -661,7 +665,7 @@ async fn inbox(cmd: InboxCommand, settings: Settings, j: bool) -> anyhow::Result
         }
         InboxCommand::Drain { patience_secs } => {
             let store = connect(&settings).await?;
-            let (pipeline, _) = App::pipeline(&settings, &store).await?;
+            let pipeline = App::pipeline(&settings, &store).await?.pipeline;
             let intake = callplane_workflow::LocalIntake::new(
                 inbox,
                 pipeline,
@@ -709,6 +713,34 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     .await?;
     // What was drained stays drained across the restart.
     inbox.flush().await.context("flushing the inbox")
+}
+
+#[cfg(feature = "temporal")]
+async fn worker(settings: Settings) -> anyhow::Result<()> {
+    check_database(&settings).await?;
+    let store = connect(&settings).await?;
+    if !store.migrations_current().await? {
+        bail!("the database is not migrated; run `callplane migrate` first");
+    }
+    // The worker's own process: its pipeline is Temporal's, whatever `serve` is configured with.
+    let mut settings = settings;
+    settings.backends.event_pipeline = callplane_server::settings::PipelineBackend::Temporal;
+    let pipeline = App::pipeline(&settings, &store).await?;
+    let worker = pipeline.spawn_worker()?;
+    info!(address = %settings.temporal.address, namespace = %settings.temporal.namespace,
+          task_queue = %settings.temporal.task_queue, "callplane worker running; Ctrl-C stops it");
+    // Calls left uncounted (a worker stopped between a ledger row and its count) are counted.
+    let metering = pipeline.processor.metering();
+    callplane_workflow::counting::spawn_counter_repair(metering, pipeline.processor.bus(), Duration::from_secs(1));
+    shutdown_signal().await;
+    info!("stopping the worker: the activities in hand finish first");
+    worker.stop().await;
+    Ok(())
+}
+
+#[cfg(not(feature = "temporal"))]
+async fn worker(_settings: Settings) -> anyhow::Result<()> {
+    bail!("this build has no Temporal worker; build with the `temporal` feature (`--features phase2`)")
 }
 
 /// Ctrl-C or SIGTERM (what process managers send).

@@ -34,6 +34,26 @@ pub struct Settings {
     pub reconcile: ReconcileConfig,
     pub backends: BackendSettings,
     pub redis: RedisSettings,
+    pub temporal: TemporalConfig,
+}
+
+/// Temporal (phase 2): the event pipeline's workflows, when `backends.event_pipeline =
+/// "temporal"`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TemporalConfig {
+    /// The frontend's gRPC address, `http://host:port`.
+    pub address: String,
+    pub namespace: String,
+    pub task_queue: String,
+    /// Whether `serve` runs a worker: `auto` (when the pipeline is Temporal), `on` (also with
+    /// the inline pipeline, to finish the workflows in flight after switching back), `off`
+    /// (workers run apart, `callplane worker`).
+    pub worker: WorkerMode,
+    /// Activities a worker runs at once (each may hold a database connection).
+    pub max_concurrent_activities: usize,
+    /// How long a webhook's answer waits for its event to be processed by a worker in the
+    /// same process; 0 answers once Temporal has accepted the event.
+    pub answer_wait_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -245,6 +265,21 @@ backend_choices! {
     PipelineBackend {
         /// In the serving process, out of the durable inbox.
         Inline = "inline",
+        /// A Temporal workflow per call, its steps retried as activities (the `temporal`
+        /// feature).
+        Temporal = "temporal",
+    }
+}
+
+backend_choices! {
+    /// `temporal.worker`: whether `serve` runs a Temporal worker.
+    WorkerMode {
+        /// When `backends.event_pipeline = "temporal"`.
+        Auto = "auto",
+        /// Always (while switching back to inline, until the workflows in flight finish).
+        On = "on",
+        /// Never: workers run apart (`callplane worker`).
+        Off = "off",
     }
 }
 
@@ -454,6 +489,7 @@ impl Settings {
             errors.push("plans: at least one plan is needed".into());
         }
         errors.extend(self.redis_problems());
+        errors.extend(self.temporal_problems());
         for (name, p) in &self.plans {
             if p.included_minutes < 0 || p.price_cents < 0 || p.overage_cents_per_minute < 0 {
                 errors.push(format!("plans.{name}: prices and minutes cannot be negative"));
@@ -577,6 +613,61 @@ impl Settings {
             )];
         }
         Vec::new()
+    }
+
+    /// The Temporal pipeline's settings.
+    #[cfg(feature = "temporal")]
+    pub fn temporal_settings(&self) -> callplane_temporal::TemporalSettings {
+        let t = &self.temporal;
+        callplane_temporal::TemporalSettings {
+            address: t.address.clone(),
+            namespace: t.namespace.clone(),
+            task_queue: t.task_queue.clone(),
+            answer_wait: std::time::Duration::from_millis(t.answer_wait_ms),
+            max_concurrent_activities: t.max_concurrent_activities,
+        }
+    }
+
+    /// Whether this process uses Temporal at all (its pipeline, or a worker it runs).
+    pub fn uses_temporal(&self) -> bool {
+        self.backends.event_pipeline == PipelineBackend::Temporal || self.temporal.worker == WorkerMode::On
+    }
+
+    /// Whether `serve` runs a Temporal worker.
+    pub fn serves_worker(&self) -> bool {
+        match self.temporal.worker {
+            WorkerMode::Auto => self.backends.event_pipeline == PipelineBackend::Temporal,
+            WorkerMode::On => true,
+            WorkerMode::Off => false,
+        }
+    }
+
+    fn temporal_problems(&self) -> Vec<String> {
+        if !self.uses_temporal() {
+            return Vec::new();
+        }
+        if !cfg!(feature = "temporal") {
+            return vec![
+                "backends.event_pipeline = \"temporal\" (or temporal.worker = \"on\"): this build has no \
+                         Temporal pipeline; build with the `temporal` feature (`--features phase2`)"
+                    .into(),
+            ];
+        }
+        let t = &self.temporal;
+        let mut errors = Vec::new();
+        if !t.address.starts_with("http://") && !t.address.starts_with("https://") {
+            errors.push(format!(
+                "temporal.address: {:?} is not a URL like http://127.0.0.1:7233 (CALLPLANE__TEMPORAL__ADDRESS)",
+                t.address
+            ));
+        }
+        if t.namespace.trim().is_empty() || t.task_queue.trim().is_empty() {
+            errors.push("temporal.namespace and temporal.task_queue: must not be empty".into());
+        }
+        if t.max_concurrent_activities == 0 {
+            errors.push("temporal.max_concurrent_activities: must be at least 1".into());
+        }
+        errors
     }
 
     /// The Redis URL with any password masked.
@@ -896,6 +987,14 @@ impl Settings {
             },
             "redis": { "url": self.redis_url_masked(),
                        "function_data_ttl_seconds": self.redis.function_data_ttl_seconds },
+            "temporal": {
+                "address": self.temporal.address,
+                "namespace": self.temporal.namespace,
+                "task_queue": self.temporal.task_queue,
+                "worker": self.temporal.worker,
+                "max_concurrent_activities": self.temporal.max_concurrent_activities,
+                "answer_wait_ms": self.temporal.answer_wait_ms,
+            },
             "backends": {
                 "usage_counter": self.backends.usage_counter,
                 "transcripts": self.backends.transcripts,
@@ -919,6 +1018,11 @@ pub fn compiled_features() -> Vec<&'static str> {
     }
     if cfg!(feature = "phase3") {
         f.push("phase3");
+    }
+    for (on, name) in [(cfg!(feature = "redis"), "redis"), (cfg!(feature = "temporal"), "temporal")] {
+        if on {
+            f.push(name);
+        }
     }
     f
 }

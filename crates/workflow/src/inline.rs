@@ -2,23 +2,25 @@
 //! drainer that took it over), with the processor; failures become dead letters.
 
 use crate::dead_letters::DeadLetters;
-use crate::processor::Processor;
+use crate::processor::{ProcessingStats, Processor};
 use async_trait::async_trait;
 use callplane_core::OrgId;
 use callplane_core::seams::{EventPipeline, InboundEvent, PipelineError, Processed, StoreError};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use std::sync::Arc;
 use tracing::instrument;
 
 #[derive(Clone)]
 pub struct InlinePipeline {
     processor: Processor,
     dead_letters: DeadLetters,
+    stats: Arc<ProcessingStats>,
 }
 
 impl InlinePipeline {
     pub fn new(processor: Processor, dead_letters: DeadLetters) -> Self {
-        Self { processor, dead_letters }
+        Self { processor, dead_letters, stats: Arc::default() }
     }
 }
 
@@ -42,9 +44,15 @@ impl EventPipeline for InlinePipeline {
 
     #[instrument(skip_all, fields(org_id = %ev.org_id, kind = ev.message.kind.label(), call_id = ev.message.call_id.as_deref().unwrap_or("")))]
     async fn submit(&self, ev: InboundEvent) -> Result<Processed, PipelineError> {
-        match self.processor.process(&ev).await {
+        let result = match self.processor.process(&ev).await {
             Ok(p) => Ok(p),
             Err(failure) => Err(self.dead_letters.fail(&ev, failure).await),
-        }
+        };
+        self.stats.record(&result);
+        result
+    }
+
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.stats.counters()
     }
 }

@@ -407,6 +407,8 @@ impl EventIntake for LocalIntake {
         tokio::spawn(async move {
             let outcome = intake.attempt(&stored, event).await;
             let answer = match &outcome {
+                // Handed to a workflow: durable there, processed later.
+                Outcome::Done(Processed::Scheduled) => Ok(Accepted::Queued),
                 Outcome::Done(p) => Ok(Accepted::Processed(*p)),
                 Outcome::DeadLettered => Ok(Accepted::DeadLettered),
                 Outcome::Rejected { code, message } => {
@@ -463,6 +465,7 @@ impl LocalIntake {
             Err(_) => None,
         };
         match outcome {
+            Some(Outcome::Done(Processed::Scheduled)) => Ok(Accepted::Queued),
             Some(Outcome::Done(p)) => Ok(Accepted::Processed(p)),
             Some(Outcome::DeadLettered) => Ok(Accepted::DeadLettered),
             Some(Outcome::Rejected { code, message }) => Err(IntakeError::Rejected { code, message }),

@@ -8,13 +8,14 @@ use callplane_core::domain::{CallChange, UsageAlert};
 use callplane_core::events;
 use callplane_core::metering::Metering;
 use callplane_core::seams::{
-    InboundEvent, Processed, RealtimeBus, RealtimeEvent, StoreError, Transcript, TranscriptStore,
+    InboundEvent, PipelineError, Processed, RealtimeBus, RealtimeEvent, StoreError, Transcript, TranscriptStore,
 };
 use callplane_core::vapi::MessageKind;
 use callplane_core::{ErrorCode, OrgId};
 use callplane_storage::{ApplyOptions, PgStore};
 use chrono::{DateTime, Duration, Utc};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::warn;
 
 #[derive(Clone, Debug)]
@@ -100,6 +101,14 @@ impl Processor {
         &self.settings
     }
 
+    pub fn metering(&self) -> Arc<Metering> {
+        self.metering.clone()
+    }
+
+    pub fn bus(&self) -> Arc<dyn RealtimeBus> {
+        self.bus.clone()
+    }
+
     /// Times that would open partitions (or billing periods) far from now are refused.
     fn check_times(&self, ev: &InboundEvent) -> Result<(), Failure> {
         let msg = &ev.message;
@@ -137,11 +146,28 @@ impl Processor {
         let Some(mut change) = self.apply(ev).await? else { return Ok(Processed::Ignored) };
         let alerts = self.count(ev.org_id, &change).await;
         self.finish(ev, &mut change, &alerts).await?;
+        Ok(Self::outcome(&change))
+    }
+
+    /// What a change, once through every step, amounts to.
+    pub fn outcome(change: &CallChange) -> Processed {
         let changed = change.inserted
             || change.status_changed.is_some()
             || change.billed.is_some()
             || change.transcript.is_some();
-        Ok(if changed { Processed::Applied } else { Processed::NoChange })
+        if changed { Processed::Applied } else { Processed::NoChange }
+    }
+
+    /// Whether step 2 has anything to do for a change.
+    pub fn counts(change: &CallChange) -> bool {
+        change.billed.as_ref().is_some_and(|b| b.seconds > 0)
+    }
+
+    /// Whether step 3 has anything to do for an event, given whether step 2 reached alerts.
+    pub fn finishes(&self, ev: &InboundEvent, alerts: bool) -> bool {
+        alerts
+            || !self.bus.queues_in_transaction()
+            || (!self.transcripts.stores_in_transaction() && carried_transcript(&ev.message).is_some())
     }
 
     /// Step 1, one transaction: the call, its ledger row (for a report), its transcript (when
@@ -179,7 +205,7 @@ impl Processor {
     /// uncounted, and the repair loop adds it once the counter answers again: this step never
     /// fails the event.
     pub async fn count(&self, org: OrgId, change: &CallChange) -> Vec<UsageAlert> {
-        let Some(billed) = change.billed.as_ref().filter(|b| b.seconds > 0) else { return Vec::new() };
+        let Some(billed) = change.billed.as_ref().filter(|_| Self::counts(change)) else { return Vec::new() };
         match self.metering.count_call(org, &change.call_id, billed.period_start, billed.seconds, &billed.plan).await {
             Ok(counted) => counted.alerts,
             Err(e) => {
@@ -222,5 +248,45 @@ impl Processor {
         if let Err(err) = self.bus.publish(events).await {
             warn!(error = %err, events = events.len(), "realtime publish failed");
         }
+    }
+}
+
+/// How many events a pipeline finished processing, and how many of those failed (kept as dead
+/// letters, or lost): the share the advisor's "webhook processing failures" trigger reads.
+#[derive(Debug, Default)]
+pub struct ProcessingStats {
+    processed: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ProcessingStats {
+    /// Records a finished attempt; a backend being unavailable is not a result yet (the event
+    /// is tried again), so it is not counted.
+    pub fn record(&self, result: &Result<Processed, PipelineError>) {
+        match result {
+            Ok(Processed::Scheduled) | Err(PipelineError::Unavailable(_)) => {}
+            Ok(_) => {
+                self.processed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.processed.fetch_add(1, Ordering::Relaxed);
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "callplane_events_processed_total",
+                "Events this process finished processing (applied, unchanged, ignored or failed).",
+                self.processed.load(Ordering::Relaxed),
+            ),
+            (
+                "callplane_events_failed_total",
+                "Events this process failed to process: kept as dead letters (or lost, if even that failed).",
+                self.failed.load(Ordering::Relaxed),
+            ),
+        ]
     }
 }

@@ -477,8 +477,10 @@ impl Reconciler {
                 info!(org_id = %org, call_id = %call.id, "unfinished call finished from VAPI's record");
                 Ok(CallOutcome::Finished)
             }
-            // Its own report was applied meanwhile.
-            Ok(Processed::NoChange) => Ok(CallOutcome::Finished),
+            // Its own report was applied meanwhile; or the report is in a workflow now, which
+            // finishes the call (the next sweep sees it finished, or submits it again, which
+            // changes nothing).
+            Ok(Processed::NoChange | Processed::Scheduled) => Ok(CallOutcome::Finished),
             Ok(Processed::Ignored) => Err(CallFailure::Ignored),
             // The pipeline kept the report as a dead letter; asking VAPI again would only add
             // more. The call stops being live; replaying the dead letter still bills it.
