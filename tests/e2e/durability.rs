@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::time::Instant;
 
 /// A figure from `/metrics`.
-async fn metric(app: &TestApp, name: &str) -> f64 {
+pub(crate) async fn metric(app: &TestApp, name: &str) -> f64 {
     let text = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
@@ -18,15 +18,20 @@ async fn metric(app: &TestApp, name: &str) -> f64 {
 }
 
 /// Waits (up to 20 s) until `check` holds.
-pub(crate) async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+    eventually_within(what, 20, check).await;
+}
+
+/// Waits (up to `seconds`) until `check` holds.
+pub(crate) async fn eventually_within(what: &str, seconds: u64, mut check: impl AsyncFnMut() -> bool) {
     let started = Instant::now();
-    while started.elapsed() < std::time::Duration::from_secs(20) {
+    while started.elapsed() < std::time::Duration::from_secs(seconds) {
         if check().await {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    panic!("{what} did not happen within 20 s");
+    panic!("{what} did not happen within {seconds} s");
 }
 
 async fn timed_post(

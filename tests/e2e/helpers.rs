@@ -10,6 +10,7 @@ use callplane_testkit::fault_proxy::FaultProxy;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub const SECRET: &str = "test-vapi-secret";
@@ -249,4 +250,70 @@ pub fn lifecycle(call_id: &str, created_at: DateTime<Utc>, duration_s: f64) -> V
             body
         })
         .collect()
+}
+
+/// Calls of every organization in turn, each a whole lifecycle ending in its report, `calls`
+/// per organization; `fault` runs once half of them are in. Every report is sent a second
+/// time at the end (VAPI retries): nothing may count twice. Returns the seconds billed per
+/// organization, from what was sent.
+pub async fn traffic(app: &TestApp, orgs: &[OrgId], calls: usize, fault: impl AsyncFnOnce()) -> HashMap<OrgId, i64> {
+    let mut expected: HashMap<OrgId, i64> = HashMap::new();
+    let mut reports = Vec::new();
+    let mut fault = Some(fault);
+    for i in 0..calls {
+        if i == calls / 2
+            && let Some(f) = fault.take()
+        {
+            f().await;
+        }
+        let sends = orgs.iter().enumerate().map(|(n, org)| {
+            let seconds = 150 + (i * 7 + n * 13) as i64 % 200;
+            let events = lifecycle(&format!("{org}-{i}"), Utc::now() - Duration::minutes(10), seconds as f64);
+            async move {
+                for e in &events {
+                    let (status, body) = app.post_vapi(*org, e).await;
+                    assert_eq!(status, StatusCode::OK, "{body}");
+                }
+                (*org, seconds, events.last().cloned().unwrap())
+            }
+        });
+        for (org, seconds, report) in futures::future::join_all(sends).await {
+            *expected.entry(org).or_default() += seconds;
+            reports.push((org, report));
+        }
+    }
+    for (org, report) in &reports {
+        assert_eq!(app.post_vapi(*org, report).await.0, StatusCode::OK);
+    }
+    expected
+}
+
+/// What every reader of usage says, once the pipeline and the repair loop have caught up: the
+/// ledger, the counter itself and the dashboard API all equal what was billed. A ledger that
+/// reaches the total and stays there for `settle` has lost nothing and doubled nothing.
+pub async fn books_balance(app: &TestApp, expected: &HashMap<OrgId, i64>) {
+    let counter = app.app.state.metering.counter().clone();
+    for (org, seconds) in expected {
+        let o = callplane_core::seams::OrgDirectory::get(&app.db.store, *org).await.unwrap().unwrap();
+        let ledger_total = async || app.db.store.ledger_total(*org, o.period_start).await.unwrap();
+        // After an outage, the pipeline's retries back off up to 10 s before they find it over.
+        crate::durability::eventually_within("the ledger reaches what was billed", 90, async || {
+            ledger_total().await >= *seconds
+        })
+        .await;
+        let ledger = ledger_total().await;
+        assert_eq!(ledger, *seconds, "the ledger of {org} lost or doubled a call");
+        crate::durability::eventually("the counter catches up with the ledger", async || {
+            uncounted_gauge(app).await == 0.0 && counter.used(*org, o.period_start).await.ok() == Some(ledger)
+        })
+        .await;
+        let key = app.api_key(*org).await;
+        assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"].as_i64(), Some(ledger));
+    }
+}
+
+pub async fn uncounted_gauge(app: &TestApp) -> f64 {
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    let line = metrics.lines().find(|l| l.starts_with("callplane_usage_uncounted_calls "));
+    line.and_then(|l| l.split(' ').nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no gauge in {metrics}"))
 }

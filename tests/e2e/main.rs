@@ -24,3 +24,5 @@ mod reconcile;
 mod redis;
 mod samples;
 mod seams;
+#[cfg(feature = "temporal")]
+mod temporal;

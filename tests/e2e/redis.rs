@@ -1,8 +1,7 @@
 //! Phase 2 on a real Redis this test owns: the books balance when Redis restarts or is flushed
 //! in the middle of traffic, and the Redis backends pass the seams' contracts.
 
-use crate::durability::eventually;
-use crate::helpers::{TestApp, lifecycle};
+use crate::helpers::{TestApp, books_balance, lifecycle, traffic, uncounted_gauge};
 use callplane_core::OrgId;
 use callplane_testkit::contracts;
 use callplane_testkit::redis::RedisServer;
@@ -19,65 +18,6 @@ async fn app_on(redis: &RedisServer) -> TestApp {
         ("backends.function_data", "redis"),
     ])
     .await
-}
-
-/// Calls of every organization in turn, each a whole lifecycle ending in its report, `calls`
-/// per organization; `fault` runs once half of them are in. Every report is sent a second
-/// time at the end (VAPI retries): nothing may count twice. Returns the seconds billed per
-/// organization, from what was sent.
-async fn traffic(app: &TestApp, orgs: &[OrgId], calls: usize, fault: impl AsyncFnOnce()) -> HashMap<OrgId, i64> {
-    let mut expected: HashMap<OrgId, i64> = HashMap::new();
-    let mut reports = Vec::new();
-    let mut fault = Some(fault);
-    for i in 0..calls {
-        if i == calls / 2
-            && let Some(f) = fault.take()
-        {
-            f().await;
-        }
-        let sends = orgs.iter().enumerate().map(|(n, org)| {
-            let seconds = 150 + (i * 7 + n * 13) as i64 % 200;
-            let events = lifecycle(&format!("{org}-{i}"), Utc::now() - Duration::minutes(10), seconds as f64);
-            async move {
-                for e in &events {
-                    let (status, body) = app.post_vapi(*org, e).await;
-                    assert_eq!(status, StatusCode::OK, "{body}");
-                }
-                (*org, seconds, events.last().cloned().unwrap())
-            }
-        });
-        for (org, seconds, report) in futures::future::join_all(sends).await {
-            *expected.entry(org).or_default() += seconds;
-            reports.push((org, report));
-        }
-    }
-    for (org, report) in &reports {
-        assert_eq!(app.post_vapi(*org, report).await.0, StatusCode::OK);
-    }
-    expected
-}
-
-/// What every reader of usage says, once the repair loop has caught up: the counter itself
-/// (Redis), the dashboard API and the ledger all equal what was billed.
-async fn books_balance(app: &TestApp, expected: &HashMap<OrgId, i64>) {
-    let counter = app.app.state.metering.counter().clone();
-    for (org, seconds) in expected {
-        let o = callplane_core::seams::OrgDirectory::get(&app.db.store, *org).await.unwrap().unwrap();
-        let ledger = app.db.store.ledger_total(*org, o.period_start).await.unwrap();
-        assert_eq!(ledger, *seconds, "the ledger of {org} lost or doubled a call");
-        eventually("the counter catches up with the ledger", async || {
-            uncounted_gauge(app).await == 0.0 && counter.used(*org, o.period_start).await.ok() == Some(ledger)
-        })
-        .await;
-        let key = app.api_key(*org).await;
-        assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"].as_i64(), Some(ledger));
-    }
-}
-
-async fn uncounted_gauge(app: &TestApp) -> f64 {
-    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
-    let line = metrics.lines().find(|l| l.starts_with("callplane_usage_uncounted_calls "));
-    line.and_then(|l| l.split(' ').nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no gauge in {metrics}"))
 }
 
 async fn alert_thresholds(app: &TestApp, org: OrgId) -> Vec<i32> {

@@ -110,7 +110,8 @@ async fn a_rebuild_racing_an_add_in_flight_loses_and_doubles_nothing() {
 
 #[tokio::test]
 async fn the_inline_pipeline_passes_the_contract() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(&[("backends.event_pipeline", "inline")]).await;
+    assert_eq!(app.app.pipeline.backend(), "inline");
     let (a, b) = (app.org("pro").await, app.org("pro").await);
     contracts::event_pipeline(app.app.pipeline.as_ref(), &app.db.store, a.id, b.id).await;
 }

@@ -84,6 +84,11 @@ impl Temporal {
         Ok(server)
     }
 
+    /// The CLI this server runs from (the tests start servers of their own with it).
+    pub fn cli(&self) -> &Path {
+        &self.cli
+    }
+
     /// The address callplane and the tests connect to.
     pub fn address(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

@@ -108,6 +108,7 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
             Ok(())
         });
         let temporal_address = temporal.as_ref().map(Temporal::address);
+        let temporal_cli = temporal.as_ref().map(|t| t.cli().to_path_buf());
 
         let phase2 = format!(
             "phase 2 (Redis backends, Temporal pipeline): {}",
@@ -121,7 +122,8 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
                     .args(nextest_args)
                     .env(TEST_DATABASE_ENV, &url)
                     .env(TEST_REDIS_ENV, redis_url)
-                    .env(TEST_TEMPORAL_ENV, temporal_address);
+                    .env(TEST_TEMPORAL_ENV, temporal_address)
+                    .envs(temporal_cli.iter().map(|cli| ("CALLPLANE_TEST_TEMPORAL_CLI", cli)));
                 util::run(&mut command)
             }),
             _ => report.skip(&phase2, "Redis or Temporal did not start"),

@@ -11,6 +11,7 @@ mod db;
 pub mod fault_proxy;
 pub mod redis;
 pub mod stripe_stub;
+pub mod temporal;
 pub mod vapi_stub;
 
 pub use db::{TestDb, admin_url};

@@ -66,6 +66,9 @@ struct Meta {
     org: Option<callplane_core::OrgId>,
     unprocessable: Option<callplane_core::seams::Unprocessable>,
     attempts: u32,
+    /// Attempts that failed with every backend answering (absent in inboxes written before it).
+    #[serde(default)]
+    failures: u32,
     next_attempt_at: DateTime<Utc>,
     last_error: Option<String>,
 }
@@ -75,7 +78,11 @@ struct Meta {
 pub struct StoredEvent {
     pub id: u64,
     pub webhook: ReceivedWebhook,
+    /// Attempts made, whatever stopped them.
     pub attempts: u32,
+    /// Attempts that failed with every backend answering: what `max_attempts` counts. A
+    /// backend being down (the database, Temporal) is waited out, however long.
+    pub failures: u32,
     pub next_attempt_at: DateTime<Utc>,
     pub last_error: Option<String>,
 }
@@ -84,6 +91,7 @@ pub struct StoredEvent {
 #[derive(Clone, Debug)]
 pub struct Failure {
     pub attempts: u32,
+    pub failures: u32,
     pub next_attempt_at: DateTime<Utc>,
     pub error: String,
 }
@@ -204,6 +212,7 @@ impl Inbox {
             org: webhook.org,
             unprocessable: webhook.unprocessable.clone(),
             attempts: 0,
+            failures: 0,
             next_attempt_at: webhook.received_at,
             last_error: None,
         };
@@ -281,6 +290,7 @@ impl Inbox {
                     unprocessable: meta.unprocessable,
                 },
                 attempts: meta.attempts,
+                failures: meta.failures,
                 next_attempt_at: meta.next_attempt_at,
                 last_error: meta.last_error,
             });
@@ -367,6 +377,7 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(Amount, Amount),
                     let current = metas.get(*id)?.and_then(|m| serde_json::from_slice::<Meta>(m.value()).ok());
                     if let Some(mut meta) = current {
                         meta.attempts = failure.attempts;
+                        meta.failures = failure.failures;
                         meta.next_attempt_at = failure.next_attempt_at;
                         meta.last_error = Some(failure.error.clone());
                         if let Ok(bytes) = serde_json::to_vec(&meta) {
@@ -438,7 +449,7 @@ mod tests {
         let b = inbox.append(&webhook("2")).await.unwrap();
         let later = Utc::now() + chrono::Duration::seconds(60);
         inbox
-            .record_failure(a, Failure { attempts: 1, next_attempt_at: later, error: "db down".into() })
+            .record_failure(a, Failure { attempts: 1, failures: 0, next_attempt_at: later, error: "db down".into() })
             .await
             .unwrap();
         let c = inbox.append(&webhook("3")).await.unwrap();

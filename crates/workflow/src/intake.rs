@@ -29,8 +29,8 @@ use tracing::{info, warn};
 pub struct IntakeSettings {
     /// Events processed at once, by requests and the drainer together.
     pub workers: usize,
-    /// Failed attempts (the database reachable but the event still failing) before the event
-    /// is kept as a dead letter instead.
+    /// Failed attempts (every backend answering but the event still failing) before the event
+    /// is kept as a dead letter instead. Attempts stopped by a backend being down do not count.
     pub max_attempts: u32,
     /// The longest pause between two attempts at one event.
     pub max_backoff: Duration,
@@ -50,6 +50,9 @@ enum Outcome {
     },
     /// Not processed; try again later.
     Retry(String),
+    /// Not processed because a backend is down (the database, Temporal): try again later,
+    /// without counting towards `max_attempts`; the event waits as long as the outage lasts.
+    Wait(String),
 }
 
 /// Events read from the inbox per drain pass. Each is held (body and all) until its turn for
@@ -161,7 +164,7 @@ impl LocalIntake {
             let intake = self.clone();
             tasks.spawn(async move {
                 let mut outcome = intake.attempt(&stored, None).await;
-                if matches!(outcome, Outcome::Retry(_)) && stored.attempts + 1 >= intake.inner.settings.max_attempts {
+                if matches!(outcome, Outcome::Retry(_)) && stored.failures + 1 >= intake.inner.settings.max_attempts {
                     outcome = intake.give_up(&stored, &outcome).await;
                 }
                 let kind = intake.settle(&stored, outcome).await;
@@ -252,7 +255,7 @@ impl LocalIntake {
                         .await
                         {
                             Ok(org) => org,
-                            Err(e) => return Outcome::Retry(error_chain(&e)),
+                            Err(e) => return Outcome::Wait(error_chain(&e)),
                         }
                     }
                 };
@@ -276,7 +279,8 @@ impl LocalIntake {
             Err(PipelineError::Rejected { code, message, .. }) => Outcome::Rejected { code, message },
             // Kept in the dead-letter table by the pipeline: the database has it now.
             Err(PipelineError::DeadLettered { .. }) => Outcome::DeadLettered,
-            Err(e @ (PipelineError::Unavailable(_) | PipelineError::Lost(_))) => Outcome::Retry(error_chain(&e)),
+            Err(e @ PipelineError::Unavailable(_)) => Outcome::Wait(error_chain(&e)),
+            Err(e @ PipelineError::Lost(_)) => Outcome::Retry(error_chain(&e)),
         }
     }
 
@@ -303,38 +307,42 @@ impl LocalIntake {
     /// the drainer never sees a finished event again nor retries one before its time.
     async fn settle(&self, stored: &StoredEvent, outcome: Outcome) -> Settled {
         let inner = &self.inner;
-        let settled = match outcome {
-            Outcome::Done(_) => Settled::Processed,
-            Outcome::Rejected { .. } | Outcome::DeadLettered => Settled::DeadLettered,
-            Outcome::Retry(error) => {
-                let attempts = stored.attempts.saturating_add(1);
-                let backoff =
-                    Duration::from_millis(500u64.saturating_mul(1 << attempts.min(16))).min(inner.settings.max_backoff);
-                let next_attempt_at = Utc::now() + chrono::Duration::from_std(backoff).unwrap_or_default();
-                warn!(event = stored.id, attempts, %error, "event not processed; it stays in the inbox");
-                let failure = Failure { attempts, next_attempt_at, error };
-                if let Err(e) = inner.inbox.record_failure(stored.id, failure).await {
-                    warn!(event = stored.id, error = %e, "recording the failed attempt failed");
+        let (error, failures) = match outcome {
+            Outcome::Retry(error) => (error, stored.failures.saturating_add(1)),
+            Outcome::Wait(error) => (error, stored.failures),
+            done => {
+                let settled = match done {
+                    Outcome::Rejected { .. } | Outcome::DeadLettered => Settled::DeadLettered,
+                    _ => Settled::Processed,
+                };
+                // The effects are committed; should the removal fail, the event is processed
+                // again later, which changes nothing.
+                if let Err(e) = inner.inbox.remove(stored.id).await {
+                    warn!(event = stored.id, error = %e, "removing a processed event from the inbox failed");
                 }
+                inner.drained.fetch_add(1, Ordering::Relaxed);
                 self.release(stored.id);
-                return Settled::Retrying;
+                return settled;
             }
         };
-        // The effects are committed; should the removal fail, the event is processed again
-        // later, which changes nothing.
-        if let Err(e) = inner.inbox.remove(stored.id).await {
-            warn!(event = stored.id, error = %e, "removing a processed event from the inbox failed");
+        let attempts = stored.attempts.saturating_add(1);
+        let backoff =
+            Duration::from_millis(500u64.saturating_mul(1 << attempts.min(16))).min(inner.settings.max_backoff);
+        let next_attempt_at = Utc::now() + chrono::Duration::from_std(backoff).unwrap_or_default();
+        warn!(event = stored.id, attempts, failures, %error, "event not processed; it stays in the inbox");
+        let failure = Failure { attempts, failures, next_attempt_at, error };
+        if let Err(e) = inner.inbox.record_failure(stored.id, failure).await {
+            warn!(event = stored.id, error = %e, "recording the failed attempt failed");
         }
-        inner.drained.fetch_add(1, Ordering::Relaxed);
         self.release(stored.id);
-        settled
+        Settled::Retrying
     }
 
     /// The last resort for an event that keeps failing while the database answers: keep it as
     /// a dead letter so it is replayable and the inbox moves on.
     async fn give_up(&self, stored: &StoredEvent, last: &Outcome) -> Outcome {
         let Outcome::Retry(why) = last else { return Outcome::Retry("nothing to give up".into()) };
-        let why = format!("failed {} times; last: {why}", stored.attempts + 1);
+        let why = format!("failed {} times; last: {why}", stored.failures + 1);
         match self.keep(&stored.webhook, stored.webhook.org, "processing_failed", &why).await {
             Outcome::Done(_) => Outcome::DeadLettered,
             other => other,
@@ -378,7 +386,8 @@ impl EventIntake for LocalIntake {
                 return result;
             }
         };
-        let stored = StoredEvent { id, webhook, attempts: 0, next_attempt_at: Utc::now(), last_error: None };
+        let stored =
+            StoredEvent { id, webhook, attempts: 0, failures: 0, next_attempt_at: Utc::now(), last_error: None };
         // With every worker busy, the parsed event is let go while this request waits: under
         // a burst, waiting requests hold only their bodies, and whatever is not processed
         // within the budget is the drainer's, from disk. An answer VAPI waits for does not
@@ -414,7 +423,7 @@ impl EventIntake for LocalIntake {
                 Outcome::Rejected { code, message } => {
                     Err(IntakeError::Rejected { code: *code, message: message.clone() })
                 }
-                Outcome::Retry(_) => Ok(Accepted::Queued),
+                Outcome::Retry(_) | Outcome::Wait(_) => Ok(Accepted::Queued),
             };
             // The sender hears first; settling the inbox is this task's own business.
             let _ = tx.send(answer);
@@ -459,7 +468,8 @@ impl LocalIntake {
     ) -> Result<Accepted, IntakeError> {
         let inner = &self.inner;
         warn!(error = %why, "the inbox cannot take the event; processing it directly");
-        let stored = StoredEvent { id: 0, webhook, attempts: 0, next_attempt_at: Utc::now(), last_error: None };
+        let stored =
+            StoredEvent { id: 0, webhook, attempts: 0, failures: 0, next_attempt_at: Utc::now(), last_error: None };
         let outcome = match inner.workers.clone().try_acquire_owned() {
             Ok(_permit) => tokio::time::timeout(DIRECT_BUDGET, self.attempt(&stored, event)).await.ok(),
             Err(_) => None,
@@ -469,7 +479,7 @@ impl LocalIntake {
             Some(Outcome::Done(p)) => Ok(Accepted::Processed(p)),
             Some(Outcome::DeadLettered) => Ok(Accepted::DeadLettered),
             Some(Outcome::Rejected { code, message }) => Err(IntakeError::Rejected { code, message }),
-            Some(Outcome::Retry(_)) | None => {
+            Some(Outcome::Retry(_) | Outcome::Wait(_)) | None => {
                 inner.shed.fetch_add(1, Ordering::Relaxed);
                 Err(IntakeError::Overloaded { retry_after_seconds: 5, source: Some(Box::new(why)) })
             }
@@ -517,6 +527,64 @@ mod tests {
             self.kept.lock().unwrap().push(code.to_owned());
             Ok(1)
         }
+    }
+
+    /// A pipeline whose backend is down for its first `down_for` submissions.
+    struct Outage {
+        down_for: usize,
+        submitted: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl EventPipeline for Outage {
+        fn backend(&self) -> &'static str {
+            "outage"
+        }
+
+        async fn submit(&self, _event: InboundEvent) -> Result<Processed, PipelineError> {
+            if self.submitted.fetch_add(1, Ordering::SeqCst) < self.down_for {
+                let source = "connection refused".into();
+                return Err(PipelineError::Unavailable(callplane_core::seams::StoreError::Unavailable {
+                    backend: "temporal",
+                    source,
+                }));
+            }
+            Ok(Processed::Applied)
+        }
+
+        async fn keep_unprocessed(
+            &self,
+            _org: Option<OrgId>,
+            _body: &Value,
+            _raw: Option<&[u8]>,
+            _code: &str,
+            _error: &str,
+            _received_at: chrono::DateTime<Utc>,
+        ) -> StoreResult<i64> {
+            panic!("an event was dead-lettered during an outage");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_waits_out_a_backend_outage_longer_than_max_attempts_and_is_processed_once_it_ends() {
+        let dir = std::env::temp_dir().join(format!("callplane-intake-test-{}", uuid_like()));
+        let inbox = Inbox::open(&dir, InboxLimits { max_events: 10, max_bytes: 1 << 20 }).unwrap();
+        let pipeline = Arc::new(Outage { down_for: 7, submitted: AtomicUsize::new(0) });
+        let settings =
+            IntakeSettings { workers: 2, max_attempts: 3, max_backoff: Duration::from_millis(10), org_hint_key: None };
+        let intake = LocalIntake::new(inbox, pipeline.clone(), Arc::new(Everyone), settings);
+        let body = br#"{"message":{"type":"status-update","status":"in-progress","call":{"id":"c1"}}}"#;
+        let webhook = ReceivedWebhook {
+            received_at: Utc::now(),
+            path_org: None,
+            org: Some(OrgId::new()),
+            body: bytes::Bytes::from_static(body),
+            unprocessable: None,
+        };
+        assert_eq!(intake.accept(webhook, None, Duration::from_secs(2), false).await.unwrap(), Accepted::Queued);
+        let report = intake.drain_all(Duration::from_secs(30), |_| {}).await;
+        assert_eq!((report.processed, report.dead_lettered, report.left), (1, 0, 0), "{report:?}");
+        assert_eq!(pipeline.submitted.load(Ordering::SeqCst), 8, "tried until the outage ended");
     }
 
     /// Every organization exists.
