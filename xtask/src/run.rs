@@ -1,6 +1,7 @@
 //! `cargo xtask run` and `cargo xtask stop`: a local callplane on a persistent PostgreSQL cluster in
 //! `.data/pg`, with a demo organization, a demo call dated today and ready-to-paste commands. In
-//! phase 2 it also runs a `redis-server` in `.data/redis` for the Redis backends.
+//! phase 2 it also runs a `redis-server` in `.data/redis` for the Redis backends and a Temporal
+//! development server in `.data/temporal` for the event pipeline (the worker runs in `serve`).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -17,11 +18,14 @@ use serde_json::{Number, Value};
 use crate::pg::{self, Cluster, StopOnDrop};
 use crate::redis::{self, Durability, Redis};
 use crate::stack;
+use crate::temporal::{self, Temporal};
 use crate::util::{self, shell_quote};
 
 const DEFAULT_PG_PORT: u16 = 54329;
 /// Next to Redis's usual 6379 rather than on it, so that a system Redis does not get in the way.
 const DEFAULT_REDIS_PORT: u16 = 63790;
+/// Next to Temporal's usual 7233, for the same reason.
+const DEFAULT_TEMPORAL_PORT: u16 = 17233;
 const DEFAULT_HTTP_PORT: u16 = 8080;
 const DEFAULT_VAPI_SECRET: &str = "dev-vapi-secret";
 const DATABASE: &str = "callplane";
@@ -82,7 +86,7 @@ fn parse_phase(args: &[String]) -> Result<Phase> {
         "1" => Ok(Phase::One),
         "2" => Ok(Phase::Two),
         "3" => {
-            bail!("phase 3 is not built yet (no Temporal, object storage or search backends); --phase 2 is the latest")
+            bail!("phase 3 is not built yet (no object storage or search backends); --phase 2 is the latest")
         }
         other => bail!("there is no phase {other:?}; {RUN_USAGE}"),
     }
@@ -129,6 +133,15 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             Some(redis)
         }
     };
+    let temporal = match phase {
+        Phase::One => None,
+        Phase::Two => {
+            let port = util::env_port("CALLPLANE_TEMPORAL_PORT", DEFAULT_TEMPORAL_PORT)?;
+            let temporal = Temporal::start(&data_dir().join("temporal"), port)?;
+            eprintln!("xtask: started Temporal on port {port}");
+            Some(temporal)
+        }
+    };
 
     let public_url = format!("http://127.0.0.1:{http_port}");
     let mut callplane = Callplane {
@@ -147,11 +160,18 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             ("CALLPLANE__BACKENDS__FUNCTION_DATA", "redis".to_string()),
         ]);
     }
+    if let Some(temporal) = &temporal {
+        callplane.env.extend([
+            ("CALLPLANE__TEMPORAL__ADDRESS", temporal.address()),
+            ("CALLPLANE__BACKENDS__EVENT_PIPELINE", "temporal".to_string()),
+        ]);
+    }
 
     util::run(&mut callplane.command(&["migrate"]))?;
     let (org, org_is_new) = demo_org(&callplane, database_is_new)?;
     let demo = write_demo_call(&data_dir().join("demo"), Utc::now())?;
-    print_next_steps(&org, &secret, &public_url, &callplane, &demo, org_is_new, redis.as_ref());
+    let phase2 = redis.as_ref().zip(temporal.as_ref());
+    print_next_steps(&org, &secret, &public_url, &callplane, &demo, org_is_new, phase2);
 
     // A new demo organization gets the demo call as soon as the server answers, so that the
     // dashboard API has a call and minutes to show.
@@ -186,6 +206,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 pub fn stop() -> Result<ExitCode> {
     if redis::stop_leftover(&data_dir().join("redis"))? {
         eprintln!("xtask: stopped the development Redis (.data/redis)");
+    }
+    if temporal::stop_leftover(&data_dir().join("temporal"))? {
+        eprintln!("xtask: stopped the development Temporal server (.data/temporal)");
     }
     let cluster = dev_cluster()?;
     if !cluster.is_initialized() {
@@ -458,8 +481,9 @@ fn print_next_steps(
     callplane: &Callplane,
     demo: &DemoCall,
     sent: bool,
-    redis: Option<&Redis>,
+    phase2: Option<(&Redis, &Temporal)>,
 ) {
+    let (redis, temporal) = (phase2.map(|p| p.0), phase2.map(|p| p.1));
     let root = util::repo_root();
     let url = shell_quote(&org.vapi_server_url);
     let auth = shell_quote(&format!("Authorization: Bearer {secret}"));
@@ -472,6 +496,12 @@ fn print_next_steps(
     if let Some(redis) = redis {
         eprintln!("  Redis (phase 2):   {} (data in .data/redis; redis-cli -p {})", redis.url(), redis.port());
     }
+    if let Some(temporal) = temporal {
+        eprintln!(
+            "  Temporal (phase 2): {} (data in .data/temporal; `callplane serve` runs the worker)",
+            temporal.address()
+        );
+    }
     eprintln!();
     eprintln!("The callplane CLI on this database, from another terminal in {}:", root.display());
     for (name, value) in &callplane.env {
@@ -483,6 +513,14 @@ fn print_next_steps(
     eprintln!("  callplane apikey list --org {}", org.id);
     if redis.is_some() {
         eprintln!("  callplane usage reconcile    # Redis's counters against the usage ledger (--repair fixes them)");
+    }
+    if let Some(temporal) = temporal {
+        eprintln!("  callplane worker             # another Temporal worker, apart from the server");
+        eprintln!(
+            "  {} workflow list --address 127.0.0.1:{}   # the calls' workflows",
+            shell_quote(&temporal.cli().to_string_lossy()),
+            temporal.port()
+        );
     }
     eprintln!();
     if sent {
@@ -506,7 +544,8 @@ fn print_next_steps(
         org.api_key
     );
     eprintln!();
-    let services = if redis.is_some() { "callplane, Redis and PostgreSQL" } else { "callplane and PostgreSQL" };
+    let services =
+        if redis.is_some() { "callplane, Redis, Temporal and PostgreSQL" } else { "callplane and PostgreSQL" };
     eprintln!("Ctrl-C stops {services} (XTASK_KEEP_PG=1 keeps PostgreSQL; `cargo xtask stop` stops it).");
     eprintln!();
 }

@@ -61,6 +61,10 @@ impl Temporal {
     /// Starts the development server on 127.0.0.1:`port` (its HTTP and metrics ports are the
     /// next free ones) with its database in `dir`, and waits until it is SERVING.
     pub fn start(dir: &Path, port: u16) -> Result<Self> {
+        // Another server on the port would answer the health check in this one's place.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            bail!("port {port} is already in use: another Temporal server? (CALLPLANE_TEMPORAL_PORT picks another)");
+        }
         let cli = cli()?;
         fs::create_dir_all(dir).with_context(|| format!("could not create {}", dir.display()))?;
         let log = fs::File::create(dir.join("temporal.log"))?;
@@ -78,7 +82,9 @@ impl Temporal {
             .process_group(0);
         let line = describe(&command);
         eprintln!("xtask: $ {line}");
+        stop_leftover(dir)?;
         let child = command.spawn().with_context(|| format!("could not start `{line}`"))?;
+        fs::write(dir.join("temporal.pid"), child.id().to_string())?;
         let mut server = Self { child, cli, port, dir: dir.to_path_buf() };
         server.wait_until_serving()?;
         Ok(server)
@@ -87,6 +93,10 @@ impl Temporal {
     /// The CLI this server runs from (the tests start servers of their own with it).
     pub fn cli(&self) -> &Path {
         &self.cli
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The address callplane and the tests connect to.
@@ -144,6 +154,33 @@ impl Temporal {
             Err(_) => format!("(no server log at {})", log.display()),
         }
     }
+}
+
+/// Stops the Temporal server whose pid file is in `dir`, if one is still running: xtask was
+/// killed before it could stop it. Says whether there was one.
+pub fn stop_leftover(dir: &Path) -> Result<bool> {
+    let Some(pid) = fs::read_to_string(dir.join("temporal.pid")).ok().and_then(|t| t.trim().parse::<u32>().ok()) else {
+        return Ok(false);
+    };
+    // The pid may have been reused since; only a `temporal server` is ours.
+    let is_temporal = |pid: u32| {
+        fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+            String::from_utf8_lossy(&cmd).contains("temporal") && cmd.windows(6).any(|w| w == b"server")
+        })
+    };
+    if !is_temporal(pid) {
+        return Ok(false);
+    }
+    eprintln!("xtask: stopping the Temporal server (pid {pid}) an earlier run left on {}", dir.display());
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().context("could not run `kill`")?;
+    let deadline = Instant::now() + TIMEOUT;
+    while is_temporal(pid) {
+        if Instant::now() >= deadline {
+            bail!("the Temporal server (pid {pid}) on {} did not stop within {TIMEOUT:?}", dir.display());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(true)
 }
 
 impl Drop for Temporal {
