@@ -114,4 +114,10 @@ async fn the_inline_pipeline_passes_the_contract() {
     assert_eq!(app.app.pipeline.backend(), "inline");
     let (a, b) = (app.org("pro").await, app.org("pro").await);
     contracts::event_pipeline(app.app.pipeline.as_ref(), &app.db.store, a.id, b.id).await;
+    // What the operator reads: the contract's five billed calls reached the ledger, and its two
+    // refused events are counted as failures.
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    for line in ["callplane_report_to_ledger_seconds_count 5", "callplane_events_failed_total 2"] {
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in /metrics");
+    }
 }

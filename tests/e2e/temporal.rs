@@ -73,6 +73,7 @@ async fn an_event_is_answered_once_temporal_holds_it_and_applied_by_the_worker()
     })
     .await;
     assert_eq!(metric(&app, "callplane_events_failed_total").await, 0.0);
+    assert_eq!(metric(&app, "callplane_report_to_ledger_seconds_count").await, 1.0, "one report reached the ledger");
     assert!(metric(&app, "callplane_temporal_activity_attempts_total").await >= sent);
     assert!(metric(&app, "callplane_temporal_workflows_completed_total").await >= 1.0, "the call's workflow completed");
 }

@@ -22,6 +22,10 @@
 //! 5. Real time: WebSocket delivery to many subscribers, against NOTIFY → LISTEN → plain
 //!    WebSockets.
 //! 6. Memory: the server's resident set idle and at its peak during benchmark 1.
+//! 7. Pipeline: benchmark 1's reports through the Temporal pipeline against the inline one, on
+//!    a Temporal development server (`target/xtask/temporal-bench`): reports accepted per
+//!    second, reports per second until the last ledger row, and each report's time from
+//!    arrival to its ledger row's commit (the server's `callplane_report_to_ledger_seconds`).
 //!
 //! Every simulation checks its books (each call recorded once, every second billed once) and
 //! the run fails if they do not balance. Results go to `target/bench/results.json` and a
@@ -46,13 +50,19 @@ use crate::stack::{
     self, DATABASE, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, rss_kb, run_with_timeout,
     utc_now,
 };
+use crate::temporal::Temporal;
 use crate::util::{self, Report, describe};
 
 /// Where the generated results go in `docs/BENCHMARKS.md`.
 const MARKERS: (&str, &str) = ("<!-- bench:results:start -->", "<!-- bench:results:end -->");
 
 /// The benchmarks, by the names `--only` takes.
-const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory"];
+const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory", "pipeline"];
+
+/// The benchmarks that run the Temporal pipeline (and need a Temporal server).
+const ON_TEMPORAL: &[&str] = &["pipeline"];
+const PIPELINE_SETTING: &str = "CALLPLANE__BACKENDS__EVENT_PIPELINE";
+const TEMPORAL_ADDRESS_SETTING: &str = "CALLPLANE__TEMPORAL__ADDRESS";
 
 /// The benchmarks that measure phase 2's Redis backends too (and need a `redis-server`).
 const ON_REDIS: &[&str] = &["hot", "agent"];
@@ -69,7 +79,7 @@ Usage: cargo xtask bench [--quick] [--release] [--only NAME,...]
 
   --quick      small sizes, a dev build; checks that every benchmark runs and the books balance
   --release    build the release profile in quick mode too (full mode always does)
-  --only       run some benchmarks: ingest, hot, agent, realtime, dashboard, memory
+  --only       run some benchmarks: ingest, hot, agent, realtime, dashboard, memory, pipeline
 
 CALLPLANE_BIN=/path/to/callplane benchmarks that binary instead of building callplane-server
 (built with `--features phase2` for benchmarks 2 and 3, which also run it on Redis).
@@ -233,6 +243,8 @@ struct Bench {
     cluster: Option<Postgres>,
     /// Running when a benchmark in [`ON_REDIS`] is.
     redis: Option<Redis>,
+    /// Running when a benchmark in [`ON_TEMPORAL`] is.
+    temporal: Option<Temporal>,
     /// Set once the cluster is up.
     loadgen: Option<Loadgen>,
     server: Option<ServerProcess>,
@@ -282,6 +294,7 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         loadgen_binary: binaries.loadgen,
         cluster: None,
         redis: None,
+        temporal: None,
         loadgen: None,
         server: None,
         backends: Backends::Postgres,
@@ -309,6 +322,7 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         bench.run_benchmarks(report);
         report.always("stop callplane serve", || bench.server.take().map_or(Ok(()), |mut s| s.stop()));
         report.always("stop Redis", || bench.redis.take().map_or(Ok(()), |mut r| r.stop()));
+        report.always("stop Temporal", || bench.temporal.take().map_or(Ok(()), |mut t| t.stop()));
         report.always("stop PostgreSQL bench cluster", || bench.cluster.take().map_or(Ok(()), |mut c| c.stop()));
         // A run with a failed benchmark never replaces the published results.
         let all_passed = report.all_passed();
@@ -316,6 +330,7 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     } else {
         bench.server = None;
         bench.redis = None;
+        bench.temporal = None;
         bench.cluster = None;
     }
     Ok(())
@@ -344,6 +359,15 @@ impl Bench {
             eprintln!("xtask: started Redis on port {}", redis.port());
             self.redis = Some(redis);
         }
+        if ON_TEMPORAL.iter().any(|name| self.options.runs(name)) {
+            let dir = util::target_dir().join("xtask/temporal-bench");
+            if dir.exists() {
+                fs::remove_dir_all(&dir).with_context(|| format!("could not remove {}", dir.display()))?;
+            }
+            let temporal = Temporal::start(&dir, pg::free_port()?)?;
+            eprintln!("xtask: started Temporal on {}", temporal.address());
+            self.temporal = Some(temporal);
+        }
         let log = self.out_dir.join("server.log");
         // A fresh log each run (the server appends to it).
         fs::write(&log, "").with_context(|| format!("could not create {}", log.display()))?;
@@ -363,6 +387,10 @@ impl Bench {
         // loadgen reads the counter's too, to know where to check it.
         for name in BACKEND_SETTINGS {
             spec = spec.with_env(name, Backends::Postgres.setting());
+        }
+        spec = spec.with_env(PIPELINE_SETTING, "inline");
+        if let Some(temporal) = &self.temporal {
+            spec = spec.with_env(TEMPORAL_ADDRESS_SETTING, temporal.address());
         }
         if let Some(redis) = &self.redis {
             spec = spec.with_env(REDIS_URL_SETTING, redis.url());
@@ -398,6 +426,110 @@ impl Bench {
         Ok(())
     }
 
+    /// Restarts the server with `backends.event_pipeline = pipeline` (its metrics start afresh).
+    fn use_pipeline(&mut self, pipeline: &str) -> Result<()> {
+        let loadgen = self.loadgen.as_mut().context("the server was never started")?;
+        let spec = loadgen.spec.clone().with_env(PIPELINE_SETTING, pipeline);
+        if let Some(mut server) = self.server.take() {
+            server.stop()?;
+        }
+        eprintln!("xtask: restarting callplane serve on the {pipeline} pipeline");
+        self.server = Some(spec.start(Duration::from_secs(60))?);
+        loadgen.spec = spec;
+        Ok(())
+    }
+
+    /// Benchmark 1's reports through each pipeline: accepted per second, per second until the
+    /// books balance (the last ledger row), and the server's arrival-to-ledger latency.
+    fn pipeline(&mut self) -> Result<()> {
+        let s = &self.sizes;
+        let (clients, seconds, calls, orgs) =
+            (s.ingest_clients, s.ingest_seconds, s.ingest_seconds * 5_000, s.ingest_orgs);
+        let mut figures = serde_json::Map::new();
+        for pipeline in ["inline", "temporal"] {
+            self.use_pipeline(pipeline)?;
+            let run_file = self.out_dir.join(format!("pipeline-{pipeline}.json"));
+            let started = std::time::Instant::now();
+            let summary = self.loadgen_json(
+                &format!(
+                    "simulate --lifecycle report-only --orgs {orgs} --plans pro=1,business=1 --calls {calls} \
+                     --max-concurrent {clients} --time-limit-secs {seconds} --skew 0 --duplicate-rate 0 \
+                     --out-of-order-rate 0 --label pipeline-{pipeline} --seed 13 --no-check --run-file {} --json",
+                    run_file.display()
+                ),
+                self.sizes.short_timeout,
+                false,
+            )?;
+            let accepted = number(&summary, "/reports_per_second")?;
+            let books = self.books_when_balanced(&run_file, self.sizes.short_timeout)?;
+            let settled = started.elapsed().as_secs_f64();
+            let sent = books.get("expected_calls").and_then(Value::as_u64).unwrap_or(0);
+            self.check_simulation(&format!("7. pipeline, {pipeline}"), &json!({ "errors": 0, "books": books }))?;
+            let metrics = http::get(self.http_addr(), "/metrics", Duration::from_secs(5))
+                .map_err(|e| anyhow::anyhow!("GET /metrics failed: {e:?}"))?
+                .body;
+            let ledger = |q: f64| histogram_quantile(&metrics, "callplane_report_to_ledger_seconds", "", q);
+            let figure = json!({
+                "accepted_per_second": accepted,
+                "calls": sent,
+                "seconds_until_balanced": settled,
+                "ledger_per_second": sent as f64 / settled,
+                "report_to_ledger_p50_ms": ledger(0.5),
+                "report_to_ledger_p99_ms": ledger(0.99),
+                "simulation": summary,
+            });
+            eprintln!("xtask: {pipeline} pipeline: {figure:#}");
+            figures.insert(pipeline.into(), figure);
+        }
+        self.use_pipeline("inline")?;
+        let get = |pipeline: &str, key: &str| figures.get(pipeline).and_then(|f| f.get(key)).and_then(Value::as_f64);
+        let rows = [
+            ("end-of-call reports/s accepted (answered 200)", "accepted_per_second", "/s", ""),
+            (
+                "end-of-call reports/s until the last ledger row committed",
+                "ledger_per_second",
+                "/s",
+                "from the first report sent until the books balance",
+            ),
+            (
+                "report arrival → ledger row committed, p50",
+                "report_to_ledger_p50_ms",
+                "ms",
+                "server-side histogram: the upper bound of the bucket",
+            ),
+            ("report arrival → ledger row committed, p99", "report_to_ledger_p99_ms", "ms", ""),
+        ];
+        for (metric, key, unit, note) in rows {
+            let Some(temporal) = get("temporal", key) else { bail!("the temporal run has no {key}") };
+            self.rows.push(Row {
+                benchmark: "7. Pipeline".into(),
+                metric: format!("{metric}, {clients} clients, {orgs} orgs, Temporal pipeline"),
+                unit,
+                callplane: temporal,
+                baseline: get("inline", key),
+                baseline_is: "the inline pipeline, same run, same reports".into(),
+                note: note.into(),
+            });
+        }
+        self.raw.insert("pipeline".into(), Value::Object(figures));
+        Ok(())
+    }
+
+    /// `callplane-loadgen books` on a saved run until it balances (a pipeline still catching up
+    /// has not written every row yet), or `timeout`; returns the last books.
+    fn books_when_balanced(&self, run_file: &Path, timeout: Duration) -> Result<Value> {
+        let started = std::time::Instant::now();
+        loop {
+            let books =
+                self.loadgen_json(&format!("books --run-file {} --json", run_file.display()), timeout, false)?;
+            let balanced = books.get("problem_count").and_then(Value::as_u64) == Some(0);
+            if balanced || started.elapsed() >= timeout || util::interrupted() {
+                return Ok(books);
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     fn http_addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.http_port))
     }
@@ -412,13 +544,14 @@ impl Bench {
 
     fn run_benchmarks(&mut self, report: &mut Report) {
         type Step = fn(&mut Bench) -> Result<()>;
-        let steps: [(&str, &str, Step); 6] = [
+        let steps: [(&str, &str, Step); 7] = [
             ("ingest", "1. ingest: end-of-call reports vs pgbench", Bench::ingest),
             ("hot", "3. hot organization (Postgres and Redis counters) vs uniform ingest", Bench::hot_org),
             ("agent", "2. agent latency with calls in flight (Postgres and Redis) vs /healthz", Bench::agent_latency),
             ("realtime", "5. real time: WebSocket delivery vs raw NOTIFY", Bench::realtime),
             ("dashboard", "4. dashboard: /v1/calls vs an unpartitioned table", Bench::dashboard),
             ("memory", "6. memory: server RSS idle and under ingest", Bench::memory),
+            ("pipeline", "7. pipeline: Temporal vs inline, accepted, to the ledger, latency", Bench::pipeline),
         ];
         for (name, title, step) in steps {
             if self.options.runs(name) {
@@ -1071,7 +1204,14 @@ fn csv_row(output: &str, test: &str) -> Option<serde_json::Map<String, Value>> {
 /// The smallest bucket bound (ms) of the server's webhook latency histogram for `kind` that holds
 /// the `quantile` share of its requests, from `/metrics`' text.
 fn server_side_quantile(metrics: &str, kind: &str, quantile: f64) -> Option<f64> {
-    let prefix = format!("callplane_webhook_seconds_bucket{{type=\"{kind}\",le=\"");
+    histogram_quantile(metrics, "callplane_webhook_seconds", &format!("type=\"{kind}\""), quantile)
+}
+
+/// The upper bound (ms) of the bucket of a server-side histogram `name` (with `labels`, as in
+/// `type="tool-calls"`, or none) that holds the `quantile`.
+fn histogram_quantile(metrics: &str, name: &str, labels: &str, quantile: f64) -> Option<f64> {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let prefix = format!("{name}_bucket{{{labels}{sep}le=\"");
     let buckets: Vec<(f64, f64)> = metrics
         .lines()
         .filter_map(|line| line.strip_prefix(&prefix))
@@ -1082,7 +1222,10 @@ fn server_side_quantile(metrics: &str, kind: &str, quantile: f64) -> Option<f64>
         .collect();
     let total = metrics
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("callplane_webhook_seconds_count{{type=\"{kind}\"}} ")))?
+        .find_map(|l| {
+            let count = if labels.is_empty() { format!("{name}_count ") } else { format!("{name}_count{{{labels}}} ") };
+            l.strip_prefix(&count).map(str::to_owned)
+        })?
         .trim()
         .parse::<f64>()
         .ok()?;
@@ -1142,6 +1285,23 @@ mod tests {
             note: String::new(),
         };
         assert_eq!(row.ratio(), Some(0.25));
+    }
+
+    #[test]
+    fn histogram_quantiles_are_read_with_and_without_labels() {
+        let metrics = "callplane_webhook_seconds_bucket{type=\"tool-calls\",le=\"0.001\"} 50\n\
+                       callplane_webhook_seconds_bucket{type=\"tool-calls\",le=\"0.005\"} 99\n\
+                       callplane_webhook_seconds_bucket{type=\"tool-calls\",le=\"+Inf\"} 100\n\
+                       callplane_webhook_seconds_count{type=\"tool-calls\"} 100\n\
+                       callplane_report_to_ledger_seconds_bucket{le=\"0.01\"} 1\n\
+                       callplane_report_to_ledger_seconds_bucket{le=\"0.1\"} 4\n\
+                       callplane_report_to_ledger_seconds_bucket{le=\"+Inf\"} 4\n\
+                       callplane_report_to_ledger_seconds_count 4\n";
+        assert_eq!(server_side_quantile(metrics, "tool-calls", 0.5), Some(1.0));
+        assert_eq!(server_side_quantile(metrics, "tool-calls", 0.99), Some(5.0));
+        assert_eq!(histogram_quantile(metrics, "callplane_report_to_ledger_seconds", "", 0.5), Some(100.0));
+        assert_eq!(histogram_quantile(metrics, "callplane_report_to_ledger_seconds", "", 0.25), Some(10.0));
+        assert_eq!(server_side_quantile(metrics, "assistant-request", 0.5), None);
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub async fn metrics(
         ("callplane_inbox_bytes", "Bytes of accepted events waiting in the intake.", intake.bytes as f64),
         ("callplane_inbox_oldest_seconds", "Age of the oldest event waiting in the intake.", intake.oldest_age_seconds),
     ]);
-    let mut counters = vec![
+    let counters = [
         (
             "callplane_inbox_drained_total",
             "Events processed (or kept as dead letters) out of the intake by this process.",
@@ -118,8 +118,9 @@ pub async fn metrics(
             s.auth_throttle.throttled_total(),
         ),
     ];
-    counters.extend(s.pipeline.counters());
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&gauges, &counters)))
+    let mut text = s.metrics.render(&gauges, &counters);
+    s.pipeline.render_metrics(&mut text);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

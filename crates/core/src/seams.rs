@@ -369,10 +369,8 @@ pub trait EventPipeline: Send + Sync {
         error: &str,
         received_at: DateTime<Utc>,
     ) -> StoreResult<i64>;
-    /// The pipeline's counters for `/metrics`: (name, help, value).
-    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        Vec::new()
-    }
+    /// Appends the pipeline's figures to `/metrics`, in Prometheus's text format.
+    fn render_metrics(&self, _out: &mut String) {}
 }
 
 /// Operators' changes to organizations and their API keys (the admin surface and the CLI).

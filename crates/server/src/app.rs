@@ -221,9 +221,10 @@ impl Backends {
         );
         let dead_letters = DeadLetters::new(store.clone(), processor.clone());
         #[cfg(feature = "temporal")]
-        let temporal = settings
-            .uses_temporal()
-            .then(|| callplane_temporal::TemporalPipeline::new(settings.temporal_settings(), dead_letters.clone()));
+        let temporal = settings.uses_temporal().then(|| {
+            let stats = processor.stats();
+            callplane_temporal::TemporalPipeline::new(settings.temporal_settings(), dead_letters.clone(), stats)
+        });
         let pipeline: Arc<dyn EventPipeline> = match settings.backends.event_pipeline {
             PipelineBackend::Inline => Arc::new(InlinePipeline::new(processor.clone(), dead_letters.clone())),
             #[cfg(feature = "temporal")]

@@ -62,7 +62,8 @@ fn worker_identity() -> String {
 }
 
 impl TemporalPipeline {
-    pub fn new(settings: TemporalSettings, dead_letters: DeadLetters) -> Self {
+    /// `processing`: the stats of the processor the worker runs (`Processor::stats`).
+    pub fn new(settings: TemporalSettings, dead_letters: DeadLetters, processing: Arc<ProcessingStats>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 settings,
@@ -70,7 +71,7 @@ impl TemporalPipeline {
                 dead_letters,
                 waiters: Waiters::default(),
                 stats: Arc::default(),
-                processing: Arc::default(),
+                processing,
             }),
         }
     }
@@ -85,10 +86,6 @@ impl TemporalPipeline {
 
     pub fn stats(&self) -> Arc<TemporalStats> {
         self.inner.stats.clone()
-    }
-
-    pub(crate) fn processing(&self) -> Arc<ProcessingStats> {
-        self.inner.processing.clone()
     }
 
     /// The client, connecting when there is none yet.
@@ -170,9 +167,8 @@ impl EventPipeline for TemporalPipeline {
         self.inner.dead_letters.keep_unprocessed(org, body, raw, code, error, received_at).await
     }
 
-    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let mut counters = self.inner.processing.counters();
-        counters.extend(self.inner.stats.counters());
-        counters
+    fn render_metrics(&self, out: &mut String) {
+        self.inner.processing.render(out);
+        self.inner.stats.render(out);
     }
 }

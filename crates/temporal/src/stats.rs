@@ -19,7 +19,6 @@ pub struct TemporalStats {
     pub activity_failures: AtomicU64,
     /// Time from an activity attempt being scheduled to a worker starting it.
     schedule_to_start_micros: AtomicU64,
-    schedule_to_start_max_micros: AtomicU64,
 }
 
 pub(crate) static WORKFLOWS_STARTED: AtomicU64 = AtomicU64::new(0);
@@ -40,11 +39,18 @@ impl TemporalStats {
         if let Some(waited) = waited {
             let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
             self.schedule_to_start_micros.fetch_add(micros, Ordering::Relaxed);
-            self.schedule_to_start_max_micros.fetch_max(micros, Ordering::Relaxed);
         }
     }
 
-    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+    /// The figures in Prometheus's text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        for (name, help, value) in self.counters() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
             (
@@ -92,11 +98,6 @@ impl TemporalStats {
                 "callplane_temporal_schedule_to_start_microseconds_sum",
                 "Total time activity attempts waited between being scheduled and starting.",
                 get(&self.schedule_to_start_micros),
-            ),
-            (
-                "callplane_temporal_schedule_to_start_microseconds_max",
-                "The longest an activity attempt waited between being scheduled and starting.",
-                get(&self.schedule_to_start_max_micros),
             ),
         ]
     }

@@ -62,11 +62,11 @@ pub fn spawn_worker(
 ) -> std::io::Result<WorkerHandle> {
     let settings = pipeline.settings().clone();
     let activities = CallActivities {
+        processing: processor.stats(),
         processor,
         dead_letters,
         waiters: pipeline.waiters(),
         stats: pipeline.stats(),
-        processing: pipeline.processing(),
         runtime: tokio::runtime::Handle::current(),
     };
     let stopping = Arc::new(AtomicBool::new(false));

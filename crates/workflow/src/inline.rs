@@ -20,7 +20,8 @@ pub struct InlinePipeline {
 
 impl InlinePipeline {
     pub fn new(processor: Processor, dead_letters: DeadLetters) -> Self {
-        Self { processor, dead_letters, stats: Arc::default() }
+        let stats = processor.stats();
+        Self { processor, dead_letters, stats }
     }
 }
 
@@ -52,7 +53,7 @@ impl EventPipeline for InlinePipeline {
         result
     }
 
-    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        self.stats.counters()
+    fn render_metrics(&self, out: &mut String) {
+        self.stats.render(out);
     }
 }

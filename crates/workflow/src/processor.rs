@@ -84,6 +84,7 @@ pub struct Processor {
     transcripts: Arc<dyn TranscriptStore>,
     bus: Arc<dyn RealtimeBus>,
     settings: PipelineSettings,
+    stats: Arc<ProcessingStats>,
 }
 
 impl Processor {
@@ -94,7 +95,12 @@ impl Processor {
         bus: Arc<dyn RealtimeBus>,
         settings: PipelineSettings,
     ) -> Self {
-        Self { store, metering, transcripts, bus, settings }
+        Self { store, metering, transcripts, bus, settings, stats: Arc::default() }
+    }
+
+    /// What this processor did, shared by whatever runs it.
+    pub fn stats(&self) -> Arc<ProcessingStats> {
+        self.stats.clone()
     }
 
     pub fn settings(&self) -> &PipelineSettings {
@@ -193,6 +199,9 @@ impl Processor {
         if change.is_some() && queue_events {
             self.bus.queued();
         }
+        if change.as_ref().is_some_and(|c| c.billed.is_some()) {
+            self.stats.ledger_written((Utc::now() - ev.received_at).to_std().unwrap_or_default());
+        }
         if let Some(c) = change.as_ref().filter(|c| c.duration_unknown) {
             warn!(call_id = %c.call_id, "the call ended connected but no source gave its duration; \
                    not billed yet, marked for review (reconciliation asks VAPI)");
@@ -251,12 +260,21 @@ impl Processor {
     }
 }
 
-/// How many events a pipeline finished processing, and how many of those failed (kept as dead
-/// letters, or lost): the share the advisor's "webhook processing failures" trigger reads.
+/// Seconds from a report's arrival to its ledger row's commit: from the inline pipeline's few
+/// milliseconds to a queue's backlog or an outage's minutes.
+const LEDGER_BUCKETS: [f64; 15] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+/// How many events a processor finished processing, how many of those failed (kept as dead
+/// letters, or lost): the share the advisor's "webhook processing failures" trigger reads; and
+/// how long reports took from arrival to their ledger row.
 #[derive(Debug, Default)]
 pub struct ProcessingStats {
     processed: AtomicU64,
     failed: AtomicU64,
+    ledger_buckets: [AtomicU64; LEDGER_BUCKETS.len()],
+    ledger_count: AtomicU64,
+    ledger_micros: AtomicU64,
 }
 
 impl ProcessingStats {
@@ -275,18 +293,48 @@ impl ProcessingStats {
         }
     }
 
-    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        vec![
+    /// A report's ledger row committed `took` after the report arrived.
+    fn ledger_written(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        for (bucket, le) in self.ledger_buckets.iter().zip(LEDGER_BUCKETS) {
+            if secs <= le {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.ledger_count.fetch_add(1, Ordering::Relaxed);
+        self.ledger_micros.fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The figures in Prometheus's text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let counters = [
             (
                 "callplane_events_processed_total",
                 "Events this process finished processing (applied, unchanged, ignored or failed).",
-                self.processed.load(Ordering::Relaxed),
+                get(&self.processed),
             ),
             (
                 "callplane_events_failed_total",
                 "Events this process failed to process: kept as dead letters (or lost, if even that failed).",
-                self.failed.load(Ordering::Relaxed),
+                get(&self.failed),
             ),
-        ]
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
+        let name = "callplane_report_to_ledger_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From an end-of-call report's arrival to its ledger row's commit.\n# TYPE {name} histogram"
+        );
+        for (bucket, le) in self.ledger_buckets.iter().zip(LEDGER_BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {}", get(bucket));
+        }
+        let count = get(&self.ledger_count);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", get(&self.ledger_micros) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
     }
 }
