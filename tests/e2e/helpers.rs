@@ -189,15 +189,22 @@ impl TestApp {
         self.app.state.metering.used(org, period).await.unwrap()
     }
 
-    /// Waits for the call to be recorded (an answered event is recorded on its own), then
-    /// deletes every trace of it, so only what a later message carries can route it.
-    pub async fn forget_call(&self, org: OrgId, id: &str) {
-        for _ in 0..100 {
-            if self.call(org, id).await.is_some() {
-                break;
+    /// The call once it is recorded: an answered event (`assistant-request`, a tool call) is
+    /// recorded on its own, after its answer, so a test reading the row waits for it (10 s).
+    pub async fn recorded_call(&self, org: OrgId, id: &str) -> CallRecord {
+        for _ in 0..200 {
+            if let Some(call) = self.call(org, id).await {
+                return call;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        panic!("call {id} was not recorded within 10 s");
+    }
+
+    /// Waits for the call to be recorded (an answered event is recorded on its own), then
+    /// deletes every trace of it, so only what a later message carries can route it.
+    pub async fn forget_call(&self, org: OrgId, id: &str) {
+        self.recorded_call(org, id).await;
         for sql in ["DELETE FROM calls WHERE id = $1", "DELETE FROM call_keys WHERE vapi_call_id = $1"] {
             sqlx::query(sql).bind(id).execute(self.db.store.pool()).await.unwrap();
         }

@@ -519,9 +519,13 @@ impl Bench {
     /// has not written every row yet), or `timeout`; returns the last books.
     fn books_when_balanced(&self, run_file: &Path, timeout: Duration) -> Result<Value> {
         let started = std::time::Instant::now();
+        let loadgen = self.loadgen.as_ref().context("the server is not running")?;
+        let args = format!("books --run-file {} --json", run_file.display());
+        eprintln!("xtask: $ callplane-loadgen {args} (until the books balance)");
         loop {
-            let books =
-                self.loadgen_json(&format!("books --run-file {} --json", run_file.display()), timeout, false)?;
+            // It exits 1 while they do not balance yet: the JSON says why.
+            let (_, output) = stack::Background::spawn(loadgen.command(&args, false))?.finish(timeout)?;
+            let books = stack::last_json(&output)?;
             let balanced = books.get("problem_count").and_then(Value::as_u64) == Some(0);
             if balanced || started.elapsed() >= timeout || util::interrupted() {
                 return Ok(books);

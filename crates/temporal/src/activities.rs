@@ -95,11 +95,12 @@ fn retry(why: String) -> ActivityError {
 
 impl CallActivities {
     /// Notes the attempt, then runs `work` on the process's runtime. A panic is a failed
-    /// attempt; after a few, the event is kept as a dead letter instead.
+    /// attempt; after a few, the step gives up with `on_give_up`: the event is kept as a dead
+    /// letter (`event`), or the step is left to a repair loop (`None`: counting).
     async fn run<T: Send + 'static>(
         self: &Arc<Self>,
         ctx: &ActivityContext,
-        event: &Envelope,
+        event: Option<&Envelope>,
         work: impl Future<Output = Result<T, String>> + Send + 'static,
         on_give_up: T,
     ) -> Result<T, ActivityError> {
@@ -114,7 +115,9 @@ impl CallActivities {
             Ok(result) => result,
             Err(join) if join.is_panic() && attempt >= PANICS_BEFORE_DEAD_LETTER => {
                 let why = format!("processing panicked {attempt} times (see the log)");
-                self.give_up(event, &why).await.map_err(retry)?;
+                if let Some(event) = event {
+                    self.give_up(event, &why).await.map_err(retry)?;
+                }
                 return Ok(on_give_up);
             }
             Err(join) => Err(format!("processing stopped: {join}")),
@@ -198,7 +201,7 @@ impl CallActivities {
                 Err(failure) => this.failed(&inbound, &ev.key, failure).await,
             }
         };
-        self.run(&ctx, &event, work, Applied::Done).await
+        self.run(&ctx, Some(&event), work, Applied::Done).await
     }
 
     /// Step 2: the seconds billed added to the usage counter; returns the alerts reached. Never
@@ -210,12 +213,6 @@ impl CallActivities {
         step: CountStep,
     ) -> Result<Vec<UsageAlert>, ActivityError> {
         let this = self.clone();
-        let event = Envelope {
-            key: step.key,
-            org_id: step.org_id,
-            received_at: chrono::Utc::now(),
-            message: serde_json::Value::Null,
-        };
         let work = async move {
             let alerts = this.processor.count(step.org_id, &step.change).await;
             if !step.finish && alerts.is_empty() {
@@ -223,7 +220,8 @@ impl CallActivities {
             }
             Ok(alerts)
         };
-        self.run(&ctx, &event, work, Vec::new()).await
+        // Given up, the ledger row stays uncounted and the repair loop counts it.
+        self.run(&ctx, None, work, Vec::new()).await
     }
 
     /// Step 3: a transcript kept outside the database, and what is published after commit.
@@ -242,7 +240,7 @@ impl CallActivities {
             }
             Ok(())
         };
-        self.run(&ctx, &event, work, ()).await
+        self.run(&ctx, Some(&event), work, ()).await
     }
 }
 

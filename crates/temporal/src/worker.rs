@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use std::thread::JoinHandle;
 use std::time::Duration;
-use temporalio_sdk::runtime::RuntimeOptions;
 use temporalio_sdk::runtime::worker_tuner::{FixedSizeSlotSupplier, TunerHolder};
+use temporalio_sdk::runtime::{PollerBehavior, RuntimeOptions};
 use temporalio_sdk::{Runtime, Worker, WorkerOptions};
 use tracing::{info, warn};
 
@@ -99,9 +99,18 @@ pub fn spawn_worker(
                     .local_activity_task_slot_supplier(FixedSizeSlotSupplier::new(slots))
                     .nexus_task_slot_supplier(FixedSizeSlotSupplier::new(1))
                     .build();
-                let options = WorkerOptions::new(settings.task_queue.clone())
-                    .register_workflow::<CallWorkflow>()
-                    .map(|o| o.register_activities(activities.clone()).tuner(tuner).build());
+                // Most calls' first workflow task is on the shared queue (a new run), not the
+                // worker's sticky one: poll both evenly, where the SDK's default ratio gives the
+                // shared queue one poller in five.
+                let pollers = (slots / 2).clamp(2, 10);
+                let options =
+                    WorkerOptions::new(settings.task_queue.clone()).register_workflow::<CallWorkflow>().map(|o| {
+                        o.register_activities(activities.clone())
+                            .tuner(tuner)
+                            .workflow_task_poller_behavior(PollerBehavior::SimpleMaximum(pollers))
+                            .nonsticky_to_sticky_poll_ratio(0.5)
+                            .build()
+                    });
                 let mut worker = match options
                     .map_err(|e| e.to_string())
                     .and_then(|options| Worker::new(&core, client, options).map_err(|e| e.to_string()))
