@@ -44,10 +44,7 @@ impl TemporalStats {
 
     /// The figures in Prometheus's text format.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        for (name, help, value) in self.counters() {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        }
+        callplane_workflow::render_counters(out, &self.counters());
     }
 
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {

@@ -18,4 +18,4 @@ pub use dead_letters::{DeadLetters, ReplayReport};
 pub use inbox::{Inbox, InboxError, InboxLimits, StoredEvent};
 pub use inline::InlinePipeline;
 pub use intake::{DrainReport, IntakeSettings, LocalIntake};
-pub use processor::{Failure, PipelineSettings, ProcessingStats, Processor};
+pub use processor::{Failure, PipelineSettings, ProcessingStats, Processor, render_counters};

@@ -260,6 +260,14 @@ impl Processor {
     }
 }
 
+/// Counters, (name, help, value), in Prometheus's text format.
+pub fn render_counters(out: &mut String, counters: &[(&str, &str, u64)]) {
+    use std::fmt::Write;
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    }
+}
+
 /// Seconds from a report's arrival to its ledger row's commit: from the inline pipeline's few
 /// milliseconds to a queue's backlog or an outage's minutes.
 const LEDGER_BUCKETS: [f64; 15] =
@@ -321,9 +329,7 @@ impl ProcessingStats {
                 get(&self.failed),
             ),
         ];
-        for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        }
+        render_counters(out, &counters);
         let name = "callplane_report_to_ledger_seconds";
         let _ = writeln!(
             out,
