@@ -76,6 +76,30 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// `callplane serve` on `inbox` with `env` added (later entries win); waits until it answers
+    /// `/healthz`.
+    pub async fn serve_with(&self, inbox: &str, env: &[(&str, String)]) -> Server {
+        let child = self
+            .command(&["serve"])
+            .env("CALLPLANE__INBOX__DIR", inbox)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server(child);
+        let url = format!("http://{}/healthz", self.addr);
+        for _ in 0..200 {
+            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+                return server;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("callplane serve did not start");
+    }
+}
+
 pub struct Server(pub Child);
 
 impl Drop for Server {

@@ -210,23 +210,7 @@ async fn with_the_inbox_full_and_the_database_away_webhooks_are_refused_with_ret
 
 /// Starts `callplane serve` with the given database URL and inbox; waits until it answers.
 async fn serve(cli: &crate::cli::Cli, database_url: &str, inbox: &str) -> crate::cli::Server {
-    let child = crate::cli::Server(
-        cli.command(&["serve"])
-            .env("CALLPLANE__DATABASE__URL", database_url)
-            .env("CALLPLANE__INBOX__DIR", inbox)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!("http://{}/healthz", cli.addr);
-    for _ in 0..100 {
-        if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
-            return child;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("callplane serve did not start");
+    cli.serve_with(inbox, &[("CALLPLANE__DATABASE__URL", database_url.to_owned())]).await
 }
 
 /// A migrated database with one organization, and the real binary serving it through a

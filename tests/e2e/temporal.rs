@@ -176,25 +176,12 @@ async fn serve(
     pipeline: &str,
     worker: &str,
 ) -> crate::cli::Server {
-    let child = crate::cli::Server(
-        cli.command(&["serve"])
-            .env("CALLPLANE__INBOX__DIR", inbox)
-            .env("CALLPLANE__BACKENDS__EVENT_PIPELINE", pipeline)
-            .env("CALLPLANE__TEMPORAL__ADDRESS", temporal.address())
-            .env("CALLPLANE__TEMPORAL__WORKER", worker)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!("http://{}/healthz", cli.addr);
-    for _ in 0..200 {
-        if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
-            return child;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("callplane serve ({pipeline}) did not start");
+    let env = [
+        ("CALLPLANE__BACKENDS__EVENT_PIPELINE", pipeline.to_owned()),
+        ("CALLPLANE__TEMPORAL__ADDRESS", temporal.address()),
+        ("CALLPLANE__TEMPORAL__WORKER", worker.to_owned()),
+    ];
+    cli.serve_with(inbox, &env).await
 }
 
 /// Stops a server as a process manager does (SIGTERM): it answers what it holds, then exits.
