@@ -78,16 +78,20 @@ fn refused_outcome(code: ErrorCode) -> &'static str {
     }
 }
 
-/// How long an `assistant-request` answer waits to learn whether recording the event was
-/// refused (another organization's call id, a far-future time). The answer never waits
-/// longer, nor past the deadline: the caller is on the line, and the event is safe in the
-/// intake already. A tool's answer (`tool-calls`, `function-call`,
-/// `transfer-destination-request`) does not wait for its event at all: the answer does not
-/// depend on it, a refusal mid-call would only take the answer from a caller already
-/// admitted, and what such an event tells (a call in progress, the tool asked for) the
-/// end-of-call report tells again, with the whole conversation. Its event is stored by the
-/// inbox's next group commit, a few milliseconds later, and processed (or dead-lettered) as
-/// any other.
+/// How long an `assistant-request` answer waits, from the request's arrival, to learn whether
+/// recording the event was refused (another organization's call id, a far-future time): this
+/// long or a quarter of the answer deadline, whichever is shorter. The answer never waits
+/// longer: the caller is on the line. Past the budget the recording goes on in its own task
+/// (the inbox's group commit, then processing, or a dead letter), as it does for a tool. Under a
+/// burst the budget is what an answer spends waiting on the inbox and the database; the rest
+/// of the deadline is the margin for a machine too busy to run the handler promptly.
+///
+/// A tool's answer (`tool-calls`, `function-call`, `transfer-destination-request`) does not
+/// wait for its event at all: the answer does not depend on it, a refusal mid-call would only
+/// take the answer from a caller already admitted, and what such an event tells (a call in
+/// progress, the tool asked for) the end-of-call report tells again, with the whole
+/// conversation. Its event is stored by the inbox's next group commit, a few milliseconds
+/// later, and processed (or dead-lettered) as any other.
 const RECORDING_BUDGET: Duration = Duration::from_millis(500);
 
 async fn receive(
@@ -223,7 +227,8 @@ async fn receive(
     let intake = s.intake.clone();
     let tool = msg.kind != MessageKind::AssistantRequest;
     let recording_budget =
-        if tool { Duration::ZERO } else { RECORDING_BUDGET.min(deadline.saturating_sub(started.elapsed())) };
+        if tool { Duration::ZERO } else { RECORDING_BUDGET.min(deadline / 4).saturating_sub(started.elapsed()) };
+    let recording_until = Instant::now() + recording_budget;
     let mut recording = tokio::spawn(async move {
         let recorded = intake.accept(webhook, event, recording_budget, true).await;
         if tool {
@@ -245,14 +250,14 @@ async fn receive(
     if tool {
         return Ok((answer, "answered"));
     }
-    match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), &mut recording).await {
+    match tokio::time::timeout(recording_until.saturating_duration_since(Instant::now()), &mut recording).await {
         Ok(Ok(Err(IntakeError::Rejected { code, message }))) => return Err(ApiError::client(code, message)),
         Ok(Ok(Err(e @ IntakeError::Overloaded { .. }))) => {
             tracing::error!(error = ?e, "an answered event could not be stored")
         }
         Ok(Err(e)) => tracing::error!(error = %e, "recording an answered event panicked"),
         Ok(Ok(Ok(_))) => {}
-        // Still writing to disk at the deadline: the task goes on; the answer goes now.
+        // Still recording when the budget ran out: the task goes on; the answer goes now.
         Err(_) => warn!("recording is slow; answering without waiting (it continues)"),
     }
     Ok((answer, "answered"))
