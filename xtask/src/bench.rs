@@ -26,6 +26,9 @@
 //!    a Temporal development server (`target/xtask/temporal-bench`): reports accepted per
 //!    second, reports per second until the last ledger row, and each report's time from
 //!    arrival to its ledger row's commit (the server's `callplane_report_to_ledger_seconds`).
+//!    Each also against Temporal's own limit on the same server: `callplane-temporal-baseline`
+//!    runs empty workflows of the same shape (signal-with-start carrying a report's body, three
+//!    local activities that do nothing) from as many clients, with no database and no HTTP.
 //!
 //! Every simulation checks its books (each call recorded once, every second billed once) and
 //! the run fails if they do not balance. Results go to `target/bench/results.json` and a
@@ -245,6 +248,8 @@ struct Bench {
     redis: Option<Redis>,
     /// Running when a benchmark in [`ON_TEMPORAL`] is.
     temporal: Option<Temporal>,
+    /// `callplane-temporal-baseline`, built when a benchmark in [`ON_TEMPORAL`] runs.
+    temporal_baseline: Option<PathBuf>,
     /// Set once the cluster is up.
     loadgen: Option<Loadgen>,
     server: Option<ServerProcess>,
@@ -288,10 +293,18 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     let started_at = utc_now();
     // One binary serves both backends: the configuration picks them.
     let Some(binaries) = Binaries::build(report, &options, &["phase2"]) else { return Ok(()) };
+    let temporal_baseline = match ON_TEMPORAL.iter().any(|name| options.runs(name)) {
+        true => match build_temporal_baseline(report, &options) {
+            Some(path) => Some(path),
+            None => return Ok(()),
+        },
+        false => None,
+    };
     let mut bench = Bench {
         sizes,
         out_dir: util::target_dir().join("bench"),
         loadgen_binary: binaries.loadgen,
+        temporal_baseline,
         cluster: None,
         redis: None,
         temporal: None,
@@ -334,6 +347,24 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         bench.cluster = None;
     }
     Ok(())
+}
+
+/// Builds `callplane-temporal-baseline` (Temporal's own limit for benchmark 7) in the
+/// benchmarks' profile; `None` when the build failed (the report says why).
+fn build_temporal_baseline(report: &mut Report, options: &Options) -> Option<PathBuf> {
+    let profile = if options.release_build() { "release" } else { "debug" };
+    let mut built = false;
+    report.step("build callplane-temporal-baseline", || {
+        let mut command = util::cargo();
+        command.args(["build", "-p", "callplane-temporal", "--bin", "callplane-temporal-baseline"]);
+        if options.release_build() {
+            command.arg("--release");
+        }
+        util::run(&mut command)?;
+        built = true;
+        Ok(())
+    });
+    built.then(|| util::target_dir().join(profile).join("callplane-temporal-baseline"))
 }
 
 /// Starts a `redis-server` that keeps nothing, in a fresh `target/xtask/redis-bench`, on a free
@@ -482,6 +513,20 @@ impl Bench {
             figures.insert(pipeline.into(), figure);
         }
         self.use_pipeline("inline")?;
+        // Temporal's own limit: the same shape with nothing in it, on the same server.
+        let raw = self.temporal_baseline(clients, seconds)?;
+        eprintln!("xtask: Temporal's own limit (no-op workflows): {raw:#}");
+        let raw_figure = |key: &str| raw.get(key).and_then(Value::as_f64);
+        figures.insert(
+            "temporal_raw".into(),
+            json!({
+                "accepted_per_second": raw_figure("accepted_per_second"),
+                "ledger_per_second": raw_figure("finished_per_second"),
+                "report_to_ledger_p50_ms": raw_figure("handover_to_finish_p50_ms"),
+                "report_to_ledger_p99_ms": raw_figure("handover_to_finish_p99_ms"),
+                "baseline": raw,
+            }),
+        );
         let get = |pipeline: &str, key: &str| figures.get(pipeline).and_then(|f| f.get(key)).and_then(Value::as_f64);
         let rows = [
             ("end-of-call reports/s accepted (answered 200)", "accepted_per_second", "/s", ""),
@@ -499,20 +544,60 @@ impl Bench {
             ),
             ("report arrival → ledger row committed, p99", "report_to_ledger_p99_ms", "ms", ""),
         ];
-        for (metric, key, unit, note) in rows {
-            let Some(temporal) = get("temporal", key) else { bail!("the temporal run has no {key}") };
-            self.rows.push(Row {
-                benchmark: "7. Pipeline".into(),
-                metric: format!("{metric}, {clients} clients, {orgs} orgs, Temporal pipeline"),
-                unit,
-                callplane: temporal,
-                baseline: get("inline", key),
-                baseline_is: "the inline pipeline, same run, same reports".into(),
-                note: note.into(),
-            });
+        let baselines = [
+            ("inline", "the inline pipeline, same run, same reports"),
+            ("temporal_raw", "Temporal's own limit: empty workflows of the same shape, same server, as many clients"),
+        ];
+        for (baseline, baseline_is) in baselines {
+            for (metric, key, unit, note) in rows {
+                let Some(temporal) = get("temporal", key) else { bail!("the temporal run has no {key}") };
+                self.rows.push(Row {
+                    benchmark: "7. Pipeline".into(),
+                    metric: format!("{metric}, {clients} clients, {orgs} orgs, Temporal pipeline"),
+                    unit,
+                    callplane: temporal,
+                    baseline: get(baseline, key),
+                    baseline_is: baseline_is.into(),
+                    note: match (baseline, key) {
+                        ("temporal_raw", "ledger_per_second") => "the baseline: from the first hand-over until the \
+                                                                   last workflow finished"
+                            .into(),
+                        ("temporal_raw", "report_to_ledger_p50_ms") => {
+                            "the baseline: hand-over to the last activity, exact".into()
+                        }
+                        _ => note.into(),
+                    },
+                });
+            }
         }
         self.raw.insert("pipeline".into(), Value::Object(figures));
         Ok(())
+    }
+
+    /// `callplane-temporal-baseline` against the benchmark's Temporal server, `clients` at once
+    /// for `seconds`: its figures.
+    fn temporal_baseline(&self, clients: usize, seconds: u64) -> Result<Value> {
+        let binary = self.temporal_baseline.as_ref().context("callplane-temporal-baseline was not built")?;
+        let temporal = self.temporal.as_ref().context("Temporal is not running")?;
+        let payload = util::repo_root().join("tests/fixtures/vapi/09-end-of-call-report.json");
+        let mut command = Command::new(binary);
+        command.args(["--address", &temporal.address(), "--clients", &clients.to_string()]);
+        command.args(["--seconds", &seconds.to_string(), "--settle-seconds"]);
+        command.arg(self.sizes.short_timeout.as_secs().to_string()).arg("--payload").arg(payload);
+        command.stdout(Stdio::piped());
+        eprintln!("xtask: $ {}", describe(&command));
+        let (status, output) =
+            stack::Background::spawn(command)?.finish(self.sizes.short_timeout + Duration::from_secs(60))?;
+        if !status.success() {
+            bail!("callplane-temporal-baseline failed ({status}): {output}");
+        }
+        let raw = stack::last_json(&output)?;
+        let handed = raw.get("handed_over").and_then(Value::as_u64).unwrap_or(0);
+        let finished = raw.get("finished").and_then(Value::as_u64).unwrap_or(0);
+        if handed == 0 || finished != handed {
+            bail!("the Temporal baseline finished {finished} of {handed} workflows: {raw}");
+        }
+        Ok(raw)
     }
 
     /// `callplane-loadgen books` on a saved run until it balances (a pipeline still catching up

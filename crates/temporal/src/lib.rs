@@ -20,6 +20,7 @@
 //! process's runtime, where the database pool lives.
 
 mod activities;
+pub mod baseline;
 mod pipeline;
 mod stats;
 mod worker;

@@ -3,6 +3,7 @@
 //! The SDK's worker future is not `Send`, so it runs on a thread of its own with a
 //! single-threaded runtime; the activities' work is spawned on the process's runtime.
 
+use crate::TemporalSettings;
 use crate::activities::CallActivities;
 use crate::pipeline::{TemporalPipeline, connect};
 use crate::workflow::CallWorkflow;
@@ -15,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use temporalio_sdk::runtime::worker_tuner::{FixedSizeSlotSupplier, TunerHolder};
 use temporalio_sdk::runtime::{PollerBehavior, RuntimeOptions};
-use temporalio_sdk::{Runtime, Worker, WorkerOptions};
+use temporalio_sdk::{Runtime, Worker, WorkerOptions, WorkerOptionsBuilder, WorkflowRegistrationError};
 use tracing::{info, warn};
 
 type Shutdown = Box<dyn Fn() + Send>;
@@ -53,6 +54,10 @@ impl Drop for WorkerHandle {
 /// How long to wait before connecting again after Temporal did not answer.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
+/// What a worker runs: its workflows and activities, registered on the options' builder.
+pub(crate) type Register =
+    Box<dyn Fn(WorkerOptionsBuilder) -> Result<WorkerOptionsBuilder, WorkflowRegistrationError> + Send>;
+
 /// Starts a worker on the pipeline's task queue, running the processor's steps. It connects
 /// (and reconnects) on its own: Temporal may be down when it starts.
 pub fn spawn_worker(
@@ -60,7 +65,6 @@ pub fn spawn_worker(
     processor: Processor,
     dead_letters: DeadLetters,
 ) -> std::io::Result<WorkerHandle> {
-    let settings = pipeline.settings().clone();
     let activities = CallActivities {
         processing: processor.stats(),
         processor,
@@ -69,6 +73,15 @@ pub fn spawn_worker(
         stats: pipeline.stats(),
         runtime: tokio::runtime::Handle::current(),
     };
+    let register: Register =
+        Box::new(move |o| Ok(o.register_workflow::<CallWorkflow>()?.register_activities(activities.clone())));
+    spawn(pipeline.settings().clone(), register)
+}
+
+/// Starts a worker on `settings.task_queue` that runs what `register` registers, with
+/// callplane's tuning: `max_concurrent_activities` slots, and pollers shared evenly between
+/// the shared and the sticky queue.
+pub(crate) fn spawn(settings: TemporalSettings, register: Register) -> std::io::Result<WorkerHandle> {
     let stopping = Arc::new(AtomicBool::new(false));
     let shutdown: Arc<Mutex<Option<Shutdown>>> = Arc::default();
     let (stop_flag, shutdown_slot) = (stopping.clone(), shutdown.clone());
@@ -103,14 +116,12 @@ pub fn spawn_worker(
                 // worker's sticky one: poll both evenly, where the SDK's default ratio gives the
                 // shared queue one poller in five.
                 let pollers = (slots / 2).clamp(2, 10);
-                let options =
-                    WorkerOptions::new(settings.task_queue.clone()).register_workflow::<CallWorkflow>().map(|o| {
-                        o.register_activities(activities.clone())
-                            .tuner(tuner)
-                            .workflow_task_poller_behavior(PollerBehavior::SimpleMaximum(pollers))
-                            .nonsticky_to_sticky_poll_ratio(0.5)
-                            .build()
-                    });
+                let options = register(WorkerOptions::new(settings.task_queue.clone())).map(|o| {
+                    o.tuner(tuner)
+                        .workflow_task_poller_behavior(PollerBehavior::SimpleMaximum(pollers))
+                        .nonsticky_to_sticky_poll_ratio(0.5)
+                        .build()
+                });
                 let mut worker = match options
                     .map_err(|e| e.to_string())
                     .and_then(|options| Worker::new(&core, client, options).map_err(|e| e.to_string()))

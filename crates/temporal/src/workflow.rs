@@ -50,7 +50,7 @@ const CONTINUE_AFTER_HISTORY_EVENTS: u32 = 4_000;
 /// is retried until it succeeds: what fails for good is kept as a dead letter by the activity
 /// itself, so an error here is always one that time can fix (the database down). Backoffs past
 /// a second wait on a durable timer, so a worker that dies meanwhile loses nothing.
-fn step_options() -> LocalActivityOptions {
+pub(crate) fn step_options() -> LocalActivityOptions {
     LocalActivityOptions::builder()
         .retry_policy(
             RetryPolicy::builder()
