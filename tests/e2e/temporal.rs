@@ -103,12 +103,15 @@ async fn a_temporal_restart_in_the_middle_of_traffic_loses_and_doubles_nothing()
     assert!(metric(&app, "callplane_temporal_handoff_failures_total").await >= 1.0, "the outage is counted");
 }
 
-/// A `callplane worker` process, the app's own settings in its environment.
-fn worker_process(app: &TestApp, temporal: &TemporalServer) -> Child {
+/// A `callplane worker` process, the app's own settings in its environment, serving its
+/// `/metrics` on `metrics_port` behind [`WORKER_METRICS_TOKEN`].
+fn worker_process(app: &TestApp, temporal: &TemporalServer, metrics_port: u16) -> Child {
     let s = &app.app.settings;
     let counter: &str = s.backends.usage_counter.into();
     Command::new(env!("CARGO_BIN_EXE_callplane"))
         .arg("worker")
+        .env("CALLPLANE__TEMPORAL__WORKER_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("CALLPLANE__SERVER__METRICS_TOKEN", WORKER_METRICS_TOKEN)
         .env("CALLPLANE__DATABASE__URL", &app.db.url)
         .env("CALLPLANE__TEMPORAL__ADDRESS", temporal.address())
         .env("CALLPLANE__TEMPORAL__TASK_QUEUE", &s.temporal.task_queue)
@@ -122,24 +125,51 @@ fn worker_process(app: &TestApp, temporal: &TemporalServer) -> Child {
 
 /// The workers run apart from the server (`callplane worker`); one is killed (SIGKILL) in the
 /// middle of traffic, with workflows and activities in hand, and another takes over.
+///
+/// The replacement's own counters are on its `/metrics` (`temporal.worker_metrics_addr`),
+/// behind the metrics token as `serve`'s are.
 #[tokio::test]
 async fn a_worker_killed_mid_workflow_loses_and_doubles_nothing() {
     let temporal = TemporalServer::start();
     let app = app_on(&temporal, &[("temporal.worker", "off")]).await;
-    let mut worker = worker_process(&app, &temporal);
+    let mut worker = worker_process(&app, &temporal, free_port());
+    let replacement_port = free_port();
     let orgs = [app.org("pro").await.id, app.org("business").await.id];
     let expected = traffic(&app, &orgs, 16, async || {
         worker.kill().expect("killing the worker");
         worker.wait().expect("the worker exits");
         // Events keep arriving with no worker at all: Temporal holds them.
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        worker = worker_process(&app, &temporal);
+        worker = worker_process(&app, &temporal, replacement_port);
     })
     .await;
     books_balance(&app, &expected).await;
     assert_eq!(dead_letters(&app).await, 0);
+
+    let url = format!("http://127.0.0.1:{replacement_port}/metrics");
+    let http = reqwest::Client::new();
+    let refused = http.get(&url).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "the worker's metrics need the token");
+    let text = http.get(&url).bearer_auth(WORKER_METRICS_TOKEN).send().await.unwrap().text().await.unwrap();
+    let figure = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} is not on the worker's /metrics:\n{text}"))
+    };
+    // The replacement finished the killed worker's workflows and the calls after them.
+    assert!(figure("callplane_events_processed_total") > 0.0, "{text}");
+    assert!(figure("callplane_temporal_workflows_completed_total") > 0.0, "{text}");
+    assert!(figure("callplane_temporal_activity_attempts_total") > 0.0, "{text}");
+    assert_eq!(figure("callplane_events_failed_total"), 0.0, "{text}");
     let _ = worker.kill();
     let _ = worker.wait();
+}
+
+const WORKER_METRICS_TOKEN: &str = "worker-scrape-token";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 /// PostgreSQL is unreachable for 30 s in the middle of traffic: the workflows' steps retry

@@ -23,7 +23,7 @@ pub use auth::{ApiKeyCache, DashboardAuth};
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use openapi::openapi_json;
-pub use ops::Readiness;
+pub use ops::{Readiness, WorkerOps, worker_router};
 pub use realtime::RealtimeSettings;
 pub use throttle::{AuthThrottle, ThrottleSettings};
 

@@ -1,7 +1,7 @@
 //! Health, readiness and metrics.
 
 use crate::auth::{bearer, operator_token_matches};
-use crate::throttle::ClientAddr;
+use crate::throttle::{AuthThrottle, ClientAddr};
 use crate::{ApiError, AppState};
 use async_trait::async_trait;
 use axum::Json;
@@ -60,13 +60,18 @@ pub async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 /// Open unless `server.metrics_token` is set; then only `Authorization: Bearer <token>`,
 /// compared in constant time and throttled like every credential.
-fn metrics_allowed(s: &AppState, client: &ClientAddr, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &s.metrics_token else { return Ok(()) };
+fn metrics_allowed(
+    token: Option<&[u8]>,
+    throttle: &AuthThrottle,
+    client: &ClientAddr,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let Some(expected) = token else { return Ok(()) };
     let unauthorized = ApiError::client;
     let Some(given) = bearer(headers) else {
         return Err(unauthorized(ErrorCode::MissingCredentials, "send `Authorization: Bearer <metrics token>`"));
     };
-    if operator_token_matches(&s.auth_throttle, client, given, expected)? {
+    if operator_token_matches(throttle, client, given, expected)? {
         Ok(())
     } else {
         Err(unauthorized(ErrorCode::InvalidMetricsToken, "not the metrics token"))
@@ -78,7 +83,7 @@ pub async fn metrics(
     client: ClientAddr,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    metrics_allowed(&s, &client, &headers)?;
+    metrics_allowed(s.metrics_token.as_deref(), &s.auth_throttle, &client, &headers)?;
     let mut gauges = s.readiness.gauges().await;
     let intake = s.intake.status();
     gauges.extend([
@@ -129,4 +134,34 @@ pub async fn not_found(uri: Uri) -> ApiError {
 
 pub async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], crate::openapi::openapi_json())
+}
+
+/// What `callplane worker` serves on `temporal.worker_metrics_addr`: its pipeline's counters
+/// (`GET /metrics`, behind the same `server.metrics_token` as `serve`'s) and `GET /healthz`.
+#[derive(Clone)]
+pub struct WorkerOps {
+    pub pipeline: std::sync::Arc<dyn callplane_core::seams::EventPipeline>,
+    pub metrics_token: Option<Vec<u8>>,
+    pub auth_throttle: std::sync::Arc<AuthThrottle>,
+}
+
+pub fn worker_router(ops: WorkerOps) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/metrics", axum::routing::get(worker_metrics))
+        .fallback(not_found)
+        .with_state(ops)
+}
+
+async fn worker_metrics(
+    State(ops): State<WorkerOps>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+) -> Result<impl IntoResponse, ApiError> {
+    let (parts, _) = request.into_parts();
+    let client = ClientAddr::of(&parts, &ops.auth_throttle);
+    metrics_allowed(ops.metrics_token.as_deref(), &ops.auth_throttle, &client, &headers)?;
+    let mut out = String::new();
+    ops.pipeline.render_metrics(&mut out);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

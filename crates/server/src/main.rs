@@ -729,6 +729,25 @@ async fn worker(settings: Settings) -> anyhow::Result<()> {
     let worker = pipeline.spawn_worker()?;
     info!(address = %settings.temporal.address, namespace = %settings.temporal.namespace,
           task_queue = %settings.temporal.task_queue, "callplane worker running; Ctrl-C stops it");
+    // Its own counters, where a scraper finds them: they live in this process, not in `serve`'s.
+    if !settings.temporal.worker_metrics_addr.is_empty() {
+        let addr = &settings.temporal.worker_metrics_addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding temporal.worker_metrics_addr {addr} (empty for none)"))?;
+        info!(addr = %listener.local_addr()?, "the worker's /metrics and /healthz");
+        let router = callplane_api::worker_router(callplane_api::WorkerOps {
+            pipeline: pipeline.pipeline.clone(),
+            metrics_token: settings.metrics_token(),
+            auth_throttle: std::sync::Arc::new(settings.auth_throttle()),
+        });
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, service).await {
+                tracing::error!(error = %e, "the worker's metrics endpoint stopped");
+            }
+        });
+    }
     // Calls left uncounted (a worker stopped between a ledger row and its count) are counted.
     let metering = pipeline.processor.metering();
     callplane_workflow::counting::spawn_counter_repair(metering, pipeline.processor.bus(), Duration::from_secs(1));

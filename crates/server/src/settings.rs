@@ -54,6 +54,8 @@ pub struct TemporalConfig {
     /// How long a webhook's answer waits for its event to be processed by a worker in the
     /// same process; 0 answers once Temporal has accepted the event.
     pub answer_wait_ms: u64,
+    /// Where `callplane worker` serves its `/metrics` and `/healthz` (empty: nowhere).
+    pub worker_metrics_addr: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -667,6 +669,12 @@ impl Settings {
         if t.max_concurrent_activities == 0 {
             errors.push("temporal.max_concurrent_activities: must be at least 1".into());
         }
+        if !t.worker_metrics_addr.is_empty() && t.worker_metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(format!(
+                "temporal.worker_metrics_addr: {:?} is not an address like 127.0.0.1:8081 (or empty for none)",
+                t.worker_metrics_addr
+            ));
+        }
         errors
     }
 
@@ -994,6 +1002,7 @@ impl Settings {
                 "worker": self.temporal.worker,
                 "max_concurrent_activities": self.temporal.max_concurrent_activities,
                 "answer_wait_ms": self.temporal.answer_wait_ms,
+                "worker_metrics_addr": self.temporal.worker_metrics_addr,
             },
             "backends": {
                 "usage_counter": self.backends.usage_counter,
