@@ -255,20 +255,25 @@ impl ServerSpec {
     /// Starts `callplane serve` without waiting for it, with the open-files limit raised for
     /// thousands of connections.
     pub fn spawn(&self) -> Result<ServerProcess> {
-        let log = fs::OpenOptions::new()
+        self.spawn_command("serve", &self.log)
+    }
+
+    /// Starts `callplane <command>` with this configuration, its output appended to `log`.
+    pub fn spawn_command(&self, command: &str, log: &Path) -> Result<ServerProcess> {
+        let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.log)
-            .with_context(|| format!("could not open {}", self.log.display()))?;
-        let mut serve = raise_open_files(&self.binary);
-        serve
-            .arg("serve")
+            .open(log)
+            .with_context(|| format!("could not open {}", log.display()))?;
+        let mut process = raise_open_files(&self.binary);
+        process
+            .arg(command)
             .envs(self.env.iter().cloned())
             .current_dir(util::repo_root())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        eprintln!("xtask: $ {} (log: {})", describe(&serve), self.log.display());
-        Ok(ServerProcess { child: serve.spawn().context("could not start callplane serve")? })
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        eprintln!("xtask: $ {} (log: {})", describe(&process), log.display());
+        Ok(ServerProcess { child: process.spawn().with_context(|| format!("could not start callplane {command}"))? })
     }
 }
 

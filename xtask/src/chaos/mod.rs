@@ -10,12 +10,25 @@
 //!    messages in between, of distinct calls), with the server's resident memory at its peak and
 //!    60 s after it goes idle.
 //!
+//! Then the same on the Temporal pipeline (`backends.event_pipeline = "temporal"`, phase 2),
+//! against a Temporal development server the suite starts (its state in a SQLite file, so a
+//! restart keeps the workflows), at a lower call rate the development server can keep up with:
+//!
+//! 5. `temporal-restart`: the Temporal server stops (SIGTERM) for 10 s mid-traffic, then starts
+//!    again on its database: hand-overs wait in the inbox meanwhile.
+//! 6. `worker-kill`: `serve` runs no worker (`temporal.worker = "off"`); the `callplane worker`
+//!    process is killed with `kill -9` mid-traffic, with workflows and activities in hand, and a
+//!    new one started at once.
+//! 7. `temporal-db-stop`: PostgreSQL stops for 30 s mid-traffic; the workflows' steps retry
+//!    until it is back.
+//!
 //! Every experiment runs a fresh `callplane serve` (with its own inbox directory under
 //! `target/chaos/<experiment>`) against one PostgreSQL cluster the suite starts and stops. Its
 //! traffic comes from `callplane-loadgen`, which retries a delivery after a refused or reset
 //! connection or a 503 (honouring `Retry-After`), as a load balancer with a healthy peer would,
 //! so that every simulated call reaches the server once it is back. Each experiment ends by
-//! waiting for the inbox to drain (`callplane_inbox_depth` = 0), then checks:
+//! waiting for the inbox to drain (`callplane_inbox_depth` = 0), and on Temporal for the books to
+//! balance (the workflows finish after the last webhook is answered), then checks:
 //!
 //! - the books balance: every simulated call recorded once; ledger = counters = `GET /v1/usage`
 //!   = the simulated seconds (the loadgen's books check);
@@ -28,8 +41,8 @@
 //!   (checked the same way) throughout;
 //! - for the burst, a peak RSS under 256 MiB and an idle RSS under 100 MiB.
 //!
-//! `--quick` runs the same experiments small (5 s outage, 3 s lock, 300-request burst, 20 s idle
-//! wait) on the dev build `cargo xtask test` already made. A full run in which every experiment
+//! `--quick` runs the same experiments small (5 s outages, 3 s lock, 300-request burst, 20 s idle
+//! wait, 3 s Temporal outage) on the dev build `cargo xtask test` already made. A full run in which every experiment
 //! passed rewrites the results in `docs/RELIABILITY.md`; other runs write
 //! `target/chaos/results.md`. The suite exits non-zero when any check fails, naming it.
 
@@ -54,11 +67,17 @@ use crate::stack::{
     self, Background, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, last_json, rss_kb, utc_now,
     wait_for_ok,
 };
+use crate::temporal::Temporal;
 use crate::util::{self, Report, format_duration};
 use findings::{ANSWER_DEADLINE_MS, CLIENT_SLACK_MS, ProbeStats, READYZ_LIMIT, Row, table_header, table_line};
 
 /// The experiments, by the names `--only` takes, in the order they run.
-const ALL: &[&str] = &["db-stop", "server-kill", "table-lock", "burst"];
+const ALL: &[&str] =
+    &["db-stop", "server-kill", "table-lock", "burst", "temporal-restart", "worker-kill", "temporal-db-stop"];
+
+/// The experiments on the Temporal pipeline (the build needs `phase2`, the suite a Temporal
+/// server).
+const ON_TEMPORAL: &[&str] = &["temporal-restart", "worker-kill", "temporal-db-stop"];
 
 /// Where the generated results go in `docs/RELIABILITY.md`.
 const MARKERS: (&str, &str) = ("<!-- chaos:results:start -->", "<!-- chaos:results:end -->");
@@ -68,7 +87,8 @@ Usage: cargo xtask chaos [--quick] [--release] [--only NAME,...]
 
   --quick      small sizes on a dev build (about 2 minutes); part of cargo xtask test
   --release    build the release profile in quick mode too (full mode always does)
-  --only       run some experiments: db-stop, server-kill, table-lock, burst
+  --only       run some experiments: db-stop, server-kill, table-lock, burst, temporal-restart,
+               worker-kill, temporal-db-stop
 
 CALLPLANE_BIN=/path/to/callplane runs the experiments against that binary instead of building
 callplane-server.
@@ -99,6 +119,12 @@ struct Sizes {
     burst_requests: usize,
     burst_orgs: usize,
     idle_wait: Duration,
+    /// The Temporal experiments' traffic: fewer calls, shorter ones (each event is a workflow
+    /// signal, and the development server takes about a hundred a second).
+    temporal_calls_per_second: f64,
+    temporal_max_turns: u32,
+    temporal_outage: Duration,
+    temporal_db_outage: Duration,
     drain_timeout: Duration,
     /// The loadgen's retry budget per delivery and its request timeout.
     retry: Duration,
@@ -123,7 +149,11 @@ impl Sizes {
             burst_requests: 300,
             burst_orgs: 20,
             idle_wait: Duration::from_secs(20),
-            drain_timeout: Duration::from_secs(60),
+            temporal_calls_per_second: 1.0,
+            temporal_max_turns: 4,
+            temporal_outage: Duration::from_secs(3),
+            temporal_db_outage: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(120),
             retry: Duration::from_secs(30),
             request_timeout: Duration::from_secs(15),
             loadgen_timeout: Duration::from_secs(180),
@@ -149,6 +179,10 @@ impl Sizes {
             burst_requests: 2000,
             burst_orgs: 100,
             idle_wait: Duration::from_secs(60),
+            temporal_calls_per_second: 2.0,
+            temporal_max_turns: 10,
+            temporal_outage: Duration::from_secs(10),
+            temporal_db_outage: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(300),
             retry: Duration::from_secs(60),
             request_timeout: Duration::from_secs(20),
@@ -158,10 +192,10 @@ impl Sizes {
         }
     }
 
-    /// Calls for traffic that covers the warm-up, a fault of `fault` and the tail.
-    fn calls_around(&self, fault: Duration) -> usize {
+    /// Calls for traffic at `per_second` that covers the warm-up, a fault of `fault` and the tail.
+    fn calls_at(&self, per_second: f64, fault: Duration) -> usize {
         let seconds = (self.warmup + fault + self.tail).as_secs_f64();
-        (seconds * self.calls_per_second).ceil() as usize
+        (seconds * per_second).ceil() as usize
     }
 }
 
@@ -234,6 +268,8 @@ struct Suite {
     callplane: PathBuf,
     loadgen: PathBuf,
     pg: Option<Postgres>,
+    /// Running when an experiment in [`ON_TEMPORAL`] runs.
+    temporal: Option<Temporal>,
     rows: Vec<Row>,
     raw: serde_json::Map<String, Value>,
 }
@@ -265,7 +301,9 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     let started_at = utc_now();
     let out_dir = util::target_dir().join("chaos");
     fs::create_dir_all(&out_dir).with_context(|| format!("could not create {}", out_dir.display()))?;
-    let Some(binaries) = Binaries::build(report, &options, &[]) else { return Ok(()) };
+    let on_temporal = ON_TEMPORAL.iter().any(|name| options.runs(name));
+    let features: &[&str] = if on_temporal { &["phase2"] } else { &[] };
+    let Some(binaries) = Binaries::build(report, &options, features) else { return Ok(()) };
     let mut suite = Suite {
         callplane: binaries.callplane,
         loadgen: binaries.loadgen,
@@ -273,6 +311,7 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         sizes,
         out_dir,
         pg: None,
+        temporal: None,
         rows: Vec::new(),
         raw: serde_json::Map::new(),
     };
@@ -280,6 +319,13 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
     report.step("start PostgreSQL and migrate", || suite.start(&bin));
     if suite.pg.is_none() {
         return Ok(());
+    }
+    if on_temporal {
+        report.step("start Temporal", || suite.start_temporal());
+        if suite.temporal.is_none() {
+            report.always("stop PostgreSQL chaos cluster", || suite.pg.take().map_or(Ok(()), |mut pg| pg.stop()));
+            return Ok(());
+        }
     }
     let facts = suite.machine_facts(&started_at);
     for &name in ALL {
@@ -289,6 +335,9 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         } else {
             report.skip(&title, "not in --only");
         }
+    }
+    if on_temporal {
+        report.always("stop Temporal", || suite.temporal.take().map_or(Ok(()), |mut t| t.stop()));
     }
     report.always("stop PostgreSQL chaos cluster", || suite.pg.take().map_or(Ok(()), |mut pg| pg.stop()));
     let all_passed = report.all_passed();
@@ -303,6 +352,23 @@ impl Suite {
         let spec = ServerSpec::new(self.callplane.clone(), pg::free_port()?, &pg.database_url(), PathBuf::new());
         self.pg = Some(pg);
         spec.migrate()
+    }
+
+    /// Starts a Temporal development server with a fresh database in `target/xtask/temporal-chaos`.
+    fn start_temporal(&mut self) -> Result<()> {
+        let dir = temporal_dir();
+        crate::temporal::stop_leftover(&dir)?;
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("could not remove {}", dir.display()))?;
+        }
+        let temporal = Temporal::start(&dir, pg::free_port()?)?;
+        eprintln!("xtask: started Temporal on {}", temporal.address());
+        self.temporal = Some(temporal);
+        Ok(())
+    }
+
+    fn temporal(&self) -> Result<&Temporal> {
+        self.temporal.as_ref().context("Temporal is not running")
     }
 
     fn pg(&self) -> Result<&Postgres> {
@@ -341,6 +407,21 @@ impl Suite {
         )
         .with_env("CALLPLANE__INBOX__DIR", inbox.to_string_lossy())
         .with_env("CALLPLANE__VAPI__ANSWER_DEADLINE_MS", ANSWER_DEADLINE_MS.to_string());
+        let on_temporal = ON_TEMPORAL.contains(&name);
+        let spec = if on_temporal {
+            spec.with_env("CALLPLANE__BACKENDS__EVENT_PIPELINE", "temporal")
+                .with_env("CALLPLANE__TEMPORAL__ADDRESS", self.temporal()?.address())
+                // Its own queue: nothing another experiment left in Temporal reaches it.
+                .with_env("CALLPLANE__TEMPORAL__TASK_QUEUE", format!("chaos-{name}"))
+                .with_env("CALLPLANE__TEMPORAL__WORKER", if name == "worker-kill" { "off" } else { "auto" })
+        } else {
+            spec
+        };
+        // The workers apart from `serve`, for the experiment that kills one.
+        let mut worker = match name {
+            "worker-kill" => Some(Worker::start(&spec, &dir)?),
+            _ => None,
+        };
         let mut server = spec.start(Duration::from_secs(60))?;
         let rss = RssSampler::start(server.pid());
         let probe = ReadyProbe::start(&spec);
@@ -349,9 +430,15 @@ impl Suite {
 
         let mut traffic = loadgen.spawn(&self.traffic_args(name, &run_file), true)?;
         let fault = match name {
-            "db-stop" => self.db_stop(&spec, &mut traffic),
+            "db-stop" => self.db_stop(name, self.sizes.db_outage, &spec, &mut traffic),
             "server-kill" => self.server_kill(&spec, &mut server, &mut traffic, &rss),
             "table-lock" => self.table_lock(&spec, &mut traffic),
+            "temporal-restart" => self.temporal_restart(&spec, &mut traffic),
+            "worker-kill" => match worker.as_mut() {
+                Some(worker) => self.worker_kill(&spec, worker, &mut traffic),
+                None => Err(anyhow::anyhow!("no worker was started")),
+            },
+            "temporal-db-stop" => self.db_stop(name, self.sizes.temporal_db_outage, &spec, &mut traffic),
             _ => Ok(Fault { description: String::new(), mid_traffic: true }),
         };
         // On a failed fault the experiment is void; traffic, probe and sampler stop as dropped.
@@ -378,6 +465,10 @@ impl Suite {
         row.record_traffic(&summary);
 
         self.wait_drained(name, &spec, row);
+        if on_temporal {
+            // Drained means handed over: the workflows may still be working.
+            self.wait_balanced(name, &loadgen, &run_file)?;
+        }
         // Idle means idle: the probe stops before the burst's idle wait.
         row.readyz = probe.stop();
         if name == "burst" {
@@ -388,13 +479,22 @@ impl Suite {
             sleep_with_progress(name, "idle", self.sizes.idle_wait, None)?;
             row.rss_idle_kb = rss_kb(server.pid());
         }
-        self.read_metrics(&spec, row);
+        self.read_metrics(&spec, row, on_temporal);
         self.read_books(&loadgen, &run_file, row)?;
         row.rss_peak_kb = Some(rss.stop());
         if let Some(status) = server.exited() {
             row.failures.push(format!("server: callplane exited on its own ({status}); see {}", spec.log.display()));
         }
         server.stop()?;
+        if let Some(worker) = worker.as_mut() {
+            if let Some(status) = worker.process.exited() {
+                row.failures.push(format!(
+                    "worker: callplane worker exited on its own ({status}); see {}",
+                    worker.log.display()
+                ));
+            }
+            worker.process.stop()?;
+        }
         self.raw.insert(name.to_string(), summary);
         row.check((name == "burst").then_some(self.sizes.idle_wait));
         Ok(())
@@ -418,24 +518,32 @@ impl Suite {
         let fault = match name {
             "db-stop" => s.db_outage + Duration::from_secs(2),
             "server-kill" => s.restart_allowance,
+            "temporal-restart" => s.temporal_outage + Duration::from_secs(2),
+            "worker-kill" => s.restart_allowance,
+            "temporal-db-stop" => s.temporal_db_outage + Duration::from_secs(2),
             _ => s.lock_hold,
         };
         let seed = match name {
             "db-stop" => 41,
             "server-kill" => 42,
+            "temporal-restart" => 45,
+            "worker-kill" => 46,
+            "temporal-db-stop" => 47,
             _ => 43,
+        };
+        let (rate, max_turns) = match ON_TEMPORAL.contains(&name) {
+            true => (s.temporal_calls_per_second, s.temporal_max_turns),
+            false => (s.calls_per_second, s.max_turns),
         };
         // Calls keep starting while the server stalls, so the concurrency limit is high.
         format!(
-            "simulate --orgs {} --calls {} --rate {} --max-concurrent 2000 --event-gap-ms {} --duration-mean {} \
-             --duration-max {} --max-turns {} --seed {seed} {common}",
+            "simulate --orgs {} --calls {} --rate {rate} --max-concurrent 2000 --event-gap-ms {} --duration-mean {} \
+             --duration-max {} --max-turns {max_turns} --seed {seed} {common}",
             s.orgs,
-            s.calls_around(fault),
-            s.calls_per_second,
+            s.calls_at(rate, fault),
             s.event_gap_ms,
             s.duration_mean,
             s.duration_mean * 4,
-            s.max_turns
         )
     }
 
@@ -462,11 +570,9 @@ impl Suite {
         sleep_with_progress(name, "warm-up", self.sizes.warmup, Some(traffic))
     }
 
-    fn db_stop(&self, spec: &ServerSpec, traffic: &mut Background) -> Result<Fault> {
-        let name = "db-stop";
+    fn db_stop(&self, name: &str, outage: Duration, spec: &ServerSpec, traffic: &mut Background) -> Result<Fault> {
         self.wait_for_traffic(name, spec, traffic)?;
         let pg = self.pg()?;
-        let outage = self.sizes.db_outage;
         eprintln!("xtask: [{name}] pg_ctl stop -m immediate; PostgreSQL stays down for {}", format_duration(outage));
         let down = Instant::now();
         pg.crash()?;
@@ -508,6 +614,45 @@ impl Suite {
         })
     }
 
+    fn temporal_restart(&mut self, spec: &ServerSpec, traffic: &mut Background) -> Result<Fault> {
+        let name = "temporal-restart";
+        self.wait_for_traffic(name, spec, traffic)?;
+        let outage = self.sizes.temporal_outage;
+        let mut temporal = self.temporal.take().context("Temporal is not running")?;
+        let port = temporal.port();
+        eprintln!("xtask: [{name}] stopping Temporal (SIGTERM); it stays down for {}", format_duration(outage));
+        let down = Instant::now();
+        temporal.stop()?;
+        drop(temporal);
+        let slept = sleep_with_progress(name, "Temporal down", outage, Some(traffic));
+        // Start it again even after Ctrl-C: the cleanup expects it.
+        let started = Temporal::start(&temporal_dir(), port);
+        let downtime = down.elapsed();
+        self.temporal = Some(started.context("Temporal did not start again")?);
+        slept?;
+        eprintln!("xtask: [{name}] Temporal is back after {}", format_duration(downtime));
+        Ok(Fault {
+            description: format!("Temporal down {:.1} s", downtime.as_secs_f64()),
+            mid_traffic: traffic.is_running(),
+        })
+    }
+
+    fn worker_kill(&self, spec: &ServerSpec, worker: &mut Worker, traffic: &mut Background) -> Result<Fault> {
+        let name = "worker-kill";
+        self.wait_for_traffic(name, spec, traffic)?;
+        eprintln!("xtask: [{name}] kill -9 callplane worker {} and start another at once", worker.process.pid());
+        let killed = Instant::now();
+        worker.process.kill_now()?;
+        note_in_log(&worker.log, "xtask chaos: the worker was killed with SIGKILL here and another started");
+        worker.restart(spec)?;
+        let downtime = killed.elapsed();
+        eprintln!("xtask: [{name}] the new worker answers after {}", format_duration(downtime));
+        Ok(Fault {
+            description: format!("worker kill -9; another up after {:.1} s", downtime.as_secs_f64()),
+            mid_traffic: traffic.is_running(),
+        })
+    }
+
     fn table_lock(&self, spec: &ServerSpec, traffic: &mut Background) -> Result<Fault> {
         let name = "table-lock";
         self.wait_for_traffic(name, spec, traffic)?;
@@ -535,10 +680,16 @@ impl Suite {
         })
     }
 
-    /// Reads `GET /metrics` into the row.
-    fn read_metrics(&self, spec: &ServerSpec, row: &mut Row) {
+    /// Reads `GET /metrics` into the row; on Temporal, checks that the events went there.
+    fn read_metrics(&self, spec: &ServerSpec, row: &mut Row, on_temporal: bool) {
         match http::get(spec.addr(), "/metrics", Duration::from_secs(5)) {
-            Ok(response) => row.record_metrics(&response.body),
+            Ok(response) => {
+                row.record_metrics(&response.body);
+                let handed_off = http::metric(&response.body, "callplane_temporal_events_handed_off_total");
+                if on_temporal && !handed_off.is_some_and(|n| n > 0.0) {
+                    row.failures.push(format!("temporal: no event was handed to Temporal ({handed_off:?})"));
+                }
+            }
             Err(error) => row.failures.push(format!("lost: GET /metrics failed: {error}")),
         }
     }
@@ -554,6 +705,40 @@ impl Suite {
         }
         row.record_books(&books);
         Ok(())
+    }
+
+    /// Runs the books check until the books balance (the workflows finish after the webhooks
+    /// were answered), bounded by the drain timeout and with progress; the final check is
+    /// `read_books`'.
+    fn wait_balanced(&self, name: &str, loadgen: &Loadgen, run_file: &Path) -> Result<()> {
+        let started = Instant::now();
+        let timeout = self.sizes.drain_timeout;
+        let mut last_print = Instant::now();
+        let args = format!("books --run-file {} --json", run_file.display());
+        loop {
+            let (_, output) = Background::spawn(loadgen.command(&args, false))?.finish(Duration::from_secs(300))?;
+            let books = last_json(&output)?;
+            let problems = books.get("problem_count").and_then(Value::as_u64);
+            if problems == Some(0) {
+                eprintln!("xtask: [{name}] the books balance ({})", format_duration(started.elapsed()));
+                return Ok(());
+            }
+            if started.elapsed() >= timeout || util::interrupted() {
+                eprintln!("xtask: [{name}] the books did not balance within {}", format_duration(timeout));
+                return Ok(());
+            }
+            if last_print.elapsed() >= Duration::from_secs(5) {
+                let found = books.get("ledger_rows").and_then(Value::as_u64).unwrap_or(0);
+                let expected = books.get("expected_calls").and_then(Value::as_u64).unwrap_or(0);
+                eprintln!(
+                    "xtask: [{name}] waiting for the workflows: {found} of {expected} calls billed ({} of at most {})",
+                    format_duration(started.elapsed()),
+                    format_duration(timeout)
+                );
+                last_print = Instant::now();
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Waits, bounded and with progress, until `callplane_inbox_depth` reads 0.
@@ -707,6 +892,45 @@ fn sleep_with_progress(name: &str, what: &str, duration: Duration, mut traffic: 
     Ok(())
 }
 
+/// Where the suite's Temporal server keeps its database.
+fn temporal_dir() -> PathBuf {
+    util::target_dir().join("xtask/temporal-chaos")
+}
+
+/// A `callplane worker` apart from `serve`, with `serve`'s configuration, its `/metrics` on a
+/// port of its own.
+struct Worker {
+    process: ServerProcess,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(spec: &ServerSpec, dir: &Path) -> Result<Self> {
+        let log = dir.join("worker.log");
+        let process = Self::spawn(spec, &log)?;
+        Ok(Self { process, log })
+    }
+
+    /// Starts another worker in place of this one (which has exited).
+    fn restart(&mut self, spec: &ServerSpec) -> Result<()> {
+        self.process = Self::spawn(spec, &self.log)?;
+        Ok(())
+    }
+
+    /// Starts the worker and waits until its `/healthz` answers (it polls Temporal by then).
+    fn spawn(spec: &ServerSpec, log: &Path) -> Result<ServerProcess> {
+        let port = pg::free_port()?;
+        let spec = spec.clone().with_env("CALLPLANE__TEMPORAL__WORKER_METRICS_ADDR", format!("127.0.0.1:{port}"));
+        let mut process = spec.spawn_command("worker", log)?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if let Err(error) = wait_for_ok(addr, "/healthz", Duration::from_secs(60)) {
+            let _ = process.stop();
+            return Err(error.context(format!("callplane worker did not start; see {}", log.display())));
+        }
+        Ok(process)
+    }
+}
+
 /// Appends a line to the server's log, to mark where the suite did something to it.
 fn note_in_log(log: &Path, text: &str) {
     use std::io::Write;
@@ -736,8 +960,10 @@ mod tests {
     fn traffic_covers_the_fault() {
         let quick = Sizes::quick();
         // 3 s warm-up + 5 s outage + 4 s tail at 4 calls a second.
-        assert_eq!(quick.calls_around(quick.db_outage), 48);
+        assert_eq!(quick.calls_at(quick.calls_per_second, quick.db_outage), 48);
         let full = Sizes::full();
-        assert_eq!(full.calls_around(full.lock_hold), 350);
+        assert_eq!(full.calls_at(full.calls_per_second, full.lock_hold), 350);
+        // On Temporal: 10 s warm-up + 30 s outage + 15 s tail at 2 calls a second.
+        assert_eq!(full.calls_at(full.temporal_calls_per_second, full.temporal_db_outage), 110);
     }
 }
