@@ -5,7 +5,7 @@
 //! the SDK, the worker and the Temporal server, the part of the Temporal pipeline callplane
 //! cannot make faster.
 
-use crate::pipeline::connect;
+use crate::pipeline::{connect, start_options};
 use crate::worker::{Register, spawn};
 use crate::workflow::{CallRef, step_options};
 use crate::{TemporalSettings, workflow_id};
@@ -15,7 +15,6 @@ use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use temporalio_client::{WorkflowIdConflictPolicy, WorkflowIdReusePolicy, WorkflowStartOptions};
 use temporalio_macros::{activities, workflow, workflow_methods};
 use temporalio_sdk::activities::{ActivityContext, ActivityError};
 use temporalio_sdk::{SyncWorkflowContext, WorkflowContext, WorkflowResult};
@@ -140,10 +139,7 @@ pub async fn run_baseline(settings: TemporalSettings, config: BaselineConfig) ->
             while started.elapsed() < config.duration {
                 let call_id = format!("baseline-{run}-{c}-{n}");
                 n += 1;
-                let options = WorkflowStartOptions::new(settings.task_queue.clone(), workflow_id(org, &call_id))
-                    .id_reuse_policy(WorkflowIdReusePolicy::AllowDuplicate)
-                    .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
-                    .build();
+                let options = start_options(&settings.task_queue, workflow_id(org, &call_id));
                 let call = CallRef { org_id: org.to_string(), call_id };
                 let probe = Probe { sent_at: Utc::now(), message: config.message.clone() };
                 match client

@@ -56,6 +56,15 @@ pub async fn connect(settings: &TemporalSettings) -> Result<Client, StoreError> 
     Client::new(connection, ClientOptions::new(settings.namespace.clone()).build()).map_err(unavailable)
 }
 
+/// How a hand-over starts its call's workflow: joins the run in progress, or starts a new one
+/// (a finished call's workflow id may run again: a late event is applied by a new run).
+pub(crate) fn start_options(task_queue: &str, workflow_id: String) -> WorkflowStartOptions {
+    WorkflowStartOptions::new(task_queue.to_owned(), workflow_id)
+        .id_reuse_policy(WorkflowIdReusePolicy::AllowDuplicate)
+        .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
+        .build()
+}
+
 fn worker_identity() -> String {
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
     format!("callplane-{}@{host}", std::process::id())
@@ -104,12 +113,7 @@ impl TemporalPipeline {
     async fn hand_off(&self, envelope: Envelope, call_id: &str) -> Result<(), StoreError> {
         let client = self.client().await?;
         let settings = &self.inner.settings;
-        let id = workflow_id(envelope.org_id, call_id);
-        let options = WorkflowStartOptions::new(settings.task_queue.clone(), id)
-            // A finished call's workflow id may run again: a late event is applied by a new run.
-            .id_reuse_policy(WorkflowIdReusePolicy::AllowDuplicate)
-            .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
-            .build();
+        let options = start_options(&settings.task_queue, workflow_id(envelope.org_id, call_id));
         let call = CallRef { org_id: envelope.org_id.to_string(), call_id: call_id.to_owned() };
         let signal = client.signal_with_start_workflow(CallWorkflow::run, call, CallWorkflow::event, envelope, options);
         match tokio::time::timeout(HANDOFF_TIMEOUT, signal).await {
