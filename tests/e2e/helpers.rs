@@ -321,6 +321,9 @@ pub async fn books_balance(app: &TestApp, expected: &std::collections::HashMap<O
         .await;
         let key = app.api_key(*org).await;
         assert_eq!(app.get("/v1/usage", &key).await.1["seconds_used"].as_i64(), Some(ledger));
+        // The daily roll-up, written in the ledger's transactions, says the same.
+        let utc = chrono::FixedOffset::east_opt(0).unwrap();
+        crate::daily_usage::daily_usage_matches_the_ledger(app, *org, utc, "UTC").await;
     }
 }
 

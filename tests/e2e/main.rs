@@ -10,6 +10,7 @@ mod auth_limits;
 mod bad_input;
 mod billing;
 mod cli;
+mod daily_usage;
 mod dashboard;
 mod durability;
 mod hostile_api;

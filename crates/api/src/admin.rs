@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use callplane_core::ErrorCode;
 use callplane_core::domain::NewOrganization;
+use callplane_core::seams::TimeZoneChange;
 use callplane_core::{OrgId, OrgStatus, Organization};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,8 @@ pub struct OrganizationView {
     pub period_end: DateTime<Utc>,
     pub seconds_used: i64,
     pub default_assistant_id: Option<String>,
+    /// The IANA time zone daily usage is counted in.
+    pub billing_timezone: String,
     /// The URL to set as this organization's assistants' server URL in VAPI.
     pub vapi_server_url: String,
     pub created_at: DateTime<Utc>,
@@ -45,6 +48,9 @@ pub struct UpdateOrganization {
     pub plan: Option<String>,
     /// `active`, `past_due`, `canceled` or `suspended`.
     pub status: Option<String>,
+    /// The IANA time zone (`Europe/Paris`) usage is counted by day in; the organization's
+    /// daily usage is recounted in it.
+    pub billing_timezone: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -76,6 +82,7 @@ async fn view(s: &AppState, o: Organization) -> Result<OrganizationView, ApiErro
         period_end: o.period_end,
         seconds_used,
         default_assistant_id: o.default_assistant_id,
+        billing_timezone: o.billing_timezone,
         created_at: o.created_at,
     })
 }
@@ -160,7 +167,7 @@ pub async fn get_org(
     Ok(Json(view(&s, org).await?))
 }
 
-/// Change an organization's plan or status.
+/// Change an organization's plan, status or billing time zone.
 #[utoipa::path(patch, path = "/admin/v1/organizations/{id}", tag = "admin", params(("id" = String, Path)), request_body = UpdateOrganization,
     responses((status = 200, body = OrganizationView), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)),
     security(("admin" = [])))]
@@ -181,7 +188,22 @@ pub async fn update_org(
     if let Some(plan) = &req.plan {
         check_plan(&s, plan)?;
     }
+    let bad_zone = |raw: &str| {
+        bad(ErrorCode::InvalidTimeZone, format!("{raw:?} is not an IANA time zone name such as Europe/Paris or UTC"))
+    };
+    if let Some(zone) = &req.billing_timezone
+        && (zone.is_empty() || zone.len() > 64)
+    {
+        return Err(bad_zone(zone));
+    }
     s.orgs.get(id).await?.ok_or_else(|| org_not_found(id))?;
+    if let Some(zone) = &req.billing_timezone {
+        match s.admin.set_billing_timezone(id, zone).await? {
+            TimeZoneChange::Set => {}
+            TimeZoneChange::UnknownTimeZone => return Err(bad_zone(zone)),
+            TimeZoneChange::NoOrganization => return Err(org_not_found(id)),
+        }
+    }
     if let Some(plan) = &req.plan {
         s.admin.set_plan(id, plan).await?;
     }

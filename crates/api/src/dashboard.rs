@@ -131,12 +131,17 @@ pub struct UsageAlertView {
 pub struct DailyUsageView {
     pub day: NaiveDate,
     pub calls: i64,
+    /// The calls' durations, in seconds.
+    pub seconds: f64,
     pub billable_seconds: i64,
+    /// Billed minutes, rounded up.
     pub minutes: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DailyUsageList {
+    /// The organization's billing time zone (IANA name), in which the days are counted.
+    pub time_zone: String,
     pub from: NaiveDate,
     pub to: NaiveDate,
     pub data: Vec<DailyUsageView>,
@@ -181,10 +186,11 @@ pub struct CallQuery {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DailyQuery {
-    /// First day (YYYY-MM-DD, UTC, years 1970 to 9999). Default: 29 days before `to`.
+    /// First day (YYYY-MM-DD, in the organization's billing time zone, years 1970 to 9999).
+    /// Default: 29 days before `to`.
     #[param(value_type = Option<NaiveDate>)]
     pub from: Option<String>,
-    /// Last day, inclusive. Default: today.
+    /// Last day, inclusive. Default: today in the billing time zone.
     #[param(value_type = Option<NaiveDate>)]
     pub to: Option<String>,
 }
@@ -506,7 +512,8 @@ pub async fn usage(State(s): State<AppState>, caller: Caller) -> Result<Json<Usa
     }))
 }
 
-/// Billed usage per day (UTC), from the usage ledger.
+/// Billed usage per day, the days counted in the organization's billing time zone (UTC unless
+/// set): the daily roll-up kept in the same transaction as each ledger row.
 #[utoipa::path(get, path = "/v1/usage/daily", tag = "usage", params(DailyQuery),
     responses((status = 200, body = DailyUsageList), (status = 400, body = crate::error::ErrorBody)), security(("bearer" = [])))]
 pub async fn usage_daily(
@@ -515,10 +522,14 @@ pub async fn usage_daily(
     ValidQuery(q): ValidQuery<DailyQuery>,
 ) -> Result<Json<DailyUsageList>, ApiError> {
     let started = Instant::now();
-    let (from, to) = days(&q, Utc::now().date_naive())?;
+    let (time_zone, today) = s.calls.billing_day(caller.org_id).await?.ok_or_else(|| {
+        ApiError::client(ErrorCode::OrganizationNotFound, "the organization of this key no longer exists")
+    })?;
+    let (from, to) = days(&q, today)?;
     let rows = s.calls.daily_usage(caller.org_id, from, to).await?;
     s.metrics.api_query("usage.daily", started.elapsed());
     Ok(Json(DailyUsageList {
+        time_zone,
         from,
         to,
         data: rows
@@ -526,6 +537,7 @@ pub async fn usage_daily(
             .map(|d| DailyUsageView {
                 day: d.day,
                 calls: d.calls,
+                seconds: d.seconds,
                 billable_seconds: d.billable_seconds,
                 minutes: (d.billable_seconds + 59) / 60,
             })

@@ -51,6 +51,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
         | C::WebsocketRequired
         | C::UnknownPlan
         | C::InvalidStatus
+        | C::InvalidTimeZone
         | C::MalformedEvent
         | C::MissingSignature
         | C::MalformedSignature

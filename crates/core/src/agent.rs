@@ -224,6 +224,7 @@ mod tests {
             period_end: now,
             seconds_used: used,
             default_assistant_id: Some("a".into()),
+            billing_timezone: "UTC".into(),
             created_at: now,
         }
     }

@@ -84,6 +84,8 @@ pub struct Organization {
     pub seconds_used: i64,
     /// The VAPI assistant answered to `assistant-request` for this organization.
     pub default_assistant_id: Option<String>,
+    /// The IANA time zone its usage is counted by day in (`UTC` unless set).
+    pub billing_timezone: String,
     pub created_at: DateTime<Utc>,
 }
 

@@ -274,6 +274,8 @@ pub struct CallPage {
 pub struct DailyUsage {
     pub day: chrono::NaiveDate,
     pub calls: i64,
+    /// The calls' durations.
+    pub seconds: f64,
     pub billable_seconds: i64,
 }
 
@@ -290,7 +292,11 @@ pub trait CallReads: Send + Sync {
     async fn get_call(&self, org: OrgId, call_id: &str) -> StoreResult<Option<CallRecord>>;
     /// Calls not yet ended, created since `since`.
     async fn live_calls(&self, org: OrgId, since: DateTime<Utc>) -> StoreResult<Vec<CallRecord>>;
-    /// Billed usage per UTC day of the call's start, from the ledger, for `[from, to]`.
+    /// The organization's billing time zone and what day it is there; `None`: no such
+    /// organization.
+    async fn billing_day(&self, org: OrgId) -> StoreResult<Option<(String, chrono::NaiveDate)>>;
+    /// Billed usage per day of the call's start in the organization's billing time zone, for
+    /// `[from, to]`: the daily roll-up kept with the ledger.
     async fn daily_usage(
         &self,
         org: OrgId,
@@ -381,9 +387,20 @@ pub trait OrgAdmin: Send + Sync {
     /// Returns false when there is no such organization.
     async fn set_plan(&self, org: OrgId, plan: &str) -> StoreResult<bool>;
     async fn set_status(&self, org: OrgId, status: crate::domain::OrgStatus) -> StoreResult<bool>;
+    /// Sets the organization's billing time zone and recounts its daily usage in it.
+    async fn set_billing_timezone(&self, org: OrgId, time_zone: &str) -> StoreResult<TimeZoneChange>;
     async fn create_api_key(&self, org: OrgId, name: &str) -> StoreResult<crate::domain::NewApiKey>;
     async fn api_keys(&self, org: OrgId) -> StoreResult<Vec<crate::domain::ApiKeyInfo>>;
     async fn revoke_api_key(&self, org: OrgId, key_id: uuid::Uuid) -> StoreResult<bool>;
+}
+
+/// What became of setting a billing time zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeZoneChange {
+    Set,
+    /// Not an IANA time zone the database knows.
+    UnknownTimeZone,
+    NoOrganization,
 }
 
 /// A change to an organization's subscription, as the billing provider reports it.

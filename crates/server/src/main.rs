@@ -86,6 +86,13 @@ enum UsageCommand {
         #[arg(long)]
         org: Option<OrgId>,
     },
+    /// Rebuild the daily usage (`/v1/usage/daily`) from the usage ledger, each organization in
+    /// its billing time zone. Safe while reports arrive.
+    #[command(name = "rebuild-daily")]
+    RebuildDaily {
+        #[arg(long)]
+        org: Option<OrgId>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -525,6 +532,28 @@ async fn run() -> anyhow::Result<()> {
             if !differences.is_empty() && !repair {
                 std::process::exit(1);
             }
+        }
+        Command::Usage(UsageCommand::RebuildDaily { org }) => {
+            let store = connect(&settings).await?;
+            let orgs = match org {
+                Some(id) => {
+                    vec![OrgDirectory::get(&store, id).await?.with_context(|| format!("no organization {id}"))?]
+                }
+                None => store.organizations(i64::MAX).await?,
+            };
+            let mut days = 0;
+            for (done, o) in orgs.iter().enumerate() {
+                days += store.rebuild_daily_usage(o.id).await?;
+                progress(&format!("rebuilt {}/{} organizations ({days} rows)", done + 1, orgs.len()));
+            }
+            end_progress();
+            let v = json!({ "organizations": orgs.len(), "rows": days });
+            print(j, &v, || {
+                format!(
+                    "daily usage rebuilt from the ledger: {} organizations, {days} rows (a day is up to 8 rows)",
+                    orgs.len()
+                )
+            });
         }
         Command::Reconcile(ReconcileCommand::Calls { since, until, org }) => {
             let store = connect(&settings).await?;

@@ -358,6 +358,16 @@ async fn write_ledger(
     .execute(&mut **tx)
     .await
     .map_err(db)?;
+    // The day's usage, kept in step with the ledger in the same transaction.
+    sqlx::query("SELECT callplane_add_daily_usage($1, $2, $3, $4, $5)")
+        .bind(org.0)
+        .bind(&change.call_id)
+        .bind(started)
+        .bind(duration.unwrap_or(0.0))
+        .bind(billable)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
     Ok(Some(Billed { seconds: billable, period_start, plan }))
 }
 

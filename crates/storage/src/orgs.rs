@@ -4,7 +4,7 @@ use crate::{PgStore, db};
 use async_trait::async_trait;
 use callplane_core::ErrorCode;
 use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
-use callplane_core::seams::{OrgDirectory, StoreError, StoreResult};
+use callplane_core::seams::{OrgDirectory, StoreError, StoreResult, TimeZoneChange};
 use callplane_core::{OrgId, OrgStatus, Organization};
 use chrono::Months;
 use rand::Rng;
@@ -14,7 +14,7 @@ use sqlx::postgres::PgRow;
 use tracing::instrument;
 
 const ORG_COLUMNS: &str = "id, name, plan, status, status_changed_at, period_start, period_end, billing_anchor, \
-                           seconds_used, default_assistant_id, created_at";
+                           seconds_used, default_assistant_id, billing_timezone, created_at";
 
 fn org_from_row(row: &PgRow) -> StoreResult<Organization> {
     let status: String = row.try_get("status").map_err(db)?;
@@ -30,6 +30,7 @@ fn org_from_row(row: &PgRow) -> StoreResult<Organization> {
         period_end: row.try_get("period_end").map_err(db)?,
         seconds_used: row.try_get("seconds_used").map_err(db)?,
         default_assistant_id: row.try_get("default_assistant_id").map_err(db)?,
+        billing_timezone: row.try_get("billing_timezone").map_err(db)?,
         created_at: row.try_get("created_at").map_err(db)?,
     })
 }
@@ -291,6 +292,51 @@ impl OrgDirectory for PgStore {
     }
 }
 
+impl PgStore {
+    /// Sets the time zone an organization's usage is counted by day in, and rebuilds its daily
+    /// usage in it, in one transaction. The name must be one PostgreSQL knows (IANA).
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn set_organization_billing_timezone(&self, org: OrgId, time_zone: &str) -> StoreResult<TimeZoneChange> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = $1)")
+            .bind(time_zone)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        if !known {
+            return Ok(TimeZoneChange::UnknownTimeZone);
+        }
+        let found = sqlx::query("UPDATE organizations SET billing_timezone = $2, updated_at = now() WHERE id = $1")
+            .bind(org.0)
+            .bind(time_zone)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected()
+            == 1;
+        if !found {
+            return Ok(TimeZoneChange::NoOrganization);
+        }
+        sqlx::query("SELECT callplane_rebuild_daily_usage($1)").bind(org.0).execute(&mut *tx).await.map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(TimeZoneChange::Set)
+    }
+
+    /// Rebuilds an organization's daily usage from the ledger (`callplane usage rebuild-daily`):
+    /// returns the day rows written. Safe with reports arriving: their writers wait for it.
+    #[instrument(skip_all, fields(org_id = %org))]
+    pub async fn rebuild_daily_usage(&self, org: OrgId) -> StoreResult<i64> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let written: i64 = sqlx::query_scalar("SELECT callplane_rebuild_daily_usage($1)")
+            .bind(org.0)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(written)
+    }
+}
+
 #[async_trait]
 impl callplane_core::seams::OrgAdmin for PgStore {
     async fn create(&self, new: &NewOrganization) -> StoreResult<Organization> {
@@ -303,6 +349,10 @@ impl callplane_core::seams::OrgAdmin for PgStore {
 
     async fn set_plan(&self, org: OrgId, plan: &str) -> StoreResult<bool> {
         self.set_organization_plan(org, plan).await
+    }
+
+    async fn set_billing_timezone(&self, org: OrgId, time_zone: &str) -> StoreResult<TimeZoneChange> {
+        self.set_organization_billing_timezone(org, time_zone).await
     }
 
     async fn set_status(&self, org: OrgId, status: OrgStatus) -> StoreResult<bool> {

@@ -143,14 +143,23 @@ impl CallReads for PgStore {
     }
 
     #[instrument(skip_all, fields(org_id = %org))]
+    async fn billing_day(&self, org: OrgId) -> StoreResult<Option<(String, NaiveDate)>> {
+        sqlx::query_as(
+            "SELECT billing_timezone, (now() AT TIME ZONE billing_timezone)::date FROM organizations WHERE id = $1",
+        )
+        .bind(org.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)
+    }
+
+    #[instrument(skip_all, fields(org_id = %org))]
     async fn daily_usage(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
         let rows = sqlx::query(
-            "SELECT (call_started_at AT TIME ZONE 'UTC')::date AS day, count(*) AS calls, \
-                    COALESCE(sum(billable_seconds), 0)::bigint AS seconds \
-             FROM usage_ledger WHERE organization_id = $1 \
-               AND call_started_at >= ($2::date AT TIME ZONE 'UTC') \
-               AND call_started_at < (($3::date + 1) AT TIME ZONE 'UTC') \
-             GROUP BY 1 ORDER BY 1",
+            "SELECT day, sum(calls)::bigint AS calls, sum(seconds) AS seconds, \
+                    sum(billable_seconds)::bigint AS billable_seconds \
+             FROM daily_usage WHERE organization_id = $1 AND day BETWEEN $2 AND $3 \
+             GROUP BY day ORDER BY day",
         )
         .bind(org.0)
         .bind(from)
@@ -163,7 +172,8 @@ impl CallReads for PgStore {
                 Ok(DailyUsage {
                     day: r.try_get("day")?,
                     calls: r.try_get("calls")?,
-                    billable_seconds: r.try_get("seconds")?,
+                    seconds: r.try_get("seconds")?,
+                    billable_seconds: r.try_get("billable_seconds")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
