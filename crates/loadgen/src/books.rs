@@ -70,6 +70,9 @@ pub struct Recorded {
     /// `organizations.seconds_used`; `None` when callplane counts in Redis.
     pub counters: Option<HashMap<Uuid, i64>>,
     pub open_dead_letters: i64,
+    /// Days whose `daily_usage` differs from the ledger summed by day (in the organization's
+    /// billing time zone), described; empty when the server keeps no daily usage.
+    pub daily_mismatches: Vec<String>,
 }
 
 /// An organization's usage as `GET /v1/usage` reports it.
@@ -288,6 +291,9 @@ fn check_rows(
         }
     }
 
+    for mismatch in &recorded.daily_mismatches {
+        books.problem(mismatch.clone());
+    }
     if recorded.open_dead_letters != 0 {
         books.problem(format!("{} events were dead-lettered", recorded.open_dead_letters));
     }
@@ -370,7 +376,60 @@ pub async fn read_database(
     .await
     .context("reading dead_letters")?;
 
-    Ok(Recorded { calls, keys: key_rows(keys)?, ledger: key_rows(ledger)?, counters, open_dead_letters })
+    let daily_mismatches = read_daily_mismatches(pool, orgs).await?;
+    Ok(Recorded {
+        calls,
+        keys: key_rows(keys)?,
+        ledger: key_rows(ledger)?,
+        counters,
+        open_dead_letters,
+        daily_mismatches,
+    })
+}
+
+/// The days whose daily usage differs from the ledger (calls or billable seconds), compared in
+/// the database; none when this server has no `daily_usage` (an older build).
+async fn read_daily_mismatches(pool: &PgPool, orgs: &[Uuid]) -> Result<Vec<String>> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('daily_usage') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .context("looking for daily_usage")?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "WITH ledger AS ( \
+             SELECT l.organization_id, (l.call_started_at AT TIME ZONE o.billing_timezone)::date AS day, \
+                    count(*)::bigint AS calls, sum(l.billable_seconds)::bigint AS billable \
+             FROM usage_ledger l JOIN organizations o ON o.id = l.organization_id \
+             WHERE l.organization_id = ANY($1) GROUP BY 1, 2), \
+         daily AS ( \
+             SELECT organization_id, day, sum(calls)::bigint AS calls, sum(billable_seconds)::bigint AS billable \
+             FROM daily_usage WHERE organization_id = ANY($1) GROUP BY 1, 2) \
+         SELECT organization_id, day::text AS day, ledger.calls AS ledger_calls, daily.calls AS daily_calls, \
+                ledger.billable AS ledger_billable, daily.billable AS daily_billable \
+         FROM ledger FULL JOIN daily USING (organization_id, day) \
+         WHERE (ledger.calls, ledger.billable) IS DISTINCT FROM (daily.calls, daily.billable) \
+         ORDER BY 1, 2 LIMIT 100",
+    )
+    .bind(orgs)
+    .fetch_all(pool)
+    .await
+    .context("comparing daily_usage with usage_ledger")?;
+    rows.iter()
+        .map(|r| {
+            let (org, day): (Uuid, String) = (r.try_get("organization_id")?, r.try_get("day")?);
+            let figures = |calls: Option<i64>, billable: Option<i64>| {
+                format!("{} calls, {} s", calls.unwrap_or(0), billable.unwrap_or(0))
+            };
+            Ok(format!(
+                "daily usage of organization {org} on {day} says {}; the ledger {}",
+                figures(r.try_get("daily_calls")?, r.try_get("daily_billable")?),
+                figures(r.try_get("ledger_calls")?, r.try_get("ledger_billable")?)
+            ))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(Into::into)
 }
 
 /// Reads `GET /v1/usage` for each organization, with its API key, a few at a time.
@@ -475,8 +534,18 @@ mod tests {
             ledger,
             counters: Some([(org(1), 75), (org(2), 30), (org(3), 0)].into_iter().collect()),
             open_dead_letters: 0,
+            daily_mismatches: Vec::new(),
         };
         (expected, vec![org(1), org(2), org(3)], recorded)
+    }
+
+    #[test]
+    fn a_daily_usage_that_differs_from_the_ledger_is_a_problem() {
+        let (expected, orgs, mut recorded) = balanced();
+        recorded.daily_mismatches.push("daily usage of organization x on 2026-11-30 says 1 calls".into());
+        let books = check(&expected, &orgs, Some(&recorded), None);
+        assert!(!books.balanced());
+        assert!(books.problems.iter().any(|p| p.starts_with("daily usage of organization x")), "{:?}", books.problems);
     }
 
     #[test]
