@@ -263,10 +263,15 @@ async fn a_report_acknowledged_before_the_server_is_killed_is_billed_by_the_next
     while billed().fetch_one(&mut db).await.unwrap() == 0 && started.elapsed() < std::time::Duration::from_secs(20) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    drop(second);
     assert_eq!(billed().fetch_one(&mut db).await.unwrap(), 1, "the report was drained from the inbox");
-    let used: i64 = sqlx::query_scalar("SELECT seconds_used FROM organizations").fetch_one(&mut db).await.unwrap();
-    assert_eq!(used, 43);
+    // The counter is added after the ledger row commits (its own step): wait for it.
+    let used = || sqlx::query_scalar::<_, i64>("SELECT seconds_used FROM organizations");
+    let started = Instant::now();
+    while used().fetch_one(&mut db).await.unwrap() != 43 && started.elapsed() < std::time::Duration::from_secs(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(second);
+    assert_eq!(used().fetch_one(&mut db).await.unwrap(), 43);
 }
 
 #[tokio::test]

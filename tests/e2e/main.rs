@@ -25,5 +25,6 @@ mod reconcile;
 mod redis;
 mod samples;
 mod seams;
+mod search;
 #[cfg(feature = "temporal")]
 mod temporal;

@@ -350,13 +350,16 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
 }
 
 /// Builds `callplane-temporal-baseline` (Temporal's own limit for benchmark 7) in the
-/// benchmarks' profile; `None` when the build failed (the report says why).
+/// benchmarks' profile; `None` when the build failed (the report says why). Built with the
+/// server's packages and features selected, so that the dependencies they share resolve to the
+/// same features and are not compiled a second time.
 fn build_temporal_baseline(report: &mut Report, options: &Options) -> Option<PathBuf> {
     let profile = if options.release_build() { "release" } else { "debug" };
     let mut built = false;
     report.step("build callplane-temporal-baseline", || {
         let mut command = util::cargo();
-        command.args(["build", "-p", "callplane-temporal", "--bin", "callplane-temporal-baseline"]);
+        command.args(["build", "-p", "callplane-loadgen", "-p", "callplane-server", "-p", "callplane-temporal"]);
+        command.args(["--features", "callplane-server/phase2", "--bin", "callplane-temporal-baseline"]);
         if options.release_build() {
             command.arg("--release");
         }

@@ -166,6 +166,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             ("CALLPLANE__BACKENDS__EVENT_PIPELINE", "temporal".to_string()),
         ]);
     }
+    if phase == Phase::Two {
+        // Transcript search is phase 2's: `GET /v1/search` answers instead of 409 search_off.
+        callplane.env.push(("CALLPLANE__BACKENDS__SEARCH", "postgres".to_string()));
+    }
 
     util::run(&mut callplane.command(&["migrate"]))?;
     let (org, org_is_new) = demo_org(&callplane, database_is_new)?;

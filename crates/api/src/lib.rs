@@ -16,6 +16,7 @@ mod metrics;
 mod openapi;
 mod ops;
 mod realtime;
+mod search;
 mod throttle;
 mod vapi;
 
@@ -66,6 +67,8 @@ pub struct AppState {
     pub ready_max_backlog_seconds: f64,
     pub function_data: Arc<dyn FunctionData>,
     pub calls: Arc<dyn CallReads>,
+    /// Transcript search (`backends.search`).
+    pub search: Arc<dyn callplane_core::seams::TranscriptSearch>,
     pub transcripts: Arc<dyn TranscriptStore>,
     /// The usage counter with its rules (alerts, admission).
     pub metering: Arc<callplane_core::metering::Metering>,
@@ -101,6 +104,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/calls/{id}", get(dashboard::get_call))
         .route("/v1/usage", get(dashboard::usage))
         .route("/v1/usage/daily", get(dashboard::usage_daily))
+        .route("/v1/search", get(search::search))
         .route("/v1/function-data", get(dashboard::list_function_data))
         .route(
             "/v1/function-data/{key}",

@@ -61,12 +61,18 @@ pub struct Metrics {
     realtime_delivery: Histograms,
     realtime_lagged: Mutex<u64>,
     panics: std::sync::atomic::AtomicU64,
+    search_refused: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
     /// A request handler panicked (answered 500; a webhook's body was kept).
     pub fn panicked(&self) {
         self.panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A search asked for while search is off (the advisor reads it as demand).
+    pub fn search_refused(&self) {
+        self.search_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn panics(&self) -> u64 {
@@ -129,6 +135,12 @@ impl Metrics {
             out,
             "# HELP callplane_realtime_lagged_total Subscribers told to resume because they fell behind.\n\
              # TYPE callplane_realtime_lagged_total counter\ncallplane_realtime_lagged_total {lagged}"
+        );
+        let refused = self.search_refused.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP callplane_search_refused_total Searches asked for while transcript search is off.\n\
+             # TYPE callplane_search_refused_total counter\ncallplane_search_refused_total {refused}"
         );
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");

@@ -113,6 +113,7 @@ impl Modify for Operations {
         crate::dashboard::get_call,
         crate::dashboard::usage,
         crate::dashboard::usage_daily,
+        crate::search::search,
         crate::dashboard::list_function_data,
         crate::dashboard::get_function_data,
         crate::dashboard::put_function_data,

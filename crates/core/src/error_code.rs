@@ -92,6 +92,7 @@ error_codes! {
     ApiKeyNotFound = "api_key_not_found", "No such API key in this organization.";
     UnknownPlan = "unknown_plan", "The plan is not one the server offers.";
     InvalidStatus = "invalid_status", "The organization status is not one of active, past_due, canceled, suspended.";
+    SearchOff = "search_off", "Transcript search is off on this server (`backends.search`).";
     InvalidTimeZone = "invalid_time_zone", "The billing time zone is not an IANA time zone name such as Europe/Paris.";
     // Billing.
     BillingNotConfigured = "billing_not_configured", "Billing is not configured on this server.";

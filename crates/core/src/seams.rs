@@ -394,6 +394,69 @@ pub trait OrgAdmin: Send + Sync {
     async fn revoke_api_key(&self, org: OrgId, key_id: uuid::Uuid) -> StoreResult<bool>;
 }
 
+/// A transcript matching a search.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchHit {
+    pub call_id: String,
+    pub created_at: DateTime<Utc>,
+    /// The match's rank (`ts_rank`): higher is better.
+    pub rank: f32,
+    /// Fragments of the transcript around the matches, each match between `\u{1}` and
+    /// `\u{2}` (the API turns them into HTML).
+    pub snippet: String,
+}
+
+/// Where a page of results continues: after this hit, in rank order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchCursor {
+    pub rank: f32,
+    pub created_at: DateTime<Utc>,
+    pub call_id: String,
+}
+
+/// A search of one organization's transcripts of calls created in `[from, to)`.
+#[derive(Clone, Debug)]
+pub struct SearchRequest {
+    pub org: OrgId,
+    /// `websearch_to_tsquery` syntax: words, `"a phrase"`, `or`, `-excluded`.
+    pub query: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub limit: i64,
+    pub after: Option<SearchCursor>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error("transcript search is off on this server (backends.search = \"off\")")]
+    Off,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Searching transcripts: `off`, or `postgres` (full-text search on `call_transcripts`).
+/// Typesense comes in phase 3.
+#[async_trait]
+pub trait TranscriptSearch: Send + Sync {
+    fn backend(&self) -> &'static str;
+    /// The best matches first, at most `limit`.
+    async fn search(&self, request: &SearchRequest) -> Result<Vec<SearchHit>, SearchError>;
+}
+
+/// Search switched off: every search is refused (and counted by the API).
+pub struct SearchOff;
+
+#[async_trait]
+impl TranscriptSearch for SearchOff {
+    fn backend(&self) -> &'static str {
+        "off"
+    }
+
+    async fn search(&self, _request: &SearchRequest) -> Result<Vec<SearchHit>, SearchError> {
+        Err(SearchError::Off)
+    }
+}
+
 /// What became of setting a billing time zone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimeZoneChange {

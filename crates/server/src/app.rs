@@ -1,7 +1,7 @@
 //! The composition root: configuration in, a running callplane out.
 
 use crate::settings::{
-    CounterBackend, FunctionDataBackend, PipelineBackend, RealtimeBackend, Settings, TranscriptBackend,
+    CounterBackend, FunctionDataBackend, PipelineBackend, RealtimeBackend, SearchBackend, Settings, TranscriptBackend,
 };
 use anyhow::Context;
 use async_trait::async_trait;
@@ -384,6 +384,10 @@ impl App {
             ready_max_backlog_seconds: settings.inbox.ready_max_age_seconds,
             function_data,
             calls: Arc::new(store.clone()),
+            search: match settings.backends.search {
+                SearchBackend::Off => Arc::new(callplane_core::seams::SearchOff),
+                SearchBackend::Postgres => Arc::new(store.clone()),
+            },
             transcripts,
             metering,
             bus: bus.clone(),

@@ -73,6 +73,16 @@ enum Command {
     /// Usage counters.
     #[command(subcommand)]
     Usage(UsageCommand),
+    /// Transcript search.
+    #[command(subcommand)]
+    Search(SearchCommand),
+}
+
+#[derive(Subcommand)]
+enum SearchCommand {
+    /// Build the transcript search index on every partition that lacks it, without blocking
+    /// writes (`CREATE INDEX CONCURRENTLY`, then attached). Safe to run again.
+    Index,
 }
 
 #[derive(Subcommand)]
@@ -338,7 +348,8 @@ async fn run() -> anyhow::Result<()> {
             store.migrate().await.context("applying migrations")?;
             eprintln!("creating partitions {} months ahead...", settings.partitions.months_ahead);
             let r = store.ensure_partitions(Utc::now(), settings.partitions.months_ahead).await?;
-            let v = json!({ "migrated": true, "partitions": r });
+            let search = build_search_index(&store).await?;
+            let v = json!({ "migrated": true, "partitions": r, "search_index": search });
             print(j, &v, || format!("migrated; partitions through {}", r.covered_through.clone().unwrap_or_default()));
         }
         Command::Org(cmd) => {
@@ -532,6 +543,20 @@ async fn run() -> anyhow::Result<()> {
             if !differences.is_empty() && !repair {
                 std::process::exit(1);
             }
+        }
+        Command::Search(SearchCommand::Index) => {
+            let store = connect(&settings).await?;
+            let r = build_search_index(&store).await?;
+            let v = json!(r);
+            print(j, &v, || {
+                format!(
+                    "search index: {} partitions, built on {} ({}); {}",
+                    r.partitions,
+                    r.built.len(),
+                    if r.built.is_empty() { "none needed it".to_owned() } else { r.built.join(", ") },
+                    if r.valid { "valid, in use" } else { "not valid yet" }
+                )
+            });
         }
         Command::Usage(UsageCommand::RebuildDaily { org }) => {
             let store = connect(&settings).await?;
@@ -789,6 +814,28 @@ async fn worker(settings: Settings) -> anyhow::Result<()> {
 #[cfg(not(feature = "temporal"))]
 async fn worker(_settings: Settings) -> anyhow::Result<()> {
     bail!("this build has no Temporal worker; build with the `temporal` feature (`--features phase2`)")
+}
+
+/// The transcript search index on every partition that lacks it, with progress.
+async fn build_search_index(store: &PgStore) -> anyhow::Result<callplane_storage::SearchIndexReport> {
+    let started = std::time::Instant::now();
+    let report = store
+        .build_search_index(|step| {
+            if step.done < step.of {
+                progress(&format!(
+                    "search index: partition {}/{} {} (~{} rows), {:.0?} so far",
+                    step.done + 1,
+                    step.of,
+                    step.partition,
+                    step.rows,
+                    started.elapsed()
+                ));
+            }
+        })
+        .await
+        .context("building the transcript search index")?;
+    end_progress();
+    Ok(report)
 }
 
 /// Ctrl-C or SIGTERM (what process managers send).

@@ -207,6 +207,7 @@ pub struct BackendSettings {
     pub event_pipeline: PipelineBackend,
     pub function_data: FunctionDataBackend,
     pub realtime: RealtimeBackend,
+    pub search: SearchBackend,
 }
 
 /// A seam's backend choices: an enum whose config names are listed, so a name this build does
@@ -282,6 +283,16 @@ backend_choices! {
         On = "on",
         /// Never: workers run apart (`callplane worker`).
         Off = "off",
+    }
+}
+
+backend_choices! {
+    /// `backends.search`: transcript search (`GET /v1/search`).
+    SearchBackend {
+        /// No search: the endpoint answers 409 `search_off`, and the attempt is counted.
+        Off = "off",
+        /// Full-text search on `call_transcripts` with its GIN index.
+        Postgres = "postgres",
     }
 }
 
@@ -1007,6 +1018,7 @@ impl Settings {
             "backends": {
                 "usage_counter": self.backends.usage_counter,
                 "transcripts": self.backends.transcripts,
+                "search": self.backends.search,
                 "event_pipeline": self.backends.event_pipeline,
                 "function_data": self.backends.function_data,
                 "realtime": self.backends.realtime,

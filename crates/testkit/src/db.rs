@@ -60,6 +60,7 @@ impl TestDb {
                 let store = PgStore::connect(&with_database(&admin, &building), 2).await?;
                 store.migrate().await?;
                 store.ensure_partitions(Utc::now(), 3).await?;
+                store.build_search_index(|_| {}).await?;
                 store.pool().close().await;
             }
             conn.execute(format!("ALTER DATABASE {building} RENAME TO {template}").as_str()).await?;
