@@ -416,7 +416,9 @@ impl Bench {
             .with_env("CALLPLANE__INBOX__DIR", inbox.to_string_lossy())
             // Benchmark 5 fans one organization's events out to up to 5,000 sockets on one key.
             .with_env("CALLPLANE__REALTIME__MAX_CONNECTIONS_PER_ORG", "10000")
-            .with_env("CALLPLANE__REALTIME__MAX_CONNECTIONS_PER_KEY", "10000");
+            .with_env("CALLPLANE__REALTIME__MAX_CONNECTIONS_PER_KEY", "10000")
+            // Benchmark 4 times transcript search.
+            .with_env("CALLPLANE__BACKENDS__SEARCH", "postgres");
         // Set even to their defaults, so that none comes from the caller's environment. The
         // loadgen reads the counter's too, to know where to check it.
         for name in BACKEND_SETTINGS {
@@ -1073,6 +1075,25 @@ impl Bench {
                         baseline: Some(number(&summary, &format!("/{pointer}/sql_flat/{field}"))?),
                         baseline_is: "the same SQL on an unpartitioned copy with the same index".into(),
                         note: format!("SQL on the partitioned table {partitioned:.2} ms; {stored:.0} calls stored"),
+                    });
+                }
+            }
+            if summary.get("search").is_some_and(|s| !s.is_null()) {
+                if number(&summary, "/search/mean_hits")? <= 0.0 {
+                    bail!("GET /v1/search found nothing at {loaded} calls");
+                }
+                let transcripts = number(&summary, "/search/transcripts")?;
+                for (label, field) in [("p50", "p50_ms"), ("p95", "p95_ms")] {
+                    self.rows.push(Row {
+                        benchmark: "4. Dashboard".into(),
+                        metric: format!("GET /v1/search {label}, {} transcripts", human_count(transcripts as u64)),
+                        unit: "ms",
+                        callplane: number(&summary, &format!("/search/api/{field}"))?,
+                        baseline: Some(number(&summary, &format!("/search/sql/{field}"))?),
+                        baseline_is: "the search's own SQL straight on the database".into(),
+                        note:
+                            "first page of 20 over 366 days; queries: a word, a phrase, a quoted phrase, an exclusion"
+                                .into(),
                     });
                 }
             }

@@ -7,6 +7,10 @@
 //! `(organization_id, created_at DESC, id DESC)` index. The API walks the partitions a month at
 //! a time; the flat table answers in one index scan. Both use the API's default window (the
 //! last 366 days) and page size (50, fetching 51 to know whether there is a next page).
+//!
+//! When the server has transcript search on, it also times `GET /v1/search` (a first page of
+//! 20, over the widest window, 366 days) for the same organizations and a few queries, and the
+//! search's own SQL (`callplane_storage::SEARCH_SQL`) straight on the database.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -59,8 +63,44 @@ pub struct DashboardSummary {
     pub flat_build_seconds: f64,
     pub first_page: QueryFigures,
     pub filtered_page: QueryFigures,
+    /// `GET /v1/search`, when the server has search on.
+    pub search: Option<SearchFigures>,
     pub errors: u64,
 }
+
+/// Transcript search: the API, and the same SQL straight on the database.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SearchFigures {
+    pub transcripts: i64,
+    pub api: LatencySummary,
+    pub sql: LatencySummary,
+    /// Mean hits per page through the API (20 at most).
+    pub mean_hits: f64,
+    pub queries: Vec<String>,
+}
+
+/// The search's SQL (`SEARCH_SQL` in callplane-storage; a test keeps them equal): `$1`
+/// organization, `$2` query, `[$3, $4)` window, `$5` limit, `$6`-`$8` the cursor or NULLs.
+const SEARCH_SQL: &str = "\
+WITH q AS (SELECT websearch_to_tsquery('english', $2) AS q), \
+hits AS ( \
+    SELECT t.call_id, t.created_at, ts_rank(t.search, q.q) AS rank \
+    FROM call_transcripts t, q \
+    WHERE t.organization_id = $1 AND t.created_at >= $3 AND t.created_at < $4 AND t.search @@ q.q \
+      AND ($6::real IS NULL OR (ts_rank(t.search, q.q), t.created_at, t.call_id) < ($6::real, $7, $8)) \
+    ORDER BY rank DESC, t.created_at DESC, t.call_id DESC \
+    LIMIT $5) \
+SELECT h.call_id, h.created_at, h.rank, \
+       ts_headline('english', coalesce(t.transcript, ''), q.q, \
+                   'StartSel=\"\u{1}\", StopSel=\"\u{2}\", MaxFragments=2, MaxWords=18, MinWords=6, FragmentDelimiter=\" … \"') \
+           AS snippet \
+FROM hits h JOIN call_transcripts t ON t.call_id = h.call_id AND t.created_at = h.created_at \
+     AND t.organization_id = $1, q \
+ORDER BY h.rank DESC, h.created_at DESC, h.call_id DESC";
+
+/// What the search benchmark asks, in turn: a rare word, a common phrase, a phrase in quotes,
+/// an exclusion (the bulk loader's conversations are built from a small bank of lines).
+const SEARCH_QUERIES: &[&str] = &["warranty", "water heater", "\"kitchen sink\"", "invoice -appointment"];
 
 pub async fn run(server: Server, config: DashboardConfig) -> Result<DashboardSummary> {
     let pool = PgPoolOptions::new()
@@ -99,6 +139,30 @@ pub async fn run(server: Server, config: DashboardConfig) -> Result<DashboardSum
         }
         figures.push(QueryFigures { api, sql_partitioned, sql_flat, mean_page_size });
     }
+    let search = match time_search_api(&server, &keys, &config).await {
+        Some((api, mean_hits, failed)) => {
+            errors += failed;
+            let sql = time_search_sql(&pool, &orgs, &config).await?;
+            let transcripts: i64 = sqlx::query_scalar("SELECT count(*) FROM call_transcripts").fetch_one(&pool).await?;
+            if !config.quiet {
+                eprintln!("loadgen: GET /v1/search ({transcripts} transcripts) API {}", api.line());
+                eprintln!("loadgen:                          SQL         {}", sql.line());
+            }
+            Some(SearchFigures {
+                transcripts,
+                api,
+                sql,
+                mean_hits,
+                queries: SEARCH_QUERIES.iter().map(|q| q.to_string()).collect(),
+            })
+        }
+        None => {
+            if !config.quiet {
+                eprintln!("loadgen: GET /v1/search is off on this server; not timed");
+            }
+            None
+        }
+    };
     pool.close().await;
     let mut figures = figures.into_iter();
     Ok(DashboardSummary {
@@ -107,6 +171,7 @@ pub async fn run(server: Server, config: DashboardConfig) -> Result<DashboardSum
         flat_build_seconds,
         first_page: figures.next().unwrap_or_default(),
         filtered_page: figures.next().unwrap_or_default(),
+        search,
         errors,
     })
 }
@@ -217,4 +282,101 @@ async fn time_sql(
         .await;
     results.into_iter().collect::<Result<Vec<_>>>()?;
     Ok(recorder.summary())
+}
+
+/// The search window: the API's widest (366 days), ending tomorrow, over what was loaded.
+fn search_window() -> (chrono::DateTime<Utc>, chrono::DateTime<Utc>) {
+    let to = Utc::now() + chrono::Duration::days(1);
+    (to - chrono::Duration::days(366), to)
+}
+
+/// Times `GET /v1/search` over the sampled organizations and [`SEARCH_QUERIES`]; `None` when
+/// the server has search off (409). Returns the latencies, the mean hits and the failures.
+async fn time_search_api(
+    server: &Server,
+    keys: &[(Uuid, String)],
+    config: &DashboardConfig,
+) -> Option<(LatencySummary, f64, u64)> {
+    let (from, to) = search_window();
+    let url = |i: usize| {
+        let params = [
+            ("q", SEARCH_QUERIES[i % SEARCH_QUERIES.len()].to_owned()),
+            ("from", from.to_rfc3339()),
+            ("to", to.to_rfc3339()),
+        ];
+        reqwest::Url::parse_with_params(&format!("{}/v1/search", server.base), &params).ok()
+    };
+    let probe = server.http().get(url(0)?).bearer_auth(&keys.first()?.1).send().await.ok()?;
+    if probe.status() == reqwest::StatusCode::CONFLICT {
+        return None;
+    }
+    let recorder = Arc::new(Recorder::default());
+    let warmup = warmup(config.requests);
+    let results: Vec<Option<usize>> = futures::stream::iter(0..warmup + config.requests)
+        .map(|i| {
+            let (recorder, url, key) =
+                (recorder.clone(), url(i), keys[(i / SEARCH_QUERIES.len()) % keys.len()].1.clone());
+            async move {
+                let sent = Instant::now();
+                let response = server.http().get(url?).bearer_auth(key).send().await.ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
+                let body: serde_json::Value = response.json().await.ok()?;
+                if i >= warmup {
+                    recorder.record(sent.elapsed());
+                }
+                body.get("data").and_then(serde_json::Value::as_array).map(Vec::len)
+            }
+        })
+        .buffer_unordered(config.concurrency.max(1))
+        .collect()
+        .await;
+    let pages: Vec<usize> = results.iter().flatten().copied().collect();
+    let failed = (results.len() - pages.len()) as u64;
+    let mean = pages.iter().sum::<usize>() as f64 / pages.len().max(1) as f64;
+    Some((recorder.summary(), mean, failed))
+}
+
+/// Times the search's own SQL ([`SEARCH_SQL`], first page of 20) straight on
+/// the database, with the same organizations, queries and window.
+async fn time_search_sql(pool: &PgPool, orgs: &[Uuid], config: &DashboardConfig) -> Result<LatencySummary> {
+    let (from, to) = search_window();
+    let recorder = Arc::new(Recorder::default());
+    let warmup = warmup(config.requests);
+    let results: Vec<Result<()>> = futures::stream::iter(0..warmup + config.requests)
+        .map(|i| {
+            let (recorder, org) = (recorder.clone(), orgs[(i / SEARCH_QUERIES.len()) % orgs.len()]);
+            async move {
+                let sent = Instant::now();
+                sqlx::query(SEARCH_SQL)
+                    .bind(org)
+                    .bind(SEARCH_QUERIES[i % SEARCH_QUERIES.len()])
+                    .bind(from)
+                    .bind(to)
+                    .bind(20_i64)
+                    .bind(None::<f32>)
+                    .bind(None::<chrono::DateTime<Utc>>)
+                    .bind(None::<&str>)
+                    .fetch_all(pool)
+                    .await?;
+                if i >= warmup {
+                    recorder.record(sent.elapsed());
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(config.concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>>>()?;
+    Ok(recorder.summary())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_search_sql_timed_raw_is_the_servers() {
+        assert_eq!(super::SEARCH_SQL, callplane_storage::SEARCH_SQL);
+    }
 }

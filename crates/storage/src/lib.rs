@@ -27,7 +27,7 @@ pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter};
 pub use function_data::PgFunctionData;
 pub use partitions::PartitionReport;
 pub use realtime::{PgRealtimeBus, queue_realtime_events};
-pub use search::{SearchIndexReport, SearchIndexStep};
+pub use search::{SEARCH_SQL, SearchIndexReport, SearchIndexStep};
 pub use transcripts::PgTranscriptStore;
 pub use unfinished::{UnfinishedCall, UnfinishedFilter};
 pub use usage::PgUsageCounter;

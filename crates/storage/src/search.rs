@@ -111,10 +111,11 @@ impl PgStore {
     }
 }
 
-/// The ranked page: the hits first (rank, then newest), then the snippets of those only
+/// The ranked page (`$1` organization, `$2` query, `[$3, $4)` window, `$5` limit, `$6`-`$8`
+/// the cursor or NULLs): the hits first (rank, then newest), then the snippets of those only
 /// (`ts_headline` reads the whole transcript, so it runs on the page, not on every match).
 /// Matches are marked with \u{1} and \u{2}, which the API turns into HTML.
-const SEARCH_SQL: &str = "\
+pub const SEARCH_SQL: &str = "\
 WITH q AS (SELECT websearch_to_tsquery('english', $2) AS q), \
 hits AS ( \
     SELECT t.call_id, t.created_at, ts_rank(t.search, q.q) AS rank \
