@@ -4,9 +4,13 @@
 ALTER TABLE organizations ADD COLUMN billing_timezone text NOT NULL DEFAULT 'UTC';
 
 -- Each day is spread over 8 rows (by call) so that an organization's concurrent reports do not
--- queue on one row lock until they commit; readers add the shards up.
+-- queue on one row lock until they commit; readers add the shards up. No foreign key to
+-- organizations: its check locks the organization's row (FOR KEY SHARE), and a rebuild holding
+-- the advisory lock below would then wait behind a counter update (FOR UPDATE) that waits for a
+-- ledger writer that waits for the rebuild: a deadlock. The rows are derived from the ledger,
+-- whose own key holds.
 CREATE TABLE daily_usage (
-    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    organization_id  uuid NOT NULL,
     day              date NOT NULL,
     shard            smallint NOT NULL CHECK (shard BETWEEN 0 AND 7),
     calls            bigint NOT NULL DEFAULT 0 CHECK (calls >= 0),
