@@ -259,13 +259,18 @@ async fn switching_the_pipeline_inline_to_temporal_and_back_under_traffic_loses_
     let inbox = crate::helpers::inbox_dir();
     let mut server = serve(&cli, &inbox, &temporal, "inline", "auto").await;
 
-    // Calls keep coming the whole time: each a lifecycle, then its report again (a retry).
+    // Calls keep coming the whole time, until the last server has taken some: each a
+    // lifecycle, then its report again (a retry).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
-        let urls = urls.clone();
+        let (urls, stop) = (urls.clone(), stop.clone());
         tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut expected = vec![0i64; urls.len()];
-            for i in 0..30 {
+            for i in 0..1000 {
+                if i >= 10 && stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 let sends = urls.iter().enumerate().map(|(n, url)| {
                     let http = http.clone();
                     let seconds = 60 + (i * 11 + n * 17) as i64 % 240;
@@ -295,6 +300,8 @@ async fn switching_the_pipeline_inline_to_temporal_and_back_under_traffic_loses_
     assert!(handed > 0.0, "the Temporal server handed events to Temporal");
     terminate(&mut server);
     let server = serve(&cli, &inbox, &temporal, "inline", "on").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let expected = traffic.await.unwrap();
     assert!(metric_at(&cli.addr, "callplane_events_processed_total").await > 0.0, "traffic ran until the end");
 
