@@ -283,3 +283,59 @@ async fn replay_prints_one_summary_and_why_each_event_failed_again() {
     assert_eq!(replay["failures"][0]["code"], "future_timestamp");
     assert!(replay["failures"][0]["message"].as_str().unwrap().contains("in the future"), "{replay}");
 }
+
+/// `callplane advise` is a process of its own: it reads what the servers wrote to the
+/// database (every `advisor.sample_interval_seconds`), so the figures outlive the server.
+#[tokio::test]
+async fn callplane_advise_reads_what_the_servers_counted_and_says_what_to_do() {
+    let cli = Cli::new().await;
+    cli.json(&["migrate", "--json"]);
+    let org = cli.json(&["org", "create", "--name", "Acme", "--plan", "pro", "--json"]);
+    let key = cli.json(&["apikey", "create", "--org", org["id"].as_str().unwrap(), "--json"]);
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let quiet = cli.json(&["advise", "--json"]);
+    assert_eq!((quiet["current_phase"].clone(), quiet["recommended_phase"].clone()), (1.into(), 1.into()), "{quiet:#}");
+
+    let server = cli
+        .serve_with(
+            &crate::helpers::inbox_dir(),
+            &[
+                ("CALLPLANE__ADVISOR__SAMPLE_INTERVAL_SECONDS", "1".into()),
+                ("CALLPLANE__BACKENDS__SEARCH", "off".into()),
+            ],
+        )
+        .await;
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = http.get(format!("http://{}/v1/search?q=refund", cli.addr)).bearer_auth(&secret).send().await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::CONFLICT);
+    }
+    let refused = |a: &Value| a["days"].as_array().unwrap().last().unwrap()["searches_refused"].as_u64().unwrap();
+    let mut advice = cli.json(&["advise", "--json"]);
+    for _ in 0..100 {
+        if refused(&advice) == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        advice = cli.json(&["advise", "--json"]);
+    }
+    assert_eq!(refused(&advice), 3, "the server's figures reached the database: {advice:#}");
+    // The server is killed (no chance to write anything more): what it wrote stays.
+    drop(server);
+    let advice = cli.json(&["advise", "--json"]);
+    assert_eq!(refused(&advice), 3);
+    assert_eq!(advice["recommended_phase"], 2);
+    assert_eq!(advice["summary"], "Move to phase 2: search_demand fired.");
+
+    let text = cli.run(&["advise"]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.starts_with("Move to phase 2: search_demand fired.\n"), "{text}");
+    assert!(
+        text.contains(
+            "FIRED  search_demand         3 searches were asked for and refused (search is off) in the last 7 days"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("monthly cost: phase 1 $50 (current), phase 2 $250 (recommended), phase 3 $700"), "{text}");
+}

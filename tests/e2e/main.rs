@@ -6,6 +6,7 @@
 
 mod helpers;
 
+mod advisor;
 mod auth_limits;
 mod bad_input;
 mod billing;

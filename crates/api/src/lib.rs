@@ -7,6 +7,7 @@
 //! [`AppState`]. Only this crate knows HTTP; every error leaves through [`ApiError`].
 
 mod admin;
+pub mod advice;
 mod auth;
 mod billing;
 mod dashboard;
@@ -22,7 +23,7 @@ mod vapi;
 
 pub use auth::{ApiKeyCache, DashboardAuth};
 pub use error::ApiError;
-pub use metrics::Metrics;
+pub use metrics::{AdvisorLimits, Metrics};
 pub use openapi::openapi_json;
 pub use ops::{Readiness, WorkerOps, worker_router};
 pub use realtime::RealtimeSettings;
@@ -88,6 +89,8 @@ pub struct AppState {
     /// When set, `/metrics` answers only `Authorization: Bearer <this>`.
     pub metrics_token: Option<Vec<u8>>,
     pub readiness: Arc<dyn Readiness>,
+    /// The phase advisor's figures and judgement (`GET /admin/v1/advice`).
+    pub advice: Arc<dyn advice::AdviceSource>,
     /// Turns true when the server is shutting down; WebSocket sessions close on it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -118,6 +121,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/organizations/{id}", get(admin::get_org).patch(admin::update_org))
         .route("/admin/v1/organizations/{id}/api-keys", post(admin::create_key))
         .route("/admin/v1/organizations/{id}/api-keys/{key_id}", axum::routing::delete(admin::revoke_key))
+        .route("/admin/v1/advice", get(advice::advice))
         .route("/openapi.json", get(ops::openapi))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

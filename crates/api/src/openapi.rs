@@ -127,6 +127,7 @@ impl Modify for Operations {
         crate::admin::update_org,
         crate::admin::create_key,
         crate::admin::revoke_key,
+        crate::advice::advice,
     ),
     modifiers(&Security, &Operations),
 )]

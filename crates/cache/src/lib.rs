@@ -106,8 +106,25 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// The memory Redis uses now (`INFO memory`'s `used_memory`), for the phase advisor.
+    pub async fn used_memory(&self) -> Result<u64, StoreError> {
+        let mut conn = self.manager().await?;
+        let info = tokio::time::timeout(ROUND_TRIP, redis::cmd("INFO").arg("memory").query_async::<String>(&mut conn))
+            .await
+            .map_err(|_| StoreError::unavailable(BACKEND, CacheError::TimedOut(ROUND_TRIP)))?
+            .map_err(redis_error)?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| StoreError::backend(BACKEND, CacheError::UnexpectedInfo))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum CacheError {
+    #[error("INFO memory did not say used_memory")]
+    UnexpectedInfo,
     #[error("redis has not been reachable since this process started; retrying")]
     NotConnected,
     #[error("redis did not answer within {0:?}")]

@@ -1,5 +1,6 @@
 //! The composition root: configuration in, a running callplane out.
 
+use crate::advisor::{Advisor, MemoryProbe, Sampler};
 use crate::settings::{
     CounterBackend, FunctionDataBackend, PipelineBackend, RealtimeBackend, SearchBackend, Settings, TranscriptBackend,
 };
@@ -31,6 +32,8 @@ pub struct App {
     pub intake: LocalIntake,
     pub agents: PgAgentDirectory,
     pub state: AppState,
+    /// Writes this process's advisor figures to the database.
+    pub sampler: Arc<Sampler>,
     /// Set on shutdown: WebSocket sessions close with 1001.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
     /// The Temporal worker `serve` runs (`temporal.worker`); stops when the last clone drops.
@@ -110,6 +113,14 @@ impl Readiness for PgReadiness {
     }
 }
 
+#[cfg(feature = "redis")]
+#[async_trait]
+impl MemoryProbe for callplane_cache::Redis {
+    async fn used_memory(&self) -> callplane_core::seams::StoreResult<u64> {
+        callplane_cache::Redis::used_memory(self).await
+    }
+}
+
 /// The clients a backend may need, each made once, when some backend is configured to use it.
 #[derive(Clone)]
 pub struct Clients {
@@ -141,6 +152,15 @@ impl Clients {
             #[cfg(feature = "redis")]
             redis,
         })
+    }
+
+    /// What the advisor asks Redis's memory of, when a backend uses Redis.
+    pub fn memory_probe(&self) -> Option<Arc<dyn MemoryProbe>> {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            return Some(Arc::new(redis.clone()));
+        }
+        None
     }
 
     #[cfg(feature = "redis")]
@@ -368,6 +388,10 @@ impl App {
             settings.intake_settings(),
         );
         let fallback = settings.vapi.fallback_assistant_id.trim();
+        let metrics = Arc::new(Metrics::new(settings.advisor_limits()));
+        let sampler = Sampler::new(store.clone(), metrics.clone(), clients.memory_probe());
+        sampler.spawn(Duration::from_secs(settings.advisor.sample_interval_seconds.max(1)));
+        let advisor = Advisor::new(&settings, store.clone(), clients.memory_probe(), Some(sampler.clone()));
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {
             webhook_auth: Arc::new(settings.webhook_auth()),
@@ -408,9 +432,10 @@ impl App {
             max_body_bytes: settings.server.max_body_bytes,
             max_function_data_bytes: settings.api.max_function_data_bytes,
             realtime: settings.realtime_settings(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             metrics_token: settings.metrics_token(),
             readiness: Arc::new(PgReadiness { store: store.clone(), bus }),
+            advice: Arc::new(advisor),
             shutdown,
         };
         // Whatever a previous process left in the inbox is drained from now on, and calls left
@@ -429,6 +454,7 @@ impl App {
             intake,
             agents,
             state,
+            sampler,
             shutdown: Arc::new(shutdown_tx),
             #[cfg(feature = "temporal")]
             worker,
@@ -455,6 +481,11 @@ impl App {
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "partition maintenance failed; will retry"),
                 }
+                if let Some(year_ago) = Utc::now().date_naive().checked_sub_days(chrono::Days::new(400))
+                    && let Err(e) = store.prune_advisor_days(year_ago).await
+                {
+                    warn!(error = %e, "pruning the advisor's old figures failed; will retry");
+                }
                 match store.prune_realtime_events(Utc::now() - retention).await {
                     Ok(0) => {}
                     Ok(n) => info!(pruned = n, "realtime events past retention removed"),
@@ -478,6 +509,11 @@ impl App {
         };
         // The peer address is what failed authentication is throttled by.
         let service = self.router().into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, service).with_graceful_shutdown(signal).await.context("serving HTTP")
+        let served = axum::serve(listener, service).with_graceful_shutdown(signal).await.context("serving HTTP");
+        // What was counted since the last write is kept for the advisor.
+        if let Err(e) = self.sampler.flush().await {
+            warn!(error = %e, "writing the advisor's last figures failed");
+        }
+        served
     }
 }

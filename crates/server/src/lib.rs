@@ -3,6 +3,7 @@
 //! the only crate that depends on every other one, and the only place where a phase feature
 //! chooses a backend.
 
+pub mod advisor;
 pub mod app;
 pub mod settings;
 pub mod telemetry;

@@ -76,6 +76,10 @@ enum Command {
     /// Transcript search.
     #[command(subcommand)]
     Search(SearchCommand),
+    /// Which phase to be on, and why: every trigger of the plan measured from the servers'
+    /// daily figures and the database, with the evidence beside each threshold, and what each
+    /// phase costs a month.
+    Advise,
 }
 
 #[derive(Subcommand)]
@@ -558,6 +562,14 @@ async fn run() -> anyhow::Result<()> {
                 )
             });
         }
+        Command::Advise => {
+            let store = connect(&settings).await?;
+            let clients = callplane_server::app::Clients::connect(&settings, &store).await?;
+            let advisor = callplane_server::advisor::Advisor::new(&settings, store, clients.memory_probe(), None);
+            let advice = callplane_api::advice::AdviceSource::advice(&advisor).await?;
+            let v = json!(advice);
+            print(j, &v, || advice_text(&advice));
+        }
         Command::Usage(UsageCommand::RebuildDaily { org }) => {
             let store = connect(&settings).await?;
             let orgs = match org {
@@ -839,6 +851,39 @@ async fn build_search_index(store: &PgStore) -> anyhow::Result<callplane_storage
 }
 
 /// Ctrl-C or SIGTERM (what process managers send).
+/// The advice for a terminal: the verdict, each trigger with its evidence, the costs.
+fn advice_text(a: &callplane_api::advice::Advice) -> String {
+    let mut out = format!("{}\n", a.summary);
+    for (from, to) in [(1, 2), (2, 3)] {
+        out.push_str(&format!("\nphase {from} -> {to} (last {} days)\n", a.window_days));
+        for t in a.triggers.iter().filter(|t| t.phase == to) {
+            let mark = match (t.fired, t.measured) {
+                (true, _) => "FIRED",
+                (false, true) => "ok",
+                (false, false) => "n/a",
+            };
+            out.push_str(&format!("  {mark:<5}  {:<21} {}\n", t.id, t.evidence));
+        }
+    }
+    let components: Vec<String> = a.components.iter().map(|c| format!("{} = {}", c.component, c.backend)).collect();
+    out.push_str(&format!("\nnow on phase {}: {}\n", a.current_phase, components.join(", ")));
+    let costs: Vec<String> = a
+        .costs
+        .iter()
+        .map(|c| {
+            let mark = match (c.current, c.recommended) {
+                (true, true) => " (current, recommended)",
+                (true, false) => " (current)",
+                (false, true) => " (recommended)",
+                _ => "",
+            };
+            format!("phase {} ${:.0}{mark}", c.phase, c.monthly_usd)
+        })
+        .collect();
+    out.push_str(&format!("monthly cost: {}", costs.join(", ")));
+    out
+}
+
 async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -35,6 +35,7 @@ pub struct Settings {
     pub backends: BackendSettings,
     pub redis: RedisSettings,
     pub temporal: TemporalConfig,
+    pub advisor: callplane_api::advice::AdvisorSettings,
 }
 
 /// Temporal (phase 2): the event pipeline's workflows, when `backends.event_pipeline =
@@ -503,6 +504,7 @@ impl Settings {
         }
         errors.extend(self.redis_problems());
         errors.extend(self.temporal_problems());
+        errors.extend(self.advisor_problems());
         for (name, p) in &self.plans {
             if p.included_minutes < 0 || p.price_cents < 0 || p.overage_cents_per_minute < 0 {
                 errors.push(format!("plans.{name}: prices and minutes cannot be negative"));
@@ -604,6 +606,50 @@ impl Settings {
             keys.push("backends.function_data");
         }
         keys
+    }
+
+    fn advisor_problems(&self) -> Vec<String> {
+        let a = &self.advisor;
+        let mut errors = Vec::new();
+        if !(1..=366).contains(&a.window_days) {
+            errors.push("advisor.window_days: must be between 1 and 366".into());
+        }
+        if a.concurrent_days == 0 || a.concurrent_days > a.window_days {
+            errors.push("advisor.concurrent_days: must be between 1 and advisor.window_days".into());
+        }
+        for (key, v) in [
+            ("answer_near_deadline", a.answer_near_deadline),
+            ("webhook_failure_rate", a.webhook_failure_rate),
+            ("db_connections_share", a.db_connections_share),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                errors.push(format!("advisor.{key}: must be a share above 0 and at most 1"));
+            }
+        }
+        for (key, v) in [
+            ("redis_memory_mb", a.redis_memory_mb),
+            ("transcripts_gb", a.transcripts_gb),
+            ("monthly_cost_usd.phase1", a.monthly_cost_usd.phase1),
+            ("monthly_cost_usd.phase2", a.monthly_cost_usd.phase2),
+            ("monthly_cost_usd.phase3", a.monthly_cost_usd.phase3),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                errors.push(format!("advisor.{key}: must be a number, 0 or more"));
+            }
+        }
+        if a.sample_interval_seconds == 0 {
+            errors.push("advisor.sample_interval_seconds: must be at least 1".into());
+        }
+        errors
+    }
+
+    /// Where the advisor's counts draw their lines, for the metrics registry.
+    pub fn advisor_limits(&self) -> callplane_api::AdvisorLimits {
+        let deadline = self.answer_deadline().as_secs_f64() * self.advisor.answer_near_deadline;
+        callplane_api::AdvisorLimits {
+            dashboard_slow: std::time::Duration::from_millis(self.advisor.dashboard_p95_ms),
+            answer_slow: std::time::Duration::try_from_secs_f64(deadline).unwrap_or_default(),
+        }
     }
 
     fn redis_problems(&self) -> Vec<String> {
@@ -1023,6 +1069,7 @@ impl Settings {
                 "function_data": self.backends.function_data,
                 "realtime": self.backends.realtime,
             },
+            "advisor": self.advisor,
             "compiled_features": compiled_features(),
         })
     }

@@ -5,6 +5,7 @@
 //! phase-1 backends of the seams (`PgUsageCounter`, `PgTranscriptStore`, `PgFunctionData`,
 //! `PgRealtimeBus`). Depends on `callplane-core` and sqlx only; never on `api` or `server`.
 
+mod advisor;
 mod agent_directory;
 mod billing;
 mod calls;
@@ -19,6 +20,7 @@ mod transcripts;
 mod unfinished;
 mod usage;
 
+pub use advisor::{Connections, PEAK_SUFFIX};
 pub use agent_directory::{CACHE_CHANNEL, PgAgentDirectory};
 pub use callplane_core::domain::CallChange;
 pub use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};

@@ -74,6 +74,22 @@ impl RedisServer {
         assert_eq!(self.command("FLUSHALL"), "+OK", "FLUSHALL failed");
     }
 
+    /// Stores `bytes` bytes under `key` (memory for Redis to report).
+    pub fn set_bytes(&self, key: &str, bytes: usize) {
+        let value = vec![b'x'; bytes];
+        let mut command = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${bytes}\r\n", key.len()).into_bytes();
+        command.extend_from_slice(&value);
+        command.extend_from_slice(b"\r\n");
+        let reply = self.try_raw(&command).unwrap_or_else(|e| panic!("redis SET {key} on port {}: {e}", self.port));
+        assert_eq!(reply, "+OK", "SET {key} failed");
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&self, key: &str) {
+        let reply = self.command(&format!("DEL {key}"));
+        assert!(reply.starts_with(':'), "DEL {key} failed: {reply}");
+    }
+
     fn spawn(&mut self) {
         let child = Command::new(BINARY)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--daemonize", "no"])
@@ -114,10 +130,15 @@ impl RedisServer {
 
     /// Sends an inline command and reads the first line of the reply.
     fn try_command(&self, cmd: &str) -> std::io::Result<String> {
+        self.try_raw(format!("{cmd}\r\n").as_bytes())
+    }
+
+    /// Sends bytes as they are and reads the first line of the reply.
+    fn try_raw(&self, command: &[u8]) -> std::io::Result<String> {
         use std::io::{BufRead, BufReader, Write};
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(format!("{cmd}\r\n").as_bytes())?;
+        stream.write_all(command)?;
         let mut line = String::new();
         BufReader::new(stream).read_line(&mut line)?;
         Ok(line.trim_end().to_owned())
