@@ -182,6 +182,11 @@ fn share(part: u64, whole: u64) -> f64 {
     if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
 }
 
+fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= GB { format!("{:.2} GB", b / GB) } else { format!("{:.1} MB", b / MB) }
+}
+
 fn percent(x: f64) -> String {
     format!("{:.2}%", x * 100.0)
 }
@@ -195,11 +200,12 @@ pub fn advise(settings: &AdvisorSettings, figures: &Figures, now: DateTime<Utc>)
     let mut triggers = Vec::new();
 
     // A rate: fired above `limit` once there are enough samples to judge.
-    let rate = |id, phase, title, part: u64, whole: u64, limit: f64, what: &str, part_what: &str| {
+    // `rule` says what the share means.
+    let rate = |id, phase, title, part: u64, whole: u64, limit: f64, what: &str, part_what: &str, rule: &str| {
         let measured = whole >= t.min_samples && whole > 0;
         let value = share(part, whole);
         let evidence = if measured {
-            format!("{part} of {whole} {what} {part_what} {window} ({})", percent(value))
+            format!("{part} of {whole} {what} {part_what} {window} ({}){rule}", percent(value))
         } else {
             format!("{whole} {what} {window}: fewer than the {} needed to judge", t.min_samples)
         };
@@ -215,7 +221,8 @@ pub fn advise(settings: &AdvisorSettings, figures: &Figures, now: DateTime<Utc>)
         requests,
         0.05,
         "dashboard requests",
-        &format!("took over {} ms, and p95 is over it when more than 5% do:", t.dashboard_p95_ms),
+        &format!("took over {} ms", t.dashboard_p95_ms),
+        &format!("; p95 is over {} ms when more than 5% do", t.dashboard_p95_ms),
     ));
     let near_ms = (figures.answer_deadline_ms as f64 * t.answer_near_deadline).round();
     triggers.push(rate(
@@ -227,10 +234,11 @@ pub fn advise(settings: &AdvisorSettings, figures: &Figures, now: DateTime<Utc>)
         0.01,
         "answers VAPI waited for",
         &format!(
-            "took over {near_ms} ms ({} of the {} ms answer deadline; p99 is near the timeout when more than 1% do):",
+            "took over {near_ms} ms ({} of the {} ms answer deadline)",
             percent(t.answer_near_deadline),
             figures.answer_deadline_ms
         ),
+        "; p99 is near the timeout when more than 1% do",
     ));
     let (webhooks, failed) = (sum(|d| d.webhooks), sum(|d| d.failed_events));
     triggers.push(rate(
@@ -242,6 +250,7 @@ pub fn advise(settings: &AdvisorSettings, figures: &Figures, now: DateTime<Utc>)
         t.webhook_failure_rate,
         "webhook events",
         "failed processing (kept as dead letters)",
+        "",
     ));
 
     let busy: Vec<String> = figures
@@ -342,7 +351,7 @@ pub fn advise(settings: &AdvisorSettings, figures: &Figures, now: DateTime<Utc>)
         measured: true,
         value: gb,
         threshold: t.transcripts_gb,
-        evidence: format!("the transcripts take {:.3} GB in the database", gb),
+        evidence: format!("the transcripts take {} in the database", size(figures.transcripts_bytes)),
     });
 
     let live = sum(|d| d.transcript_messages);

@@ -268,12 +268,11 @@ impl FilterArgs {
     }
 }
 
+/// Prints the result; a reader that went away (`| head`) is not an error.
 fn print(json_mode: bool, value: &Value, human: impl FnOnce() -> String) {
-    if json_mode {
-        println!("{value}");
-    } else {
-        println!("{}", human());
-    }
+    use std::io::Write;
+    let text = if json_mode { value.to_string() } else { human() };
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 /// Redraws a progress line in place, on a terminal only: in a pipe or a log it would just
