@@ -370,6 +370,14 @@ async fn connections_near_the_database_limit_fire_the_trigger_and_the_peak_is_ke
     for c in held {
         c.close().await.unwrap();
     }
+    let in_use = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()";
+    for _ in 0..200 {
+        if app.count(in_use).await < 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(app.count(in_use).await < 20, "the held connections are gone");
     let after = advice(&app).await;
     let t = trigger(&after, "db_connections");
     assert_eq!(t["fired"], true, "{t}");

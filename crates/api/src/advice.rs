@@ -278,20 +278,19 @@ pub fn advise(settings: &AdvisorSettings, figures: &Figures, now: DateTime<Utc>)
     });
 
     let refused = sum(|d| d.searches_refused);
-    triggers.push(Trigger {
-        id: "search_demand",
-        phase: 2,
-        title: "searches asked for while search is off",
-        fired: !figures.search_on && refused >= t.searches_refused,
-        measured: true,
-        value: refused as f64,
-        threshold: t.searches_refused as f64,
-        evidence: if figures.search_on {
+    // Searches refused before search was turned on are no demand any more.
+    triggers.push(at_least(
+        "search_demand",
+        2,
+        "searches asked for while search is off",
+        if figures.search_on { 0 } else { refused },
+        t.searches_refused,
+        if figures.search_on {
             format!("search is on; {refused} searches were refused {window}")
         } else {
             format!("{refused} searches were asked for and refused (search is off) {window}")
         },
-    });
+    ));
 
     let limit = figures.db_connections_limit;
     let now_share = share(figures.db_connections_now, limit);
@@ -355,34 +354,30 @@ pub fn advise(settings: &AdvisorSettings, figures: &Figures, now: DateTime<Utc>)
     });
 
     let live = sum(|d| d.transcript_messages);
-    triggers.push(Trigger {
-        id: "live_transcripts",
-        phase: 3,
-        title: "live transcript streaming wanted",
-        fired: live >= t.live_transcript_messages,
-        measured: true,
-        value: live as f64,
-        threshold: t.live_transcript_messages as f64,
-        evidence: format!(
+    triggers.push(at_least(
+        "live_transcripts",
+        3,
+        "live transcript streaming wanted",
+        live,
+        t.live_transcript_messages,
+        format!(
             "VAPI sent {live} live transcript messages {window} (it sends them only to assistants set to stream them)"
         ),
-    });
+    ));
 
     let calls = figures.calls_stored;
-    triggers.push(Trigger {
-        id: "calls_stored",
-        phase: 3,
-        title: "calls stored over the threshold",
-        fired: calls >= t.calls_stored,
-        measured: true,
-        value: calls as f64,
-        threshold: t.calls_stored as f64,
-        evidence: if calls > t.calls_stored {
+    triggers.push(at_least(
+        "calls_stored",
+        3,
+        "calls stored over the threshold",
+        calls,
+        t.calls_stored,
+        if calls > t.calls_stored {
             format!("more than {} calls are stored", t.calls_stored)
         } else {
             format!("{calls} calls are stored")
         },
-    });
+    ));
 
     let current_phase = current_phase(&figures.components);
     let wanted = triggers.iter().filter(|t| t.fired).map(|t| t.phase).max().unwrap_or(1);
@@ -407,6 +402,20 @@ pub fn advise(settings: &AdvisorSettings, figures: &Figures, now: DateTime<Utc>)
         costs,
         window_days: t.window_days,
         days: figures.days.clone(),
+    }
+}
+
+/// A trigger that fires once a count reaches its threshold.
+fn at_least(id: &'static str, phase: u8, title: &'static str, count: u64, threshold: u64, evidence: String) -> Trigger {
+    Trigger {
+        id,
+        phase,
+        title,
+        fired: count >= threshold,
+        measured: true,
+        value: count as f64,
+        threshold: threshold as f64,
+        evidence,
     }
 }
 
