@@ -547,6 +547,8 @@ fn print_next_steps(
         public_url.replace("http", "ws"),
         org.api_key
     );
+    eprintln!("Which phase to be on, and why (with the CLI set up as above):");
+    eprintln!("  callplane advise");
     eprintln!();
     let services =
         if redis.is_some() { "callplane, Redis, Temporal and PostgreSQL" } else { "callplane and PostgreSQL" };
