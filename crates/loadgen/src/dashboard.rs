@@ -208,21 +208,33 @@ fn warmup(requests: usize) -> usize {
     (requests / 5).clamp(5, 50)
 }
 
-/// Times the API; returns the latencies, the mean page size and the failed requests.
+/// Times `GET /v1/calls` (with `?status=`), each request with the next organization's key.
 async fn time_api(
     server: &Server,
     keys: &[(Uuid, String)],
     status: Option<&str>,
     config: &DashboardConfig,
 ) -> (LatencySummary, f64, u64) {
-    let recorder = Arc::new(Recorder::default());
     let query = status.map(|s| format!("?status={s}")).unwrap_or_default();
+    let url = format!("{}/v1/calls{query}", server.base);
+    time_gets(server, config, |i| Some((url.clone(), keys[i % keys.len()].1.clone()))).await
+}
+
+/// Times the GET requests `request(i)` names (URL and API key), after a warm-up, as many at
+/// once as `config.concurrency`: latency, the mean page size (`data`'s length), and how many
+/// failed.
+async fn time_gets(
+    server: &Server,
+    config: &DashboardConfig,
+    request: impl Fn(usize) -> Option<(String, String)>,
+) -> (LatencySummary, f64, u64) {
+    let recorder = Arc::new(Recorder::default());
     let warmup = warmup(config.requests);
     let results: Vec<Option<usize>> = futures::stream::iter(0..warmup + config.requests)
         .map(|i| {
-            let (recorder, url) = (recorder.clone(), format!("{}/v1/calls{query}", server.base));
-            let key = keys[i % keys.len()].1.clone();
+            let (recorder, request) = (recorder.clone(), request(i));
             async move {
+                let (url, key) = request?;
                 let sent = Instant::now();
                 let response = server.http().get(url).bearer_auth(key).send().await.ok()?;
                 if !response.status().is_success() {
@@ -257,20 +269,37 @@ async fn time_sql(
         "SELECT {CALL_COLUMNS} FROM {table} WHERE organization_id = $1 AND created_at >= $2 AND created_at < $3{filter} \
          ORDER BY created_at DESC, id DESC LIMIT 51"
     );
+    time_queries(config, |i| {
+        let (sql, org) = (sql.clone(), orgs[i % orgs.len()]);
+        async move {
+            let to = Utc::now() + chrono::Duration::days(1);
+            let from = to - chrono::Duration::days(366);
+            let mut query = sqlx::query(&sql).bind(org).bind(from).bind(to);
+            if let Some(status) = status {
+                query = query.bind(status);
+            }
+            query.fetch_all(pool).await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Times the queries `query(i)` runs, after a warm-up, as many at once as
+/// `config.concurrency`; any that fails fails the measurement.
+async fn time_queries<F, Q>(config: &DashboardConfig, query: F) -> Result<LatencySummary>
+where
+    F: Fn(usize) -> Q,
+    Q: std::future::Future<Output = Result<()>>,
+{
     let recorder = Arc::new(Recorder::default());
     let warmup = warmup(config.requests);
     let results: Vec<Result<()>> = futures::stream::iter(0..warmup + config.requests)
         .map(|i| {
-            let (recorder, sql, org) = (recorder.clone(), sql.clone(), orgs[i % orgs.len()]);
+            let (recorder, query) = (recorder.clone(), query(i));
             async move {
-                let to = Utc::now() + chrono::Duration::days(1);
-                let from = to - chrono::Duration::days(366);
                 let sent = Instant::now();
-                let mut query = sqlx::query(&sql).bind(org).bind(from).bind(to);
-                if let Some(status) = status {
-                    query = query.bind(status);
-                }
-                query.fetch_all(pool).await?;
+                query.await?;
                 if i >= warmup {
                     recorder.record(sent.elapsed());
                 }
@@ -310,67 +339,32 @@ async fn time_search_api(
     if probe.status() == reqwest::StatusCode::CONFLICT {
         return None;
     }
-    let recorder = Arc::new(Recorder::default());
-    let warmup = warmup(config.requests);
-    let results: Vec<Option<usize>> = futures::stream::iter(0..warmup + config.requests)
-        .map(|i| {
-            let (recorder, url, key) =
-                (recorder.clone(), url(i), keys[(i / SEARCH_QUERIES.len()) % keys.len()].1.clone());
-            async move {
-                let sent = Instant::now();
-                let response = server.http().get(url?).bearer_auth(key).send().await.ok()?;
-                if !response.status().is_success() {
-                    return None;
-                }
-                let body: serde_json::Value = response.json().await.ok()?;
-                if i >= warmup {
-                    recorder.record(sent.elapsed());
-                }
-                body.get("data").and_then(serde_json::Value::as_array).map(Vec::len)
-            }
-        })
-        .buffer_unordered(config.concurrency.max(1))
-        .collect()
-        .await;
-    let pages: Vec<usize> = results.iter().flatten().copied().collect();
-    let failed = (results.len() - pages.len()) as u64;
-    let mean = pages.iter().sum::<usize>() as f64 / pages.len().max(1) as f64;
-    Some((recorder.summary(), mean, failed))
+    let key = |i: usize| keys[(i / SEARCH_QUERIES.len()) % keys.len()].1.clone();
+    Some(time_gets(server, config, |i| Some((url(i)?.to_string(), key(i)))).await)
 }
 
 /// Times the search's own SQL ([`SEARCH_SQL`], first page of 20) straight on
 /// the database, with the same organizations, queries and window.
 async fn time_search_sql(pool: &PgPool, orgs: &[Uuid], config: &DashboardConfig) -> Result<LatencySummary> {
     let (from, to) = search_window();
-    let recorder = Arc::new(Recorder::default());
-    let warmup = warmup(config.requests);
-    let results: Vec<Result<()>> = futures::stream::iter(0..warmup + config.requests)
-        .map(|i| {
-            let (recorder, org) = (recorder.clone(), orgs[(i / SEARCH_QUERIES.len()) % orgs.len()]);
-            async move {
-                let sent = Instant::now();
-                sqlx::query(SEARCH_SQL)
-                    .bind(org)
-                    .bind(SEARCH_QUERIES[i % SEARCH_QUERIES.len()])
-                    .bind(from)
-                    .bind(to)
-                    .bind(20_i64)
-                    .bind(None::<f32>)
-                    .bind(None::<chrono::DateTime<Utc>>)
-                    .bind(None::<&str>)
-                    .fetch_all(pool)
-                    .await?;
-                if i >= warmup {
-                    recorder.record(sent.elapsed());
-                }
-                Ok(())
-            }
-        })
-        .buffer_unordered(config.concurrency.max(1))
-        .collect()
-        .await;
-    results.into_iter().collect::<Result<Vec<_>>>()?;
-    Ok(recorder.summary())
+    time_queries(config, |i| {
+        let org = orgs[(i / SEARCH_QUERIES.len()) % orgs.len()];
+        async move {
+            sqlx::query(SEARCH_SQL)
+                .bind(org)
+                .bind(SEARCH_QUERIES[i % SEARCH_QUERIES.len()])
+                .bind(from)
+                .bind(to)
+                .bind(20_i64)
+                .bind(None::<f32>)
+                .bind(None::<chrono::DateTime<Utc>>)
+                .bind(None::<&str>)
+                .fetch_all(pool)
+                .await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
