@@ -161,7 +161,7 @@ impl Sizes {
             realtime_events: 60,
             dashboard_loads: vec![(1_000_000, 2_000), (9_000_000, 18_000)],
             dashboard_months: 24,
-            dashboard_transcript_share: 0.1,
+            dashboard_transcript_share: 0.11,
             dashboard_requests: 500,
             short_timeout: Duration::from_secs(900),
             long_timeout: Duration::from_secs(3600),
