@@ -201,7 +201,14 @@ async fn answers_held_up_by_the_database_fire_the_near_timeout_trigger() {
 
 #[tokio::test]
 async fn events_that_fail_processing_fire_the_failure_rate_trigger() {
-    let app = TestApp::spawn_with(&[("advisor.min_samples", "40"), ("advisor.db_connections_share", "1")]).await;
+    // The refusal is answered once processing has decided, which a Temporal worker under load
+    // may take past the default inline budget (2 s).
+    let app = TestApp::spawn_with(&[
+        ("advisor.min_samples", "40"),
+        ("advisor.db_connections_share", "1"),
+        ("inbox.inline_budget_ms", "10000"),
+    ])
+    .await;
     let org = app.org("pro").await;
     let update = |id: String, created_at: chrono::DateTime<Utc>| {
         let mut body = sample("02-status-update-in-progress.json");

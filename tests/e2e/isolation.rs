@@ -8,7 +8,10 @@ use reqwest::StatusCode;
 
 #[tokio::test]
 async fn org_b_never_sees_or_changes_org_a_rows() {
-    let app = TestApp::spawn().await;
+    // The refusals below are answered once processing has decided; past the inline budget an
+    // event is answered as queued (and refused later). A Temporal worker under CI load took
+    // over the default 2 s, so the answer here waits as long as the tests wait for a worker.
+    let app = TestApp::spawn_with(&[("inbox.inline_budget_ms", "10000")]).await;
     let a = app.org("pro").await;
     let b = app.org("pro").await;
     let created = Utc::now() - Duration::hours(1);
