@@ -14,11 +14,9 @@ pub struct Connections {
     pub scope: &'static str,
 }
 
-/// A daily figure whose name ends so keeps the day's highest value; the others are added to.
-pub const PEAK_SUFFIX: &str = "_peak";
-
 impl PgStore {
-    /// Adds a server's counts to `day` and raises its peaks (names ending `_peak`).
+    /// Adds a server's counts to `day` and raises its peaks: a figure whose name ends `_peak`
+    /// keeps the day's highest value; the others are added to.
     pub async fn record_advisor_day(&self, day: NaiveDate, figures: &[(&str, i64)]) -> StoreResult<()> {
         if figures.is_empty() {
             return Ok(());

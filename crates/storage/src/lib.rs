@@ -20,7 +20,7 @@ mod transcripts;
 mod unfinished;
 mod usage;
 
-pub use advisor::{Connections, PEAK_SUFFIX};
+pub use advisor::Connections;
 pub use agent_directory::{CACHE_CHANNEL, PgAgentDirectory};
 pub use callplane_core::domain::CallChange;
 pub use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
