@@ -269,8 +269,7 @@ pub async fn traffic(
     calls: usize,
     fault: impl AsyncFnOnce(),
 ) -> std::collections::HashMap<OrgId, i64> {
-    let mut expected: std::collections::HashMap<OrgId, i64> = std::collections::HashMap::new();
-    let mut reports = Vec::new();
+    let mut sent = Sent::default();
     let mut fault = Some(fault);
     for i in 0..calls {
         if i == calls / 2
@@ -278,9 +277,74 @@ pub async fn traffic(
         {
             f().await;
         }
+        sent.round(app, orgs, i).await;
+    }
+    sent.again(app).await
+}
+
+/// Traffic while `during` runs: a call of every organization at a time, round after round,
+/// from before it starts until `after` rounds past its end; then every report again. Returns
+/// the seconds billed per organization, what `during` returned, and the rounds sent while it
+/// ran.
+#[cfg(any(feature = "redis", feature = "temporal"))] // the phase-2 suites
+pub async fn traffic_during<T>(
+    app: &TestApp,
+    orgs: &[OrgId],
+    after: usize,
+    during: impl Future<Output = T>,
+) -> (std::collections::HashMap<OrgId, i64>, T, usize) {
+    let mut sent = Sent::default();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let rounds_during = std::sync::atomic::AtomicUsize::new(0);
+    let (out, ()) = tokio::join!(
+        async {
+            // Traffic is flowing before the move starts.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let out = during.await;
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            out
+        },
+        async {
+            let mut i = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                sent.round(app, orgs, i).await;
+                rounds_during.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                i += 1;
+            }
+            for _ in 0..after {
+                sent.round(app, orgs, i).await;
+                i += 1;
+            }
+        }
+    );
+    (sent.again(app).await, out, rounds_during.into_inner())
+}
+
+/// What traffic sent: seconds per organization, and each report to send again.
+#[cfg(any(feature = "redis", feature = "temporal"))]
+struct Sent {
+    /// Calls are named `{org}-{run}-{i}`: each traffic its own calls.
+    run: String,
+    expected: std::collections::HashMap<OrgId, i64>,
+    reports: Vec<(OrgId, Value)>,
+}
+
+#[cfg(any(feature = "redis", feature = "temporal"))]
+impl Default for Sent {
+    fn default() -> Self {
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        Self { run, expected: Default::default(), reports: Vec::new() }
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "temporal"))]
+impl Sent {
+    /// One call of every organization, at once; each event must be answered 200.
+    async fn round(&mut self, app: &TestApp, orgs: &[OrgId], i: usize) {
         let sends = orgs.iter().enumerate().map(|(n, org)| {
             let seconds = 150 + (i * 7 + n * 13) as i64 % 200;
-            let events = lifecycle(&format!("{org}-{i}"), Utc::now() - Duration::minutes(10), seconds as f64);
+            let call_id = format!("{org}-{}-{i}", self.run);
+            let events = lifecycle(&call_id, Utc::now() - Duration::minutes(10), seconds as f64);
             async move {
                 for e in &events {
                     let (status, body) = app.post_vapi(*org, e).await;
@@ -290,14 +354,18 @@ pub async fn traffic(
             }
         });
         for (org, seconds, report) in futures::future::join_all(sends).await {
-            *expected.entry(org).or_default() += seconds;
-            reports.push((org, report));
+            *self.expected.entry(org).or_default() += seconds;
+            self.reports.push((org, report));
         }
     }
-    for (org, report) in &reports {
-        assert_eq!(app.post_vapi(*org, report).await.0, StatusCode::OK);
+
+    /// Every report once more (VAPI retries): nothing may count twice.
+    async fn again(self, app: &TestApp) -> std::collections::HashMap<OrgId, i64> {
+        for (org, report) in &self.reports {
+            assert_eq!(app.post_vapi(*org, report).await.0, StatusCode::OK);
+        }
+        self.expected
     }
-    expected
 }
 
 /// What every reader of usage says, once the pipeline and the repair loop have caught up: the

@@ -19,6 +19,8 @@ mod hostile_webhooks;
 mod isolation;
 mod lifecycle;
 mod partitions;
+#[cfg(feature = "redis")]
+mod phase_moves;
 mod realtime;
 mod realtime_limits;
 mod reconcile;

@@ -84,7 +84,11 @@ pub struct RedisCounter {
     /// One rebuild at a time per period hash in this process: after a flush, a burst of adds
     /// that all find the hash gone reads the ledger once, not once each (which would also
     /// drain the database pool).
-    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    gates: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Whether an add marks the call's ledger row counted. A counter written to beside the
+    /// Postgres one (while counters move) leaves that to Postgres, whose flip of the mark is
+    /// what makes its own add happen once.
+    marks_ledger: bool,
 }
 
 /// What the add script did.
@@ -110,7 +114,59 @@ fn expire_at(period_start: DateTime<Utc>) -> i64 {
 
 impl RedisCounter {
     pub fn new(conn: Redis, ledger: Arc<dyn UsageLedger>) -> Self {
-        Self { conn, ledger, gates: Mutex::default() }
+        Self { conn, ledger, gates: Arc::default(), marks_ledger: true }
+    }
+
+    /// The same counter (same Redis, same rebuild gates), leaving the ledger's `counted` mark
+    /// to another counter.
+    pub fn leaving_the_ledger_unmarked(&self) -> Self {
+        Self { conn: self.conn.clone(), ledger: self.ledger.clone(), gates: self.gates.clone(), marks_ledger: false }
+    }
+
+    /// The period's hash as it is: its total and every call it holds with its seconds, or
+    /// `None` when it is not ready (it is rebuilt from the ledger before its next use).
+    pub async fn snapshot(
+        &self,
+        org: OrgId,
+        period_start: DateTime<Utc>,
+    ) -> StoreResult<Option<(i64, HashMap<String, i64>)>> {
+        let mut read = redis::cmd("HGETALL");
+        read.arg(key(org, period_start));
+        let read = &read;
+        let fields: HashMap<String, String> =
+            round_trip(&self.conn, |mut c| async move { read.query_async(&mut c).await }).await?;
+        if !fields.contains_key("ready") {
+            return Ok(None);
+        }
+        let total = fields.get("total").and_then(|t| t.parse().ok()).unwrap_or(0);
+        let calls =
+            fields.iter().filter_map(|(f, v)| Some((f.strip_prefix("c:")?.to_owned(), v.parse().ok()?))).collect();
+        Ok(Some((total, calls)))
+    }
+
+    /// Deletes every period hash in Redis (`SCAN`, then `DEL` in batches); returns how many.
+    /// Each is rebuilt from the ledger before its next use.
+    pub async fn forget_all(&self) -> StoreResult<usize> {
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor).arg("MATCH").arg("callplane:usage:*").arg("COUNT").arg(1000);
+            let scan = &scan;
+            let (next, keys): (u64, Vec<String>) =
+                round_trip(&self.conn, |mut c| async move { scan.query_async(&mut c).await }).await?;
+            if !keys.is_empty() {
+                let mut del = redis::cmd("DEL");
+                del.arg(&keys);
+                let del = &del;
+                round_trip(&self.conn, |mut c| async move { del.exec_async(&mut c).await }).await?;
+                deleted += keys.len();
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
     }
 
     /// The rebuild gate of a period hash; gates nobody holds are dropped on the way.
@@ -237,7 +293,9 @@ impl UsageCounter for RedisCounter {
         }
         // The add is done either way; a row left unmarked is added again by the repair loop,
         // which changes nothing here.
-        if let Err(e) = self.ledger.mark_counted(org, &[call_id.to_owned()]).await {
+        if self.marks_ledger
+            && let Err(e) = self.ledger.mark_counted(org, &[call_id.to_owned()]).await
+        {
             tracing::warn!(error = %callplane_core::error_chain(&e), "could not mark a counted call in the ledger");
         }
         Ok(counted)

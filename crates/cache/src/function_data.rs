@@ -64,7 +64,7 @@ impl RedisFunctionData {
 
     /// The cached map; `None` on a miss (or a value this build cannot read, which the refill
     /// replaces).
-    async fn cached(&self, org: OrgId) -> StoreResult<Option<Map<String, Value>>> {
+    pub async fn cached(&self, org: OrgId) -> StoreResult<Option<Map<String, Value>>> {
         let mut get = redis::cmd("GET");
         get.arg(key(org));
         let get = &get;
@@ -74,13 +74,30 @@ impl RedisFunctionData {
     }
 
     async fn fill(&self, org: OrgId, map: &Map<String, Value>) {
-        let Ok(json) = serde_json::to_string(map) else { return };
+        if let Err(e) = self.set(org, map).await {
+            self.warn("could not cache function data", &e);
+        }
+    }
+
+    async fn set(&self, org: OrgId, map: &Map<String, Value>) -> StoreResult<()> {
+        let json = serde_json::to_string(map).map_err(|e| StoreError::backend(BACKEND, e))?;
         let mut set = redis::cmd("SET");
         set.arg(key(org)).arg(json).arg("EX").arg(self.ttl.as_secs().max(1));
         let set = &set;
-        if let Err(e) = round_trip(&self.conn, |mut c| async move { set.exec_async(&mut c).await }).await {
-            self.warn("could not cache function data", &e);
-        }
+        round_trip(&self.conn, |mut c| async move { set.exec_async(&mut c).await }).await
+    }
+
+    /// Caches the organization's map as the primary has it now, replacing what was cached.
+    /// A write racing this is dropped again by the write's second drop, a second later.
+    pub async fn warm(&self, org: OrgId) -> StoreResult<usize> {
+        let map = self.primary.preload(org).await?;
+        self.set(org, &map).await?;
+        Ok(map.len())
+    }
+
+    /// Drops the organization's cached map.
+    pub async fn forget(&self, org: OrgId) -> StoreResult<()> {
+        del(&self.conn, org).await
     }
 }
 

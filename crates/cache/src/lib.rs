@@ -107,6 +107,13 @@ impl Redis {
 }
 
 impl Redis {
+    /// Whether Redis answers a `PING` within a round trip.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let ping = redis::cmd("PING");
+        let ping = &ping;
+        round_trip(self, |mut c| async move { ping.query_async::<String>(&mut c).await }).await.map(drop)
+    }
+
     /// The memory Redis uses now (`INFO memory`'s `used_memory`), for the phase advisor.
     pub async fn used_memory(&self) -> Result<u64, StoreError> {
         let mut conn = self.manager().await?;

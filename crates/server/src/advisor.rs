@@ -5,12 +5,13 @@
 //! gathers a window of them with what only the database knows (failed events, concurrent
 //! calls, sizes) and judges them with [`callplane_api::advice::advise`].
 
-use crate::settings::{CounterBackend, FunctionDataBackend, PipelineBackend, SearchBackend, Settings};
+use crate::settings::Settings;
 use async_trait::async_trait;
 use callplane_api::Metrics;
 use callplane_api::advice::{
     Advice, AdviceSource, AdvisorSettings, Component, DayFigures, Figures, RedisMemory, advise,
 };
+use callplane_core::routes::{Routes, Seam};
 use callplane_core::seams::{StoreError, StoreResult};
 use callplane_storage::PgStore;
 use chrono::{Days, NaiveDate, Utc};
@@ -92,8 +93,10 @@ pub struct Advisor {
     store: PgStore,
     settings: AdvisorSettings,
     answer_deadline_ms: u64,
-    search_on: bool,
-    components: Vec<Component>,
+    /// The backends serving now (a phase move changes them while the process runs).
+    routes: Arc<Routes>,
+    transcripts: &'static str,
+    realtime: &'static str,
     redis: Option<Arc<dyn MemoryProbe>>,
     /// This process's counts, written before the figures are read (in `serve`).
     sampler: Option<Arc<Sampler>>,
@@ -105,13 +108,15 @@ impl Advisor {
         store: PgStore,
         redis: Option<Arc<dyn MemoryProbe>>,
         sampler: Option<Arc<Sampler>>,
+        routes: Arc<Routes>,
     ) -> Self {
         Self {
             store,
             settings: settings.advisor.clone(),
             answer_deadline_ms: settings.vapi.answer_deadline_ms,
-            search_on: settings.backends.search != SearchBackend::Off,
-            components: components(settings),
+            routes,
+            transcripts: settings.backends.transcripts.into(),
+            realtime: settings.backends.realtime.into(),
             redis,
             sampler,
         }
@@ -185,8 +190,8 @@ impl Advisor {
             transcripts_bytes: count(transcripts),
             calls_stored: count(calls),
             answer_deadline_ms: self.answer_deadline_ms,
-            search_on: self.search_on,
-            components: self.components.clone(),
+            search_on: self.routes.route(Seam::Search).backend != "off",
+            components: self.components(),
         })
     }
 }
@@ -203,23 +208,27 @@ impl AdviceSource for Advisor {
     }
 }
 
-/// Each component's backend and the phase it belongs to. A backend phase 1 and 2 share (the
-/// Postgres transcripts and real-time bus) counts as phase 2: only what phase 2 moves keeps a
-/// system on phase 1.
-fn components(settings: &Settings) -> Vec<Component> {
-    let b = &settings.backends;
-    let moved = |yes: bool| if yes { 2 } else { 1 };
-    let component = |component: &str, backend: &'static str, phase: u8| Component {
-        component: component.to_owned(),
-        backend: backend.to_owned(),
-        phase,
-    };
-    vec![
-        component("usage_counter", b.usage_counter.into(), moved(b.usage_counter == CounterBackend::Redis)),
-        component("function_data", b.function_data.into(), moved(b.function_data == FunctionDataBackend::Redis)),
-        component("event_pipeline", b.event_pipeline.into(), moved(b.event_pipeline == PipelineBackend::Temporal)),
-        component("search", b.search.into(), moved(b.search == SearchBackend::Postgres)),
-        component("transcripts", b.transcripts.into(), 2),
-        component("realtime", b.realtime.into(), 2),
-    ]
+impl Advisor {
+    /// Each component's backend and the phase it belongs to. A backend phase 1 and 2 share (the
+    /// Postgres transcripts and real-time bus) counts as phase 2: only what phase 2 moves keeps
+    /// a system on phase 1.
+    fn components(&self) -> Vec<Component> {
+        let component = |component: &str, backend: &'static str, phase: u8| Component {
+            component: component.to_owned(),
+            backend: backend.to_owned(),
+            phase,
+        };
+        let routed = |seam: Seam, phase2: &str| {
+            let backend = self.routes.route(seam).backend;
+            component(seam.name(), backend, if backend == phase2 { 2 } else { 1 })
+        };
+        vec![
+            routed(Seam::UsageCounter, "redis"),
+            routed(Seam::FunctionData, "redis"),
+            routed(Seam::EventPipeline, "temporal"),
+            routed(Seam::Search, "postgres"),
+            component("transcripts", self.transcripts, 2),
+            component("realtime", self.realtime, 2),
+        ]
+    }
 }

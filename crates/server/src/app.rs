@@ -1,16 +1,15 @@
 //! The composition root: configuration in, a running callplane out.
 
 use crate::advisor::{Advisor, MemoryProbe, Sampler};
-use crate::settings::{
-    CounterBackend, FunctionDataBackend, PipelineBackend, RealtimeBackend, SearchBackend, Settings, TranscriptBackend,
-};
+use crate::settings::{PipelineBackend, RealtimeBackend, Settings, TranscriptBackend};
 use anyhow::Context;
 use async_trait::async_trait;
 use callplane_api::{AppState, Metrics, Readiness};
 use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
 use callplane_core::metering::Metering;
+use callplane_core::routes::{RoutedCounter, RoutedFunctionData, RoutedSearch, Routes};
 use callplane_core::seams::EventPipeline;
-use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore, UsageCounter};
+use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore};
 use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
 use callplane_workflow::reconcile::{Reconciler, spawn_sweeper};
 use callplane_workflow::{DeadLetters, Inbox, InlinePipeline, LocalIntake, PipelineSettings, Processor};
@@ -34,6 +33,10 @@ pub struct App {
     pub state: AppState,
     /// Writes this process's advisor figures to the database.
     pub sampler: Arc<Sampler>,
+    /// The backend routes this process follows.
+    pub routes: Arc<Routes>,
+    /// Follows the database's routes and heartbeats.
+    pub follower: Arc<crate::routes::Follower>,
     /// Set on shutdown: WebSocket sessions close with 1001.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
     /// The Temporal worker `serve` runs (`temporal.worker`); stops when the last clone drops.
@@ -131,19 +134,20 @@ pub struct Clients {
 
 impl Clients {
     pub async fn connect(settings: &Settings, store: &PgStore) -> anyhow::Result<Self> {
+        // A build with Redis always has its client (it connects on first use), so a phase move
+        // can route a seam to Redis while this process runs.
         #[cfg(feature = "redis")]
-        let redis = match settings.redis_backends().is_empty() {
-            true => None,
-            false => {
-                let redis = callplane_cache::Redis::new(settings.redis.url.expose_secret())
-                    .with_context(|| format!("redis.url {}", settings.redis_url_masked()))?;
-                // Not fatal: the backends fall back (Postgres, the ledger) until Redis answers.
-                if let Err(e) = redis.manager().await {
-                    warn!(error = %callplane_core::error_chain(&e), url = %settings.redis_url_masked(),
-                          "Redis is not reachable; serving from Postgres until it is");
-                }
-                Some(redis)
+        let redis = {
+            let redis = callplane_cache::Redis::new(settings.redis.url.expose_secret())
+                .with_context(|| format!("redis.url {}", settings.redis_url_masked()))?;
+            // Not fatal: the backends fall back (Postgres, the ledger) until Redis answers.
+            if !settings.redis_backends().is_empty()
+                && let Err(e) = redis.manager().await
+            {
+                warn!(error = %callplane_core::error_chain(&e), url = %settings.redis_url_masked(),
+                      "Redis is not reachable; serving from Postgres until it is");
             }
+            Some(redis)
         };
         #[cfg(not(feature = "redis"))]
         let _ = settings;
@@ -154,48 +158,77 @@ impl Clients {
         })
     }
 
-    /// What the advisor asks Redis's memory of, when a backend uses Redis.
-    pub fn memory_probe(&self) -> Option<Arc<dyn MemoryProbe>> {
+    /// What this process can serve beyond Postgres.
+    pub fn abilities(&self, settings: &Settings) -> crate::routes::Abilities {
         #[cfg(feature = "redis")]
-        if let Some(redis) = &self.redis {
+        let redis = self.redis.as_ref().map(|_| settings.redis_url_masked());
+        #[cfg(not(feature = "redis"))]
+        let redis = {
+            let _ = settings;
+            None
+        };
+        crate::routes::Abilities { redis }
+    }
+
+    /// The routes to start with: the database's where a move has set one, `[backends]`
+    /// otherwise.
+    pub async fn routes(&self, settings: &Settings) -> anyhow::Result<Arc<Routes>> {
+        crate::routes::load(settings, &self.store, &self.abilities(settings)).await
+    }
+
+    /// What the advisor asks Redis's memory of, when a seam uses Redis.
+    pub fn memory_probe(&self, routes: &Routes) -> Option<Arc<dyn MemoryProbe>> {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis
+            && [callplane_core::routes::Seam::UsageCounter, callplane_core::routes::Seam::FunctionData]
+                .into_iter()
+                .any(|s| routes.route(s).writes_to("redis"))
+        {
             return Some(Arc::new(redis.clone()));
         }
+        let _ = routes;
         None
     }
 
-    #[cfg(feature = "redis")]
-    fn redis(&self) -> anyhow::Result<callplane_cache::Redis> {
-        self.redis.clone().context("a Redis backend is configured but no Redis client was made")
-    }
-
-    /// The configured usage counter, with its rules (alerts, admission, repair).
-    pub fn metering(&self, settings: &Settings) -> anyhow::Result<Arc<Metering>> {
+    /// The usage counter, routed, with its rules (alerts, admission, repair).
+    pub fn metering(&self, settings: &Settings, routes: &Arc<Routes>) -> Arc<Metering> {
         let ledger = Arc::new(self.store.clone());
-        let counter: Arc<dyn UsageCounter> = match settings.backends.usage_counter {
-            CounterBackend::Postgres => Arc::new(PgUsageCounter(self.store.clone())),
-            #[cfg(feature = "redis")]
-            CounterBackend::Redis => Arc::new(callplane_cache::RedisCounter::new(self.redis()?, ledger.clone())),
-            #[cfg(not(feature = "redis"))]
-            CounterBackend::Redis => anyhow::bail!("backends.usage_counter = \"redis\" needs the `redis` feature"),
-        };
+        #[cfg(feature = "redis")]
+        let redis = self.redis.as_ref().map(|redis| {
+            let counter = callplane_cache::RedisCounter::new(redis.clone(), ledger.clone());
+            let unmarked = counter.leaving_the_ledger_unmarked();
+            let counter: Arc<dyn callplane_core::seams::UsageCounter> = Arc::new(counter);
+            let unmarked: Arc<dyn callplane_core::seams::UsageCounter> = Arc::new(unmarked);
+            (counter, unmarked)
+        });
+        #[cfg(not(feature = "redis"))]
+        let redis = None;
+        let counter = RoutedCounter::new(routes.clone(), Arc::new(PgUsageCounter(self.store.clone())), redis);
         let included = settings.plans().into_iter().map(|(name, p)| (name, p.included_seconds())).collect();
-        Ok(Arc::new(Metering::new(counter, ledger, included)))
+        Arc::new(Metering::new(Arc::new(counter), ledger, included))
     }
 
-    /// The configured function data, over `primary` (Postgres).
-    pub fn function_data(&self, settings: &Settings, primary: &PgStore) -> anyhow::Result<Arc<dyn FunctionData>> {
-        let pg = Arc::new(PgFunctionData(primary.clone()));
-        Ok(match settings.backends.function_data {
-            FunctionDataBackend::Postgres => pg,
-            #[cfg(feature = "redis")]
-            FunctionDataBackend::Redis => Arc::new(callplane_cache::RedisFunctionData::new(
-                self.redis()?,
-                pg,
-                Duration::from_secs(settings.redis.function_data_ttl_seconds.max(1)),
-            )),
-            #[cfg(not(feature = "redis"))]
-            FunctionDataBackend::Redis => anyhow::bail!("backends.function_data = \"redis\" needs the `redis` feature"),
-        })
+    /// Function data, routed, over `primary` (Postgres).
+    pub fn function_data(&self, settings: &Settings, primary: &PgStore, routes: &Arc<Routes>) -> Arc<dyn FunctionData> {
+        let pg: Arc<dyn FunctionData> = Arc::new(PgFunctionData(primary.clone()));
+        let redis = self.redis_function_data(settings, pg.clone()).map(|r| r as Arc<dyn FunctionData>);
+        Arc::new(RoutedFunctionData::new(routes.clone(), pg, redis))
+    }
+
+    /// The function-data cache in Redis over `primary`, when this build has Redis.
+    #[cfg(feature = "redis")]
+    pub fn redis_function_data(
+        &self,
+        settings: &Settings,
+        primary: Arc<dyn FunctionData>,
+    ) -> Option<Arc<callplane_cache::RedisFunctionData>> {
+        let ttl = Duration::from_secs(settings.redis.function_data_ttl_seconds.max(1));
+        self.redis.as_ref().map(|redis| Arc::new(callplane_cache::RedisFunctionData::new(redis.clone(), primary, ttl)))
+    }
+
+    #[cfg(not(feature = "redis"))]
+    pub fn redis_function_data(&self, _: &Settings, _: Arc<dyn FunctionData>) -> Option<Arc<dyn FunctionData>> {
+        None
     }
 }
 
@@ -203,6 +236,7 @@ impl Clients {
 /// a backend may need.
 struct Backends {
     clients: Clients,
+    routes: Arc<Routes>,
     metering: Arc<Metering>,
     transcripts: Arc<dyn TranscriptStore>,
     function_data: Arc<dyn FunctionData>,
@@ -215,18 +249,20 @@ impl Backends {
     async fn build(settings: &Settings, store: &PgStore) -> anyhow::Result<Self> {
         let b = &settings.backends;
         let clients = Clients::connect(settings, store).await?;
+        let routes = clients.routes(settings).await?;
         Ok(Self {
-            metering: clients.metering(settings)?,
+            metering: clients.metering(settings, &routes),
             transcripts: match b.transcripts {
                 TranscriptBackend::Postgres => Arc::new(PgTranscriptStore(store.clone())),
             },
-            function_data: clients.function_data(settings, store)?,
+            function_data: clients.function_data(settings, store, &routes),
             bus: match b.realtime {
                 RealtimeBackend::Postgres => {
                     Arc::new(PgRealtimeBus::start(store.clone(), settings.realtime.queue).await?)
                 }
             },
             clients,
+            routes,
         })
     }
 
@@ -258,6 +294,8 @@ impl Backends {
             pipeline,
             dead_letters,
             processor,
+            routes: self.routes.clone(),
+            clients: self.clients.clone(),
             #[cfg(feature = "temporal")]
             temporal,
         })
@@ -269,6 +307,9 @@ pub struct Pipeline {
     pub pipeline: Arc<dyn EventPipeline>,
     pub dead_letters: DeadLetters,
     pub processor: Processor,
+    /// The backend routes its processor follows.
+    pub routes: Arc<Routes>,
+    pub clients: Clients,
     /// The Temporal pipeline, when this process uses Temporal (its pipeline, or a worker).
     #[cfg(feature = "temporal")]
     pub temporal: Option<callplane_temporal::TemporalPipeline>,
@@ -367,7 +408,7 @@ impl App {
             false => None,
         };
         let Pipeline { pipeline, dead_letters, .. } = built;
-        let Backends { clients, metering, transcripts, function_data, bus } = backends;
+        let Backends { clients, routes, metering, transcripts, function_data, bus } = backends;
         let deadline = settings.answer_deadline();
         let answers = PgStore::answer_pool(
             settings.database.url.expose_secret(),
@@ -375,7 +416,7 @@ impl App {
             deadline,
         )
         .context("the answer pool (database.url)")?;
-        let directory_data = clients.function_data(&settings, &answers)?;
+        let directory_data = clients.function_data(&settings, &answers, &routes);
         let agents = PgAgentDirectory::new(answers, store.clone(), directory_data, deadline / 4);
         let dashboard_auth = Arc::new(settings.dashboard_auth());
         let keys = dashboard_auth.clone();
@@ -389,9 +430,18 @@ impl App {
         );
         let fallback = settings.vapi.fallback_assistant_id.trim();
         let metrics = Arc::new(Metrics::new(settings.advisor_limits()));
-        let sampler = Sampler::new(store.clone(), metrics.clone(), clients.memory_probe());
+        let sampler = Sampler::new(store.clone(), metrics.clone(), clients.memory_probe(&routes));
         sampler.spawn(Duration::from_secs(settings.advisor.sample_interval_seconds.max(1)));
-        let advisor = Advisor::new(&settings, store.clone(), clients.memory_probe(), Some(sampler.clone()));
+        let advisor = Advisor::new(
+            &settings,
+            store.clone(),
+            clients.memory_probe(&routes),
+            Some(sampler.clone()),
+            routes.clone(),
+        );
+        let follower =
+            Arc::new(crate::routes::Follower::new("serve", &settings, store.clone(), routes.clone(), &clients));
+        follower.clone().spawn();
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {
             webhook_auth: Arc::new(settings.webhook_auth()),
@@ -408,10 +458,7 @@ impl App {
             ready_max_backlog_seconds: settings.inbox.ready_max_age_seconds,
             function_data,
             calls: Arc::new(store.clone()),
-            search: match settings.backends.search {
-                SearchBackend::Off => Arc::new(callplane_core::seams::SearchOff),
-                SearchBackend::Postgres => Arc::new(store.clone()),
-            },
+            search: Arc::new(RoutedSearch::new(routes.clone(), vec![Arc::new(store.clone())])),
             transcripts,
             metering,
             bus: bus.clone(),
@@ -455,6 +502,8 @@ impl App {
             agents,
             state,
             sampler,
+            routes,
+            follower,
             shutdown: Arc::new(shutdown_tx),
             #[cfg(feature = "temporal")]
             worker,
@@ -514,6 +563,7 @@ impl App {
         if let Err(e) = self.sampler.flush().await {
             warn!(error = %e, "writing the advisor's last figures failed");
         }
+        self.follower.goodbye().await;
         served
     }
 }

@@ -5,6 +5,8 @@
 
 pub mod advisor;
 pub mod app;
+pub mod phase;
+pub mod routes;
 pub mod settings;
 pub mod telemetry;
 

@@ -3,6 +3,7 @@
 use anyhow::{Context, bail};
 use callplane_core::OrgId;
 use callplane_core::seams::{FunctionData, OrgDirectory};
+use callplane_server::phase::{Mover, Step};
 use callplane_server::{App, Settings, telemetry};
 use callplane_storage::{DeadLetterFilter, NewOrganization, PgFunctionData, PgStore};
 use chrono::{DateTime, Utc};
@@ -76,10 +77,33 @@ enum Command {
     /// Transcript search.
     #[command(subcommand)]
     Search(SearchCommand),
+    /// Phase moves, with traffic running.
+    #[command(subcommand)]
+    Phase(PhaseCommand),
     /// Which phase to be on, and why: every trigger of the plan measured from the servers'
     /// daily figures and the database, with the evidence beside each threshold, and what each
     /// phase costs a month.
     Advise,
+}
+
+#[derive(Subcommand)]
+enum PhaseCommand {
+    /// The steps to a phase: what each needs, where each seam is, and whether this build, this
+    /// configuration and the running processes can take it now.
+    Plan {
+        #[arg(value_parser = clap::value_parser!(u8).range(2..=3))]
+        phase: u8,
+    },
+    /// Moves one seam to the phase's backend while every running process follows, then checks
+    /// it. Safe to run again; `--rollback` moves it back the same way.
+    Apply {
+        #[arg(value_parser = clap::value_parser!(u8).range(2..=2))]
+        phase: u8,
+        #[arg(long, value_enum)]
+        step: Step,
+        #[arg(long)]
+        rollback: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -351,7 +375,7 @@ async fn run() -> anyhow::Result<()> {
             store.migrate().await.context("applying migrations")?;
             eprintln!("creating partitions {} months ahead...", settings.partitions.months_ahead);
             let r = store.ensure_partitions(Utc::now(), settings.partitions.months_ahead).await?;
-            let search = build_search_index(&store).await?;
+            let search = mover(&settings).await?.build_search_index().await?;
             let v = json!({ "migrated": true, "partitions": r, "search_index": search });
             print(j, &v, || format!("migrated; partitions through {}", r.covered_through.clone().unwrap_or_default()));
         }
@@ -486,7 +510,8 @@ async fn run() -> anyhow::Result<()> {
         Command::Inbox(cmd) => inbox(cmd, settings, j).await?,
         Command::Usage(UsageCommand::Reconcile { repair, org }) => {
             let store = App::connect(&settings).await?;
-            let metering = callplane_server::app::Clients::connect(&settings, &store).await?.metering(&settings)?;
+            let clients = callplane_server::app::Clients::connect(&settings, &store).await?;
+            let metering = clients.metering(&settings, &clients.routes(&settings).await?);
             // Calls whose counter add has not happened yet are counted first, as `serve` would.
             let mut pending = 0;
             loop {
@@ -548,8 +573,7 @@ async fn run() -> anyhow::Result<()> {
             }
         }
         Command::Search(SearchCommand::Index) => {
-            let store = connect(&settings).await?;
-            let r = build_search_index(&store).await?;
+            let r = mover(&settings).await?.build_search_index().await?;
             let v = json!(r);
             print(j, &v, || {
                 format!(
@@ -561,10 +585,37 @@ async fn run() -> anyhow::Result<()> {
                 )
             });
         }
+        Command::Phase(PhaseCommand::Plan { phase }) => {
+            let plan = mover(&settings).await?.plan(phase).await?;
+            print(j, &plan, || plan_text(&plan));
+        }
+        Command::Phase(PhaseCommand::Apply { phase: _, step, rollback }) => {
+            let report = mover(&settings).await?.apply(step, rollback).await?;
+            end_progress();
+            let v = json!(report);
+            print(j, &v, || {
+                let mut s = format!(
+                    "{} {}: {} -> {}{} in {} ms",
+                    step.name(),
+                    if rollback { "rolled back" } else { "applied" },
+                    report.from,
+                    report.to,
+                    if report.already { " (already there; checked again)" } else { "" },
+                    report.took_ms
+                );
+                for stage in &report.stages {
+                    s.push_str(&format!("\n  {} ({} ms)", stage.stage, stage.took_ms));
+                }
+                s.push_str(&format!("\n  check: {}", report.verified));
+                s
+            });
+        }
         Command::Advise => {
             let store = connect(&settings).await?;
             let clients = callplane_server::app::Clients::connect(&settings, &store).await?;
-            let advisor = callplane_server::advisor::Advisor::new(&settings, store, clients.memory_probe(), None);
+            let routes = clients.routes(&settings).await?;
+            let advisor =
+                callplane_server::advisor::Advisor::new(&settings, store, clients.memory_probe(&routes), None, routes);
             let advice = callplane_api::advice::AdviceSource::advice(&advisor).await?;
             let v = json!(advice);
             print(j, &v, || advice_text(&advice));
@@ -792,6 +843,15 @@ async fn worker(settings: Settings) -> anyhow::Result<()> {
     settings.backends.event_pipeline = callplane_server::settings::PipelineBackend::Temporal;
     let pipeline = App::pipeline(&settings, &store).await?;
     let worker = pipeline.spawn_worker()?;
+    // It counts usage: it follows the backend routes a phase move changes, as `serve` does.
+    let follower = std::sync::Arc::new(callplane_server::routes::Follower::new(
+        "worker",
+        &settings,
+        store.clone(),
+        pipeline.routes.clone(),
+        &pipeline.clients,
+    ));
+    follower.clone().spawn();
     info!(address = %settings.temporal.address, namespace = %settings.temporal.namespace,
           task_queue = %settings.temporal.task_queue, "callplane worker running; Ctrl-C stops it");
     // Its own counters, where a scraper finds them: they live in this process, not in `serve`'s.
@@ -819,6 +879,7 @@ async fn worker(settings: Settings) -> anyhow::Result<()> {
     shutdown_signal().await;
     info!("stopping the worker: the activities in hand finish first");
     worker.stop().await;
+    follower.goodbye().await;
     Ok(())
 }
 
@@ -827,29 +888,39 @@ async fn worker(_settings: Settings) -> anyhow::Result<()> {
     bail!("this build has no Temporal worker; build with the `temporal` feature (`--features phase2`)")
 }
 
-/// The transcript search index on every partition that lacks it, with progress.
-async fn build_search_index(store: &PgStore) -> anyhow::Result<callplane_storage::SearchIndexReport> {
-    let started = std::time::Instant::now();
-    let report = store
-        .build_search_index(|step| {
-            if step.done < step.of {
-                progress(&format!(
-                    "search index: partition {}/{} {} (~{} rows), {:.0?} so far",
-                    step.done + 1,
-                    step.of,
-                    step.partition,
-                    step.rows,
-                    started.elapsed()
-                ));
-            }
-        })
-        .await
-        .context("building the transcript search index")?;
-    end_progress();
-    Ok(report)
+/// The phase mover, printing progress and stages to stderr.
+async fn mover(settings: &Settings) -> anyhow::Result<Mover> {
+    let store = connect(settings).await?;
+    Mover::new(settings, store, Box::new(progress), Box::new(|line| eprintln!("{line}"))).await
 }
 
 /// Ctrl-C or SIGTERM (what process managers send).
+/// A phase plan for a terminal.
+fn plan_text(plan: &Value) -> String {
+    let mut out = format!("to phase {}:\n", plan["phase"]);
+    for step in plan["steps"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n  [{}] {}{}\n      {}\n",
+            step["status"].as_str().unwrap_or(""),
+            step["step"].as_str().unwrap_or(""),
+            step["what"].as_str().map(|w| format!(": {w}")).unwrap_or_default(),
+            step["command"].as_str().unwrap_or("")
+        ));
+        if let Some(now) = step["now"].as_str() {
+            out.push_str(&format!("      now: {now}; target: {}\n", step["target"].as_str().unwrap_or("")));
+        }
+        for need in step["needs"].as_array().into_iter().flatten() {
+            out.push_str(&format!("      needs {}\n", need.as_str().unwrap_or("")));
+        }
+        if let Some(why) = step["blocked_by"].as_str() {
+            out.push_str(&format!("      blocked: {why}\n"));
+        }
+    }
+    let processes = plan["processes"].as_array().map_or(0, Vec::len);
+    out.push_str(&format!("\n{processes} callplane processes running against this database"));
+    out
+}
+
 /// The advice for a terminal: the verdict, each trigger with its evidence, the costs.
 fn advice_text(a: &callplane_api::advice::Advice) -> String {
     let mut out = format!("{}\n", a.summary);

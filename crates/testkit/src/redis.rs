@@ -84,6 +84,17 @@ impl RedisServer {
         assert_eq!(reply, "+OK", "SET {key} failed");
     }
 
+    /// The string value at `key` (`redis-cli GET`), if any.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw", "GET", key])
+            .output()
+            .expect("running redis-cli");
+        assert!(out.status.success(), "redis-cli GET {key}: {}", String::from_utf8_lossy(&out.stderr));
+        let value = String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_owned();
+        (!value.is_empty()).then_some(value)
+    }
+
     /// Deletes `key`.
     pub fn delete(&self, key: &str) {
         let reply = self.command(&format!("DEL {key}"));

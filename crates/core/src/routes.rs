@@ -1,0 +1,283 @@
+//! Backend routes: which backend serves each seam right now, changeable while the process runs.
+//!
+//! A phase move (`callplane phase apply`) changes a seam's route in the database; every
+//! running process follows it within a second (`Routes::set`). While a move is under way a
+//! route names a second backend, `also`, that writes go to as well, so no process that is a
+//! second behind loses a write to the backend the others read.
+//!
+//! The routed seams below hold every backend this process has and ask the routes on each
+//! call. They keep each backend's own rules: the rules that matter across backends (alerts,
+//! admission, repair) live in [`crate::metering::Metering`] above them.
+
+use crate::OrgId;
+use crate::seams::{
+    Counted, FunctionData, SearchError, SearchHit, SearchRequest, StoreResult, TranscriptSearch, UsageCounter,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+/// A seam whose backend can move while callplane runs. Named as in `[backends]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Seam {
+    UsageCounter,
+    FunctionData,
+    Search,
+    EventPipeline,
+}
+
+impl Seam {
+    pub const ALL: [Seam; 4] = [Seam::UsageCounter, Seam::FunctionData, Seam::Search, Seam::EventPipeline];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Seam::UsageCounter => "usage_counter",
+            Seam::FunctionData => "function_data",
+            Seam::Search => "search",
+            Seam::EventPipeline => "event_pipeline",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Seam> {
+        Seam::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// Every backend name a route may give.
+pub const BACKEND_NAMES: [&str; 5] = ["postgres", "redis", "off", "inline", "temporal"];
+
+/// A backend name as the static string this build knows it by.
+pub fn backend_name(name: &str) -> Option<&'static str> {
+    BACKEND_NAMES.into_iter().find(|n| *n == name)
+}
+
+/// Where a seam's calls go: reads to `backend`, writes to `backend` and, while a move is under
+/// way, to `also` as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub backend: &'static str,
+    pub also: Option<&'static str>,
+}
+
+impl Route {
+    pub const fn to(backend: &'static str) -> Self {
+        Self { backend, also: None }
+    }
+
+    pub const fn with_also(backend: &'static str, also: &'static str) -> Self {
+        Self { backend, also: Some(also) }
+    }
+
+    /// Whether writes go to `backend` (read from it, or written to on the way to it).
+    pub fn writes_to(&self, backend: &str) -> bool {
+        self.backend == backend || self.also == Some(backend)
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.also {
+            None => f.write_str(self.backend),
+            Some(also) => write!(f, "{} (writing {} too)", self.backend, also),
+        }
+    }
+}
+
+/// The routes this process follows, and the version of the database's routes they came from
+/// (0: none read yet, configuration only).
+pub struct Routes {
+    routes: RwLock<BTreeMap<Seam, Route>>,
+    version: AtomicI64,
+}
+
+impl Routes {
+    pub fn new(routes: BTreeMap<Seam, Route>) -> Arc<Self> {
+        Arc::new(Self { routes: RwLock::new(routes), version: AtomicI64::new(0) })
+    }
+
+    pub fn route(&self, seam: Seam) -> Route {
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        routes.get(&seam).copied().unwrap_or(Route::to("postgres"))
+    }
+
+    pub fn all(&self) -> BTreeMap<Seam, Route> {
+        self.routes.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Takes a seam's new route.
+    pub fn set(&self, seam: Seam, route: Route) {
+        self.routes.write().unwrap_or_else(PoisonError::into_inner).insert(seam, route);
+    }
+
+    pub fn version(&self) -> i64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub fn set_version(&self, version: i64) {
+        self.version.store(version, Ordering::Release);
+    }
+}
+
+/// The usage counter, routed. While a move is under way each add goes to both counters: to the
+/// Redis counter first, without marking the ledger row counted, then to the Postgres counter,
+/// whose flip of that mark is what makes its add happen once. So a failure anywhere leaves the
+/// row uncounted and the repair loop adds it again: Redis changes nothing the second time (its
+/// adds are a union on call ids), Postgres adds it once.
+pub struct RoutedCounter {
+    routes: Arc<Routes>,
+    postgres: Arc<dyn UsageCounter>,
+    redis: Option<RedisCounters>,
+}
+
+/// The Redis counter, and the same counter leaving the ledger's mark to Postgres.
+pub type RedisCounters = (Arc<dyn UsageCounter>, Arc<dyn UsageCounter>);
+
+impl RoutedCounter {
+    pub fn new(
+        routes: Arc<Routes>,
+        postgres: Arc<dyn UsageCounter>,
+        redis: Option<RedisCounters>,
+    ) -> Self {
+        Self { routes, postgres, redis }
+    }
+
+    fn redis(&self) -> Option<&RedisCounters> {
+        self.redis.as_ref()
+    }
+
+    /// The counter reads come from.
+    fn reads(&self) -> &Arc<dyn UsageCounter> {
+        match (self.routes.route(Seam::UsageCounter).backend, self.redis()) {
+            ("redis", Some((redis, _))) => redis,
+            _ => &self.postgres,
+        }
+    }
+
+    /// Whether adds go to both counters now.
+    fn both(&self) -> Option<&Arc<dyn UsageCounter>> {
+        let route = self.routes.route(Seam::UsageCounter);
+        let (_, unmarked) = self.redis()?;
+        (route.writes_to("redis") && route.writes_to("postgres")).then_some(unmarked)
+    }
+}
+
+#[async_trait]
+impl UsageCounter for RoutedCounter {
+    fn backend(&self) -> &'static str {
+        self.reads().backend()
+    }
+
+    async fn add_call(
+        &self,
+        org: OrgId,
+        period_start: DateTime<Utc>,
+        call_id: &str,
+        seconds: i64,
+    ) -> StoreResult<Counted> {
+        let Some(redis_unmarked) = self.both() else {
+            return self.reads().add_call(org, period_start, call_id, seconds).await;
+        };
+        let in_redis = redis_unmarked.add_call(org, period_start, call_id, seconds).await?;
+        let in_postgres = self.postgres.add_call(org, period_start, call_id, seconds).await?;
+        Ok(if self.reads().backend() == "redis" { in_redis } else { in_postgres })
+    }
+
+    async fn used(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
+        self.reads().used(org, period_start).await
+    }
+
+    async fn rebuild(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {
+        if let Some(redis_unmarked) = self.both() {
+            let redis = redis_unmarked.rebuild(org, period_start).await?;
+            let postgres = self.postgres.rebuild(org, period_start).await?;
+            return Ok(if self.reads().backend() == "redis" { redis } else { postgres });
+        }
+        self.reads().rebuild(org, period_start).await
+    }
+}
+
+/// Function data, routed. The Redis backend is a cache over Postgres whose writes go to
+/// Postgres and then drop the cached map: while a move is under way writes go through it, so
+/// a cache being warmed never keeps a map a write has changed.
+pub struct RoutedFunctionData {
+    routes: Arc<Routes>,
+    postgres: Arc<dyn FunctionData>,
+    redis: Option<Arc<dyn FunctionData>>,
+}
+
+impl RoutedFunctionData {
+    pub fn new(routes: Arc<Routes>, postgres: Arc<dyn FunctionData>, redis: Option<Arc<dyn FunctionData>>) -> Self {
+        Self { routes, postgres, redis }
+    }
+
+    fn reads(&self) -> &Arc<dyn FunctionData> {
+        match (self.routes.route(Seam::FunctionData).backend, &self.redis) {
+            ("redis", Some(redis)) => redis,
+            _ => &self.postgres,
+        }
+    }
+
+    fn writes(&self) -> &Arc<dyn FunctionData> {
+        match (self.routes.route(Seam::FunctionData).writes_to("redis"), &self.redis) {
+            (true, Some(redis)) => redis,
+            _ => &self.postgres,
+        }
+    }
+}
+
+#[async_trait]
+impl FunctionData for RoutedFunctionData {
+    fn backend(&self) -> &'static str {
+        self.reads().backend()
+    }
+
+    async fn preload(&self, org: OrgId) -> StoreResult<Map<String, Value>> {
+        self.reads().preload(org).await
+    }
+
+    async fn get(&self, org: OrgId, key: &str) -> StoreResult<Option<Value>> {
+        self.reads().get(org, key).await
+    }
+
+    async fn put(&self, org: OrgId, key: &str, value: &Value) -> StoreResult<()> {
+        self.writes().put(org, key, value).await
+    }
+
+    async fn delete(&self, org: OrgId, key: &str) -> StoreResult<bool> {
+        self.writes().delete(org, key).await
+    }
+}
+
+/// Transcript search, routed: off, or one of the search backends this process has.
+pub struct RoutedSearch {
+    routes: Arc<Routes>,
+    backends: Vec<Arc<dyn TranscriptSearch>>,
+    off: Arc<dyn TranscriptSearch>,
+}
+
+impl RoutedSearch {
+    pub fn new(routes: Arc<Routes>, backends: Vec<Arc<dyn TranscriptSearch>>) -> Self {
+        Self { routes, backends, off: Arc::new(crate::seams::SearchOff) }
+    }
+
+    fn current(&self) -> &Arc<dyn TranscriptSearch> {
+        let backend = self.routes.route(Seam::Search).backend;
+        self.backends.iter().find(|b| b.backend() == backend).unwrap_or(&self.off)
+    }
+}
+
+#[async_trait]
+impl TranscriptSearch for RoutedSearch {
+    fn backend(&self) -> &'static str {
+        self.current().backend()
+    }
+
+    async fn search(&self, request: &SearchRequest) -> Result<Vec<SearchHit>, SearchError> {
+        self.current().search(request).await
+    }
+}
