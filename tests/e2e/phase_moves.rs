@@ -20,12 +20,14 @@ async fn phase1_app(redis: &RedisServer) -> TestApp {
         ("backends.usage_counter", "postgres"),
         ("backends.function_data", "postgres"),
         ("backends.search", "off"),
+        ("backends.event_pipeline", "inline"),
     ])
     .await
 }
 
-/// `callplane <args>` against the test's database and Redis, run to its end.
+/// `callplane <args>` against the test's database, Redis and Temporal, run to its end.
 async fn callplane(app: &TestApp, redis_url: &str, args: &[&str]) -> Output {
+    let temporal = &app.app.settings.temporal;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_callplane"));
     command
         .args(args)
@@ -33,6 +35,8 @@ async fn callplane(app: &TestApp, redis_url: &str, args: &[&str]) -> Output {
         .env("CALLPLANE_CONFIG_DIR", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config"))
         .env("CALLPLANE__DATABASE__URL", &app.db.url)
         .env("CALLPLANE__REDIS__URL", redis_url)
+        .env("CALLPLANE__TEMPORAL__ADDRESS", &temporal.address)
+        .env("CALLPLANE__TEMPORAL__TASK_QUEUE", &temporal.task_queue)
         .env("CALLPLANE__VAPI__SECRET", SECRET)
         .env("RUST_LOG", "warn");
     tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
@@ -217,8 +221,10 @@ async fn a_step_is_refused_clearly_when_redis_is_down_and_the_plan_says_why() {
         plan["steps"].as_array().unwrap().iter().find(|s| s["step"] == name).cloned().unwrap()
     };
     assert_eq!(step(&plan, "counters")["status"], "ready", "{plan}");
-    assert_eq!(step(&plan, "pipeline")["status"], "blocked", "{plan}");
+    assert_eq!(step(&plan, "search")["now"], "off", "{plan}");
     assert!(plan["processes"].as_array().unwrap().len() == 1, "the serving process is listed: {plan}");
+    let phase3 = phase_json(&app, &url, &["phase", "plan", "3"]).await;
+    assert_eq!(phase3["ready"], false, "phase 3's moves are not in this version: {phase3}");
 
     redis.stop();
     let out = callplane(&app, &url, &["phase", "apply", "2", "--step", "counters"]).await;
@@ -231,4 +237,60 @@ async fn a_step_is_refused_clearly_when_redis_is_down_and_the_plan_says_why() {
     let plan = phase_json(&app, &url, &["phase", "plan", "2"]).await;
     assert_eq!(step(&plan, "counters")["status"], "blocked", "{plan}");
     assert!(step(&plan, "counters")["blocked_by"].as_str().unwrap().contains("does not answer"), "{plan}");
+}
+
+/// The event pipeline moves to Temporal and back while events arrive: the server starts its
+/// worker when events are routed to Temporal, what was in hand inline finishes there, and the
+/// books balance each way.
+#[cfg(feature = "temporal")]
+#[tokio::test]
+async fn the_pipeline_moves_to_temporal_and_back_with_events_arriving() {
+    let temporal = callplane_testkit::temporal::TemporalServer::start();
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let address = temporal.address();
+    let app = TestApp::spawn_with(&[
+        ("redis.url", url.as_str()),
+        ("backends.event_pipeline", "inline"),
+        ("temporal.address", address.as_str()),
+        ("temporal.worker", "auto"),
+        // The answer waits for this server's worker, so a 200 means applied, on either route.
+        ("temporal.answer_wait_ms", "10000"),
+        ("inbox.inline_budget_ms", "10000"),
+    ])
+    .await;
+    let orgs: Vec<OrgId> = vec![app.org("pro").await.id, app.org("business").await.id];
+    assert_eq!(app.app.state.pipeline.backend(), "inline");
+    let (expected, report, rounds) =
+        traffic_during(&app, &orgs, 3, phase_json(&app, &url, &["phase", "apply", "2", "--step", "pipeline"])).await;
+    assert!(rounds >= 1, "traffic ran through the move ({rounds} rounds)");
+    assert_eq!(report["to"], "temporal", "{report}");
+    assert!(
+        stages(&report).iter().any(|s| s.starts_with("inline events drained; 1 Temporal workers running")),
+        "{report}"
+    );
+    assert_eq!(report["verified"]["workers_running"], 1, "{report}");
+    assert_eq!(app.app.state.pipeline.backend(), "temporal");
+    books_balance(&app, &expected).await;
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    let started = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("callplane_temporal_workflows_started_total "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(started.is_some_and(|n| n > 0.0), "events went through Temporal workflows: {metrics}");
+
+    let (more, back, _) = traffic_during(
+        &app,
+        &orgs,
+        2,
+        phase_json(&app, &url, &["phase", "apply", "2", "--step", "pipeline", "--rollback"]),
+    )
+    .await;
+    assert_eq!(back["to"], "inline", "{back}");
+    assert_eq!(app.app.state.pipeline.backend(), "inline");
+    let mut total = expected;
+    for (org, s) in more {
+        *total.entry(org).or_default() += s;
+    }
+    books_balance(&app, &total).await;
 }

@@ -11,7 +11,8 @@
 
 use crate::OrgId;
 use crate::seams::{
-    Counted, FunctionData, SearchError, SearchHit, SearchRequest, StoreResult, TranscriptSearch, UsageCounter,
+    Counted, EventPipeline, FunctionData, InboundEvent, PipelineError, Processed, SearchError, SearchHit,
+    SearchRequest, StoreResult, TranscriptSearch, UsageCounter,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -138,11 +139,7 @@ pub struct RoutedCounter {
 pub type RedisCounters = (Arc<dyn UsageCounter>, Arc<dyn UsageCounter>);
 
 impl RoutedCounter {
-    pub fn new(
-        routes: Arc<Routes>,
-        postgres: Arc<dyn UsageCounter>,
-        redis: Option<RedisCounters>,
-    ) -> Self {
+    pub fn new(routes: Arc<Routes>, postgres: Arc<dyn UsageCounter>, redis: Option<RedisCounters>) -> Self {
         Self { routes, postgres, redis }
     }
 
@@ -279,5 +276,74 @@ impl TranscriptSearch for RoutedSearch {
 
     async fn search(&self, request: &SearchRequest) -> Result<Vec<SearchHit>, SearchError> {
         self.current().search(request).await
+    }
+}
+
+/// The event pipeline, routed: each event goes to the pipeline the route names when it is
+/// submitted. An event already being processed inline finishes there; the events still waiting
+/// in the inbox are submitted again, to the new pipeline, on their next attempt. Counts the
+/// events each pipeline has in hand, so a move can wait until none is left inline.
+pub struct RoutedPipeline {
+    routes: Arc<Routes>,
+    pipelines: Vec<(Arc<dyn EventPipeline>, AtomicI64)>,
+}
+
+impl RoutedPipeline {
+    pub fn new(routes: Arc<Routes>, pipelines: Vec<Arc<dyn EventPipeline>>) -> Self {
+        Self { routes, pipelines: pipelines.into_iter().map(|p| (p, AtomicI64::new(0))).collect() }
+    }
+
+    fn current(&self) -> &(Arc<dyn EventPipeline>, AtomicI64) {
+        let backend = self.routes.route(Seam::EventPipeline).backend;
+        self.pipelines.iter().find(|(p, _)| p.backend() == backend).unwrap_or(&self.pipelines[0])
+    }
+
+    /// Events each pipeline has in hand now, by backend.
+    pub fn in_hand(&self) -> BTreeMap<&'static str, i64> {
+        self.pipelines.iter().map(|(p, n)| (p.backend(), n.load(Ordering::Acquire))).collect()
+    }
+
+    /// The pipelines this process has, by backend name.
+    pub fn backends(&self) -> Vec<&'static str> {
+        self.pipelines.iter().map(|(p, _)| p.backend()).collect()
+    }
+}
+
+/// Counts an event in hand until dropped (the submit's future may be dropped part way).
+struct InHand<'a>(&'a AtomicI64);
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[async_trait]
+impl EventPipeline for RoutedPipeline {
+    fn backend(&self) -> &'static str {
+        self.current().0.backend()
+    }
+
+    async fn submit(&self, event: InboundEvent) -> Result<Processed, PipelineError> {
+        let (pipeline, count) = self.current();
+        count.fetch_add(1, Ordering::AcqRel);
+        let _in_hand = InHand(count);
+        pipeline.submit(event).await
+    }
+
+    async fn keep_unprocessed(
+        &self,
+        org: Option<OrgId>,
+        body: &Value,
+        raw: Option<&[u8]>,
+        code: &str,
+        error: &str,
+        received_at: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        self.current().0.keep_unprocessed(org, body, raw, code, error, received_at).await
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.current().0.render_metrics(out);
     }
 }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use callplane_api::{AppState, Metrics, Readiness};
 use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
 use callplane_core::metering::Metering;
-use callplane_core::routes::{RoutedCounter, RoutedFunctionData, RoutedSearch, Routes};
+use callplane_core::routes::{RoutedCounter, RoutedFunctionData, RoutedPipeline, RoutedSearch, Routes};
 use callplane_core::seams::EventPipeline;
 use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore};
 use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
@@ -39,9 +39,10 @@ pub struct App {
     pub follower: Arc<crate::routes::Follower>,
     /// Set on shutdown: WebSocket sessions close with 1001.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
-    /// The Temporal worker `serve` runs (`temporal.worker`); stops when the last clone drops.
+    /// The Temporal worker `serve` runs (`temporal.worker`), once it runs one; stops when the
+    /// last clone drops.
     #[cfg(feature = "temporal")]
-    pub worker: Option<Arc<callplane_temporal::WorkerHandle>>,
+    pub worker: ServeWorker,
 }
 
 struct PgReadiness {
@@ -163,11 +164,11 @@ impl Clients {
         #[cfg(feature = "redis")]
         let redis = self.redis.as_ref().map(|_| settings.redis_url_masked());
         #[cfg(not(feature = "redis"))]
-        let redis = {
-            let _ = settings;
-            None
-        };
-        crate::routes::Abilities { redis }
+        let redis = None;
+        let t = &settings.temporal;
+        let temporal = cfg!(feature = "temporal")
+            .then(|| format!("{} namespace {} task queue {}", t.address, t.namespace, t.task_queue));
+        crate::routes::Abilities { redis, temporal }
     }
 
     /// The routes to start with: the database's where a move has set one, `[backends]`
@@ -232,6 +233,11 @@ impl Clients {
     }
 }
 
+#[cfg(feature = "temporal")]
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The backends of the seams, as configured: built in one place, which is given every client
 /// a backend may need.
 struct Backends {
@@ -276,22 +282,27 @@ impl Backends {
             App::pipeline_settings(settings),
         );
         let dead_letters = DeadLetters::new(store.clone(), processor.clone());
+        // A build with Temporal always has its pipeline (it connects on first use), so a phase
+        // move can route events to it while this process runs.
         #[cfg(feature = "temporal")]
-        let temporal = settings.uses_temporal().then(|| {
-            let stats = processor.stats();
-            callplane_temporal::TemporalPipeline::new(settings.temporal_settings(), dead_letters.clone(), stats)
-        });
-        let pipeline: Arc<dyn EventPipeline> = match settings.backends.event_pipeline {
-            PipelineBackend::Inline => Arc::new(InlinePipeline::new(processor.clone(), dead_letters.clone())),
-            #[cfg(feature = "temporal")]
-            PipelineBackend::Temporal => Arc::new(temporal.clone().context("the Temporal pipeline was not made")?),
-            #[cfg(not(feature = "temporal"))]
-            PipelineBackend::Temporal => {
-                anyhow::bail!("backends.event_pipeline = \"temporal\" needs the `temporal` feature")
-            }
-        };
+        let temporal = Some(callplane_temporal::TemporalPipeline::new(
+            settings.temporal_settings(),
+            dead_letters.clone(),
+            processor.stats(),
+        ));
+        let inline: Arc<dyn EventPipeline> = Arc::new(InlinePipeline::new(processor.clone(), dead_letters.clone()));
+        #[allow(unused_mut)]
+        let mut pipelines = vec![inline];
+        #[cfg(feature = "temporal")]
+        pipelines.extend(temporal.clone().map(|t| Arc::new(t) as Arc<dyn EventPipeline>));
+        if settings.backends.event_pipeline == PipelineBackend::Temporal && pipelines.len() < 2 {
+            anyhow::bail!("backends.event_pipeline = \"temporal\" needs the `temporal` feature");
+        }
+        let routed = Arc::new(RoutedPipeline::new(self.routes.clone(), pipelines));
+        let pipeline: Arc<dyn EventPipeline> = routed.clone();
         Ok(Pipeline {
             pipeline,
+            routed,
             dead_letters,
             processor,
             routes: self.routes.clone(),
@@ -305,6 +316,8 @@ impl Backends {
 /// The configured pipeline, with what a worker needs to run its steps.
 pub struct Pipeline {
     pub pipeline: Arc<dyn EventPipeline>,
+    /// The same pipeline, with what it has in hand per backend.
+    pub routed: Arc<RoutedPipeline>,
     pub dead_letters: DeadLetters,
     pub processor: Processor,
     /// The backend routes its processor follows.
@@ -315,7 +328,52 @@ pub struct Pipeline {
     pub temporal: Option<callplane_temporal::TemporalPipeline>,
 }
 
+/// The worker a `serve` runs: at start, or (`temporal.worker = "auto"`) from when a phase move
+/// routes events to Temporal. Once started it keeps running, so the workflows in flight finish
+/// when events are routed back.
+#[cfg(feature = "temporal")]
+pub type ServeWorker = Arc<std::sync::Mutex<Option<Arc<callplane_temporal::WorkerHandle>>>>;
+
 impl Pipeline {
+    /// Starts the worker `serve` runs when `temporal.worker` and the route say so, now or when
+    /// the route changes.
+    #[cfg(feature = "temporal")]
+    pub fn serve_worker(&self, settings: &Settings) -> anyhow::Result<ServeWorker> {
+        use crate::settings::WorkerMode;
+        let worker: ServeWorker = Arc::default();
+        let on_temporal =
+            |routes: &Routes| routes.route(callplane_core::routes::Seam::EventPipeline).backend == "temporal";
+        match settings.temporal.worker {
+            WorkerMode::Off => {}
+            WorkerMode::On => *lock(&worker) = Some(Arc::new(self.spawn_worker()?)),
+            WorkerMode::Auto if on_temporal(&self.routes) => *lock(&worker) = Some(Arc::new(self.spawn_worker()?)),
+            WorkerMode::Auto => {
+                let (routes, held) = (self.routes.clone(), Arc::downgrade(&worker));
+                let temporal = self.temporal.clone().context("Temporal is not configured for this process")?;
+                let (processor, dead_letters) = (self.processor.clone(), self.dead_letters.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(crate::routes::FOLLOW_EVERY / 2).await;
+                        // The server is gone: nothing to start.
+                        let Some(held) = held.upgrade() else { return };
+                        if !on_temporal(&routes) {
+                            continue;
+                        }
+                        match callplane_temporal::spawn_worker(&temporal, processor.clone(), dead_letters.clone()) {
+                            Ok(handle) => {
+                                info!("events are routed to Temporal: this server runs a worker from now on");
+                                *lock(&held) = Some(Arc::new(handle));
+                                return;
+                            }
+                            Err(e) => warn!(error = %e, "starting the Temporal worker failed; trying again"),
+                        }
+                    }
+                });
+            }
+        }
+        Ok(worker)
+    }
+
     /// Starts a Temporal worker running this pipeline's steps.
     #[cfg(feature = "temporal")]
     pub fn spawn_worker(&self) -> anyhow::Result<callplane_temporal::WorkerHandle> {
@@ -403,11 +461,8 @@ impl App {
         let backends = Backends::build(&settings, &store).await?;
         let built = backends.pipeline(&settings, &store)?;
         #[cfg(feature = "temporal")]
-        let worker = match settings.serves_worker() {
-            true => Some(Arc::new(built.spawn_worker()?)),
-            false => None,
-        };
-        let Pipeline { pipeline, dead_letters, .. } = built;
+        let worker = built.serve_worker(&settings)?;
+        let Pipeline { pipeline, routed, dead_letters, .. } = built;
         let Backends { clients, routes, metering, transcripts, function_data, bus } = backends;
         let deadline = settings.answer_deadline();
         let answers = PgStore::answer_pool(
@@ -439,8 +494,21 @@ impl App {
             Some(sampler.clone()),
             routes.clone(),
         );
-        let follower =
-            Arc::new(crate::routes::Follower::new("serve", &settings, store.clone(), routes.clone(), &clients));
+        #[cfg(feature = "temporal")]
+        let worker_state = {
+            let (worker, mode) = (worker.clone(), settings.temporal.worker);
+            move || match (lock(&worker).is_some(), mode) {
+                (true, _) => "running",
+                (false, crate::settings::WorkerMode::Off) => "off",
+                (false, _) => "when routed",
+            }
+        };
+        #[cfg(not(feature = "temporal"))]
+        let worker_state = || "off";
+        let follower = Arc::new(
+            crate::routes::Follower::new("serve", &settings, store.clone(), routes.clone(), &clients)
+                .with_pipeline(routed, worker_state),
+        );
         follower.clone().spawn();
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {

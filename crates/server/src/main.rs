@@ -844,13 +844,16 @@ async fn worker(settings: Settings) -> anyhow::Result<()> {
     let pipeline = App::pipeline(&settings, &store).await?;
     let worker = pipeline.spawn_worker()?;
     // It counts usage: it follows the backend routes a phase move changes, as `serve` does.
-    let follower = std::sync::Arc::new(callplane_server::routes::Follower::new(
-        "worker",
-        &settings,
-        store.clone(),
-        pipeline.routes.clone(),
-        &pipeline.clients,
-    ));
+    let follower = std::sync::Arc::new(
+        callplane_server::routes::Follower::new(
+            "worker",
+            &settings,
+            store.clone(),
+            pipeline.routes.clone(),
+            &pipeline.clients,
+        )
+        .with_pipeline(pipeline.routed.clone(), || "running"),
+    );
     follower.clone().spawn();
     info!(address = %settings.temporal.address, namespace = %settings.temporal.namespace,
           task_queue = %settings.temporal.task_queue, "callplane worker running; Ctrl-C stops it");
@@ -861,8 +864,9 @@ async fn worker(settings: Settings) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding temporal.worker_metrics_addr {addr} (empty for none)"))?;
         info!(addr = %listener.local_addr()?, "the worker's /metrics and /healthz");
+        let temporal = pipeline.temporal.clone().context("this worker has no Temporal pipeline")?;
         let router = callplane_api::worker_router(callplane_api::WorkerOps {
-            pipeline: pipeline.pipeline.clone(),
+            pipeline: std::sync::Arc::new(temporal),
             metrics_token: settings.metrics_token(),
             auth_throttle: std::sync::Arc::new(settings.auth_throttle()),
         });

@@ -136,10 +136,24 @@ impl Mover {
         Ok(Self { settings: settings.clone(), store, clients, progress, say })
     }
 
-    /// A seam's route now: the database's, else `[backends]`.
+    /// A seam's route now: the database's once a move has set it; before that, what the live
+    /// `serve` processes say they serve (their `[backends]`) when they agree, else this
+    /// command's `[backends]`.
     async fn current(&self, seam: Seam) -> anyhow::Result<Route> {
         let stored = self.store.stored_routes().await?;
-        Ok(stored.routes.get(&seam).copied().unwrap_or_else(|| configured(&self.settings)[&seam]))
+        if let Some(route) = stored.routes.get(&seam) {
+            return Ok(*route);
+        }
+        let live = self.store.live_servers(GONE_AFTER).await?;
+        let served: std::collections::BTreeSet<&str> = live
+            .iter()
+            .filter(|s| s.kind == "serve")
+            .filter_map(|s| s.capabilities["routes"][seam.name()].as_str())
+            .collect();
+        match served.into_iter().collect::<Vec<_>>()[..] {
+            [one] => Ok(callplane_core::routes::backend_name(one).map_or(configured(&self.settings)[&seam], Route::to)),
+            _ => Ok(configured(&self.settings)[&seam]),
+        }
     }
 
     fn abilities(&self) -> Abilities {
@@ -151,27 +165,58 @@ impl Mover {
     pub async fn refusal(&self, step: Step, rollback: bool) -> anyhow::Result<Option<String>> {
         let (from, to) = step.ends();
         let target = Route::to(if rollback { from } else { to });
-        if step == Step::Pipeline {
-            return Ok(Some(
-                "moving the event pipeline while serving is not built yet: set backends.event_pipeline = \
-                 \"temporal\" (or \"inline\") and restart each `callplane serve`; a server drains its inbox \
-                 into the pipeline it starts with"
-                    .into(),
-            ));
-        }
-        if let Some(why) = self.abilities().refuses(step.seam(), target) {
+        let abilities = self.abilities();
+        if let Some(why) = abilities.refuses(step.seam(), Route::to(step.ends().1)) {
             return Ok(Some(format!("this callplane cannot: {why}")));
         }
-        let needs_redis = step.ends().1 == "redis";
-        if needs_redis && let Some(why) = self.redis_refusal().await {
-            return Ok(Some(why));
+        let service = step.ends().1;
+        let refused = match service {
+            "redis" => self.redis_refusal().await,
+            "temporal" => self.temporal_refusal().await,
+            _ => None,
+        };
+        if refused.is_some() {
+            return Ok(refused);
         }
-        for server in self.store.live_servers(GONE_AFTER).await? {
-            if let Some(why) = server_refusal(&server, step, needs_redis, self.abilities().redis.as_deref()) {
+        let live = self.store.live_servers(GONE_AFTER).await?;
+        for server in &live {
+            if let Some(why) = server_refusal(server, service, &abilities) {
                 return Ok(Some(why));
             }
         }
+        // Events routed to Temporal need a worker: a `serve` that starts one when routed there,
+        // or a `callplane worker`.
+        if service == "temporal"
+            && !rollback
+            && !live.is_empty()
+            && !live.iter().any(|s| s.capabilities["temporal"]["worker"].as_str().is_some_and(|w| w != "off"))
+        {
+            return Ok(Some(
+                "no running process would run a Temporal worker (each `serve` has temporal.worker = \"off\"): \
+                 start `callplane worker` first"
+                    .into(),
+            ));
+        }
+        let _ = target;
         Ok(None)
+    }
+
+    async fn temporal_refusal(&self) -> Option<String> {
+        #[cfg(feature = "temporal")]
+        {
+            let settings = self.settings.temporal_settings();
+            return match tokio::time::timeout(Duration::from_secs(5), callplane_temporal::connect(&settings)).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(format!(
+                    "Temporal at {} does not answer ({}): start it, or set temporal.address",
+                    settings.address,
+                    callplane_core::error_chain(&e)
+                )),
+                Err(_) => Some(format!("Temporal at {} did not answer within 5 s", settings.address)),
+            };
+        }
+        #[allow(unreachable_code)]
+        Some("this callplane was built without Temporal: build it with `--features phase2`".into())
     }
 
     async fn redis_refusal(&self) -> Option<String> {
@@ -224,7 +269,12 @@ impl Mover {
                 (Step::FunctionData | Step::Search, true) => {
                     self.route(seam, Route::to(target), "back", &mut stages).await?;
                 }
-                (Step::Pipeline, _) => unreachable!("refused above"),
+                (Step::Pipeline, false) => {
+                    self.route(seam, Route::to(target), "events to Temporal", &mut stages).await?;
+                    self.pipeline_drained(&mut stages).await?;
+                }
+                // A worker keeps running where one was started, so the workflows in flight finish.
+                (Step::Pipeline, true) => self.route(seam, Route::to(target), "events inline", &mut stages).await?,
             }
         }
         let at = Instant::now();
@@ -378,6 +428,56 @@ impl Mover {
         self.route(seam, Route::to("redis"), "reading Redis", stages).await
     }
 
+    /// Waits until no live `serve` has an event in hand inline (those it was processing when
+    /// the route changed have finished; the inbox's waiting events go to Temporal on their next
+    /// attempt) and a worker runs.
+    async fn pipeline_drained(&self, stages: &mut Vec<StageDone>) -> anyhow::Result<()> {
+        let at = Instant::now();
+        // A heartbeat taken before now may predate the last inline event's end (the database's
+        // clock, which stamps heartbeats).
+        let since: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT now()").fetch_one(self.store.pool()).await?;
+        loop {
+            let live = self.store.live_servers(GONE_AFTER).await?;
+            let fresh = live.iter().all(|s| s.seen_at > since);
+            let inline: i64 = live.iter().filter_map(|s| s.capabilities["in_hand"]["inline"].as_i64()).sum();
+            let workers = live.iter().filter(|s| s.capabilities["temporal"]["worker"] == "running").count();
+            if fresh && inline == 0 && (workers > 0 || live.is_empty()) {
+                (self.progress)("");
+                (self.say)(&format!("event_pipeline: inline events drained, {workers} Temporal workers running"));
+                stages.push(StageDone {
+                    stage: format!("inline events drained; {workers} Temporal workers running"),
+                    took_ms: ms(at),
+                    processes: Some(live.len()),
+                });
+                return Ok(());
+            }
+            if at.elapsed() > STAGE_TIMEOUT {
+                bail!(
+                    "after {STAGE_TIMEOUT:?}, {inline} events are still in hand inline and {workers} workers run: \
+                     run the step again to go on waiting"
+                );
+            }
+            (self.progress)(&format!("waiting: {inline} events in hand inline, {workers} Temporal workers running"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn verify_pipeline(&self, backend: &str) -> anyhow::Result<Value> {
+        let live = self.store.live_servers(GONE_AFTER).await?;
+        let on = live.iter().filter(|s| s.kind == "serve").count();
+        let workers = live.iter().filter(|s| s.capabilities["temporal"]["worker"] == "running").count();
+        if backend == "temporal" {
+            if let Some(why) = self.temporal_refusal().await {
+                bail!("{why}");
+            }
+            if workers == 0 && !live.is_empty() {
+                bail!("no Temporal worker is running: events wait in Temporal until one is (`callplane worker`)");
+            }
+        }
+        Ok(json!({ "serving": on, "workers_running": workers, "pipeline": backend }))
+    }
+
     /// The checks a step ends with.
     async fn verify(&self, step: Step, backend: &str) -> anyhow::Result<Value> {
         match (step, backend) {
@@ -393,7 +493,7 @@ impl Mover {
                 Ok(json!({ "index_valid": valid }))
             }
             (Step::Search, _) => Ok(json!({ "search": "off" })),
-            (Step::Pipeline, _) => bail!("the pipeline step is not built yet"),
+            (Step::Pipeline, backend) => self.verify_pipeline(backend).await,
         }
     }
 
@@ -421,26 +521,27 @@ impl Mover {
     }
 }
 
-/// Why a live process cannot take the step, if it cannot.
-fn server_refusal(server: &ServerBeat, step: Step, needs_redis: bool, our_redis: Option<&str>) -> Option<String> {
+/// Why a live process cannot take a step to `service`, if it cannot: it lacks the service, or
+/// uses another instance of it than this command.
+fn server_refusal(server: &ServerBeat, service: &str, ours: &Abilities) -> Option<String> {
     let who = format!("{} {} pid {}", server.kind, server.host, server.pid);
-    if !needs_redis {
-        return None;
-    }
-    let redis = &server.capabilities["redis"];
-    let Some(url) = redis["url"].as_str() else {
-        return Some(format!("{who} was built without Redis (the `redis` feature): upgrade it first"));
+    let (theirs, ours) = match service {
+        "redis" => (server.capabilities["redis"]["url"].as_str(), ours.redis.as_deref()),
+        "temporal" => (server.capabilities["temporal"]["target"].as_str(), ours.temporal.as_deref()),
+        _ => return None,
     };
-    if Some(url) != our_redis {
+    let Some(theirs) = theirs else {
+        return Some(format!("{who} was built without {service} (the `{service}` feature): upgrade it first"));
+    };
+    if Some(theirs) != ours {
         return Some(format!(
-            "{who} uses Redis at {url}, this command {}: every process must share one Redis",
-            our_redis.unwrap_or("none")
+            "{who} uses {service} at {theirs}, this command at {}: every process must share one",
+            ours.unwrap_or("none")
         ));
     }
-    if redis["answering"] != Value::Bool(true) {
-        return Some(format!("{who} cannot reach Redis at {url}"));
+    if service == "redis" && server.capabilities["redis"]["answering"] != Value::Bool(true) {
+        return Some(format!("{who} cannot reach Redis at {theirs}"));
     }
-    let _ = step;
     None
 }
 
@@ -618,9 +719,11 @@ impl Mover {
                         ]
                     }
                     Step::Search => vec!["nothing beyond Postgres; the index build takes a while on a large table"],
-                    Step::Pipeline => {
-                        vec!["a build with the `temporal` feature (--features phase2)", "Temporal at temporal.address"]
-                    }
+                    Step::Pipeline => vec![
+                        "a build with the `temporal` feature (--features phase2)",
+                        "Temporal at temporal.address, shared by every process",
+                        "a Temporal worker: each `serve` starts one (temporal.worker = \"auto\"), or `callplane worker`",
+                    ],
                 };
                 steps.push(json!({
                     "step": step.name(), "seam": step.seam().name(), "what": step.what(),

@@ -34,6 +34,8 @@ pub fn configured(settings: &Settings) -> BTreeMap<Seam, Route> {
 pub struct Abilities {
     /// Redis's URL (password masked), when this build has Redis.
     pub redis: Option<String>,
+    /// Temporal's address, namespace and task queue, when this build has Temporal.
+    pub temporal: Option<String>,
 }
 
 impl Abilities {
@@ -48,9 +50,14 @@ impl Abilities {
             if !backends.contains(&backend) {
                 return Some(format!("{} has no backend {backend:?}", seam.name()));
             }
-            if backend == "redis" && self.redis.is_none() {
+            let missing = match backend {
+                "redis" => self.redis.is_none().then_some("redis"),
+                "temporal" => self.temporal.is_none().then_some("temporal"),
+                _ => None,
+            };
+            if let Some(feature) = missing {
                 return Some(format!(
-                    "{} = \"redis\" needs a build with the `redis` feature (`--features phase2`)",
+                    "{} = \"{backend}\" needs a build with the `{feature}` feature (`--features phase2`)",
                     seam.name()
                 ));
             }
@@ -117,6 +124,10 @@ pub struct Follower {
     kind: &'static str,
     #[cfg(feature = "redis")]
     redis: Option<callplane_cache::Redis>,
+    /// The events the pipeline has in hand, per backend (a `serve`'s).
+    pipeline: Option<Arc<callplane_core::routes::RoutedPipeline>>,
+    /// Whether this process runs a Temporal worker: "running", "when routed" or "off".
+    worker: Option<Box<dyn Fn() -> &'static str + Send + Sync>>,
 }
 
 impl Follower {
@@ -136,16 +147,41 @@ impl Follower {
             kind,
             #[cfg(feature = "redis")]
             redis: clients.redis.clone(),
+            pipeline: None,
+            worker: None,
         }
     }
 
+    /// Reports what the pipeline has in hand, and the worker's state, in each heartbeat.
+    pub fn with_pipeline(
+        mut self,
+        pipeline: Arc<callplane_core::routes::RoutedPipeline>,
+        worker: impl Fn() -> &'static str + Send + Sync + 'static,
+    ) -> Self {
+        self.pipeline = Some(pipeline);
+        self.worker = Some(Box::new(worker));
+        self
+    }
+
     async fn capabilities(&self) -> Value {
+        let mut caps = Map::new();
         #[cfg(feature = "redis")]
         if let (Some(url), Some(redis)) = (&self.abilities.redis, &self.redis) {
             let answering = redis.ping().await.is_ok();
-            return serde_json::json!({ "redis": { "url": url, "answering": answering } });
+            caps.insert("redis".into(), serde_json::json!({ "url": url, "answering": answering }));
         }
-        Value::Object(Map::new())
+        if let Some(target) = &self.abilities.temporal {
+            let worker = self.worker.as_ref().map_or("off", |w| w());
+            caps.insert("temporal".into(), serde_json::json!({ "target": target, "worker": worker }));
+        }
+        if let Some(pipeline) = &self.pipeline {
+            caps.insert("in_hand".into(), serde_json::json!(pipeline.in_hand()));
+        }
+        // The backend each seam reads from now.
+        let routes: Map<String, Value> =
+            self.routes.all().into_iter().map(|(seam, r)| (seam.name().to_owned(), Value::from(r.backend))).collect();
+        caps.insert("routes".into(), Value::Object(routes));
+        Value::Object(caps)
     }
 
     /// Reads and heartbeats every [`FOLLOW_EVERY`] until the process ends; the heartbeat row is

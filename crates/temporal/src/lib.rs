@@ -26,7 +26,7 @@ mod stats;
 mod worker;
 mod workflow;
 
-pub use pipeline::TemporalPipeline;
+pub use pipeline::{TemporalPipeline, connect};
 pub use stats::TemporalStats;
 pub use worker::{WorkerHandle, spawn_worker};
 
