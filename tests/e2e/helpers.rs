@@ -67,6 +67,41 @@ pub fn temporal_address() -> Option<String> {
 }
 
 impl TestApp {
+    /// `callplane <args>` (the real binary) against this server's database, Redis and Temporal,
+    /// run to its end.
+    pub async fn callplane(&self, args: &[&str]) -> std::process::Output {
+        let mut command = self.callplane_command(args);
+        tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+    }
+
+    /// The `callplane <args>` command against this server's database, Redis and Temporal.
+    pub fn callplane_command(&self, args: &[&str]) -> std::process::Command {
+        use secrecy::ExposeSecret;
+        let settings = &self.app.settings;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_callplane"));
+        command
+            .args(args)
+            .env("CALLPLANE_ENV", "test")
+            .env("CALLPLANE_CONFIG_DIR", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config"))
+            .env("CALLPLANE__DATABASE__URL", &self.db.url)
+            .env("CALLPLANE__REDIS__URL", settings.redis.url.expose_secret())
+            .env("CALLPLANE__TEMPORAL__ADDRESS", &settings.temporal.address)
+            .env("CALLPLANE__TEMPORAL__TASK_QUEUE", &settings.temporal.task_queue)
+            .env("CALLPLANE__VAPI__SECRET", SECRET)
+            .env("RUST_LOG", "warn");
+        command
+    }
+
+    /// `callplane --json <args>`, which must succeed; what it printed.
+    pub async fn callplane_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.callplane(&all).await;
+        assert!(out.status.success(), "callplane {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
     pub async fn spawn() -> Self {
         Self::spawn_with(&[]).await
     }
@@ -286,7 +321,6 @@ pub async fn traffic(
 /// from before it starts until `after` rounds past its end; then every report again. Returns
 /// the seconds billed per organization, what `during` returned, and the rounds sent while it
 /// ran.
-#[cfg(any(feature = "redis", feature = "temporal"))] // the phase-2 suites
 pub async fn traffic_during<T>(
     app: &TestApp,
     orgs: &[OrgId],
@@ -321,7 +355,6 @@ pub async fn traffic_during<T>(
 }
 
 /// What traffic sent: seconds per organization, and each report to send again.
-#[cfg(any(feature = "redis", feature = "temporal"))]
 struct Sent {
     /// Calls are named `{org}-{run}-{i}`: each traffic its own calls.
     run: String,
@@ -329,7 +362,6 @@ struct Sent {
     reports: Vec<(OrgId, Value)>,
 }
 
-#[cfg(any(feature = "redis", feature = "temporal"))]
 impl Default for Sent {
     fn default() -> Self {
         let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -337,7 +369,6 @@ impl Default for Sent {
     }
 }
 
-#[cfg(any(feature = "redis", feature = "temporal"))]
 impl Sent {
     /// One call of every organization, at once; each event must be answered 200.
     async fn round(&mut self, app: &TestApp, orgs: &[OrgId], i: usize) {
@@ -370,7 +401,6 @@ impl Sent {
 
 /// What every reader of usage says, once the pipeline and the repair loop have caught up: the
 /// ledger, the counter itself and the dashboard API all equal what was billed.
-#[cfg(any(feature = "redis", feature = "temporal"))] // the phase-2 suites
 pub async fn books_balance(app: &TestApp, expected: &std::collections::HashMap<OrgId, i64>) {
     let counter = app.app.state.metering.counter().clone();
     for (org, seconds) in expected {
@@ -395,7 +425,6 @@ pub async fn books_balance(app: &TestApp, expected: &std::collections::HashMap<O
     }
 }
 
-#[cfg(any(feature = "redis", feature = "temporal"))] // the phase-2 suites
 pub async fn uncounted_gauge(app: &TestApp) -> f64 {
     let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
     let line = metrics.lines().find(|l| l.starts_with("callplane_usage_uncounted_calls "));

@@ -18,6 +18,7 @@ mod hostile_api;
 mod hostile_webhooks;
 mod isolation;
 mod lifecycle;
+mod partition_convert;
 mod partitions;
 #[cfg(feature = "redis")]
 mod phase_moves;

@@ -3,14 +3,12 @@
 //! arriving. Afterwards the books balance (every call once; ledger = counter = what was sent),
 //! no event was refused, and the server serves from where the move put it.
 
-use crate::helpers::{SECRET, TestApp, books_balance, traffic_during};
+use crate::helpers::{TestApp, books_balance, traffic_during};
 use callplane_core::OrgId;
 use callplane_core::routes::Seam;
 use callplane_testkit::redis::RedisServer;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::process::Output;
 
 /// A server on phase 1's backends, with a Redis of its own to move to.
 async fn phase1_app(redis: &RedisServer) -> TestApp {
@@ -25,31 +23,12 @@ async fn phase1_app(redis: &RedisServer) -> TestApp {
     .await
 }
 
-/// `callplane <args>` against the test's database, Redis and Temporal, run to its end.
-async fn callplane(app: &TestApp, redis_url: &str, args: &[&str]) -> Output {
-    let temporal = &app.app.settings.temporal;
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_callplane"));
-    command
-        .args(args)
-        .env("CALLPLANE_ENV", "test")
-        .env("CALLPLANE_CONFIG_DIR", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config"))
-        .env("CALLPLANE__DATABASE__URL", &app.db.url)
-        .env("CALLPLANE__REDIS__URL", redis_url)
-        .env("CALLPLANE__TEMPORAL__ADDRESS", &temporal.address)
-        .env("CALLPLANE__TEMPORAL__TASK_QUEUE", &temporal.task_queue)
-        .env("CALLPLANE__VAPI__SECRET", SECRET)
-        .env("RUST_LOG", "warn");
-    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+async fn callplane(app: &TestApp, _redis_url: &str, args: &[&str]) -> std::process::Output {
+    app.callplane(args).await
 }
 
-/// `callplane --json <args>`, which must succeed; its report.
-async fn phase_json(app: &TestApp, redis_url: &str, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = callplane(app, redis_url, &all).await;
-    assert!(out.status.success(), "callplane {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+async fn phase_json(app: &TestApp, _redis_url: &str, args: &[&str]) -> Value {
+    app.callplane_json(args).await
 }
 
 fn stages(report: &Value) -> Vec<String> {

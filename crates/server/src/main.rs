@@ -248,6 +248,62 @@ enum PartitionsCommand {
         #[arg(long)]
         months_ahead: Option<u32>,
     },
+    /// Turn an unpartitioned calls table into the monthly layout with the service running:
+    /// copied in batches (resumable), kept in sync by a trigger, checked month by month, then
+    /// swapped in under a lock held for milliseconds. The old table is kept as
+    /// `calls_unpartitioned` until `--drop-old`. With `--from`, a legacy table of another shape
+    /// is copied into the partitioned calls table instead, and kept in sync until `--drop-old`.
+    Convert {
+        /// The table to convert; `calls` is the one callplane partitions.
+        #[arg(long, default_value = "calls")]
+        table: String,
+        /// A legacy table to copy from instead of converting `calls` in place.
+        #[arg(long)]
+        from: Option<String>,
+        /// `calls_column=legacy_column`, where the names differ (repeatable).
+        #[arg(long = "map", value_name = "CALLS_COLUMN=LEGACY_COLUMN")]
+        map: Vec<String>,
+        /// A file of `calls_column = legacy_column` lines (`#` starts a comment).
+        #[arg(long)]
+        mapping: Option<std::path::PathBuf>,
+        /// Rows copied per batch (each batch commits with its checkpoint).
+        #[arg(long, default_value_t = 10_000)]
+        batch_rows: i64,
+        /// Drop the old table (or, with --from, stop syncing it) once the conversion is done.
+        #[arg(long)]
+        drop_old: bool,
+    },
+}
+
+/// `calls_column=legacy_column` pairs from `--map` and a mapping file.
+fn column_mapping(
+    map: &[String],
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut lines: Vec<(String, String)> = Vec::new();
+    if let Some(path) = file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading the mapping file {}", path.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if !line.is_empty() {
+                lines.push((format!("{}:{}", path.display(), n + 1), line.to_owned()));
+            }
+        }
+    }
+    lines.extend(map.iter().map(|m| ("--map".to_owned(), m.clone())));
+    let mut out = std::collections::BTreeMap::new();
+    for (place, line) in lines {
+        let Some((to, from)) = line.split_once('=').map(|(a, b)| (a.trim(), b.trim().trim_matches('"'))) else {
+            bail!("{place}: {line:?} is not `calls_column = legacy_column`");
+        };
+        let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid(to) || !valid(from) {
+            bail!("{place}: {line:?}: column names are letters, digits and underscores");
+        }
+        out.insert(to.to_owned(), from.to_owned());
+    }
+    Ok(out)
 }
 
 #[derive(Subcommand)]
@@ -463,6 +519,43 @@ async fn run() -> anyhow::Result<()> {
             let v = serde_json::to_value(&r)?;
             print(j, &v, || {
                 format!("created {} partition(s); calls partitions: {}", r.created.len(), r.calls_partitions.join(", "))
+            });
+        }
+        Command::Partitions(PartitionsCommand::Convert { table, from, map, mapping, batch_rows, drop_old }) => {
+            if table != callplane_storage::CONVERTIBLE {
+                bail!("only the calls table is converted (call_transcripts is partitioned by every migration)");
+            }
+            let request = callplane_storage::ConvertRequest {
+                from,
+                mapping: column_mapping(&map, mapping.as_deref())?,
+                batch_rows,
+                drop_old,
+                months_ahead: settings.partitions.months_ahead,
+            };
+            let store = connect(&settings).await?;
+            let started = std::time::Instant::now();
+            let r = store
+                .convert_calls(&request, |p| {
+                    let rate = p.rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    progress(&format!("{}: {}/{} ({} rows, {rate:.0} rows/s)", p.stage, p.done, p.of, p.rows));
+                })
+                .await
+                .context("converting the calls table")?;
+            end_progress();
+            let v = serde_json::to_value(&r)?;
+            print(j, &v, || {
+                let recopied = r.months.iter().filter(|m| m.recopied).count();
+                format!(
+                    "calls from {}: {} ({} rows copied, {} call keys added; {} months checked, {recopied} copied again){}{} in {} ms",
+                    r.source,
+                    r.state,
+                    r.copied_rows,
+                    r.call_keys_added,
+                    r.months.len(),
+                    r.swap_lock_ms.map(|ms| format!("; swap held its lock {ms:.1} ms")).unwrap_or_default(),
+                    if r.dropped_old { "; old table dropped" } else { "" },
+                    r.took_ms
+                )
             });
         }
         Command::Billing(BillingCommand::Setup) => {
