@@ -549,6 +549,7 @@ fn print_next_steps(
     );
     eprintln!("Which phase to be on, and why (with the CLI set up as above):");
     eprintln!("  callplane advise");
+    eprintln!("  callplane phase plan 2      # the moves to phase 2, each one command with the server running");
     eprintln!();
     let services =
         if redis.is_some() { "callplane, Redis, Temporal and PostgreSQL" } else { "callplane and PostgreSQL" };

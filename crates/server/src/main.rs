@@ -543,20 +543,7 @@ async fn run() -> anyhow::Result<()> {
                 .context("converting the calls table")?;
             end_progress();
             let v = serde_json::to_value(&r)?;
-            print(j, &v, || {
-                let recopied = r.months.iter().filter(|m| m.recopied).count();
-                format!(
-                    "calls from {}: {} ({} rows copied, {} call keys added; {} months checked, {recopied} copied again){}{} in {} ms",
-                    r.source,
-                    r.state,
-                    r.copied_rows,
-                    r.call_keys_added,
-                    r.months.len(),
-                    r.swap_lock_ms.map(|ms| format!("; swap held its lock {ms:.1} ms")).unwrap_or_default(),
-                    if r.dropped_old { "; old table dropped" } else { "" },
-                    r.took_ms
-                )
-            });
+            print(j, &v, || convert_text(&r));
         }
         Command::Billing(BillingCommand::Setup) => {
             let Some(stripe) = settings.stripe_settings() else {
@@ -992,6 +979,30 @@ async fn mover(settings: &Settings) -> anyhow::Result<Mover> {
 }
 
 /// Ctrl-C or SIGTERM (what process managers send).
+/// What a conversion did, for a terminal.
+fn convert_text(r: &callplane_storage::ConvertReport) -> String {
+    let recopied = r.months.iter().filter(|m| m.recopied).count();
+    let copied = format!(
+        "{} rows copied{}, {} call keys added; {} months checked (count and checksum), {recopied} copied again",
+        r.copied_rows,
+        if r.resumed_from_page > 0 { format!(" (resumed at page {})", r.resumed_from_page) } else { String::new() },
+        r.call_keys_added,
+        r.months.len()
+    );
+    let done = match r.state.as_str() {
+        "swapped" => format!(
+            "calls is partitioned by month now: {copied}; the swap held its lock {:.1} ms. The old table is kept as \
+             calls_unpartitioned: `--drop-old` drops it",
+            r.swap_lock_ms.unwrap_or_default()
+        ),
+        "synced" => format!("calls holds {}'s rows: {copied}; kept in sync until `--drop-old`", r.source),
+        "dropped" if r.copied_rows == 0 => "the conversion was done; what it kept is dropped now".to_owned(),
+        "dropped" => format!("calls is converted ({copied}); what it kept is dropped"),
+        _ => format!("calls is converted already (from {})", r.source),
+    };
+    format!("{done} ({} ms)", r.took_ms)
+}
+
 /// A phase plan for a terminal.
 fn plan_text(plan: &Value) -> String {
     let mut out = format!("to phase {}:\n", plan["phase"]);
