@@ -169,15 +169,7 @@ impl PgStore {
                 .await
                 .map_err(db)?;
         let Some(counter) = counter else { return Ok(None) };
-        let counted: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(billable_seconds), 0)::bigint FROM usage_ledger \
-             WHERE organization_id = $1 AND period_start = $2 AND counted",
-        )
-        .bind(org.0)
-        .bind(period_start)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
+        let counted = self.counted_total_in(&mut tx, org, period_start).await?;
         tx.commit().await.map_err(db)?;
         Ok(Some((counter, counted)))
     }

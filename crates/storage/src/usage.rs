@@ -107,15 +107,7 @@ impl UsageCounter for PgUsageCounter {
             tx.commit().await.map_err(db)?;
             return Ok(total);
         }
-        let total: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(billable_seconds), 0)::bigint FROM usage_ledger \
-             WHERE organization_id = $1 AND period_start = $2 AND counted",
-        )
-        .bind(org.0)
-        .bind(period_start)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
+        let total = self.0.counted_total_in(&mut tx, org, period_start).await?;
         sqlx::query("UPDATE organizations SET seconds_used = $2, updated_at = now() WHERE id = $1")
             .bind(org.0)
             .bind(total)
@@ -155,15 +147,17 @@ impl PgStore {
         org: OrgId,
         period_start: DateTime<Utc>,
     ) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "SELECT COALESCE(sum(billable_seconds), 0)::bigint FROM usage_ledger \
-             WHERE organization_id = $1 AND period_start = $2",
-        )
-        .bind(org.0)
-        .bind(period_start)
-        .fetch_one(conn)
-        .await
-        .map_err(db)
+        sum_ledger(conn, org, period_start, false).await
+    }
+
+    /// The period's total of the ledger rows whose counter add is done.
+    pub(crate) async fn counted_total_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        org: OrgId,
+        period_start: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        sum_ledger(conn, org, period_start, true).await
     }
 
     /// Ledger rows whose counter add is not done yet, across organizations.
@@ -173,6 +167,25 @@ impl PgStore {
             .await
             .map_err(db)
     }
+}
+
+/// The billable seconds of an organization's period in the ledger, all rows or the counted ones.
+async fn sum_ledger(
+    conn: &mut sqlx::PgConnection,
+    org: OrgId,
+    period_start: DateTime<Utc>,
+    counted_only: bool,
+) -> StoreResult<i64> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(billable_seconds), 0)::bigint FROM usage_ledger \
+         WHERE organization_id = $1 AND period_start = $2 AND (counted OR NOT $3)",
+    )
+    .bind(org.0)
+    .bind(period_start)
+    .bind(counted_only)
+    .fetch_one(conn)
+    .await
+    .map_err(db)
 }
 
 #[async_trait]
