@@ -17,7 +17,9 @@ CREATE TABLE partition_conversions (
     updated_at   timestamptz NOT NULL DEFAULT now(),
     swapped_at   timestamptz,
     -- the longest the swap held its lock, in milliseconds
-    swap_lock_ms double precision
+    swap_lock_ms double precision,
+    -- the source's indexes copied to the new table (as <name>_converting), renamed at the swap
+    indexes      jsonb NOT NULL DEFAULT '[]'
 );
 
 -- A month's partitions. While `calls` is an unpartitioned table being converted, its month goes

@@ -327,7 +327,7 @@ pub async fn traffic_during<T>(
     after: usize,
     during: impl Future<Output = T>,
 ) -> (std::collections::HashMap<OrgId, i64>, T, usize) {
-    let mut sent = Sent::default();
+    let mut sent = Sent { unbilled: true, ..Sent::default() };
     let done = std::sync::atomic::AtomicBool::new(false);
     let rounds_during = std::sync::atomic::AtomicUsize::new(0);
     let (out, ()) = tokio::join!(
@@ -358,6 +358,8 @@ pub async fn traffic_during<T>(
 struct Sent {
     /// Calls are named `{org}-{run}-{i}`: each traffic its own calls.
     run: String,
+    /// Each round adds a call nobody answered (billed 0 s), as real traffic has.
+    unbilled: bool,
     expected: std::collections::HashMap<OrgId, i64>,
     reports: Vec<(OrgId, Value)>,
 }
@@ -365,23 +367,25 @@ struct Sent {
 impl Default for Sent {
     fn default() -> Self {
         let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-        Self { run, expected: Default::default(), reports: Vec::new() }
+        Self { run, unbilled: false, expected: Default::default(), reports: Vec::new() }
     }
 }
 
 impl Sent {
     /// One call of every organization, at once; each event must be answered 200.
     async fn round(&mut self, app: &TestApp, orgs: &[OrgId], i: usize) {
-        let sends = orgs.iter().enumerate().map(|(n, org)| {
-            let seconds = 150 + (i * 7 + n * 13) as i64 % 200;
-            let call_id = format!("{org}-{}-{i}", self.run);
+        let unbilled = self.unbilled.then(|| orgs[i % orgs.len()]);
+        let sends = orgs.iter().copied().chain(unbilled).enumerate().map(|(n, org)| {
+            let unanswered = n >= orgs.len();
+            let seconds = if unanswered { 0 } else { 150 + (i * 7 + n * 13) as i64 % 200 };
+            let call_id = format!("{org}-{}-{i}{}", self.run, if unanswered { "-unanswered" } else { "" });
             let events = lifecycle(&call_id, Utc::now() - Duration::minutes(10), seconds as f64);
             async move {
                 for e in &events {
-                    let (status, body) = app.post_vapi(*org, e).await;
+                    let (status, body) = app.post_vapi(org, e).await;
                     assert_eq!(status, StatusCode::OK, "{body}");
                 }
-                (*org, seconds, events.last().cloned().unwrap())
+                (org, seconds, events.last().cloned().unwrap())
             }
         });
         for (org, seconds, report) in futures::future::join_all(sends).await {

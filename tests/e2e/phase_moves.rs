@@ -108,6 +108,39 @@ async fn counters_move_to_redis_and_back_with_reports_arriving() {
     books_balance(&app, &total).await;
 }
 
+/// Redis goes away after the counters moved there: the rollback needs nothing from it, moves
+/// straight back to Postgres and recounts it, with reports arriving; nothing is lost.
+#[tokio::test]
+async fn counters_roll_back_to_postgres_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let app = phase1_app(&redis).await;
+    let orgs: Vec<OrgId> = vec![app.org("starter").await.id, app.org("pro").await.id];
+    let (expected, report, _) =
+        traffic_during(&app, &orgs, 2, app.callplane_json(&["phase", "apply", "2", "--step", "counters"])).await;
+    assert_eq!(report["to"], "redis", "{report}");
+    books_balance(&app, &expected).await;
+    redis.stop();
+    let (more, back, rounds) = traffic_during(
+        &app,
+        &orgs,
+        2,
+        app.callplane_json(&["phase", "apply", "2", "--step", "counters", "--rollback"]),
+    )
+    .await;
+    assert!(rounds >= 1, "{rounds} rounds during the rollback");
+    assert_eq!(back["to"], "postgres", "{back}");
+    assert!(stages(&back).iter().any(|s| s.starts_with("Postgres alone (Redis away)")), "{back}");
+    assert_eq!(back["verified"]["repaired"], 0, "{back}");
+    let mut total = expected;
+    for (org, s) in more {
+        *total.entry(org).or_default() += s;
+    }
+    books_balance(&app, &total).await;
+    for org in &orgs {
+        assert_eq!(app.seconds_used(*org).await, total[org]);
+    }
+}
+
 /// Function data moves to the Redis cache while it is written and read: each write is read
 /// back at once through whatever route the server is on, and afterwards the cache holds what
 /// Postgres holds. The books balance with reports arriving all along.

@@ -114,6 +114,22 @@ impl Redis {
         round_trip(self, |mut c| async move { ping.query_async::<String>(&mut c).await }).await.map(drop)
     }
 
+    /// The string at `key`, if any.
+    pub async fn get_string(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut get = redis::cmd("GET");
+        get.arg(key);
+        let get = &get;
+        round_trip(self, |mut c| async move { get.query_async::<Option<String>>(&mut c).await }).await
+    }
+
+    /// Sets `key` to `value` for `ttl`.
+    pub async fn set_string(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut set = redis::cmd("SET");
+        set.arg(key).arg(value).arg("EX").arg(ttl.as_secs().max(1));
+        let set = &set;
+        round_trip(self, |mut c| async move { set.exec_async(&mut c).await }).await
+    }
+
     /// The memory Redis uses now (`INFO memory`'s `used_memory`), for the phase advisor.
     pub async fn used_memory(&self) -> Result<u64, StoreError> {
         let mut conn = self.manager().await?;

@@ -20,7 +20,20 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+/// A process whose last read of the routes is older than this does not count usage (the calls
+/// stay uncounted in the ledger and are counted once it has read them again): a move may have
+/// gone on without it. Phase moves wait for a process for twice as long before leaving it out.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+
+/// The routes were not read recently enough to count by them.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the backend routes were last read {0:?} ago (a phase move may have changed them); counting waits until they are read again"
+)]
+pub struct StaleRoutes(pub Duration);
 
 /// A seam whose backend can move while callplane runs. Named as in `[backends]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -94,11 +107,28 @@ impl std::fmt::Display for Route {
 pub struct Routes {
     routes: RwLock<BTreeMap<Seam, Route>>,
     version: AtomicI64,
+    /// When the database's routes were last read.
+    read_at: Mutex<Option<Instant>>,
 }
 
 impl Routes {
+    /// Routes not read from the database yet (stale until [`Routes::mark_read`]).
     pub fn new(routes: BTreeMap<Seam, Route>) -> Arc<Self> {
-        Arc::new(Self { routes: RwLock::new(routes), version: AtomicI64::new(0) })
+        Arc::new(Self { routes: RwLock::new(routes), version: AtomicI64::new(0), read_at: Mutex::new(None) })
+    }
+
+    /// The database's routes were read just now.
+    pub fn mark_read(&self) {
+        *self.read_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Why the routes are too old to count by, if they are.
+    pub fn stale(&self) -> Option<StaleRoutes> {
+        let read_at = *self.read_at.lock().unwrap_or_else(PoisonError::into_inner);
+        match read_at.map(|at| at.elapsed()) {
+            Some(age) if age <= STALE_AFTER => None,
+            age => Some(StaleRoutes(age.unwrap_or(Duration::MAX))),
+        }
     }
 
     pub fn route(&self, seam: Seam) -> Route {
@@ -169,6 +199,8 @@ impl UsageCounter for RoutedCounter {
         self.reads().backend()
     }
 
+    /// Refused while the routes are stale: the call stays uncounted in the ledger and the
+    /// repair loop counts it by the routes read next.
     async fn add_call(
         &self,
         org: OrgId,
@@ -176,12 +208,25 @@ impl UsageCounter for RoutedCounter {
         call_id: &str,
         seconds: i64,
     ) -> StoreResult<Counted> {
+        if let Some(stale) = self.routes.stale() {
+            return Err(crate::seams::StoreError::unavailable("routes", stale));
+        }
         let Some(redis_unmarked) = self.both() else {
             return self.reads().add_call(org, period_start, call_id, seconds).await;
         };
-        let in_redis = redis_unmarked.add_call(org, period_start, call_id, seconds).await?;
-        let in_postgres = self.postgres.add_call(org, period_start, call_id, seconds).await?;
-        Ok(if self.reads().backend() == "redis" { in_redis } else { in_postgres })
+        let reads_redis = self.reads().backend() == "redis";
+        match redis_unmarked.add_call(org, period_start, call_id, seconds).await {
+            Ok(in_redis) => {
+                let in_postgres = self.postgres.add_call(org, period_start, call_id, seconds).await?;
+                Ok(if reads_redis { in_redis } else { in_postgres })
+            }
+            // Reads are on Postgres: it goes on counting while Redis is away. The move's
+            // final check, call by call, rebuilds what Redis missed.
+            Err(e) if e.is_transient() && !reads_redis => {
+                self.postgres.add_call(org, period_start, call_id, seconds).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn used(&self, org: OrgId, period_start: DateTime<Utc>) -> StoreResult<i64> {

@@ -243,6 +243,8 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Backends {
     clients: Clients,
     routes: Arc<Routes>,
+    /// Follows the database's routes and heartbeats, as `kind` ("serve", "worker", "cli").
+    follower: Arc<crate::routes::Follower>,
     metering: Arc<Metering>,
     transcripts: Arc<dyn TranscriptStore>,
     function_data: Arc<dyn FunctionData>,
@@ -252,10 +254,14 @@ struct Backends {
 impl Backends {
     /// The one place configuration becomes backends. A later phase adds its arm (and the
     /// client it needs) under its feature.
-    async fn build(settings: &Settings, store: &PgStore) -> anyhow::Result<Self> {
+    async fn build(settings: &Settings, store: &PgStore, kind: &'static str) -> anyhow::Result<Self> {
         let b = &settings.backends;
         let clients = Clients::connect(settings, store).await?;
         let routes = clients.routes(settings).await?;
+        // Every process that counts usage follows the routes, and says so, so that a phase
+        // move waits for it.
+        let follower = Arc::new(crate::routes::Follower::new(kind, settings, store.clone(), routes.clone(), &clients));
+        follower.clone().spawn();
         Ok(Self {
             metering: clients.metering(settings, &routes),
             transcripts: match b.transcripts {
@@ -269,6 +275,7 @@ impl Backends {
             },
             clients,
             routes,
+            follower,
         })
     }
 
@@ -307,6 +314,7 @@ impl Backends {
             processor,
             routes: self.routes.clone(),
             clients: self.clients.clone(),
+            follower: self.follower.clone(),
             #[cfg(feature = "temporal")]
             temporal,
         })
@@ -323,6 +331,8 @@ pub struct Pipeline {
     /// The backend routes its processor follows.
     pub routes: Arc<Routes>,
     pub clients: Clients,
+    /// Follows the routes and heartbeats for this process.
+    pub follower: Arc<crate::routes::Follower>,
     /// The Temporal pipeline, when this process uses Temporal (its pipeline, or a worker).
     #[cfg(feature = "temporal")]
     pub temporal: Option<callplane_temporal::TemporalPipeline>,
@@ -399,8 +409,8 @@ impl App {
 
     /// The event pipeline and its dead letters alone (for commands that drain, replay or
     /// reconcile without serving).
-    pub async fn pipeline(settings: &Settings, store: &PgStore) -> anyhow::Result<Pipeline> {
-        Backends::build(settings, store).await?.pipeline(settings, store)
+    pub async fn pipeline(settings: &Settings, store: &PgStore, kind: &'static str) -> anyhow::Result<Pipeline> {
+        Backends::build(settings, store, kind).await?.pipeline(settings, store)
     }
 
     fn pipeline_settings(settings: &Settings) -> PipelineSettings {
@@ -416,7 +426,7 @@ impl App {
     /// API key is configured.
     pub async fn reconciler(settings: &Settings, store: &PgStore) -> anyhow::Result<Option<Reconciler>> {
         let Some(vapi) = settings.vapi_calls()? else { return Ok(None) };
-        let backends = Backends::build(settings, store).await?;
+        let backends = Backends::build(settings, store, "cli").await?;
         let pipeline = backends.pipeline(settings, store)?.pipeline;
         let bus = backends.bus;
         Ok(Some(Reconciler::new(store.clone(), vapi, pipeline, bus, settings.reconcile_settings())))
@@ -458,12 +468,12 @@ impl App {
     }
 
     pub async fn with_store(settings: Settings, store: PgStore) -> anyhow::Result<Self> {
-        let backends = Backends::build(&settings, &store).await?;
+        let backends = Backends::build(&settings, &store, "serve").await?;
         let built = backends.pipeline(&settings, &store)?;
         #[cfg(feature = "temporal")]
         let worker = built.serve_worker(&settings)?;
         let Pipeline { pipeline, routed, dead_letters, .. } = built;
-        let Backends { clients, routes, metering, transcripts, function_data, bus } = backends;
+        let Backends { clients, routes, follower, metering, transcripts, function_data, bus } = backends;
         let deadline = settings.answer_deadline();
         let answers = PgStore::answer_pool(
             settings.database.url.expose_secret(),
@@ -505,11 +515,7 @@ impl App {
         };
         #[cfg(not(feature = "temporal"))]
         let worker_state = || "off";
-        let follower = Arc::new(
-            crate::routes::Follower::new("serve", &settings, store.clone(), routes.clone(), &clients)
-                .with_pipeline(routed, worker_state),
-        );
-        follower.clone().spawn();
+        follower.report_pipeline(routed, worker_state);
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {
             webhook_auth: Arc::new(settings.webhook_auth()),

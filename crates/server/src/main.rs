@@ -591,7 +591,17 @@ async fn run() -> anyhow::Result<()> {
         Command::Usage(UsageCommand::Reconcile { repair, org }) => {
             let store = App::connect(&settings).await?;
             let clients = callplane_server::app::Clients::connect(&settings, &store).await?;
-            let metering = clients.metering(&settings, &clients.routes(&settings).await?);
+            let routes = clients.routes(&settings).await?;
+            // Counting follows the routes while this runs, as `serve` does.
+            let follower = std::sync::Arc::new(callplane_server::routes::Follower::new(
+                "cli",
+                &settings,
+                store.clone(),
+                routes.clone(),
+                &clients,
+            ));
+            follower.clone().spawn();
+            let metering = clients.metering(&settings, &routes);
             // Calls whose counter add has not happened yet are counted first, as `serve` would.
             let mut pending = 0;
             loop {
@@ -788,7 +798,7 @@ async fn run() -> anyhow::Result<()> {
                     // Of the letters taken on, those still open afterwards failed again; the
                     // store has the reason.
                     let taken: HashSet<i64> = store.dead_letters(&filter).await?.iter().map(|d| d.id).collect();
-                    let dead_letters = App::pipeline(&settings, &store).await?.dead_letters;
+                    let dead_letters = App::pipeline(&settings, &store, "cli").await?.dead_letters;
                     let report = dead_letters
                         .replay(&filter, &store, |r| {
                             progress(&format!("replayed {} ({} ok, {} failed)", r.attempted, r.succeeded, r.failed));
@@ -861,7 +871,7 @@ async fn inbox(cmd: InboxCommand, settings: Settings, j: bool) -> anyhow::Result
         }
         InboxCommand::Drain { patience_secs } => {
             let store = connect(&settings).await?;
-            let pipeline = App::pipeline(&settings, &store).await?.pipeline;
+            let pipeline = App::pipeline(&settings, &store, "cli").await?.pipeline;
             let intake = callplane_workflow::LocalIntake::new(
                 inbox,
                 pipeline,
@@ -921,20 +931,11 @@ async fn worker(settings: Settings) -> anyhow::Result<()> {
     // The worker's own process: its pipeline is Temporal's, whatever `serve` is configured with.
     let mut settings = settings;
     settings.backends.event_pipeline = callplane_server::settings::PipelineBackend::Temporal;
-    let pipeline = App::pipeline(&settings, &store).await?;
+    let pipeline = App::pipeline(&settings, &store, "worker").await?;
     let worker = pipeline.spawn_worker()?;
     // It counts usage: it follows the backend routes a phase move changes, as `serve` does.
-    let follower = std::sync::Arc::new(
-        callplane_server::routes::Follower::new(
-            "worker",
-            &settings,
-            store.clone(),
-            pipeline.routes.clone(),
-            &pipeline.clients,
-        )
-        .with_pipeline(pipeline.routed.clone(), || "running"),
-    );
-    follower.clone().spawn();
+    let follower = pipeline.follower.clone();
+    follower.report_pipeline(pipeline.routed.clone(), || "running");
     info!(address = %settings.temporal.address, namespace = %settings.temporal.namespace,
           task_queue = %settings.temporal.task_queue, "callplane worker running; Ctrl-C stops it");
     // Its own counters, where a scraper finds them: they live in this process, not in `serve`'s.

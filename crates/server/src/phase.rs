@@ -164,12 +164,16 @@ impl Mover {
     /// live process that cannot serve the target.
     pub async fn refusal(&self, step: Step, rollback: bool) -> anyhow::Result<Option<String>> {
         let (from, to) = step.ends();
-        let target = Route::to(if rollback { from } else { to });
         let abilities = self.abilities();
-        if let Some(why) = abilities.refuses(step.seam(), Route::to(step.ends().1)) {
+        if let Some(why) = abilities.refuses(step.seam(), Route::to(if rollback { from } else { to })) {
             return Ok(Some(format!("this callplane cannot: {why}")));
         }
-        let service = step.ends().1;
+        // Back to phase 1's backend needs nothing: it is how a move away from a service in
+        // trouble is undone.
+        if rollback {
+            return Ok(None);
+        }
+        let service = to;
         let refused = match service {
             "redis" => self.redis_refusal().await,
             "temporal" => self.temporal_refusal().await,
@@ -184,6 +188,11 @@ impl Mover {
                 return Ok(Some(why));
             }
         }
+        if service == "redis"
+            && let Some(why) = self.same_redis_everywhere().await?
+        {
+            return Ok(Some(why));
+        }
         // Events routed to Temporal need a worker: a `serve` that starts one when routed there,
         // or a `callplane worker`.
         if service == "temporal"
@@ -197,7 +206,39 @@ impl Mover {
                     .into(),
             ));
         }
-        let _ = target;
+        Ok(None)
+    }
+
+    /// Whether every live process reaches this command's Redis, and not another one at the
+    /// same address (each host's own `127.0.0.1:6379`): a fresh value is written to it and
+    /// each process must read it back in its heartbeat.
+    async fn same_redis_everywhere(&self) -> anyhow::Result<Option<String>> {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.clients.redis {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            redis.set_string(crate::routes::REDIS_IDENTITY_KEY, &token, Duration::from_secs(600)).await?;
+            let started = Instant::now();
+            loop {
+                let live = self.store.live_servers(GONE_AFTER).await?;
+                let others: Vec<String> = live
+                    .iter()
+                    .filter(|s| s.capabilities["redis"]["identity"].as_str() != Some(token.as_str()))
+                    .map(|s| format!("{} {} pid {}", s.kind, s.host, s.pid))
+                    .collect();
+                if others.is_empty() {
+                    return Ok(None);
+                }
+                if started.elapsed() > Duration::from_secs(5) {
+                    return Ok(Some(format!(
+                        "{} did not read back a value this command wrote to Redis at {}: they use another Redis \
+                         (every process must share one)",
+                        others.join(", "),
+                        self.settings.redis_url_masked()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         Ok(None)
     }
 
@@ -235,6 +276,21 @@ impl Mover {
 
     /// Runs a step (or its rollback) to the end, or stops with why.
     pub async fn apply(&self, step: Step, rollback: bool) -> anyhow::Result<StepReport> {
+        // One move at a time: held on a connection of its own until this returns (or the
+        // process dies, which closes the connection).
+        let mut lock = self.store.pool().acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('callplane_phase_apply'))")
+            .fetch_one(&mut *lock)
+            .await?;
+        if !locked {
+            bail!("another `callplane phase apply` is running against this database; wait for it to finish");
+        }
+        let applied = self.apply_locked(step, rollback).await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('callplane_phase_apply'))").execute(&mut *lock).await;
+        applied
+    }
+
+    async fn apply_locked(&self, step: Step, rollback: bool) -> anyhow::Result<StepReport> {
         if let Some(why) = self.refusal(step, rollback).await? {
             bail!("cannot {} `{}`: {why}", if rollback { "roll back" } else { "apply" }, step.name());
         }
@@ -264,11 +320,17 @@ impl Mover {
                     });
                     self.route(seam, Route::to(target), "search on", &mut stages).await?;
                 }
-                // Postgres is the truth of function data, and search has no state: the route
-                // alone moves back.
-                (Step::FunctionData | Step::Search, true) => {
-                    self.route(seam, Route::to(target), "back", &mut stages).await?;
+                // Postgres is the truth of function data: writes drop the cache until every
+                // process reads Postgres, then the cache is left alone.
+                (Step::FunctionData, true) => {
+                    if from.backend == "redis" {
+                        let dual = Route::with_also("postgres", "redis");
+                        self.route(seam, dual, "writes dropping the cache", &mut stages).await?;
+                    }
+                    self.route(seam, Route::to(target), "Postgres alone", &mut stages).await?;
                 }
+                // Search has no state: the route alone moves back.
+                (Step::Search, true) => self.route(seam, Route::to(target), "back", &mut stages).await?,
                 (Step::Pipeline, false) => {
                     self.route(seam, Route::to(target), "events to Temporal", &mut stages).await?;
                     self.pipeline_drained(&mut stages).await?;
@@ -389,7 +451,16 @@ impl Mover {
     async fn counters_back(&self, from: Route, stages: &mut Vec<StageDone>) -> anyhow::Result<()> {
         let seam = Seam::UsageCounter;
         if from.backend == "redis" {
-            self.route(seam, Route::with_also("redis", "postgres"), "writing both", stages).await?;
+            // With Redis answering, both are written while Postgres is recounted, so no process
+            // reads a Postgres total that is behind. With Redis away, straight to Postgres, then
+            // the recount (exact once every process adds there).
+            let redis_down = self.redis_refusal().await;
+            if let Some(why) = &redis_down {
+                (self.say)(&format!("usage_counter: {why}; moving straight to Postgres, then recounting"));
+                self.route(seam, Route::to("postgres"), "Postgres alone (Redis away)", stages).await?;
+            } else {
+                self.route(seam, Route::with_also("redis", "postgres"), "writing both", stages).await?;
+            }
             // Postgres was not written while Redis counted alone: each organization's total is
             // recounted from the ledger's counted rows, under its row's lock (as adds take it).
             let at = Instant::now();
@@ -408,6 +479,9 @@ impl Mover {
                 took_ms: ms(at),
                 processes: None,
             });
+            if redis_down.is_some() {
+                return Ok(());
+            }
         }
         self.route(seam, Route::to("postgres"), "Postgres alone", stages).await
     }

@@ -111,6 +111,7 @@ fn take(
         }
     }
     routes.set_version(stored.version);
+    routes.mark_read();
     problems
 }
 
@@ -124,11 +125,16 @@ pub struct Follower {
     kind: &'static str,
     #[cfg(feature = "redis")]
     redis: Option<callplane_cache::Redis>,
-    /// The events the pipeline has in hand, per backend (a `serve`'s).
-    pipeline: Option<Arc<callplane_core::routes::RoutedPipeline>>,
-    /// Whether this process runs a Temporal worker: "running", "when routed" or "off".
-    worker: Option<Box<dyn Fn() -> &'static str + Send + Sync>>,
+    /// The events the pipeline has in hand, per backend, and whether this process runs a
+    /// Temporal worker ("running", "when routed" or "off"); set once the pipeline is built.
+    pipeline: std::sync::OnceLock<PipelineState>,
 }
+
+type PipelineState = (Arc<callplane_core::routes::RoutedPipeline>, Box<dyn Fn() -> &'static str + Send + Sync>);
+
+/// The Redis key a phase move writes a fresh value to, which every process reads back in its
+/// heartbeat: processes that read another value use another Redis.
+pub const REDIS_IDENTITY_KEY: &str = "callplane:identity";
 
 impl Follower {
     pub fn new(
@@ -147,34 +153,36 @@ impl Follower {
             kind,
             #[cfg(feature = "redis")]
             redis: clients.redis.clone(),
-            pipeline: None,
-            worker: None,
+            pipeline: std::sync::OnceLock::new(),
         }
     }
 
     /// Reports what the pipeline has in hand, and the worker's state, in each heartbeat.
-    pub fn with_pipeline(
-        mut self,
+    pub fn report_pipeline(
+        &self,
         pipeline: Arc<callplane_core::routes::RoutedPipeline>,
         worker: impl Fn() -> &'static str + Send + Sync + 'static,
-    ) -> Self {
-        self.pipeline = Some(pipeline);
-        self.worker = Some(Box::new(worker));
-        self
+    ) {
+        let _ = self.pipeline.set((pipeline, Box::new(worker)));
     }
 
     async fn capabilities(&self) -> Value {
         let mut caps = Map::new();
         #[cfg(feature = "redis")]
         if let (Some(url), Some(redis)) = (&self.abilities.redis, &self.redis) {
-            let answering = redis.ping().await.is_ok();
-            caps.insert("redis".into(), serde_json::json!({ "url": url, "answering": answering }));
+            let identity = redis.get_string(REDIS_IDENTITY_KEY).await;
+            let answering = identity.is_ok();
+            let identity = identity.ok().flatten();
+            caps.insert(
+                "redis".into(),
+                serde_json::json!({ "url": url, "answering": answering, "identity": identity }),
+            );
         }
         if let Some(target) = &self.abilities.temporal {
-            let worker = self.worker.as_ref().map_or("off", |w| w());
+            let worker = self.pipeline.get().map_or("off", |(_, w)| w());
             caps.insert("temporal".into(), serde_json::json!({ "target": target, "worker": worker }));
         }
-        if let Some(pipeline) = &self.pipeline {
+        if let Some((pipeline, _)) = self.pipeline.get() {
             caps.insert("in_hand".into(), serde_json::json!(pipeline.in_hand()));
         }
         // The backend each seam reads from now.
@@ -196,6 +204,12 @@ impl Follower {
                 tick.tick().await;
                 let problems = match self.store.stored_routes().await {
                     Ok(stored) => take(&self.routes, &stored, &self.abilities, &self.settings),
+                    // Routes this build cannot read: say so, and count nothing by stale ones.
+                    Err(e @ callplane_core::seams::StoreError::Internal(_)) => {
+                        let mut problems = Map::new();
+                        problems.insert("routes".into(), Value::String(e.to_string()));
+                        problems
+                    }
                     Err(_) => continue,
                 };
                 let beat = ServerBeat {

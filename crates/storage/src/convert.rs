@@ -172,8 +172,29 @@ impl PgStore {
             .map_err(db)
     }
 
-    /// Converts `calls` (see the module's note), resuming an interrupted run.
+    /// Converts `calls` (see the module's note), resuming an interrupted run. One run at a
+    /// time: a second is refused while the first holds its lock.
     pub async fn convert_calls(
+        &self,
+        request: &ConvertRequest,
+        progress: impl Fn(ConvertProgress<'_>),
+    ) -> StoreResult<ConvertReport> {
+        let mut lock = self.pool().acquire().await.map_err(db)?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('callplane_partitions_convert'))")
+            .fetch_one(&mut *lock)
+            .await
+            .map_err(db)?;
+        if !locked {
+            return Err(refused("another `callplane partitions convert` is running against this database".into()));
+        }
+        let converted = self.convert_calls_locked(request, progress).await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('callplane_partitions_convert'))")
+            .execute(&mut *lock)
+            .await;
+        converted
+    }
+
+    async fn convert_calls_locked(
         &self,
         request: &ConvertRequest,
         progress: impl Fn(ConvertProgress<'_>),
@@ -221,7 +242,11 @@ impl PgStore {
         .await
         .map_err(db)?;
         let (next_page, copied) = match resume {
-            Some((next, _, copied)) => (next, copied),
+            Some((next, _, copied)) => {
+                // Stopped part way: the trigger may not have gone in before it stopped.
+                self.install_trigger(&plan).await?;
+                (next, copied)
+            }
             None => {
                 self.prepare(&plan, request).await?;
                 (0, 0)
@@ -309,13 +334,27 @@ impl PgStore {
     /// current; records the conversion.
     async fn prepare(&self, plan: &Plan, request: &ConvertRequest) -> StoreResult<()> {
         let source = ident(&plan.source);
+        // A trigger left by an earlier, interrupted run would write into the table about to be
+        // made again, before it has partitions.
+        sqlx::query(&format!("DROP TRIGGER IF EXISTS {TRIGGER} ON {source}")).execute(self.pool()).await.map_err(db)?;
+        let mut copied_indexes: Vec<String> = Vec::new();
         if plan.in_place {
+            self.refuse_what_is_not_carried_over(&plan.source).await?;
             let indexes: Vec<(String, String)> = sqlx::query_as(
                 "SELECT i.relname::text, pg_get_indexdef(i.oid) FROM pg_index x \
                  JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid \
                  WHERE t.relname = $1 AND t.relnamespace = current_schema()::regnamespace AND NOT x.indisprimary",
             )
             .bind(&plan.source)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db)?;
+            let grants: Vec<(String, String)> = sqlx::query_as(
+                "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(a.grantee::regrole::text) END, \
+                        a.privilege_type FROM pg_class c, aclexplode(c.relacl) a \
+                 WHERE c.oid = $1::regclass AND a.grantee <> c.relowner",
+            )
+            .bind(&source)
             .fetch_all(self.pool())
             .await
             .map_err(db)?;
@@ -342,6 +381,13 @@ impl PgStore {
                     ident(TARGET)
                 );
                 tx.execute(sql.as_str()).await.map_err(db)?;
+                copied_indexes.push(name);
+            }
+            // Whoever could read or write the old table can the new one.
+            for (grantee, privilege) in grants {
+                tx.execute(format!("GRANT {privilege} ON {} TO {grantee}", ident(TARGET)).as_str())
+                    .await
+                    .map_err(db)?;
             }
             tx.commit().await.map_err(db)?;
         }
@@ -362,18 +408,58 @@ impl PgStore {
             let Some(next) = month.checked_add_months(Months::new(1)) else { break };
             month = next;
         }
-        self.install_trigger(plan).await?;
+        // Recorded before the trigger goes in: a run stopped after this resumes, and puts the
+        // trigger in again.
         sqlx::query(
-            "INSERT INTO partition_conversions (table_name, source, mapping, state) VALUES ($1, $2, $3, 'copying') \
+            "INSERT INTO partition_conversions (table_name, source, mapping, state, indexes) \
+             VALUES ($1, $2, $3, 'copying', $4) \
              ON CONFLICT (table_name) DO UPDATE SET source = $2, mapping = $3, state = 'copying', next_page = 0, \
-             copied_rows = 0, started_at = now(), updated_at = now()",
+             copied_rows = 0, indexes = $4, started_at = now(), updated_at = now()",
         )
         .bind(CONVERTIBLE)
         .bind(&plan.source)
         .bind(serde_json::json!(plan.mapped().map(|c| (c.name.clone(), c.source.clone())).collect::<BTreeMap<_, _>>()))
+        .bind(serde_json::json!(copied_indexes))
         .execute(self.pool())
         .await
         .map_err(db)?;
+        self.install_trigger(plan).await
+    }
+
+    /// Refuses a source whose triggers, row security, publications or foreign keys the
+    /// conversion would not carry over.
+    async fn refuse_what_is_not_carried_over(&self, source: &str) -> StoreResult<()> {
+        let (triggers, rls, publications, references): (i64, bool, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal AND tgname <> $2), \
+                    c.relrowsecurity, \
+                    (SELECT count(*) FROM pg_publication_rel WHERE prrelid = c.oid), \
+                    (SELECT count(*) FROM pg_constraint WHERE confrelid = c.oid OR (conrelid = c.oid AND contype = 'f')) \
+             FROM pg_class c WHERE c.oid = $1::regclass",
+        )
+        .bind(ident(source))
+        .bind(TRIGGER)
+        .fetch_one(self.pool())
+        .await
+        .map_err(db)?;
+        let mut what = Vec::new();
+        if triggers > 0 {
+            what.push(format!("{triggers} triggers"));
+        }
+        if rls {
+            what.push("row-level security".to_owned());
+        }
+        if publications > 0 {
+            what.push(format!("{publications} publications (logical replication)"));
+        }
+        if references > 0 {
+            what.push(format!("{references} foreign keys"));
+        }
+        if !what.is_empty() {
+            return Err(refused(format!(
+                "{source} has {}, which the conversion does not carry over: move them off first",
+                what.join(", ")
+            )));
+        }
         Ok(())
     }
 
@@ -503,9 +589,18 @@ END $f$",
         let source = ident(&plan.source);
         let target = ident(&plan.target);
         let created_at = plan.source_of("created_at", "s")?;
+        // In place, the months of both sides (a month only the copy holds must be found too);
+        // from a legacy table, the legacy table's months (calls holds the service's own as well).
+        let target_months = if plan.in_place {
+            format!(
+                "UNION SELECT date_trunc('month', t.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' FROM {target} t"
+            )
+        } else {
+            String::new()
+        };
         let months: Vec<DateTime<Utc>> = sqlx::query_scalar(&format!(
-            "SELECT DISTINCT date_trunc('month', {created_at} AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS m \
-             FROM {source} s ORDER BY m"
+            "SELECT m FROM (SELECT date_trunc('month', {created_at} AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS m \
+             FROM {source} s {target_months}) months GROUP BY m ORDER BY m"
         ))
         .fetch_all(self.pool())
         .await
@@ -518,13 +613,20 @@ END $f$",
             format!("md5(ROW({})::text)", values.join(", "))
         };
         let (id_s, id_t) = (plan.source_of("id", "s")?, "t.id".to_owned());
+        // From a legacy table, calls holds the service's own calls too: only the rows with the
+        // legacy table's keys are compared.
+        let only_copied = if plan.in_place {
+            String::new()
+        } else {
+            format!("AND EXISTS (SELECT 1 FROM {source} s WHERE {id_s} = t.id AND {created_at} = t.created_at)")
+        };
         let compare = format!(
             "SELECT (SELECT count(*) FROM {source} s WHERE {created_at} >= $1 AND {created_at} < $2), \
-                    (SELECT count(*) FROM {target} t WHERE t.created_at >= $1 AND t.created_at < $2), \
+                    (SELECT count(*) FROM {target} t WHERE t.created_at >= $1 AND t.created_at < $2 {only_copied}), \
                     (SELECT coalesce(md5(string_agg({}, '' ORDER BY {id_s}, {created_at})), '') FROM {source} s \
                      WHERE {created_at} >= $1 AND {created_at} < $2), \
                     (SELECT coalesce(md5(string_agg({}, '' ORDER BY {id_t}, t.created_at)), '') FROM {target} t \
-                     WHERE t.created_at >= $1 AND t.created_at < $2)",
+                     WHERE t.created_at >= $1 AND t.created_at < $2 {only_copied})",
             row_of("s", true),
             row_of("t", false),
         );
@@ -556,40 +658,60 @@ END $f$",
     }
 
     /// Copies a month again, the source's writes held back meanwhile (`SHARE` lock: reads go
-    /// on), so the copy is exact.
+    /// on; given up after a second, and tried again, so writers never queue long behind it). In
+    /// place the copy's month is replaced; from a legacy table its rows are written over, and
+    /// nothing else of calls is touched.
     async fn recopy_month(&self, plan: &Plan, month: DateTime<Utc>, next: DateTime<Utc>) -> StoreResult<()> {
         let (source, target) = (ident(&plan.source), ident(&plan.target));
         let created_at = plan.source_of("created_at", "s")?;
-        let mut tx = self.pool().begin().await.map_err(db)?;
-        tx.execute(format!("LOCK TABLE {source} IN SHARE MODE").as_str()).await.map_err(db)?;
-        sqlx::query(&format!("DELETE FROM {target} WHERE created_at >= $1 AND created_at < $2"))
+        let updates = plan
+            .mapped()
+            .filter(|c| c.name != "id" && c.name != "created_at")
+            .map(|c| format!("{0} = EXCLUDED.{0}", ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut last = None;
+        for attempt in 0..10u64 {
+            let mut tx = self.pool().begin().await.map_err(db)?;
+            tx.execute("SET LOCAL lock_timeout = '1s'").await.map_err(db)?;
+            if let Err(e) = tx.execute(format!("LOCK TABLE {source} IN SHARE MODE").as_str()).await {
+                last = Some(e);
+                tokio::time::sleep(std::time::Duration::from_millis(200 * (attempt + 1))).await;
+                continue;
+            }
+            if plan.in_place {
+                sqlx::query(&format!("DELETE FROM {target} WHERE created_at >= $1 AND created_at < $2"))
+                    .bind(month)
+                    .bind(next)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {target} ({}) SELECT {} FROM {source} s WHERE {created_at} >= $1 AND {created_at} < $2 \
+                 ON CONFLICT (id, created_at) DO UPDATE SET {updates}",
+                plan.target_list(),
+                plan.source_list("s")
+            ))
             .bind(month)
             .bind(next)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        sqlx::query(&format!(
-            "INSERT INTO {target} ({}) SELECT {} FROM {source} s WHERE {created_at} >= $1 AND {created_at} < $2",
-            plan.target_list(),
-            plan.source_list("s")
-        ))
-        .bind(month)
-        .bind(next)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)
+            return tx.commit().await.map_err(db);
+        }
+        Err(last.map(db).unwrap_or_else(|| StoreError::Internal("the month's copy never got its lock".into())))
     }
 
     /// Swaps the names in one short transaction; returns how long it held the lock (ms). Waits
     /// at most a second for the lock, and tries again, so it never stalls writers for long.
     async fn swap(&self, plan: &Plan) -> StoreResult<f64> {
+        // The indexes copied when the conversion began (one made on the old table since then
+        // stays with it).
         let indexes: Vec<String> = sqlx::query_scalar(
-            "SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
-             JOIN pg_class t ON t.oid = x.indrelid WHERE t.relname = $1 \
-               AND t.relnamespace = current_schema()::regnamespace AND NOT x.indisprimary",
+            "SELECT jsonb_array_elements_text(indexes) FROM partition_conversions WHERE table_name = $1",
         )
-        .bind(&plan.source)
+        .bind(CONVERTIBLE)
         .fetch_all(self.pool())
         .await
         .map_err(db)?;

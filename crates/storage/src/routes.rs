@@ -134,7 +134,8 @@ impl PgStore {
             .collect())
     }
 
-    /// Counted ledger calls of an organization's period: each has had its counter add.
+    /// Counted ledger calls of an organization's period: each has had its counter add (a call
+    /// billed 0 s is written counted and never goes to a counter).
     pub async fn counted_calls_in_period(
         &self,
         org: callplane_core::OrgId,
@@ -142,7 +143,7 @@ impl PgStore {
     ) -> StoreResult<Vec<(String, i64)>> {
         sqlx::query_as(
             "SELECT call_id, billable_seconds FROM usage_ledger \
-             WHERE organization_id = $1 AND period_start = $2 AND counted",
+             WHERE organization_id = $1 AND period_start = $2 AND counted AND billable_seconds > 0",
         )
         .bind(org.0)
         .bind(period_start)
