@@ -27,6 +27,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[async_trait]
 pub trait MemoryProbe: Send + Sync {
     async fn used_memory(&self) -> StoreResult<u64>;
+    /// Whether a seam uses this Redis now (a phase move changes it while the process runs).
+    fn in_use(&self) -> bool {
+        true
+    }
 }
 
 /// Writes what this process counted since the last write to `advisor_daily`.
@@ -62,7 +66,7 @@ impl Sampler {
             // In basis points: the share of the binding limit.
             figures.push(("db_connections_bp_peak", c.used.saturating_mul(10_000) / c.limit));
         }
-        if let Some(redis) = &self.redis
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.in_use())
             && let Ok(Ok(bytes)) = tokio::time::timeout(PROBE_TIMEOUT, redis.used_memory()).await
         {
             figures.push(("redis_memory_peak", i64::try_from(bytes).unwrap_or(i64::MAX)));
@@ -173,7 +177,7 @@ impl Advisor {
                 d.concurrent_calls_peak = count(n);
             }
         }
-        let redis_memory = match &self.redis {
+        let redis_memory = match self.redis.as_ref().filter(|r| r.in_use()) {
             None => RedisMemory::NotConfigured,
             Some(redis) => match tokio::time::timeout(PROBE_TIMEOUT, redis.used_memory()).await {
                 Ok(Ok(bytes)) => RedisMemory::Used(bytes),

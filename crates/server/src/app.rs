@@ -117,11 +117,23 @@ impl Readiness for PgReadiness {
     }
 }
 
+/// Redis's memory, asked of while a seam's route writes to Redis.
+#[cfg(feature = "redis")]
+struct RedisMemory {
+    redis: callplane_cache::Redis,
+    routes: Arc<Routes>,
+}
+
 #[cfg(feature = "redis")]
 #[async_trait]
-impl MemoryProbe for callplane_cache::Redis {
+impl MemoryProbe for RedisMemory {
     async fn used_memory(&self) -> callplane_core::seams::StoreResult<u64> {
-        callplane_cache::Redis::used_memory(self).await
+        self.redis.used_memory().await
+    }
+
+    fn in_use(&self) -> bool {
+        use callplane_core::routes::Seam;
+        [Seam::UsageCounter, Seam::FunctionData].into_iter().any(|s| self.routes.route(s).writes_to("redis"))
     }
 }
 
@@ -177,15 +189,11 @@ impl Clients {
         crate::routes::load(settings, &self.store, &self.abilities(settings)).await
     }
 
-    /// What the advisor asks Redis's memory of, when a seam uses Redis.
-    pub fn memory_probe(&self, routes: &Routes) -> Option<Arc<dyn MemoryProbe>> {
+    /// What the advisor asks Redis's memory of, while a seam uses Redis.
+    pub fn memory_probe(&self, routes: &Arc<Routes>) -> Option<Arc<dyn MemoryProbe>> {
         #[cfg(feature = "redis")]
-        if let Some(redis) = &self.redis
-            && [callplane_core::routes::Seam::UsageCounter, callplane_core::routes::Seam::FunctionData]
-                .into_iter()
-                .any(|s| routes.route(s).writes_to("redis"))
-        {
-            return Some(Arc::new(redis.clone()));
+        if let Some(redis) = &self.redis {
+            return Some(Arc::new(RedisMemory { redis: redis.clone(), routes: routes.clone() }));
         }
         let _ = routes;
         None
