@@ -108,6 +108,31 @@ async fn counters_move_to_redis_and_back_with_reports_arriving() {
     books_balance(&app, &total).await;
 }
 
+/// Two servers on one database, each taking events: every stage waits for both, both end on
+/// Redis, and the books balance across them.
+#[tokio::test]
+async fn a_move_waits_for_every_running_server() {
+    let redis = RedisServer::start();
+    let app = phase1_app(&redis).await;
+    // A second server: the same database and Redis, an inbox of its own.
+    let mut settings = app.app.settings.clone();
+    settings.inbox.dir = crate::helpers::inbox_dir().into();
+    let second = callplane_server::App::with_store(settings, app.db.store.clone()).await.unwrap();
+    let orgs: Vec<OrgId> = vec![app.org("pro").await.id, app.org("business").await.id];
+    crate::durability::eventually("both servers heartbeat", async || {
+        app.count("SELECT count(*) FROM servers WHERE seen_at > now() - interval '2 seconds'").await == 2
+    })
+    .await;
+    let (expected, report, _) =
+        traffic_during(&app, &orgs, 2, app.callplane_json(&["phase", "apply", "2", "--step", "counters"])).await;
+    let waited: Vec<i64> =
+        report["stages"].as_array().unwrap().iter().filter_map(|s| s["processes"].as_i64()).collect();
+    assert!(!waited.is_empty() && waited.iter().all(|n| *n == 2), "each stage waited for both servers: {report}");
+    assert_eq!(second.routes.route(Seam::UsageCounter).backend, "redis", "the second server follows");
+    assert_eq!(second.state.metering.backend(), "redis");
+    books_balance(&app, &expected).await;
+}
+
 /// Redis goes away after the counters moved there: the rollback needs nothing from it, moves
 /// straight back to Postgres and recounts it, with reports arriving; nothing is lost.
 #[tokio::test]
