@@ -130,6 +130,15 @@ impl Plan {
         self.mapped().filter_map(|c| c.from(row)).collect::<Vec<_>>().join(", ")
     }
 
+    /// `col = EXCLUDED.col` for every mapped column but the key, for an upsert.
+    fn update_list(&self) -> String {
+        self.mapped()
+            .filter(|c| c.name != "id" && c.name != "created_at")
+            .map(|c| format!("{0} = EXCLUDED.{0}", ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn column(&self, name: &str) -> StoreResult<&Column> {
         self.columns.iter().find(|c| c.name == name).ok_or_else(|| StoreError::Internal(format!("no column {name}")))
     }
@@ -467,12 +476,7 @@ impl PgStore {
     /// same transaction.
     async fn install_trigger(&self, plan: &Plan) -> StoreResult<()> {
         let target = ident(&plan.target);
-        let updates = plan
-            .mapped()
-            .filter(|c| c.name != "id" && c.name != "created_at")
-            .map(|c| format!("{0} = EXCLUDED.{0}", ident(&c.name)))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let updates = plan.update_list();
         let (new_id, new_at) = (plan.source_of("id", "NEW")?, plan.source_of("created_at", "NEW")?);
         let (old_id, old_at) = (plan.source_of("id", "OLD")?, plan.source_of("created_at", "OLD")?);
         let new_org = plan.source_of("organization_id", "NEW")?;
@@ -664,21 +668,9 @@ END $f$",
     async fn recopy_month(&self, plan: &Plan, month: DateTime<Utc>, next: DateTime<Utc>) -> StoreResult<()> {
         let (source, target) = (ident(&plan.source), ident(&plan.target));
         let created_at = plan.source_of("created_at", "s")?;
-        let updates = plan
-            .mapped()
-            .filter(|c| c.name != "id" && c.name != "created_at")
-            .map(|c| format!("{0} = EXCLUDED.{0}", ident(&c.name)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut last = None;
-        for attempt in 0..10u64 {
-            let mut tx = self.pool().begin().await.map_err(db)?;
-            tx.execute("SET LOCAL lock_timeout = '1s'").await.map_err(db)?;
-            if let Err(e) = tx.execute(format!("LOCK TABLE {source} IN SHARE MODE").as_str()).await {
-                last = Some(e);
-                tokio::time::sleep(std::time::Duration::from_millis(200 * (attempt + 1))).await;
-                continue;
-            }
+        let updates = plan.update_list();
+        {
+            let (mut tx, _) = self.locked(&plan.source, "SHARE").await?;
             if plan.in_place {
                 sqlx::query(&format!("DELETE FROM {target} WHERE created_at >= $1 AND created_at < $2"))
                     .bind(month)
@@ -698,9 +690,25 @@ END $f$",
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-            return tx.commit().await.map_err(db);
+            tx.commit().await.map_err(db)
         }
-        Err(last.map(db).unwrap_or_else(|| StoreError::Internal("the month's copy never got its lock".into())))
+    }
+
+    /// A transaction holding `table` in `mode`, waiting at most a second for the lock at a time
+    /// (so writers never queue long behind the request), tried up to ten times; and when the
+    /// lock was got.
+    async fn locked(&self, table: &str, mode: &str) -> StoreResult<(sqlx::Transaction<'_, sqlx::Postgres>, Instant)> {
+        let mut last = None;
+        for attempt in 0..10u64 {
+            let mut tx = self.pool().begin().await.map_err(db)?;
+            tx.execute("SET LOCAL lock_timeout = '1s'").await.map_err(db)?;
+            match tx.execute(format!("LOCK TABLE {} IN {mode} MODE", ident(table)).as_str()).await {
+                Ok(_) => return Ok((tx, Instant::now())),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200 * (attempt + 1))).await;
+        }
+        Err(last.map(db).unwrap_or_else(|| StoreError::Internal(format!("{table} never gave its lock"))))
     }
 
     /// Swaps the names in one short transaction; returns how long it held the lock (ms). Waits
@@ -723,20 +731,8 @@ END $f$",
         .await
         .map_err(db)?
         .ok_or_else(|| refused(format!("{} has no primary key", plan.source)))?;
-        let mut last = None;
-        for attempt in 0..10 {
-            let mut tx = self.pool().begin().await.map_err(db)?;
-            tx.execute("SET LOCAL lock_timeout = '1s'").await.map_err(db)?;
-            let locked =
-                match tx.execute(format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", ident(&plan.source)).as_str()).await
-                {
-                    Ok(_) => Instant::now(),
-                    Err(e) => {
-                        last = Some(e);
-                        tokio::time::sleep(std::time::Duration::from_millis(200 * (attempt + 1))).await;
-                        continue;
-                    }
-                };
+        {
+            let (mut tx, locked) = self.locked(&plan.source, "ACCESS EXCLUSIVE").await?;
             let mut ddl = vec![
                 format!("DROP TRIGGER {TRIGGER} ON {}", ident(&plan.source)),
                 format!("ALTER TABLE {} RENAME TO {}", ident(CONVERTIBLE), ident(OLD)),
@@ -773,9 +769,8 @@ END $f$",
             .await
             .map_err(db)?;
             tx.commit().await.map_err(db)?;
-            return Ok(locked.elapsed().as_secs_f64() * 1000.0);
+            Ok(locked.elapsed().as_secs_f64() * 1000.0)
         }
-        Err(last.map(db).unwrap_or_else(|| StoreError::Internal("the swap never got its lock".into())))
     }
 
     /// Drops what a finished conversion kept: the old unpartitioned table, or the legacy table's
