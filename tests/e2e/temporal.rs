@@ -324,3 +324,99 @@ async fn switching_the_pipeline_inline_to_temporal_and_back_under_traffic_loses_
     assert_eq!(dead, 0);
     drop(server);
 }
+
+/// The pipeline moved by `callplane phase apply` where the servers run no worker
+/// (`temporal.worker = "off"`) and a `callplane worker` runs apart: refused until a worker
+/// runs, then moved to Temporal and back with calls arriving, every call billed once.
+#[tokio::test]
+async fn the_pipeline_step_with_a_worker_apart_waits_for_one_and_moves_under_traffic() {
+    let temporal = TemporalServer::start();
+    let cli = crate::cli::Cli::new().await;
+    cli.json(&["migrate", "--json"]);
+    let mut urls = Vec::new();
+    for name in ["A", "B"] {
+        let org = cli.json(&["org", "create", "--name", name, "--plan", "business", "--json"]);
+        urls.push(org["vapi_server_url"].as_str().unwrap().to_owned());
+    }
+    let inbox = crate::helpers::inbox_dir();
+    let server = serve(&cli, &inbox, &temporal, "inline", "off").await;
+    let apply = |args: &[&str]| {
+        let mut c = cli.command(args);
+        c.env("CALLPLANE__TEMPORAL__ADDRESS", temporal.address());
+        c.output().unwrap()
+    };
+    // The server has heartbeated (twice a second) and runs no worker: the step is refused.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let refused = apply(&["phase", "apply", "2", "--step", "pipeline"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no running process would run a Temporal worker"), "{stderr}");
+
+    let mut worker = cli
+        .command(&["worker"])
+        .env("CALLPLANE__TEMPORAL__ADDRESS", temporal.address())
+        .env("CALLPLANE__TEMPORAL__WORKER_METRICS_ADDR", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (urls, stop) = (urls.clone(), stop.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut expected = vec![0i64; urls.len()];
+            for i in 0..1000 {
+                if i >= 10 && stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let sends = urls.iter().enumerate().map(|(n, url)| {
+                    let http = http.clone();
+                    let seconds = 60 + (i * 11 + n * 17) as i64 % 240;
+                    let events = lifecycle(&format!("apart-{n}-{i}"), Utc::now(), seconds as f64);
+                    async move {
+                        for e in events.iter().chain(events.last()) {
+                            post_until_answered(&http, url, e).await;
+                        }
+                        (n, seconds)
+                    }
+                });
+                for (n, seconds) in futures::future::join_all(sends).await {
+                    expected[n] += seconds;
+                }
+            }
+            expected
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let moved = apply(&["--json", "phase", "apply", "2", "--step", "pipeline"]);
+    assert!(moved.status.success(), "{}", String::from_utf8_lossy(&moved.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&moved.stdout).unwrap();
+    assert_eq!(report["verified"]["workers_running"], 1, "the worker apart runs: {report}");
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    let handed = metric_at(&cli.addr, "callplane_temporal_events_handed_off_total").await;
+    assert!(handed > 0.0, "the server hands events to Temporal now");
+    let back = apply(&["--json", "phase", "apply", "2", "--step", "pipeline", "--rollback"]);
+    assert!(back.status.success(), "{}", String::from_utf8_lossy(&back.stderr));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let expected = traffic.await.unwrap();
+
+    let store = callplane_storage::PgStore::connect(&cli.db_url, 2).await.unwrap();
+    for (url, seconds) in urls.iter().zip(&expected) {
+        let org: callplane_core::OrgId = url.rsplit('/').next().unwrap().parse().unwrap();
+        let o = callplane_core::seams::OrgDirectory::get(&store, org).await.unwrap().unwrap();
+        eventually_within("every call reaches the ledger", 90, async || {
+            store.ledger_total(org, o.period_start).await.unwrap() >= *seconds
+        })
+        .await;
+        assert_eq!(store.ledger_total(org, o.period_start).await.unwrap(), *seconds, "lost or doubled");
+    }
+    eventually_within("the counters equal the ledger", 30, async || {
+        cli.command(&["usage", "reconcile"]).output().is_ok_and(|o| o.status.success())
+    })
+    .await;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    drop(server);
+}
