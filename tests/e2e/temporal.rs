@@ -251,45 +251,14 @@ async fn switching_the_pipeline_inline_to_temporal_and_back_under_traffic_loses_
     let temporal = TemporalServer::start();
     let cli = crate::cli::Cli::new().await;
     cli.json(&["migrate", "--json"]);
-    let mut urls = Vec::new();
-    for name in ["A", "B"] {
-        let org = cli.json(&["org", "create", "--name", name, "--plan", "business", "--json"]);
-        urls.push(org["vapi_server_url"].as_str().unwrap().to_owned());
-    }
+    let urls = two_orgs(&cli);
     let inbox = crate::helpers::inbox_dir();
     let mut server = serve(&cli, &inbox, &temporal, "inline", "auto").await;
 
     // Calls keep coming the whole time, until the last server has taken some: each a
     // lifecycle, then its report again (a retry).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let (urls, stop) = (urls.clone(), stop.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut expected = vec![0i64; urls.len()];
-            for i in 0..1000 {
-                if i >= 10 && stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let sends = urls.iter().enumerate().map(|(n, url)| {
-                    let http = http.clone();
-                    let seconds = 60 + (i * 11 + n * 17) as i64 % 240;
-                    // Created after the organization, so it counts in its current period.
-                    let events = lifecycle(&format!("switch-{n}-{i}"), Utc::now(), seconds as f64);
-                    async move {
-                        for e in events.iter().chain(events.last()) {
-                            post_until_answered(&http, url, e).await;
-                        }
-                        (n, seconds)
-                    }
-                });
-                for (n, seconds) in futures::future::join_all(sends).await {
-                    expected[n] += seconds;
-                }
-            }
-            expected
-        })
-    };
+    let traffic = calls_until_stopped(&urls, &stop, "switch");
 
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert!(metric_at(&cli.addr, "callplane_events_processed_total").await > 0.0, "the inline server processed");
@@ -306,15 +275,7 @@ async fn switching_the_pipeline_inline_to_temporal_and_back_under_traffic_loses_
     assert!(metric_at(&cli.addr, "callplane_events_processed_total").await > 0.0, "traffic ran until the end");
 
     let store = callplane_storage::PgStore::connect(&cli.db_url, 2).await.unwrap();
-    for (url, seconds) in urls.iter().zip(&expected) {
-        let org: callplane_core::OrgId = url.rsplit('/').next().unwrap().parse().unwrap();
-        let o = callplane_core::seams::OrgDirectory::get(&store, org).await.unwrap().unwrap();
-        eventually_within("every call reaches the ledger", 90, async || {
-            store.ledger_total(org, o.period_start).await.unwrap() >= *seconds
-        })
-        .await;
-        assert_eq!(store.ledger_total(org, o.period_start).await.unwrap(), *seconds, "lost or doubled");
-    }
+    every_call_billed_once(&store, &urls, &expected).await;
     // The counters equal the ledger (once the repair loop has counted everything).
     eventually_within("the counters equal the ledger", 30, async || {
         cli.command(&["usage", "reconcile"]).output().is_ok_and(|o| o.status.success())
@@ -333,11 +294,7 @@ async fn the_pipeline_step_with_a_worker_apart_waits_for_one_and_moves_under_tra
     let temporal = TemporalServer::start();
     let cli = crate::cli::Cli::new().await;
     cli.json(&["migrate", "--json"]);
-    let mut urls = Vec::new();
-    for name in ["A", "B"] {
-        let org = cli.json(&["org", "create", "--name", name, "--plan", "business", "--json"]);
-        urls.push(org["vapi_server_url"].as_str().unwrap().to_owned());
-    }
+    let urls = two_orgs(&cli);
     let inbox = crate::helpers::inbox_dir();
     let server = serve(&cli, &inbox, &temporal, "inline", "off").await;
     let apply = |args: &[&str]| {
@@ -361,33 +318,7 @@ async fn the_pipeline_step_with_a_worker_apart_waits_for_one_and_moves_under_tra
         .spawn()
         .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let (urls, stop) = (urls.clone(), stop.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut expected = vec![0i64; urls.len()];
-            for i in 0..1000 {
-                if i >= 10 && stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let sends = urls.iter().enumerate().map(|(n, url)| {
-                    let http = http.clone();
-                    let seconds = 60 + (i * 11 + n * 17) as i64 % 240;
-                    let events = lifecycle(&format!("apart-{n}-{i}"), Utc::now(), seconds as f64);
-                    async move {
-                        for e in events.iter().chain(events.last()) {
-                            post_until_answered(&http, url, e).await;
-                        }
-                        (n, seconds)
-                    }
-                });
-                for (n, seconds) in futures::future::join_all(sends).await {
-                    expected[n] += seconds;
-                }
-            }
-            expected
-        })
-    };
+    let traffic = calls_until_stopped(&urls, &stop, "apart");
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let moved = apply(&["--json", "phase", "apply", "2", "--step", "pipeline"]);
     assert!(moved.status.success(), "{}", String::from_utf8_lossy(&moved.stderr));
@@ -403,15 +334,7 @@ async fn the_pipeline_step_with_a_worker_apart_waits_for_one_and_moves_under_tra
     let expected = traffic.await.unwrap();
 
     let store = callplane_storage::PgStore::connect(&cli.db_url, 2).await.unwrap();
-    for (url, seconds) in urls.iter().zip(&expected) {
-        let org: callplane_core::OrgId = url.rsplit('/').next().unwrap().parse().unwrap();
-        let o = callplane_core::seams::OrgDirectory::get(&store, org).await.unwrap().unwrap();
-        eventually_within("every call reaches the ledger", 90, async || {
-            store.ledger_total(org, o.period_start).await.unwrap() >= *seconds
-        })
-        .await;
-        assert_eq!(store.ledger_total(org, o.period_start).await.unwrap(), *seconds, "lost or doubled");
-    }
+    every_call_billed_once(&store, &urls, &expected).await;
     eventually_within("the counters equal the ledger", 30, async || {
         cli.command(&["usage", "reconcile"]).output().is_ok_and(|o| o.status.success())
     })
@@ -419,4 +342,63 @@ async fn the_pipeline_step_with_a_worker_apart_waits_for_one_and_moves_under_tra
     let _ = worker.kill();
     let _ = worker.wait();
     drop(server);
+}
+
+/// Two business organizations on `cli`'s database; their VAPI server URLs.
+fn two_orgs(cli: &crate::cli::Cli) -> Vec<String> {
+    ["A", "B"]
+        .iter()
+        .map(|name| {
+            let org = cli.json(&["org", "create", "--name", name, "--plan", "business", "--json"]);
+            org["vapi_server_url"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Calls to every URL, round after round, until `stop` is set (and at least 10 rounds): each a
+/// lifecycle created now (in the organization's current period), then its report again (a
+/// retry). Returns the seconds billed per URL.
+fn calls_until_stopped(
+    urls: &[String],
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    prefix: &'static str,
+) -> tokio::task::JoinHandle<Vec<i64>> {
+    let (urls, stop) = (urls.to_vec(), stop.clone());
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut expected = vec![0i64; urls.len()];
+        for i in 0..1000 {
+            if i >= 10 && stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let sends = urls.iter().enumerate().map(|(n, url)| {
+                let http = http.clone();
+                let seconds = 60 + (i * 11 + n * 17) as i64 % 240;
+                let events = lifecycle(&format!("{prefix}-{n}-{i}"), Utc::now(), seconds as f64);
+                async move {
+                    for e in events.iter().chain(events.last()) {
+                        post_until_answered(&http, url, e).await;
+                    }
+                    (n, seconds)
+                }
+            });
+            for (n, seconds) in futures::future::join_all(sends).await {
+                expected[n] += seconds;
+            }
+        }
+        expected
+    })
+}
+
+/// Each organization's ledger holds exactly the seconds sent to its URL.
+async fn every_call_billed_once(store: &callplane_storage::PgStore, urls: &[String], expected: &[i64]) {
+    for (url, seconds) in urls.iter().zip(expected) {
+        let org: callplane_core::OrgId = url.rsplit('/').next().unwrap().parse().unwrap();
+        let o = callplane_core::seams::OrgDirectory::get(store, org).await.unwrap().unwrap();
+        eventually_within("every call reaches the ledger", 90, async || {
+            store.ledger_total(org, o.period_start).await.unwrap() >= *seconds
+        })
+        .await;
+        assert_eq!(store.ledger_total(org, o.period_start).await.unwrap(), *seconds, "lost or doubled");
+    }
 }
