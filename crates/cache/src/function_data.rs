@@ -94,11 +94,6 @@ impl RedisFunctionData {
         self.set(org, &map).await?;
         Ok(map.len())
     }
-
-    /// Drops the organization's cached map.
-    pub async fn forget(&self, org: OrgId) -> StoreResult<()> {
-        del(&self.conn, org).await
-    }
 }
 
 fn warn(every: &WarnEvery, what: &str, e: &StoreError) {

@@ -347,11 +347,6 @@ impl RoutedPipeline {
     pub fn in_hand(&self) -> BTreeMap<&'static str, i64> {
         self.pipelines.iter().map(|(p, n)| (p.backend(), n.load(Ordering::Acquire))).collect()
     }
-
-    /// The pipelines this process has, by backend name.
-    pub fn backends(&self) -> Vec<&'static str> {
-        self.pipelines.iter().map(|(p, _)| p.backend()).collect()
-    }
 }
 
 /// Counts an event in hand until dropped (the submit's future may be dropped part way).
