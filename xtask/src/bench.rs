@@ -78,11 +78,14 @@ const REDIS_URL_SETTING: &str = "CALLPLANE__REDIS__URL";
 const INCR_ARGS: &[&str] = &["-t", "incr", "-n", "100000", "-c", "50", "-q", "--csv"];
 
 const USAGE: &str = "\
-Usage: cargo xtask bench [--quick] [--release] [--only NAME,...]
+Usage: cargo xtask bench [--quick] [--release] [--only NAME,...] [--profile]
 
   --quick      small sizes, a dev build; checks that every benchmark runs and the books balance
   --release    build the release profile in quick mode too (full mode always does)
   --only       run some benchmarks: ingest, hot, agent, realtime, dashboard, memory, pipeline
+  --profile    sample the whole machine with `perf` while callplane is measured (a release build
+               with frame pointers in target/profiling); writes target/bench/profile-NAME.md
+               (CPU by process and by part of callplane's work) and .folded (flame graph input)
 
 CALLPLANE_BIN=/path/to/callplane benchmarks that binary instead of building callplane-server
 (built with `--features phase2` for benchmarks 2 and 3, which also run it on Redis).
@@ -263,14 +266,23 @@ struct Bench {
     raw: serde_json::Map<String, Value>,
     idle_rss_kb: Option<u64>,
     peak_rss_kb: Option<u64>,
+    /// `--profile`: every profile's summary, by name.
+    profiles: Option<Vec<(String, String)>>,
 }
 
 /// `cargo xtask bench ...`.
 pub fn bench(args: &[String]) -> Result<ExitCode> {
-    let options = Options::parse(args, ALL, "benchmark", USAGE)?;
+    let profile = args.iter().any(|a| a == "--profile");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--profile").cloned().collect();
+    let mut options = Options::parse(&args, ALL, "benchmark", USAGE)?;
+    if profile {
+        crate::profile::check_available()?;
+        // Stacks of a debug build would profile the debug build.
+        options.release = true;
+    }
     util::install_ctrlc_handler()?;
     let mut report = Report::default();
-    run(options, &mut report)?;
+    run(options, profile, &mut report)?;
     report.print_summary();
     Ok(report.exit_code())
 }
@@ -279,7 +291,7 @@ pub fn bench(args: &[String]) -> Result<ExitCode> {
 pub fn quick_for_tests() -> Result<()> {
     let options = Options::all(true, ALL);
     let mut report = Report::default();
-    run(options, &mut report)?;
+    run(options, false, &mut report)?;
     report.print_summary();
     if !report.all_passed() {
         bail!("a benchmark failed (see the summary above)");
@@ -287,12 +299,23 @@ pub fn quick_for_tests() -> Result<()> {
     Ok(())
 }
 
-fn run(options: Options, report: &mut Report) -> Result<()> {
+fn run(options: Options, profile: bool, report: &mut Report) -> Result<()> {
     let bin = pg::bin_dir()?;
     let sizes = if options.quick { Sizes::quick() } else { Sizes::full() };
     let started_at = utc_now();
     // One binary serves both backends: the configuration picks them.
-    let Some(binaries) = Binaries::build(report, &options, &["phase2"]) else { return Ok(()) };
+    let Some(mut binaries) = Binaries::build(report, &options, &["phase2"]) else { return Ok(()) };
+    if profile && std::env::var_os("CALLPLANE_BIN").is_none_or(|v| v.is_empty()) {
+        let mut built = None;
+        report.step("build callplane with frame pointers (target/profiling)", || {
+            built = Some(crate::profile::build_server(&["phase2"])?);
+            Ok(())
+        });
+        match built {
+            Some(path) => binaries.callplane = path,
+            None => return Ok(()),
+        }
+    }
     let temporal_baseline = match ON_TEMPORAL.iter().any(|name| options.runs(name)) {
         true => match build_temporal_baseline(report, &options) {
             Some(path) => Some(path),
@@ -318,6 +341,7 @@ fn run(options: Options, report: &mut Report) -> Result<()> {
         raw: serde_json::Map::new(),
         idle_rss_kb: None,
         peak_rss_kb: None,
+        profiles: profile.then(Vec::new),
         options: options.clone(),
     };
     fs::create_dir_all(&bench.out_dir).with_context(|| format!("could not create {}", bench.out_dir.display()))?;
@@ -660,6 +684,26 @@ impl Bench {
         }
     }
 
+    /// Runs `measure`, sampled by `perf` under `name` when `--profile` asked for it. A profile
+    /// that fails is reported and costs the benchmark nothing.
+    fn profiled<T>(&mut self, name: &str, measure: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let server_pid = self.server.as_ref().map(ServerProcess::pid);
+        let recording = match (&self.profiles, server_pid) {
+            (Some(_), Some(pid)) => crate::profile::Recording::start(&self.out_dir, name, pid)
+                .inspect_err(|e| eprintln!("xtask: not profiling {name}: {e:#}"))
+                .ok(),
+            _ => None,
+        };
+        let result = measure(self);
+        if let Some(recording) = recording {
+            match recording.finish() {
+                Ok(summary) => self.profiles.get_or_insert_with(Vec::new).push((name.to_string(), summary)),
+                Err(e) => eprintln!("xtask: the profile of {name} failed: {e:#}"),
+            }
+        }
+        result
+    }
+
     /// Runs the loadgen with the server's environment and returns the JSON it printed. `args` is
     /// split on whitespace (no argument contains any). Progress (stderr) goes to the terminal.
     /// The process is killed after `timeout`.
@@ -784,7 +828,8 @@ impl Bench {
     fn ingest(&mut self) -> Result<()> {
         let pid = self.server.as_ref().context("no server")?.pid();
         let sampler = RssSampler::start(pid);
-        let summary = self.ingest_simulation("ingest", self.sizes.ingest_orgs, "0");
+        let orgs = self.sizes.ingest_orgs;
+        let summary = self.profiled("ingest", |b| b.ingest_simulation("ingest", orgs, "0"));
         self.peak_rss_kb = Some(sampler.stop());
         let summary = summary?;
         self.check_simulation("1. ingest", &summary)?;
@@ -902,7 +947,8 @@ impl Bench {
     /// and the loadgen's summary.
     fn hot_simulation(&mut self, backends: Backends) -> Result<(f64, Value)> {
         self.use_backends(backends)?;
-        let summary = self.ingest_simulation(&format!("hot-{}", backends.setting()), 1, "1")?;
+        let label = format!("hot-{}", backends.setting());
+        let summary = self.profiled(&label.clone(), |b| b.ingest_simulation(&label, 1, "1"))?;
         self.check_simulation(&format!("3. hot organization, {} counter", backends.label()), &summary)?;
         Ok((number(&summary, "/reports_per_second")?, summary))
     }
@@ -930,17 +976,15 @@ impl Bench {
         // ramps up over two thirds of a call and then stays at the limit.
         let call_seconds = (mean as f64 / 9.0 * 1.25 + 6.0) * gap as f64 / 1000.0;
         let rate = in_flight as f64 / call_seconds * 1.5;
-        let summary = self.loadgen_json(
-            &format!(
-                "simulate --orgs 20 --plans pro=1,business=1 --calls {calls} --max-concurrent {in_flight} \
-                 --rate {rate:.2} --event-gap-ms {gap} --duration-mean {mean} --duration-max {max} \
-                 --steady-in-flight {steady} --label agent-{label} --seed 22 --json",
-                max = mean * 5,
-                label = backends.setting(),
-            ),
-            long_timeout,
-            true,
-        )?;
+        let args = format!(
+            "simulate --orgs 20 --plans pro=1,business=1 --calls {calls} --max-concurrent {in_flight} \
+             --rate {rate:.2} --event-gap-ms {gap} --duration-mean {mean} --duration-max {max} \
+             --steady-in-flight {steady} --label agent-{label} --seed 22 --json",
+            max = mean * 5,
+            label = backends.setting(),
+        );
+        let name = format!("agent-{}", backends.setting());
+        let summary = self.profiled(&name, |b| b.loadgen_json(&args, long_timeout, true))?;
         self.check_simulation(&format!("2. agent latency, {} backends", backends.label()), &summary)?;
         // The server's own histogram (from handler start to answer) splits a client's time into
         // the handler's and everything before it (accepting, reading, waiting for a core).
@@ -1004,12 +1048,11 @@ impl Bench {
     fn realtime(&mut self) -> Result<()> {
         let mut runs = Vec::new();
         for &subscribers in &self.sizes.realtime_subscribers.clone() {
-            let events = self.sizes.realtime_events;
-            let summary = self.loadgen_json(
-                &format!("realtime --subscribers {subscribers} --events {events} --rate 20 --timeout-secs 120 --json"),
-                self.sizes.short_timeout,
-                true,
-            )?;
+            let (events, timeout) = (self.sizes.realtime_events, self.sizes.short_timeout);
+            let args =
+                format!("realtime --subscribers {subscribers} --events {events} --rate 20 --timeout-secs 120 --json");
+            let summary =
+                self.profiled(&format!("realtime-{subscribers}"), |b| b.loadgen_json(&args, timeout, true))?;
             for side in ["callplane", "baseline"] {
                 let delivered = number(&summary, &format!("/{side}/delivered"))?;
                 let expected = number(&summary, &format!("/{side}/expected"))?;
@@ -1050,12 +1093,10 @@ impl Bench {
                 false,
             )?;
             loaded += calls;
-            let requests = self.sizes.dashboard_requests;
-            let summary = self.loadgen_json(
-                &format!("dashboard --database-url {db} --requests {requests} --orgs 50 --json"),
-                self.sizes.long_timeout,
-                false,
-            )?;
+            let (requests, timeout) = (self.sizes.dashboard_requests, self.sizes.long_timeout);
+            let args = format!("dashboard --database-url {db} --requests {requests} --orgs 50 --json");
+            let name = format!("dashboard-{}", human_count(loaded));
+            let summary = self.profiled(&name, |b| b.loadgen_json(&args, timeout, false))?;
             if number(&summary, "/errors")? != 0.0 {
                 bail!("dashboard requests failed at {loaded} calls");
             }
@@ -1192,14 +1233,24 @@ impl Bench {
                 "benchmark": b.benchmark, "calls": b.calls, "billable_seconds": b.seconds, "balanced": b.balanced,
             })).collect::<Vec<_>>(),
             "raw": self.raw,
+            "profiles": self.profiles.as_ref().map(|p| p.iter().map(|(name, summary)| json!({
+                "name": name, "summary": summary,
+            })).collect::<Vec<_>>()),
         });
+        if let Some(profiles) = &self.profiles {
+            let text = profiles.iter().map(|(_, summary)| summary.as_str()).collect::<Vec<_>>().join("\n");
+            let path = self.out_dir.join("profiles.md");
+            fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))?;
+            eprintln!("xtask: profiles in {}", path.display());
+        }
         let json_path = self.out_dir.join("results.json");
         fs::write(&json_path, serde_json::to_string_pretty(&results)?)
             .with_context(|| format!("could not write {}", json_path.display()))?;
         let markdown = self.markdown(facts);
         eprintln!("\n{markdown}");
-        // Only a successful full run of every benchmark replaces the published results.
-        if self.options.quick || self.options.only.len() < ALL.len() || !all_passed {
+        // Only a successful full run of every benchmark, unprofiled, replaces the published
+        // results (sampling costs a little of the machine).
+        if self.options.quick || self.options.only.len() < ALL.len() || !all_passed || self.profiles.is_some() {
             let path = self.out_dir.join("results.md");
             fs::write(&path, &markdown).with_context(|| format!("could not write {}", path.display()))?;
             eprintln!("xtask: results in {} and {}", json_path.display(), path.display());

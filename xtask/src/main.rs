@@ -8,6 +8,7 @@ mod chaos;
 mod fuzz;
 mod http;
 mod pg;
+mod profile;
 mod redis;
 mod run;
 mod stack;

@@ -1,11 +1,12 @@
 //! `POST /vapi/{org_id}` and `POST /vapi`: every VAPI server message.
 //!
 //! Order of work: read the body (size-limited), authenticate the raw bytes, parse, resolve
-//! the organization, hand the event to the intake (durable on local disk before anything is
+//! the organization, hand the event to the intake (durable on local disk before it is
 //! acknowledged), then answer. Messages that need an answer (`assistant-request`,
 //! `tool-calls`, `function-call`, `transfer-destination-request`) are answered from memory
-//! within `vapi.answer_deadline_ms`, whatever the database does; the rest are acknowledged
-//! with `{}` once processed, or once queued when processing cannot finish now.
+//! as soon as the answer is ready, within `vapi.answer_deadline_ms` whatever the database
+//! does, while their event is recorded beside them; the rest are acknowledged with `{}` once
+//! processed, or once queued when processing cannot finish now.
 
 use crate::throttle::ClientAddr;
 use crate::{ApiError, AppState};
@@ -78,21 +79,15 @@ fn refused_outcome(code: ErrorCode) -> &'static str {
     }
 }
 
-/// How long an `assistant-request` answer waits, from the request's arrival, to learn whether
-/// recording the event was refused (another organization's call id, a far-future time): this
-/// long or a quarter of the answer deadline, whichever is shorter. The answer never waits
-/// longer: the caller is on the line. Past the budget the recording goes on in its own task
-/// (the inbox's group commit, then processing, or a dead letter), as it does for a tool. Under a
-/// burst the budget is what an answer spends waiting on the inbox and the database; the rest
-/// of the deadline is the margin for a machine too busy to run the handler promptly.
-///
-/// A tool's answer (`tool-calls`, `function-call`, `transfer-destination-request`) does not
-/// wait for its event at all: the answer does not depend on it, a refusal mid-call would only
-/// take the answer from a caller already admitted, and what such an event tells (a call in
-/// progress, the tool asked for) the end-of-call report tells again, with the whole
-/// conversation. Its event is stored by the inbox's next group commit, a few milliseconds
-/// later, and processed (or dead-lettered) as any other.
-const RECORDING_BUDGET: Duration = Duration::from_millis(500);
+// An answer (`assistant-request`, `tool-calls`, `function-call`,
+// `transfer-destination-request`) does not wait for its event to be recorded: the answer does
+// not depend on it, the caller is on the line, and VAPI never sends an answered message again,
+// so waiting would protect nothing: a crash before the inbox's commit loses the event whether
+// or not the answer went out. What such an event tells (a call starting, a tool asked for),
+// the call's later events tell again, the end-of-call report with the whole call. Its event is
+// stored by the inbox's next group commit, a few milliseconds later, and processed as any other;
+// one that processing refuses (another organization's call id, a far-future time) becomes a
+// dead letter, logged, instead of a refused answer that would drop a caller.
 
 async fn receive(
     s: &AppState,
@@ -221,21 +216,10 @@ async fn receive(
     }
 
     let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg.clone() });
-    // The caller is on the line: record the event while the answer is made, and answer within
-    // the deadline whatever happens: an assistant-request once its event is on disk (see
-    // RECORDING_BUDGET), a tool as soon as its answer is ready.
+    // The caller is on the line: the event is recorded in its own task while the answer is
+    // made, and the answer goes as soon as it is ready, within the deadline whatever happens.
     let intake = s.intake.clone();
-    let tool = msg.kind != MessageKind::AssistantRequest;
-    let recording_budget =
-        if tool { Duration::ZERO } else { RECORDING_BUDGET.min(deadline / 4).saturating_sub(started.elapsed()) };
-    let recording_until = Instant::now() + recording_budget;
-    let mut recording = tokio::spawn(async move {
-        let recorded = intake.accept(webhook, event, recording_budget, true).await;
-        if tool {
-            log_tool_recording(&recorded);
-        }
-        recorded
-    });
+    tokio::spawn(async move { log_answered_recording(&intake.accept(webhook, event, Duration::ZERO, true).await) });
     let remaining = deadline.saturating_sub(started.elapsed());
     let answer = match org_id {
         Some(org_id) => match tokio::time::timeout(remaining, answer(s, org_id, &msg)).await {
@@ -247,32 +231,19 @@ async fn receive(
         },
         None => unavailable_answer(&msg),
     };
-    if tool {
-        return Ok((answer, "answered"));
-    }
-    match tokio::time::timeout(recording_until.saturating_duration_since(Instant::now()), &mut recording).await {
-        Ok(Ok(Err(IntakeError::Rejected { code, message }))) => return Err(ApiError::client(code, message)),
-        Ok(Ok(Err(e @ IntakeError::Overloaded { .. }))) => {
-            tracing::error!(error = ?e, "an answered event could not be stored")
-        }
-        Ok(Err(e)) => tracing::error!(error = %e, "recording an answered event panicked"),
-        Ok(Ok(Ok(_))) => {}
-        // Still recording when the budget ran out: the task goes on; the answer goes now.
-        Err(_) => warn!("recording is slow; answering without waiting (it continues)"),
-    }
     Ok((answer, "answered"))
 }
 
-/// What became of a tool's event, answered without waiting for it.
-fn log_tool_recording(recorded: &Result<Accepted, IntakeError>) {
+/// What became of an answered event, recorded without the answer waiting for it.
+fn log_answered_recording(recorded: &Result<Accepted, IntakeError>) {
     match recorded {
         Ok(_) => {}
         // Kept as a dead letter by the intake.
         Err(IntakeError::Rejected { code, .. }) => {
-            tracing::info!(code = code.as_str(), "a tool's event was refused; answered all the same")
+            tracing::info!(code = code.as_str(), "an answered event was refused; answered all the same")
         }
         // Counted as lost by the intake.
-        Err(e) => tracing::error!(error = ?e, "an answered tool's event could not be stored"),
+        Err(e) => tracing::error!(error = ?e, "an answered event could not be stored"),
     }
 }
 
