@@ -193,6 +193,18 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Posts a webhook and waits until the inbox holds no event (up to 10 s): a sequence sent
+    /// this way is processed one event after the other, as VAPI's deliveries of one call
+    /// usually are. (An answer does not wait for its event to be recorded.)
+    pub async fn post_vapi_in_turn(&self, org: OrgId, body: &Value) -> (StatusCode, Value) {
+        let answer = self.post_vapi(org, body).await;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.app.intake.inbox().depth() > 0 && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        answer
+    }
+
     /// A new API key for an organization.
     pub async fn api_key(&self, org: OrgId) -> String {
         self.db.store.create_api_key(org, "test").await.unwrap().secret

@@ -71,7 +71,7 @@ async fn a_client_receives_events_in_order_and_resumes_exactly_where_it_left_off
     let created = Utc::now() - Duration::minutes(5);
     let first = lifecycle("first", created, 42.0);
     for e in &first {
-        app.post_vapi(org.id, e).await;
+        app.post_vapi_in_turn(org.id, e).await;
     }
     // created, ringing, in-progress, transcript (live), ended status, transcript (final),
     // call.ended, usage.changed.
@@ -89,7 +89,7 @@ async fn a_client_receives_events_in_order_and_resumes_exactly_where_it_left_off
 
     // Missed while disconnected.
     for e in lifecycle("second", created, 10.0) {
-        app.post_vapi(org.id, &e).await;
+        app.post_vapi_in_turn(org.id, &e).await;
     }
     let mut ws = connect(&app.ws_url(&format!("?after={last}")), Some(&key)).await.unwrap();
     let missed = until_ready(&mut ws).await;
@@ -123,7 +123,7 @@ async fn a_subscriber_never_sees_another_organizations_events_and_needs_credenti
     let mut ws_b = connect(&app.ws_url(&format!("?access_token={key_b}&after=0")), None).await.unwrap();
     until_ready(&mut ws_b).await;
     for e in lifecycle("a-call", Utc::now() - Duration::minutes(1), 5.0) {
-        app.post_vapi(a.id, &e).await;
+        app.post_vapi_in_turn(a.id, &e).await;
     }
     assert!(next_json(&mut ws_b, StdDuration::from_millis(800)).await.is_none(), "org B received org A's event");
     app.post_vapi(

@@ -81,7 +81,17 @@ impl PgStore {
 
         let mut tx = self.pool.begin().await.map_err(db)?;
         let created_at = register_call(&mut tx, org, &call_id, claimed_created_at).await?;
-        let (inserted, status_changed) = merge_event(&mut tx, org, &call_id, created_at, msg, event_at).await?;
+        let (inserted, status_changed, applied) = match &msg.report {
+            None => {
+                let (inserted, status_changed) = merge_event(&mut tx, org, &call_id, created_at, msg, event_at).await?;
+                (inserted, status_changed, None)
+            }
+            Some(report) => {
+                let merged =
+                    merge_report(&mut tx, org, &call_id, created_at, msg, report, event_at, opts.rules).await?;
+                (merged.inserted, merged.status_changed, Some(merged.applied))
+            }
+        };
         let mut change = CallChange {
             call_id,
             created_at,
@@ -91,8 +101,7 @@ impl PgStore {
             duration_unknown: false,
             transcript: None,
         };
-        if let Some(report) = &msg.report {
-            let applied = apply_report(&mut tx, &change, report, event_at, opts.rules).await?;
+        if let (Some(report), Some(applied)) = (&msg.report, applied) {
             change.duration_unknown = applied.duration_unknown;
             if let Some(billable) = applied.billable {
                 change.billed = write_ledger(&mut tx, org, &change, report, applied.duration, billable).await?;
@@ -161,10 +170,7 @@ async fn merge_event(
     msg: &ServerMessage,
     event_at: DateTime<Utc>,
 ) -> StoreResult<(bool, Option<String>)> {
-    let (status, rank) = match msg.status.as_deref().and_then(|s| status_rank(s).map(|r| (s, r))) {
-        Some((s, r)) => (s.to_owned(), r),
-        None => ("unknown".to_owned(), -1),
-    };
+    let (status, rank) = reported_status(msg);
     // Status updates record when the call connected and ended: the last source of its
     // duration when the end-of-call report carries none.
     let (seen_start, seen_end) = match (msg.kind, status.as_str()) {
@@ -239,55 +245,88 @@ async fn merge_event(
     Ok((inserted, status_changed))
 }
 
-/// Step 3: the end-of-call report's authoritative fields, with the duration from the best
-/// source present (the report's duration fields, its times, the call object's times: see
-/// `vapi::report`; else the times the status updates recorded). A call that connected but
-/// whose length nobody knows is never billed 0 in silence: it waits for review
-/// (reconciliation asks VAPI) and is not billed yet. The first report that knows the duration
-/// sets it, with the ledger: a late duplicate never changes what was billed.
-async fn apply_report(
-    tx: &mut Tx<'_>,
-    change: &CallChange,
+/// The status an event reports and its rank; `unknown` (-1) when it reports none.
+fn reported_status(msg: &ServerMessage) -> (String, i16) {
+    match msg.status.as_deref().and_then(|s| status_rank(s).map(|r| (s, r))) {
+        Some((s, r)) => (s.to_owned(), r),
+        None => ("unknown".to_owned(), -1),
+    }
+}
+
+/// A report's call: whether its row was inserted, the status the event moved it to, and what
+/// the report did.
+struct ReportMerged {
+    inserted: bool,
+    status_changed: Option<String>,
+    applied: ReportApplied,
+}
+
+/// The duration from the best source present: the report's duration fields, its times, the
+/// call object's times (see `vapi::report`), else the times the status updates recorded.
+fn report_duration(
     report: &CallReport,
-    event_at: DateTime<Utc>,
-    rules: &BillingRules,
-) -> StoreResult<ReportApplied> {
-    let (call_id, created_at) = (&change.call_id, change.created_at);
-    let duration = match report.duration_seconds {
-        Some(d) => Some(d),
-        None => {
-            let (start, end): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
-                sqlx::query_as("SELECT started_at, ended_at FROM calls WHERE id = $1 AND created_at = $2")
-                    .bind(call_id)
-                    .bind(created_at)
-                    .fetch_one(&mut **tx)
-                    .await
-                    .map_err(db)?;
-            span(report.started_at.or(start), report.ended_at.or(end))
-                .filter(|d| *d <= MAX_CALL_DURATION_SECONDS as f64)
-        }
-    };
-    let billable = match (rules.is_billed_reason(report.ended_reason.as_deref()), duration) {
+    recorded_start: Option<DateTime<Utc>>,
+    recorded_end: Option<DateTime<Utc>>,
+) -> Option<f64> {
+    report.duration_seconds.or_else(|| {
+        span(report.started_at.or(recorded_start), report.ended_at.or(recorded_end))
+            .filter(|d| *d <= MAX_CALL_DURATION_SECONDS as f64)
+    })
+}
+
+/// Seconds to bill; `None` while the duration of a call that connected is unknown.
+fn billable_seconds(rules: &BillingRules, report: &CallReport, duration: Option<f64>) -> Option<i64> {
+    match (rules.is_billed_reason(report.ended_reason.as_deref()), duration) {
         (false, _) => Some(0),
         (true, Some(d)) => Some(rules.billable_seconds(Some(d), report.ended_reason.as_deref())),
         (true, None) => None,
-    };
-    let review: Option<(bool,)> = sqlx::query_as(
-        "UPDATE calls SET status = 'ended', status_rank = 5, \
-            ended_reason = COALESCE($3, ended_reason), started_at = COALESCE($4, started_at), \
-            ended_at = COALESCE($5, ended_at), duration_seconds = COALESCE(duration_seconds, $6), \
-            cost = COALESCE($7, cost), \
-            costs = COALESCE($8, costs), summary = COALESCE($9, summary), \
-            analysis = COALESCE($10, analysis), recording_url = COALESCE($11, recording_url), \
-            review_reason = CASE WHEN billable_seconds IS NOT NULL OR $12::bigint IS NOT NULL THEN NULL \
-                                 ELSE $14 END, \
-            billable_seconds = COALESCE(billable_seconds, $12), \
-            reported_at = COALESCE(reported_at, $13), updated_at = now() \
-         WHERE id = $1 AND created_at = $2 RETURNING review_reason IS NOT NULL",
+    }
+}
+
+/// Step 2 for an end-of-call report: the event and the report's authoritative fields merged
+/// into the call. A call that connected but whose length nobody knows is never billed 0 in
+/// silence: it waits for review (reconciliation asks VAPI) and is not billed yet. The first
+/// report that knows the duration sets it, with the ledger: a late duplicate never changes
+/// what was billed.
+///
+/// A call not seen before is inserted as the report leaves it, in one statement. A call seen
+/// before is locked, its recorded times read (the duration's last source), and the event and
+/// the report merged in one update, as `merge_event` and the report's fields would have been
+/// one after the other.
+#[allow(clippy::too_many_arguments)]
+async fn merge_report(
+    tx: &mut Tx<'_>,
+    org: OrgId,
+    call_id: &str,
+    created_at: DateTime<Utc>,
+    msg: &ServerMessage,
+    report: &CallReport,
+    event_at: DateTime<Utc>,
+    rules: &BillingRules,
+) -> StoreResult<ReportMerged> {
+    let (status, rank) = reported_status(msg);
+    let duration = report_duration(report, None, None);
+    let billable = billable_seconds(rules, report, duration);
+    let review = billable.is_none().then_some(REVIEW_DURATION_UNKNOWN);
+    let inserted = sqlx::query(
+        "INSERT INTO calls (id, organization_id, created_at, call_type, status, status_rank, ended_reason, \
+                            assistant_id, phone_number_id, customer_number, last_event_at, started_at, ended_at, \
+                            duration_seconds, cost, costs, summary, analysis, recording_url, billable_seconds, \
+                            review_reason, reported_at) \
+         VALUES ($1, $2, $3, $4, 'ended', 5, COALESCE($5, $6), $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                 $18, $19, $20, $10) \
+         ON CONFLICT (id, created_at) DO NOTHING",
     )
     .bind(call_id)
+    .bind(org.0)
     .bind(created_at)
+    .bind(&msg.call_type)
     .bind(&report.ended_reason)
+    .bind(&msg.ended_reason)
+    .bind(&msg.assistant_id)
+    .bind(&msg.phone_number_id)
+    .bind(&msg.customer_number)
+    .bind(event_at)
     .bind(report.started_at)
     .bind(report.ended_at)
     .bind(duration)
@@ -297,15 +336,72 @@ async fn apply_report(
     .bind(&report.analysis)
     .bind(&report.recording_url)
     .bind(billable)
+    .bind(review)
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?
+    .rows_affected()
+        == 1;
+    if inserted {
+        let applied = ReportApplied { duration, billable, duration_unknown: billable.is_none() };
+        return Ok(ReportMerged { inserted, status_changed: (rank >= 0).then_some(status), applied });
+    }
+
+    let (before, recorded_start, recorded_end): (i16, Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT status_rank, started_at, ended_at FROM calls WHERE id = $1 AND created_at = $2 FOR UPDATE",
+    )
+    .bind(call_id)
+    .bind(created_at)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db)?;
+    let duration = report_duration(report, recorded_start, recorded_end);
+    let billable = billable_seconds(rules, report, duration);
+    let review: Option<(bool,)> = sqlx::query_as(
+        "UPDATE calls SET status = 'ended', status_rank = 5, \
+            call_type = COALESCE(call_type, $3), \
+            ended_reason = COALESCE($4, ended_reason, $5), \
+            assistant_id = COALESCE(assistant_id, $6), \
+            phone_number_id = COALESCE(phone_number_id, $7), \
+            customer_number = COALESCE(customer_number, $8), \
+            last_event_at = GREATEST(last_event_at, $9), \
+            started_at = COALESCE($10, started_at), ended_at = COALESCE($11, ended_at), \
+            duration_seconds = COALESCE(duration_seconds, $12), \
+            cost = COALESCE($13, cost), costs = COALESCE($14, costs), summary = COALESCE($15, summary), \
+            analysis = COALESCE($16, analysis), recording_url = COALESCE($17, recording_url), \
+            review_reason = CASE WHEN billable_seconds IS NOT NULL OR $18::bigint IS NOT NULL THEN NULL \
+                                 ELSE $19 END, \
+            billable_seconds = COALESCE(billable_seconds, $18), \
+            reported_at = COALESCE(reported_at, $9), updated_at = now() \
+         WHERE id = $1 AND created_at = $2 RETURNING review_reason IS NOT NULL",
+    )
+    .bind(call_id)
+    .bind(created_at)
+    .bind(&msg.call_type)
+    .bind(&report.ended_reason)
+    .bind(&msg.ended_reason)
+    .bind(&msg.assistant_id)
+    .bind(&msg.phone_number_id)
+    .bind(&msg.customer_number)
     .bind(event_at)
+    .bind(report.started_at)
+    .bind(report.ended_at)
+    .bind(duration)
+    .bind(report.cost)
+    .bind(&report.costs)
+    .bind(&report.summary)
+    .bind(&report.analysis)
+    .bind(&report.recording_url)
+    .bind(billable)
     .bind(REVIEW_DURATION_UNKNOWN)
     .fetch_optional(&mut **tx)
     .await
     .map_err(db)?;
-    Ok(ReportApplied { duration, billable, duration_unknown: review.is_some_and(|(flagged,)| flagged) })
+    let applied = ReportApplied { duration, billable, duration_unknown: review.is_some_and(|(flagged,)| flagged) };
+    Ok(ReportMerged { inserted, status_changed: (rank > before).then_some(status), applied })
 }
 
-/// Step 4: the ledger row, unique per call, written uncounted. A call in a later billing
+/// Step 3: the ledger row, unique per call, written uncounted. A call in a later billing
 /// period than the organization's current one moves the organization into that period. Returns
 /// what was billed when this event wrote the row (`None`: written before).
 async fn write_ledger(
@@ -325,11 +421,20 @@ async fn write_ledger(
             .await
             .map_err(db)?;
     let (period_start, period_end) = period_containing(anchor, started);
-    // A row with nothing to add is counted as written.
-    let written = sqlx::query(
-        "INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
-                                   duration_seconds, billable_seconds, ended_reason, counted) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $6 = 0) ON CONFLICT (call_id) DO NOTHING",
+    // One statement: the ledger row (a row with nothing to add is counted as written); when
+    // this statement wrote it, the organization rolled into the call's period if it is a later
+    // one (matching, and locking, the row only then: a call of the current period leaves it
+    // alone), and the day's usage, kept in step with the ledger.
+    let written: bool = sqlx::query_scalar(
+        "WITH written AS ( \
+             INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
+                                       duration_seconds, billable_seconds, ended_reason, counted) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $6 = 0) ON CONFLICT (call_id) DO NOTHING RETURNING 1), \
+         rolled AS ( \
+             UPDATE organizations SET period_start = $3, period_end = $8, seconds_used = 0, updated_at = now() \
+             WHERE id = $2 AND period_start < $3 AND EXISTS (SELECT 1 FROM written) RETURNING 1), \
+         daily AS (SELECT callplane_add_daily_usage($2, $1, $4, $5, $6) FROM written) \
+         SELECT EXISTS (SELECT 1 FROM written) AND (SELECT count(*) FROM daily) = 1",
     )
     .bind(&change.call_id)
     .bind(org.0)
@@ -338,36 +443,13 @@ async fn write_ledger(
     .bind(duration.unwrap_or(0.0))
     .bind(billable)
     .bind(&report.ended_reason)
-    .execute(&mut **tx)
+    .bind(period_end)
+    .fetch_one(&mut **tx)
     .await
-    .map_err(db)?
-    .rows_affected()
-        == 1;
+    .map_err(db)?;
     if !written {
         return Ok(None);
     }
-    // Rolling the period matches (and locks) the organization row only when the period
-    // changes; a call of the current period leaves the row alone.
-    sqlx::query(
-        "UPDATE organizations SET period_start = $2, period_end = $3, seconds_used = 0, updated_at = now() \
-         WHERE id = $1 AND period_start < $2",
-    )
-    .bind(org.0)
-    .bind(period_start)
-    .bind(period_end)
-    .execute(&mut **tx)
-    .await
-    .map_err(db)?;
-    // The day's usage, kept in step with the ledger in the same transaction.
-    sqlx::query("SELECT callplane_add_daily_usage($1, $2, $3, $4, $5)")
-        .bind(org.0)
-        .bind(&change.call_id)
-        .bind(started)
-        .bind(duration.unwrap_or(0.0))
-        .bind(billable)
-        .execute(&mut **tx)
-        .await
-        .map_err(db)?;
     Ok(Some(Billed { seconds: billable, period_start, plan }))
 }
 

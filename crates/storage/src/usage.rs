@@ -45,47 +45,17 @@ impl UsageCounter for PgUsageCounter {
         call_id: &str,
         seconds: i64,
     ) -> StoreResult<Counted> {
-        let mut tx = self.0.pool().begin().await.map_err(db)?;
-        relaxed_commit(&mut tx).await?;
-        let current: Option<(DateTime<Utc>, i64)> =
-            sqlx::query_as("SELECT period_start, seconds_used FROM organizations WHERE id = $1 FOR UPDATE")
+        // One statement, one round trip: see `callplane_count_call` (migration 20261204000001).
+        let (before, after, new): (i64, i64, bool) =
+            sqlx::query_as("SELECT total_before, total_after, counted_now FROM callplane_count_call($1, $2, $3, $4)")
                 .bind(org.0)
-                .fetch_optional(&mut *tx)
+                .bind(period_start)
+                .bind(call_id)
+                .bind(seconds)
+                .fetch_one(self.0.pool())
                 .await
                 .map_err(db)?;
-        let flipped = sqlx::query(
-            "UPDATE usage_ledger SET counted = true \
-             WHERE call_id = $1 AND organization_id = $2 AND period_start = $3 AND NOT counted",
-        )
-        .bind(call_id)
-        .bind(org.0)
-        .bind(period_start)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?
-        .rows_affected()
-            == 1;
-        let counted = match current {
-            Some((current, before)) if current == period_start => {
-                if flipped {
-                    sqlx::query("UPDATE organizations SET seconds_used = $2, updated_at = now() WHERE id = $1")
-                        .bind(org.0)
-                        .bind(before.saturating_add(seconds))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                }
-                let after = if flipped { before.saturating_add(seconds) } else { before };
-                Counted { before: Some(before), after, new: flipped }
-            }
-            // An earlier period (or a later one the row has not moved to): the ledger's total.
-            _ => {
-                let after = self.0.ledger_total_in(&mut tx, org, period_start).await?;
-                Counted { before: Some(if flipped { after - seconds } else { after }), after, new: flipped }
-            }
-        };
-        tx.commit().await.map_err(db)?;
-        Ok(counted)
+        Ok(Counted { before: Some(before), after, new })
     }
 
     /// The organization row is locked first, then the counted ledger rows summed by a later
