@@ -129,27 +129,20 @@ struct Sample {
 /// Reads `perf script -F comm,pid,ip,sym,dso`: a header line `comm pid` per sample, then one
 /// line per frame (`addr sym+off (dso)`), then a blank line.
 fn parse_script(text: &str, server_pid: u32) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    let mut current: Option<(String, u32, Vec<String>, Vec<String>)> = None;
-    let finish = |c: Option<(String, u32, Vec<String>, Vec<String>)>, samples: &mut Vec<Sample>| {
-        if let Some((comm, pid, frames, dsos)) = c {
-            samples.push(Sample { process: process_of(&comm, pid, server_pid, &dsos), frames });
-        }
-    };
+    // (comm, pid, frames, dsos) per sample.
+    let mut raw: Vec<(String, u32, Vec<String>, Vec<String>)> = Vec::new();
     for line in text.lines() {
         if line.trim().is_empty() {
-            finish(current.take(), &mut samples);
             continue;
         }
         if !line.starts_with(|c: char| c.is_whitespace()) {
-            finish(current.take(), &mut samples);
             // `comm` may hold spaces; the pid is the last word.
             let mut words = line.split_whitespace().collect::<Vec<_>>();
             let pid = words.pop().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
-            current = Some((words.join(" "), pid, Vec::new(), Vec::new()));
+            raw.push((words.join(" "), pid, Vec::new(), Vec::new()));
             continue;
         }
-        let Some((_, _, frames, dsos)) = current.as_mut() else { continue };
+        let Some((_, _, frames, dsos)) = raw.last_mut() else { continue };
         let line = line.trim();
         // `addr sym+0xoff (dso)`
         let (rest, dso) = match line.rfind(" (") {
@@ -161,25 +154,38 @@ fn parse_script(text: &str, server_pid: u32) -> Vec<Sample> {
         frames.push(sym.to_string());
         dsos.push(dso.rsplit('/').next().unwrap_or(dso).to_string());
     }
-    finish(current.take(), &mut samples);
-    samples
+    // A process is the load generator when any of its stacks runs in its binary (its samples
+    // in the kernel alone show only the thread's name).
+    let loadgen: std::collections::HashSet<u32> = raw
+        .iter()
+        .filter(|(_, _, _, dsos)| dsos.iter().any(|d| d == "callplane-loadgen"))
+        .map(|(_, pid, _, _)| *pid)
+        .collect();
+    raw.into_iter()
+        .map(|(comm, pid, frames, _)| Sample {
+            process: process_of(&comm, pid, server_pid, loadgen.contains(&pid)),
+            frames,
+        })
+        .collect()
 }
 
 /// The process a sample belongs to, named for the reader.
-fn process_of(comm: &str, pid: u32, server_pid: u32, dsos: &[String]) -> String {
+fn process_of(comm: &str, pid: u32, server_pid: u32, is_loadgen: bool) -> String {
     if pid == server_pid {
         return "callplane".into();
     }
     if pid == 0 || comm == "swapper" {
         return "idle".into();
     }
-    if dsos.iter().any(|d| d == "callplane-loadgen") {
+    if is_loadgen {
         return "load generator".into();
     }
     match comm {
         "postgres" => "PostgreSQL".into(),
         "pgbench" => "pgbench".into(),
-        _ => format!("other ({comm})"),
+        "redis-server" => "Redis".into(),
+        _ if comm.starts_with("kworker") || comm.starts_with("ksoftirqd") => "kernel threads".into(),
+        _ => "everything else".into(),
     }
 }
 

@@ -373,8 +373,9 @@ pub fn parse_message(mut message: Value) -> Result<ServerMessage, ParseError> {
         Some(Value::String(t)) if !t.trim().is_empty() => t.clone(),
         _ => return Err(ParseError::MissingType),
     };
-    let raw: RawMessage =
-        serde_json::from_value(message.clone()).map_err(|e| ParseError::InvalidMessage(e.to_string()))?;
+    // Read from the tree in place: cloning a 10-60 KB report's tree first cost more than
+    // reading it.
+    let raw = RawMessage::deserialize(&message).map_err(|e| ParseError::InvalidMessage(e.to_string()))?;
     let kind = MessageKind::from_type(&message_type);
     let call = raw.call.clone().unwrap_or_default();
 
@@ -492,7 +493,8 @@ fn report(raw: &RawMessage, message: &Value) -> Result<CallReport, ParseError> {
     let call = raw.call.clone().unwrap_or_default();
     let call_started_at = time("message.call.startedAt", &call.started_at)?;
     let call_ended_at = time("message.call.endedAt", &call.ended_at)?;
-    let artifact = raw.artifact.clone().unwrap_or_default();
+    let no_artifact = RawArtifact::default();
+    let artifact = raw.artifact.as_ref().unwrap_or(&no_artifact);
     // The best source present (BILLING in the README): the report's own duration fields,
     // then its times, then the call object's times. With none, the store falls back to the
     // times it recorded from status updates, and else marks the call for review.
@@ -504,10 +506,10 @@ fn report(raw: &RawMessage, message: &Value) -> Result<CallReport, ParseError> {
         .filter(|d| *d <= MAX_CALL_DURATION_SECONDS as f64);
     // SPEC §5.5: artifact first, legacy top-level copies second; an empty artifact list does
     // not hide a full legacy one.
-    let messages = match (artifact.messages, raw.messages.clone()) {
-        (Some(a), Some(legacy)) if a.is_empty() => Some(legacy),
-        (Some(a), _) => Some(a),
-        (None, legacy) => legacy,
+    let messages = match (&artifact.messages, &raw.messages) {
+        (Some(a), Some(legacy)) if a.is_empty() => Some(legacy.clone()),
+        (Some(a), _) => Some(a.clone()),
+        (None, legacy) => legacy.clone(),
     };
     // The analysis and cost items are kept whole, as VAPI sent them.
     let keep = |key: &str| message.get(key).filter(|v| !v.is_null()).cloned();
@@ -520,11 +522,12 @@ fn report(raw: &RawMessage, message: &Value) -> Result<CallReport, ParseError> {
         summary: raw.analysis.as_ref().and_then(|a| a.summary.clone()).or(raw.summary.clone()),
         recording_url: artifact
             .recording
-            .and_then(|r| r.mono)
-            .and_then(|m| m.combined_url)
-            .or(artifact.recording_url)
-            .or(raw.recording_url.clone()),
-        transcript: artifact.transcript.or(raw.transcript.clone()),
+            .as_ref()
+            .and_then(|r| r.mono.as_ref())
+            .and_then(|m| m.combined_url.clone())
+            .or_else(|| artifact.recording_url.clone())
+            .or_else(|| raw.recording_url.clone()),
+        transcript: artifact.transcript.clone().or_else(|| raw.transcript.clone()),
         messages,
         analysis: keep("analysis"),
         costs: keep("costs"),

@@ -38,7 +38,7 @@ pub(crate) async fn write<'e>(
     .bind(org.0)
     .bind(call_created_at)
     .bind(&t.text)
-    .bind(Value::Array(t.messages.clone()))
+    .bind(sqlx::types::Json(&t.messages))
     .bind(t.is_final)
     .execute(exec)
     .await
