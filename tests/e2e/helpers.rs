@@ -193,13 +193,17 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    /// Posts a webhook and waits until the inbox holds no event (up to 10 s): a sequence sent
-    /// this way is processed one event after the other, as VAPI's deliveries of one call
-    /// usually are. (An answer does not wait for its event to be recorded.)
+    /// Posts a webhook and waits until an event more has been settled and the inbox holds none
+    /// (up to 10 s): a sequence sent this way is processed one event after the other, as
+    /// VAPI's deliveries of one call usually are. (An answer does not wait for its event to be
+    /// recorded, so the next event could otherwise overtake it.)
     pub async fn post_vapi_in_turn(&self, org: OrgId, body: &Value) -> (StatusCode, Value) {
+        use callplane_core::seams::EventIntake;
+        let settled = |app: &Self| app.app.intake.status().drained_total;
+        let before = settled(self);
         let answer = self.post_vapi(org, body).await;
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.app.intake.inbox().depth() > 0 && std::time::Instant::now() < until {
+        while (settled(self) == before || self.app.intake.inbox().depth() > 0) && std::time::Instant::now() < until {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         answer
