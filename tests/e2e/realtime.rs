@@ -282,3 +282,50 @@ async fn events_left_queued_by_a_stopped_process_are_published_by_another() {
     }
     assert_eq!(app.db.store.realtime_queued().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_batch_of_interleaved_organizations_is_numbered_gaplessly_in_queue_order() {
+    let app = TestApp::spawn().await;
+    let pool = app.db.store.pool();
+    let orgs = [app.org("pro").await.id, app.org("pro").await.id, app.org("pro").await.id];
+    // The first organization has published before: its numbers go on from its cursor.
+    sqlx::query(
+        "INSERT INTO realtime_cursors (organization_id, last_seq) VALUES ($1, 41) \
+                 ON CONFLICT (organization_id) DO UPDATE SET last_seq = 41",
+    )
+    .bind(orgs[0].0)
+    .execute(pool)
+    .await
+    .unwrap();
+    let already: i64 = sqlx::query_scalar("SELECT count(*) FROM realtime_events").fetch_one(pool).await.unwrap();
+    // 200 events, the organizations interleaved unevenly, in one queue.
+    for i in 0..200usize {
+        let org = orgs[(i * i) % 3];
+        sqlx::query("INSERT INTO realtime_outbox (organization_id, kind, call_id, data) VALUES ($1, 'test', $2, $3)")
+            .bind(org.0)
+            .bind(format!("call-{i}"))
+            .bind(json!({ "i": i }))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    // Published in batches of 64 (the publisher running beside may take some first).
+    while sqlx::query_scalar::<_, i32>("SELECT callplane_publish_outbox(64)").fetch_one(pool).await.unwrap() > 0 {}
+    let published: i64 = sqlx::query_scalar("SELECT count(*) FROM realtime_events").fetch_one(pool).await.unwrap();
+    assert_eq!(published - already, 200);
+    for (n, org) in orgs.iter().enumerate() {
+        let rows: Vec<(i64, Value)> = sqlx::query_as(
+            "SELECT seq, data FROM realtime_events WHERE organization_id = $1 AND kind = 'test' ORDER BY seq",
+        )
+        .bind(org.0)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let first = if n == 0 { 42 } else { 1 };
+        let seqs: Vec<i64> = rows.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (first..first + rows.len() as i64).collect::<Vec<_>>(), "org {n}: no gap, no duplicate");
+        let order: Vec<u64> = rows.iter().map(|(_, d)| d["i"].as_u64().unwrap()).collect();
+        let expected: Vec<u64> = (0..200u64).filter(|i| orgs[((i * i) % 3) as usize] == *org).collect();
+        assert_eq!(order, expected, "org {n}: numbered in queue order");
+    }
+}
