@@ -215,11 +215,8 @@ async fn receive(
         return Ok((json!({}), outcome));
     }
 
-    let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg.clone() });
-    // The caller is on the line: the event is recorded in its own task while the answer is
-    // made, and the answer goes as soon as it is ready, within the deadline whatever happens.
-    let intake = s.intake.clone();
-    tokio::spawn(async move { log_answered_recording(&intake.accept(webhook, event, Duration::ZERO, true).await) });
+    // The caller is on the line: the answer is made first, within the deadline whatever
+    // happens, and goes as soon as it is ready; the event is recorded in its own task.
     let remaining = deadline.saturating_sub(started.elapsed());
     let answer = match org_id {
         Some(org_id) => match tokio::time::timeout(remaining, answer(s, org_id, &msg)).await {
@@ -231,6 +228,9 @@ async fn receive(
         },
         None => unavailable_answer(&msg),
     };
+    let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg });
+    let intake = s.intake.clone();
+    tokio::spawn(async move { log_answered_recording(&intake.accept(webhook, event, Duration::ZERO, true).await) });
     Ok((answer, "answered"))
 }
 

@@ -40,8 +40,11 @@ pub(crate) fn call_from_row(r: &PgRow) -> Result<CallRecord, sqlx::Error> {
     })
 }
 
+/// Months the first statement of a listing covers (see `list_calls`).
+const FIRST_STEP_MONTHS: u32 = 3;
+
 impl PgStore {
-    /// One month's slice of a listing: calls in `[lo, hi)` matching the filter, before the
+    /// One step of a listing: calls in `[lo, hi)` matching the filter, before the
     /// cursor, newest first.
     async fn calls_in(
         &self,
@@ -75,8 +78,12 @@ impl PgStore {
 
 #[async_trait]
 impl CallReads for PgStore {
-    /// Walks back month by month from the cursor (or `to`) until the page is full or `from`
-    /// is reached; each step touches one partition.
+    /// Walks back from the cursor (or `to`) until the page is full or `from` is reached, a few
+    /// monthly partitions per statement: the cursor's month and the two before it, then twice
+    /// as many months each step. Each statement's bounds prune it to its months when it is
+    /// planned, and its partitions are read newest first, stopping once the page is full. A
+    /// busy organization's page costs one statement that reads one partition; a quiet one's,
+    /// one or two statements instead of one per month.
     #[instrument(skip_all, fields(org_id = %org))]
     async fn list_calls(
         &self,
@@ -87,21 +94,24 @@ impl CallReads for PgStore {
     ) -> StoreResult<CallPage> {
         let limit = limit.max(1);
         let mut calls: Vec<CallRecord> = Vec::new();
-        let mut upper = match after {
+        let upper = match after {
             Some(c) if c.created_at < f.to => c.created_at,
             Some(_) | None => f.to,
         };
-        let mut lo = month_start(upper);
+        let mut months = FIRST_STEP_MONTHS;
+        let back = |at: DateTime<Utc>, n: u32| month_start(at).checked_sub_months(Months::new(n - 1));
+        let mut lo = back(upper, months);
         // `upper` itself may hold the cursor's call and its same-instant siblings.
         let mut hi = upper.checked_add_months(Months::new(1)).map(month_start).unwrap_or(upper).min(f.to);
         while hi > f.from && (calls.len() as i64) <= limit {
-            let from = lo.max(f.from);
+            let from = lo.map_or(f.from, |lo| lo.max(f.from));
             let want = limit + 1 - calls.len() as i64;
             calls.extend(self.calls_in(org, f, from, hi, after, want).await.map_err(db)?);
-            upper = lo;
-            hi = upper;
-            let Some(prev) = lo.checked_sub_months(Months::new(1)) else { break };
-            lo = prev;
+            let Some(step_start) = lo else { break };
+            hi = step_start;
+            months = months.saturating_mul(2);
+            let Some(prev) = step_start.checked_sub_months(Months::new(1)) else { break };
+            lo = back(prev, months);
         }
         let next = if calls.len() as i64 > limit {
             calls.truncate(limit as usize);
