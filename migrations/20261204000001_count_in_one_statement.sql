@@ -16,8 +16,11 @@ DECLARE
     flipped boolean;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
+    -- NO KEY UPDATE: the lock the add's own UPDATE takes. It does not wait for the reports
+    -- in flight, whose rows hold KEY SHARE locks on the organization (their foreign keys)
+    -- until they commit, as FOR UPDATE would; adds still take turns on the row.
     SELECT o.period_start, o.seconds_used INTO current_period, used
-    FROM organizations o WHERE o.id = org FOR UPDATE;
+    FROM organizations o WHERE o.id = org FOR NO KEY UPDATE;
     UPDATE usage_ledger SET counted = true
     WHERE usage_ledger.call_id = call AND organization_id = org AND period_start = period AND NOT counted;
     flipped := FOUND;
