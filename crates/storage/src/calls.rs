@@ -283,6 +283,48 @@ fn billable_seconds(rules: &BillingRules, report: &CallReport, duration: Option<
     }
 }
 
+/// The values a report writes to its call, bound in this order as `$1`..`$19` by both the
+/// insert of a new call and the update of a known one.
+#[derive(Clone, Copy)]
+struct ReportValues<'a> {
+    call_id: &'a str,
+    created_at: DateTime<Utc>,
+    msg: &'a ServerMessage,
+    report: &'a CallReport,
+    event_at: DateTime<Utc>,
+    duration: Option<f64>,
+    billable: Option<i64>,
+}
+
+impl<'a> ReportValues<'a> {
+    fn bind(
+        self,
+        q: sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let (msg, report) = (self.msg, self.report);
+        q.bind(self.call_id)
+            .bind(self.created_at)
+            .bind(&msg.call_type)
+            .bind(&report.ended_reason)
+            .bind(&msg.ended_reason)
+            .bind(&msg.assistant_id)
+            .bind(&msg.phone_number_id)
+            .bind(&msg.customer_number)
+            .bind(self.event_at)
+            .bind(report.started_at)
+            .bind(report.ended_at)
+            .bind(self.duration)
+            .bind(report.cost)
+            .bind(&report.costs)
+            .bind(&report.summary)
+            .bind(&report.analysis)
+            .bind(&report.recording_url)
+            .bind(self.billable)
+            // Used only while the duration is unknown.
+            .bind(self.billable.is_none().then_some(REVIEW_DURATION_UNKNOWN))
+    }
+}
+
 /// Step 2 for an end-of-call report: the event and the report's authoritative fields merged
 /// into the call. A call that connected but whose length nobody knows is never billed 0 in
 /// silence: it waits for review (reconciliation asks VAPI) and is not billed yet. The first
@@ -307,40 +349,22 @@ async fn merge_report(
     let (status, rank) = reported_status(msg);
     let duration = report_duration(report, None, None);
     let billable = billable_seconds(rules, report, duration);
-    let review = billable.is_none().then_some(REVIEW_DURATION_UNKNOWN);
-    let inserted = sqlx::query(
-        "INSERT INTO calls (id, organization_id, created_at, call_type, status, status_rank, ended_reason, \
-                            assistant_id, phone_number_id, customer_number, last_event_at, started_at, ended_at, \
-                            duration_seconds, cost, costs, summary, analysis, recording_url, billable_seconds, \
-                            review_reason, reported_at) \
-         VALUES ($1, $2, $3, $4, 'ended', 5, COALESCE($5, $6), $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                 $18, $19, $20, $10) \
-         ON CONFLICT (id, created_at) DO NOTHING",
-    )
-    .bind(call_id)
-    .bind(org.0)
-    .bind(created_at)
-    .bind(&msg.call_type)
-    .bind(&report.ended_reason)
-    .bind(&msg.ended_reason)
-    .bind(&msg.assistant_id)
-    .bind(&msg.phone_number_id)
-    .bind(&msg.customer_number)
-    .bind(event_at)
-    .bind(report.started_at)
-    .bind(report.ended_at)
-    .bind(duration)
-    .bind(report.cost)
-    .bind(&report.costs)
-    .bind(&report.summary)
-    .bind(&report.analysis)
-    .bind(&report.recording_url)
-    .bind(billable)
-    .bind(review)
-    .execute(&mut **tx)
-    .await
-    .map_err(db)?
-    .rows_affected()
+    let values = ReportValues { call_id, created_at, msg, report, event_at, duration, billable };
+    let inserted = values
+        .bind(sqlx::query(
+            "INSERT INTO calls (id, created_at, call_type, ended_reason, assistant_id, phone_number_id, \
+                                customer_number, last_event_at, started_at, ended_at, duration_seconds, cost, \
+                                costs, summary, analysis, recording_url, billable_seconds, review_reason, \
+                                reported_at, organization_id, status, status_rank) \
+             VALUES ($1, $2, $3, COALESCE($4, $5), $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+                     $19, $9, $20, 'ended', 5) \
+             ON CONFLICT (id, created_at) DO NOTHING",
+        ))
+        .bind(org.0)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?
+        .rows_affected()
         == 1;
     if inserted {
         let applied = ReportApplied { duration, billable, duration_unknown: billable.is_none() };
@@ -357,47 +381,33 @@ async fn merge_report(
     .map_err(db)?;
     let duration = report_duration(report, recorded_start, recorded_end);
     let billable = billable_seconds(rules, report, duration);
-    let review: Option<(bool,)> = sqlx::query_as(
-        "UPDATE calls SET status = 'ended', status_rank = 5, \
-            call_type = COALESCE(call_type, $3), \
-            ended_reason = COALESCE($4, ended_reason, $5), \
-            assistant_id = COALESCE(assistant_id, $6), \
-            phone_number_id = COALESCE(phone_number_id, $7), \
-            customer_number = COALESCE(customer_number, $8), \
-            last_event_at = GREATEST(last_event_at, $9), \
-            started_at = COALESCE($10, started_at), ended_at = COALESCE($11, ended_at), \
-            duration_seconds = COALESCE(duration_seconds, $12), \
-            cost = COALESCE($13, cost), costs = COALESCE($14, costs), summary = COALESCE($15, summary), \
-            analysis = COALESCE($16, analysis), recording_url = COALESCE($17, recording_url), \
-            review_reason = CASE WHEN billable_seconds IS NOT NULL OR $18::bigint IS NOT NULL THEN NULL \
-                                 ELSE $19 END, \
-            billable_seconds = COALESCE(billable_seconds, $18), \
-            reported_at = COALESCE(reported_at, $9), updated_at = now() \
-         WHERE id = $1 AND created_at = $2 RETURNING review_reason IS NOT NULL",
-    )
-    .bind(call_id)
-    .bind(created_at)
-    .bind(&msg.call_type)
-    .bind(&report.ended_reason)
-    .bind(&msg.ended_reason)
-    .bind(&msg.assistant_id)
-    .bind(&msg.phone_number_id)
-    .bind(&msg.customer_number)
-    .bind(event_at)
-    .bind(report.started_at)
-    .bind(report.ended_at)
-    .bind(duration)
-    .bind(report.cost)
-    .bind(&report.costs)
-    .bind(&report.summary)
-    .bind(&report.analysis)
-    .bind(&report.recording_url)
-    .bind(billable)
-    .bind(REVIEW_DURATION_UNKNOWN)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db)?;
-    let applied = ReportApplied { duration, billable, duration_unknown: review.is_some_and(|(flagged,)| flagged) };
+    let values = ReportValues { duration, billable, ..values };
+    let review = values
+        .bind(sqlx::query(
+            "UPDATE calls SET status = 'ended', status_rank = 5, \
+                call_type = COALESCE(call_type, $3), \
+                ended_reason = COALESCE($4, ended_reason, $5), \
+                assistant_id = COALESCE(assistant_id, $6), \
+                phone_number_id = COALESCE(phone_number_id, $7), \
+                customer_number = COALESCE(customer_number, $8), \
+                last_event_at = GREATEST(last_event_at, $9), \
+                started_at = COALESCE($10, started_at), ended_at = COALESCE($11, ended_at), \
+                duration_seconds = COALESCE(duration_seconds, $12), \
+                cost = COALESCE($13, cost), costs = COALESCE($14, costs), summary = COALESCE($15, summary), \
+                analysis = COALESCE($16, analysis), recording_url = COALESCE($17, recording_url), \
+                review_reason = CASE WHEN billable_seconds IS NOT NULL OR $18::bigint IS NOT NULL THEN NULL \
+                                     ELSE $19 END, \
+                billable_seconds = COALESCE(billable_seconds, $18), \
+                reported_at = COALESCE(reported_at, $9), updated_at = now() \
+             WHERE id = $1 AND created_at = $2 RETURNING review_reason IS NOT NULL",
+        ))
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?
+        .map(|row| row.try_get::<bool, _>(0))
+        .transpose()
+        .map_err(db)?;
+    let applied = ReportApplied { duration, billable, duration_unknown: review.unwrap_or(false) };
     Ok(ReportMerged { inserted, status_changed: (rank > before).then_some(status), applied })
 }
 
