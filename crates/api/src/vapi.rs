@@ -215,8 +215,12 @@ async fn receive(
         return Ok((json!({}), outcome));
     }
 
-    // The caller is on the line: the answer is made first, within the deadline whatever
-    // happens, and goes as soon as it is ready; the event is recorded in its own task.
+    // The caller is on the line: the event is recorded in its own task, spawned first so that
+    // it is recorded even if this request is dropped, and the answer goes as soon as it is
+    // ready, within the deadline whatever happens.
+    let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg.clone() });
+    let intake = s.intake.clone();
+    tokio::spawn(async move { log_answered_recording(&intake.accept(webhook, event, Duration::ZERO, true).await) });
     let remaining = deadline.saturating_sub(started.elapsed());
     let answer = match org_id {
         Some(org_id) => match tokio::time::timeout(remaining, answer(s, org_id, &msg)).await {
@@ -228,9 +232,6 @@ async fn receive(
         },
         None => unavailable_answer(&msg),
     };
-    let event = org_id.map(|org_id| InboundEvent { org_id, received_at, message: msg });
-    let intake = s.intake.clone();
-    tokio::spawn(async move { log_answered_recording(&intake.accept(webhook, event, Duration::ZERO, true).await) });
     Ok((answer, "answered"))
 }
 
