@@ -271,6 +271,11 @@ async fn usage_detail_live_calls_and_csv_show_what_the_webhooks_recorded() {
             app.post_vapi(org.id, &event).await;
         }
     }
+    // A report handed to a Temporal workflow is answered before it is counted.
+    crate::durability::eventually("both calls are counted", async || {
+        app.get("/v1/usage", &key).await.1["seconds_used"] == 120
+    })
+    .await;
     let (_, usage) = app.get("/v1/usage", &key).await;
     assert_eq!(usage["seconds_used"], 120);
     assert_eq!(usage["minutes_used"], 2);
