@@ -304,18 +304,18 @@ fn run(options: Options, profile: bool, report: &mut Report) -> Result<()> {
     let sizes = if options.quick { Sizes::quick() } else { Sizes::full() };
     let started_at = utc_now();
     // One binary serves both backends: the configuration picks them.
-    let Some(mut binaries) = Binaries::build(report, &options, &["phase2"]) else { return Ok(()) };
+    // A profile needs the server built with frame pointers: that build replaces the usual one.
+    let mut profiling_server = None;
     if profile && std::env::var_os("CALLPLANE_BIN").is_none_or(|v| v.is_empty()) {
-        let mut built = None;
         report.step("build callplane with frame pointers (target/profiling)", || {
-            built = Some(crate::profile::build_server(&["phase2"])?);
+            profiling_server = Some(crate::profile::build_server(&["phase2"])?);
             Ok(())
         });
-        match built {
-            Some(path) => binaries.callplane = path,
-            None => return Ok(()),
+        if profiling_server.is_none() {
+            return Ok(());
         }
     }
+    let Some(binaries) = Binaries::build_with(report, &options, &["phase2"], profiling_server) else { return Ok(()) };
     let temporal_baseline = match ON_TEMPORAL.iter().any(|name| options.runs(name)) {
         true => match build_temporal_baseline(report, &options) {
             Some(path) => Some(path),
@@ -695,9 +695,9 @@ impl Bench {
             _ => None,
         };
         let result = measure(self);
-        if let Some(recording) = recording {
+        if let Some((recording, profiles)) = recording.zip(self.profiles.as_mut()) {
             match recording.finish() {
-                Ok(summary) => self.profiles.get_or_insert_with(Vec::new).push((name.to_string(), summary)),
+                Ok(summary) => profiles.push((name.to_string(), summary)),
                 Err(e) => eprintln!("xtask: the profile of {name} failed: {e:#}"),
             }
         }
@@ -948,7 +948,7 @@ impl Bench {
     fn hot_simulation(&mut self, backends: Backends) -> Result<(f64, Value)> {
         self.use_backends(backends)?;
         let label = format!("hot-{}", backends.setting());
-        let summary = self.profiled(&label.clone(), |b| b.ingest_simulation(&label, 1, "1"))?;
+        let summary = self.profiled(&label, |b| b.ingest_simulation(&label, 1, "1"))?;
         self.check_simulation(&format!("3. hot organization, {} counter", backends.label()), &summary)?;
         Ok((number(&summary, "/reports_per_second")?, summary))
     }

@@ -88,9 +88,21 @@ impl Binaries {
     /// `CALLPLANE_BIN` names a callplane built elsewhere (another checkout, another commit), in
     /// the profile the options ask for. `None` when the build failed (the report says why).
     pub fn build(report: &mut util::Report, options: &RunOptions, features: &[&str]) -> Option<Self> {
+        Self::build_with(report, options, features, None)
+    }
+
+    /// [`build`](Self::build), with `prebuilt` (when given) as the callplane binary, before
+    /// `CALLPLANE_BIN`.
+    pub fn build_with(
+        report: &mut util::Report,
+        options: &RunOptions,
+        features: &[&str],
+        prebuilt: Option<PathBuf>,
+    ) -> Option<Self> {
         let profile = if options.release_build() { "release" } else { "debug" };
         let target = util::target_dir().join(profile);
-        let prebuilt = std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from);
+        let prebuilt =
+            prebuilt.or_else(|| std::env::var_os("CALLPLANE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from));
         let mut built = false;
         let step = match features {
             [] => "build callplane and callplane-loadgen".to_owned(),

@@ -7,6 +7,16 @@
 //! as soon as the answer is ready, within `vapi.answer_deadline_ms` whatever the database
 //! does, while their event is recorded beside them; the rest are acknowledged with `{}` once
 //! processed, or once queued when processing cannot finish now.
+//!
+//! An answer (`assistant-request`, `tool-calls`, `function-call`,
+//! `transfer-destination-request`) does not wait for its event to be recorded: the answer does
+//! not depend on it, the caller is on the line, and VAPI never sends an answered message again,
+//! so waiting would protect nothing: a crash before the inbox's commit loses the event whether
+//! or not the answer went out. What such an event tells (a call starting, a tool asked for),
+//! the call's later events tell again, the end-of-call report with the whole call. Its event is
+//! stored by the inbox's next group commit, a few milliseconds later, and processed as any other;
+//! one that processing refuses (another organization's call id, a far-future time) becomes a
+//! dead letter, logged, instead of a refused answer that would drop a caller.
 
 use crate::throttle::ClientAddr;
 use crate::{ApiError, AppState};
@@ -78,16 +88,6 @@ fn refused_outcome(code: ErrorCode) -> &'static str {
         _ => "bad_request",
     }
 }
-
-// An answer (`assistant-request`, `tool-calls`, `function-call`,
-// `transfer-destination-request`) does not wait for its event to be recorded: the answer does
-// not depend on it, the caller is on the line, and VAPI never sends an answered message again,
-// so waiting would protect nothing: a crash before the inbox's commit loses the event whether
-// or not the answer went out. What such an event tells (a call starting, a tool asked for),
-// the call's later events tell again, the end-of-call report with the whole call. Its event is
-// stored by the inbox's next group commit, a few milliseconds later, and processed as any other;
-// one that processing refuses (another organization's call id, a far-future time) becomes a
-// dead letter, logged, instead of a refused answer that would drop a caller.
 
 async fn receive(
     s: &AppState,

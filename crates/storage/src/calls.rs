@@ -434,7 +434,8 @@ async fn write_ledger(
     // One statement: the ledger row (a row with nothing to add is counted as written); when
     // this statement wrote it, the organization rolled into the call's period if it is a later
     // one (matching, and locking, the row only then: a call of the current period leaves it
-    // alone), and the day's usage, kept in step with the ledger.
+    // alone), and the day's usage, kept in step with the ledger. (`daily` is read by the final
+    // SELECT because a WITH query that only selects runs only when it is read.)
     let written: bool = sqlx::query_scalar(
         "WITH written AS ( \
              INSERT INTO usage_ledger (call_id, organization_id, period_start, call_started_at, \
