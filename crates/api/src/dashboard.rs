@@ -292,7 +292,7 @@ pub(crate) fn filter(q: &CallQuery, now: DateTime<Utc>) -> Result<CallFilter, Ap
     if from >= to {
         return Err(bad(ErrorCode::InvalidFilter, "`from` must be before `to`"));
     }
-    // Each page walks the window a month at a time; keep that walk bounded.
+    // Each page walks the window back a few months per statement; keep that walk bounded.
     if to - from > Duration::days(MAX_WINDOW_DAYS) {
         return Err(bad(
             ErrorCode::InvalidFilter,

@@ -193,6 +193,13 @@ struct SimulateArgs {
     /// Record latencies only while at least this many calls are in flight.
     #[arg(long)]
     steady_in_flight: Option<usize>,
+    /// Also GET this path on the server (for example `/healthz`) while the calls play, timed
+    /// in the same steady window: a request that does no work, under the same load.
+    #[arg(long)]
+    probe_path: Option<String>,
+    /// The probe's requests per second.
+    #[arg(long, default_value_t = 50.0)]
+    probe_rate: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Skip the books check.
@@ -418,6 +425,7 @@ async fn run(command: Command) -> Result<bool> {
                 event_gap: Duration::from_millis(args.event_gap_ms),
                 time_limit: args.time_limit_secs.map(Duration::from_secs_f64),
                 steady_in_flight: args.steady_in_flight,
+                probe: args.probe_path.map(|path| (path, args.probe_rate)),
                 database_url: args.database_url,
                 usage_counter: args.counter.usage_counter,
                 check_books: !args.no_check,

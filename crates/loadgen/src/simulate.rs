@@ -47,6 +47,9 @@ pub struct RunConfig {
     pub time_limit: Option<Duration>,
     /// Record latencies only while at least this many calls are in flight.
     pub steady_in_flight: Option<usize>,
+    /// A path to GET meanwhile, and how many times a second: a request that does no work,
+    /// timed in the same steady window as the answers (`Summary::probe`).
+    pub probe: Option<(String, f64)>,
     /// Postgres, for the books; without it only the API is checked.
     pub database_url: Option<String>,
     /// Where the server counts usage, for the books.
@@ -90,6 +93,9 @@ pub struct Summary {
     pub reports_per_second: f64,
     pub max_in_flight: i64,
     pub latency: BTreeMap<String, LatencySummary>,
+    /// The probe's latency in the steady window (with `RunConfig::probe`).
+    #[serde(default)]
+    pub probe: Option<LatencySummary>,
     /// Every attempt by message kind and class, retries included.
     #[serde(default)]
     pub statuses: BTreeMap<String, StatusCounts>,
@@ -177,6 +183,7 @@ struct Shared {
     config: RunConfig,
     counters: Counters,
     latency: BTreeMap<&'static str, Recorder>,
+    probe: Recorder,
     answers: AnswerTally,
     error_samples: Mutex<Vec<String>>,
     expected: Mutex<Vec<ExpectedCall>>,
@@ -253,6 +260,7 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
         config: config.clone(),
         counters,
         latency: KINDS.iter().map(|k| (*k, Recorder::default())).collect(),
+        probe: Recorder::default(),
         answers: AnswerTally::default(),
         error_samples: Mutex::new(Vec::new()),
         expected: Mutex::new(Vec::with_capacity(plan.calls.len())),
@@ -260,6 +268,7 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
 
     let started = shared.started;
     let progress = (!config.quiet).then(|| tokio::spawn(progress(shared.clone(), plan.calls.len(), started)));
+    let prober = config.probe.clone().map(|(path, rate)| tokio::spawn(probe(shared.clone(), path, rate)));
     let permits = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, spec) in plan.calls.into_iter().enumerate() {
@@ -289,6 +298,9 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(progress) = progress {
         progress.abort();
+    }
+    if let Some(prober) = prober {
+        prober.abort();
     }
 
     let counters = &shared.counters;
@@ -326,6 +338,7 @@ pub async fn run_with_orgs(server: Server, config: RunConfig, plan: TrafficPlan,
             .map(|(kind, recorder)| (kind.to_string(), recorder.summary()))
             .filter(|(_, summary)| summary.count > 0)
             .collect(),
+        probe: config.probe.is_some().then(|| shared.probe.summary()),
         statuses: shared.answers.statuses(),
         status_total: shared.answers.total(),
         max_answer_ms: shared.answers.max_answer_ms(),
@@ -438,6 +451,30 @@ pub(crate) fn check_answer(script: &CallScript, event: EventSpec, body: &[u8]) -
     }
 }
 
+/// GETs `path` on the server `rate` times a second until aborted, each request in a task of
+/// its own so a slow answer never delays the next, and times those sent and answered (2xx)
+/// while the steady state holds: what a request that does no work waits under the same load.
+async fn probe(shared: Arc<Shared>, path: String, rate: f64) {
+    let url = format!("{}{path}", shared.server.base);
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let (shared, url) = (shared.clone(), url.clone());
+        tokio::spawn(async move {
+            let steady = shared.steady();
+            let sent = Instant::now();
+            let answered = match shared.server.http().get(&url).send().await {
+                Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            if steady && answered && shared.steady() {
+                shared.probe.record(sent.elapsed());
+            }
+        });
+    }
+}
+
 /// Prints a line every second: calls done, deliveries per second, errors.
 async fn progress(shared: Arc<Shared>, planned: usize, started: Instant) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -484,6 +521,9 @@ fn print_summary(summary: &Summary) {
     }
     for (kind, latency) in &summary.latency {
         eprintln!("loadgen:   {kind:<20} {}", latency.line());
+    }
+    if let Some(probe) = &summary.probe {
+        eprintln!("loadgen:   {:<20} {}", "probe (no work)", probe.line());
     }
     print_outcomes(&summary.status_total, &summary.max_answer_ms, &summary.error_samples, summary.books.as_ref());
 }
