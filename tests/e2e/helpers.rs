@@ -67,14 +67,15 @@ pub fn temporal_address() -> Option<String> {
 }
 
 impl TestApp {
-    /// `callplane <args>` (the real binary) against this server's database, Redis and Temporal,
-    /// run to its end.
+    /// `callplane <args>` (the real binary) against this server's database, Redis, Temporal and
+    /// object store, run to its end.
     pub async fn callplane(&self, args: &[&str]) -> std::process::Output {
         let mut command = self.callplane_command(args);
         tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
     }
 
-    /// The `callplane <args>` command against this server's database, Redis and Temporal.
+    /// The `callplane <args>` command against this server's database, Redis, Temporal and object
+    /// store.
     pub fn callplane_command(&self, args: &[&str]) -> std::process::Command {
         use secrecy::ExposeSecret;
         let settings = &self.app.settings;
@@ -89,6 +90,12 @@ impl TestApp {
             .env("CALLPLANE__TEMPORAL__TASK_QUEUE", &settings.temporal.task_queue)
             .env("CALLPLANE__VAPI__SECRET", SECRET)
             .env("RUST_LOG", "warn");
+        let o = &settings.object_store;
+        command
+            .env("CALLPLANE__OBJECT_STORE__URL", &o.url)
+            .env("CALLPLANE__OBJECT_STORE__ENDPOINT", &o.endpoint)
+            .env("CALLPLANE__OBJECT_STORE__ACCESS_KEY_ID", o.access_key_id.expose_secret())
+            .env("CALLPLANE__OBJECT_STORE__SECRET_ACCESS_KEY", o.secret_access_key.expose_secret());
         command
     }
 
@@ -129,11 +136,15 @@ impl TestApp {
         // Logs appear in the output of failing tests (nextest captures them).
         callplane_server::telemetry::init("pretty");
         let inbox = inbox_dir();
+        // A build with an object store opens it (a directory by default): one per server.
+        let objects = std::env::temp_dir().join(format!("callplane-test-objects-{}", uuid::Uuid::new_v4().simple()));
+        let objects = objects.to_string_lossy().into_owned();
         let mut all: Vec<(&str, &str)> = vec![
             ("database.url", db.url.as_str()),
             ("vapi.secret", SECRET),
             ("auth.admin_token", ADMIN_TOKEN),
             ("inbox.dir", inbox.as_str()),
+            ("object_store.url", objects.as_str()),
         ];
         let redis = redis_url();
         if let Some(url) = &redis {

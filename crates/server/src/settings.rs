@@ -35,6 +35,7 @@ pub struct Settings {
     pub backends: BackendSettings,
     pub redis: RedisSettings,
     pub temporal: TemporalConfig,
+    pub object_store: ObjectStoreSettings,
     pub advisor: callplane_api::advice::AdvisorSettings,
 }
 
@@ -108,6 +109,20 @@ pub struct RedisSettings {
     pub url: SecretString,
     /// How long function data stays in Redis before it is read from Postgres again.
     pub function_data_ttl_seconds: u64,
+}
+
+/// Object storage (phase 3): transcripts with `backends.transcripts = "object-store"`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ObjectStoreSettings {
+    /// `s3://bucket/prefix`, `file:///dir`, or a directory path.
+    pub url: String,
+    /// An S3-compatible server's address; empty for AWS.
+    pub endpoint: String,
+    pub region: String,
+    pub access_key_id: SecretString,
+    pub secret_access_key: SecretString,
+    /// How long one request to the store may take.
+    pub timeout_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -261,6 +276,9 @@ backend_choices! {
     TranscriptBackend {
         /// `call_transcripts`, partitioned with the calls.
         Postgres = "postgres",
+        /// One compressed object per transcript in `[object_store]`, the row keeping the text
+        /// and the object's key (the `object-store` feature).
+        ObjectStore = "object-store",
     }
 }
 
@@ -504,6 +522,7 @@ impl Settings {
         }
         errors.extend(self.redis_problems());
         errors.extend(self.temporal_problems());
+        errors.extend(self.object_store_problems());
         errors.extend(self.advisor_problems());
         for (name, p) in &self.plans {
             if p.included_minutes < 0 || p.price_cents < 0 || p.overage_cents_per_minute < 0 {
@@ -672,6 +691,48 @@ impl Settings {
             )];
         }
         Vec::new()
+    }
+
+    fn object_store_problems(&self) -> Vec<String> {
+        if self.backends.transcripts != TranscriptBackend::ObjectStore {
+            return Vec::new();
+        }
+        if !cfg!(feature = "object-store") {
+            return vec![
+                "backends.transcripts = \"object-store\": this build has no object store; build with the \
+                 `object-store` feature (`--features phase3`)"
+                    .into(),
+            ];
+        }
+        let o = &self.object_store;
+        let mut errors = Vec::new();
+        if o.url.trim().is_empty() {
+            errors.push(
+                "object_store.url: empty; use s3://bucket/prefix or a directory (CALLPLANE__OBJECT_STORE__URL)".into(),
+            );
+        }
+        if o.access_key_id.expose_secret().is_empty() != o.secret_access_key.expose_secret().is_empty() {
+            errors.push("object_store.access_key_id and object_store.secret_access_key go together".into());
+        }
+        if o.timeout_seconds == 0 {
+            errors.push("object_store.timeout_seconds: must be at least 1".into());
+        }
+        errors
+    }
+
+    /// Where objects are kept, for the storage crate.
+    #[cfg(feature = "object-store")]
+    pub fn object_store_config(&self) -> callplane_storage::ObjectStoreConfig {
+        let o = &self.object_store;
+        let secret = |s: &SecretString| Some(s.expose_secret().to_owned()).filter(|s| !s.is_empty());
+        callplane_storage::ObjectStoreConfig {
+            url: o.url.clone(),
+            endpoint: Some(o.endpoint.clone()).filter(|e| !e.is_empty()),
+            region: Some(o.region.clone()).filter(|r| !r.is_empty()),
+            access_key_id: secret(&o.access_key_id),
+            secret_access_key: secret(&o.secret_access_key),
+            timeout: std::time::Duration::from_secs(o.timeout_seconds.max(1)),
+        }
     }
 
     /// The Temporal pipeline's settings.
@@ -1061,6 +1122,14 @@ impl Settings {
                 "answer_wait_ms": self.temporal.answer_wait_ms,
                 "worker_metrics_addr": self.temporal.worker_metrics_addr,
             },
+            "object_store": {
+                "url": self.object_store.url,
+                "endpoint": self.object_store.endpoint,
+                "region": self.object_store.region,
+                "access_key_id": if self.object_store.access_key_id.expose_secret().is_empty() { "" } else { "********" },
+                "secret_access_key": if self.object_store.secret_access_key.expose_secret().is_empty() { "" } else { "********" },
+                "timeout_seconds": self.object_store.timeout_seconds,
+            },
             "backends": {
                 "usage_counter": self.backends.usage_counter,
                 "transcripts": self.backends.transcripts,
@@ -1087,7 +1156,11 @@ pub fn compiled_features() -> Vec<&'static str> {
     if cfg!(feature = "phase3") {
         f.push("phase3");
     }
-    for (on, name) in [(cfg!(feature = "redis"), "redis"), (cfg!(feature = "temporal"), "temporal")] {
+    for (on, name) in [
+        (cfg!(feature = "redis"), "redis"),
+        (cfg!(feature = "temporal"), "temporal"),
+        (cfg!(feature = "object-store"), "object-store"),
+    ] {
         if on {
             f.push(name);
         }
@@ -1138,8 +1211,27 @@ mod tests {
     }
 
     #[test]
+    fn the_object_store_backend_needs_its_feature_and_both_credentials() {
+        let chosen = Settings::defaults_with(&[("backends.transcripts", "object-store")]);
+        if cfg!(feature = "object-store") {
+            chosen.expect("an object-store build takes the object-store backend on the default directory");
+            let err = Settings::defaults_with(&[
+                ("backends.transcripts", "object-store"),
+                ("object_store.access_key_id", "only-the-id"),
+            ])
+            .unwrap_err();
+            assert!(format!("{err:#}").contains("secret_access_key"), "{err:#}");
+        } else {
+            let err = format!("{:#}", chosen.unwrap_err());
+            assert!(err.contains("`object-store` feature") && err.contains("--features phase3"), "{err}");
+        }
+    }
+
+    #[test]
     fn secrets_are_masked_when_printed() {
         let mut settings = base();
+        settings.object_store.secret_access_key = SecretString::from("s3-secret-value");
+        settings.object_store.access_key_id = SecretString::from("s3-key-id");
         settings.vapi.secret = SecretString::from("super-secret-value");
         settings.vapi.api_key = SecretString::from("vapi-private-key");
         settings.database.url = SecretString::from("postgres://app:hunter2@db:5432/callplane");
@@ -1147,6 +1239,7 @@ mod tests {
         let printed = settings.redacted().to_string();
         assert!(!printed.contains("redis-pass") && printed.contains("redis://********@cache:6379/0"), "{printed}");
         assert!(!printed.contains("super-secret-value") && !printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("s3-secret-value") && !printed.contains("s3-key-id"), "{printed}");
         assert!(!printed.contains("vapi-private-key"), "{printed}");
         assert!(printed.contains("postgres://app:********@db:5432/callplane"), "{printed}");
     }

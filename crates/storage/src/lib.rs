@@ -12,6 +12,8 @@ mod calls;
 mod convert;
 mod dead_letters;
 mod function_data;
+#[cfg(feature = "object-store")]
+mod objects;
 mod orgs;
 mod partitions;
 mod reads;
@@ -30,6 +32,10 @@ pub use calls::{ApplyOptions, LedgerRow};
 pub use convert::{CONVERTIBLE, ConvertProgress, ConvertReport, ConvertRequest, MonthCheck};
 pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter};
 pub use function_data::PgFunctionData;
+#[cfg(feature = "object-store")]
+pub use objects::{
+    MoveProgress, MoveReport, MoveRequest, MoveTarget, ObjectStoreConfig, ObjectTranscriptStore, Objects,
+};
 pub use partitions::PartitionReport;
 pub use realtime::{PgRealtimeBus, queue_realtime_events};
 pub use routes::{ServerBeat, StoredRoutes};

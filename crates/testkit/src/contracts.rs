@@ -57,10 +57,27 @@ pub async fn transcript_store(ts: &dyn TranscriptStore, a: OrgId, b: OrgId, call
     ts.put(a, call_a, created_at, &live(5)).await.expect("late live");
     assert_eq!(ts.get(a, call_a).await.expect("get"), Some(fin.clone()), "a live transcript replaced the final one");
 
+    // A duplicate delivery of the final transcript changes nothing.
+    ts.put(a, call_a, created_at, &fin).await.expect("put final again");
+    assert_eq!(ts.get(a, call_a).await.expect("get"), Some(fin.clone()));
+
     assert_eq!(ts.get(b, call_a).await.expect("get"), None, "org B read org A's transcript");
     let forged = Transcript { text: Some("forged".into()), messages: vec![], is_final: true };
     let _ = ts.put(b, call_a, created_at, &forged).await;
     assert_eq!(ts.get(a, call_a).await.expect("get"), Some(fin), "org B overwrote org A's transcript");
+
+    // A call id from outside is only a name: separators and dots stay inside it.
+    let odd = format!("{call_a}/../x.%2F");
+    let long = Transcript {
+        text: Some("User: ".repeat(2_000)),
+        messages: (0..2_000)
+            .map(|i| json!({"role": "user", "message": format!("message {i} \u{e9}\u{1F600}")}))
+            .collect(),
+        is_final: true,
+    };
+    ts.put(a, &odd, created_at, &long).await.expect("put a long transcript under an odd call id");
+    assert_eq!(ts.get(a, &odd).await.expect("get"), Some(long), "a long transcript came back different");
+    assert_eq!(ts.get(a, &format!("{call_a}/..")).await.expect("get"), None);
 }
 
 /// Writes an uncounted ledger row, as the pipeline does before it counts the call.

@@ -10,8 +10,18 @@ pub mod contracts;
 mod db;
 pub mod fault_proxy;
 pub mod redis;
+pub mod s3;
 pub mod stripe_stub;
 pub mod temporal;
 pub mod vapi_stub;
 
 pub use db::{TestDb, admin_url};
+
+/// Kills a server the tests started (if it is running) and waits for it to exit, so that its
+/// port refuses connections when this returns.
+pub(crate) fn kill(child: Option<std::process::Child>) {
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

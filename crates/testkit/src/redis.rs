@@ -39,10 +39,7 @@ impl RedisServer {
 
     /// Kills the server and waits for it to exit; the port refuses connections after this.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::kill(self.child.take());
     }
 
     /// Starts a stopped server again on the same port.

@@ -56,8 +56,7 @@ impl TemporalServer {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::kill(Some(child));
         }
     }
 
