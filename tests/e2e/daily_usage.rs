@@ -94,8 +94,15 @@ fn starts_around_midnights(prefix: &str, n: usize) -> Vec<(String, DateTime<Utc>
 
 /// Checks that each organization's daily usage, as the API shows it, equals its ledger summed
 /// by the day each call started in its time zone.
+///
+/// Waits first for every call to be billed: on the Temporal pipeline, an event Temporal did not
+/// take at once stays in the inbox and is billed on the inbox's retry, seconds later.
 async fn check_days(app: &TestApp, orgs: &[(OrgId, FixedOffset, &str, usize)]) {
     for &(org, offset, zone, sent) in orgs {
+        crate::durability::eventually_within("every call is billed", 90, async || {
+            ledger_days(app, org, offset).await.values().map(|d| d.0).sum::<i64>() >= sent as i64
+        })
+        .await;
         let want = daily_usage_matches_the_ledger(app, org, offset, zone).await;
         assert_eq!(want.values().map(|d| d.0).sum::<i64>(), sent as i64, "every call billed once");
         assert!(want.len() >= 2, "the calls fall on both sides of a midnight: {want:?}");
