@@ -91,7 +91,9 @@ impl TestApp {
             .env("CALLPLANE__VAPI__SECRET", SECRET)
             .env("RUST_LOG", "warn");
         let o = &settings.object_store;
+        let transcripts: &'static str = settings.backends.transcripts.into();
         command
+            .env("CALLPLANE__BACKENDS__TRANSCRIPTS", transcripts)
             .env("CALLPLANE__OBJECT_STORE__URL", &o.url)
             .env("CALLPLANE__OBJECT_STORE__ENDPOINT", &o.endpoint)
             .env("CALLPLANE__OBJECT_STORE__ACCESS_KEY_ID", o.access_key_id.expose_secret())

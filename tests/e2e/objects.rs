@@ -251,6 +251,19 @@ async fn move_round_trip(app: &TestApp, objects: Objects, listed: impl Fn(&str) 
         .await;
     assert_eq!(older["moved"], 5, "{older}");
 
+    // `phase plan 3` says what is left, and then that it is done.
+    let moved_step = async || {
+        let plan = app.callplane_json(&["phase", "plan", "3"]).await;
+        let steps = plan["steps"].as_array().unwrap();
+        let step = |name: &str| steps.iter().find(|s| s["step"] == name).cloned().unwrap();
+        assert_eq!(step("new transcripts in object storage")["status"], "done", "{plan}");
+        step("existing transcripts moved to object storage")["status"].clone()
+    };
+    assert_eq!(moved_step().await, "ready", "this month's transcripts of the other organization are in rows");
+    let rest = app.callplane_json(&["transcripts", "move", "--to", "object-store"]).await;
+    assert_eq!(rest["left"], 0, "{rest}");
+    assert_eq!(moved_step().await, "done");
+
     // And back: the rows as they were, the store empty.
     let back = app.callplane_json(&["transcripts", "move", "--to", "postgres", "--org", &org_a]).await;
     assert_eq!(back["moved"], N + 1, "{back}");

@@ -820,8 +820,19 @@ impl Mover {
                 "command": "backends.transcripts = \"object-store\" with [object_store] (restart each process)",
                 "blocked_by": blocked_by,
             }));
+            // The transcripts stored before the switch: done when no row holds its messages.
+            let in_rows: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM call_transcripts WHERE object_key IS NULL)")
+                    .fetch_one(self.store.pool())
+                    .await?;
+            let move_blocked_by = blocked_by.or((!done).then_some("new transcripts in object storage first"));
+            steps.push(json!({
+                "step": "existing transcripts moved to object storage",
+                "status": if done && !in_rows { "done" } else if move_blocked_by.is_some() { "blocked" } else { "ready" },
+                "command": "callplane transcripts move --to object-store",
+                "blocked_by": move_blocked_by,
+            }));
             for (what, command) in [
-                ("existing transcripts moved to object storage", "callplane transcripts move"),
                 ("old call partitions archived to object storage", "callplane partitions archive"),
                 ("realtime over Redis pub/sub with live transcripts", "backends.realtime = \"redis\""),
                 ("dashboard reads on a read replica behind a pooler", "database.replica_url"),
