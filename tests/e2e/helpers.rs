@@ -89,6 +89,7 @@ impl TestApp {
             .env("CALLPLANE__TEMPORAL__ADDRESS", &settings.temporal.address)
             .env("CALLPLANE__TEMPORAL__TASK_QUEUE", &settings.temporal.task_queue)
             .env("CALLPLANE__VAPI__SECRET", SECRET)
+            .env("CALLPLANE__PARTITIONS__ARCHIVE_AFTER_MONTHS", settings.partitions.archive_after_months.to_string())
             .env("RUST_LOG", "warn");
         let o = &settings.object_store;
         let transcripts: &'static str = settings.backends.transcripts.into();

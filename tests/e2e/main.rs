@@ -7,6 +7,8 @@
 mod helpers;
 
 mod advisor;
+#[cfg(feature = "object-store")]
+mod archive;
 mod auth_limits;
 mod bad_input;
 mod billing;

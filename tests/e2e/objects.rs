@@ -172,7 +172,8 @@ async fn an_object_store_outage_loses_no_transcript() {
 }
 
 /// 10,000 transcripts of one organization moved out of the database with
-/// `callplane transcripts move`, while a call's webhooks arrive, and moved back: every object
+/// `callplane transcripts move`, while a call's webhooks arrive, and moved back (their
+/// messages carry floats of 17 digits, which must keep every digit on the way): every object
 /// is in the store in between, every row comes back as it was, the store is empty again, and
 /// another organization's transcripts are never touched. `--before` moves only older months.
 async fn move_round_trip(app: &TestApp, objects: Objects, listed: impl Fn(&str) -> Vec<String>) {
@@ -188,7 +189,8 @@ async fn move_round_trip(app: &TestApp, objects: Objects, listed: impl Fn(&str) 
              SELECT $1 || '-' || i, $2, CASE WHEN i % 2 = 0 THEN $3 ELSE $4 END + i * interval '1 ms', \
                     'AI: hello ' || i || E'\\nUser: bye ' || i, \
                     jsonb_build_array(jsonb_build_object('role', 'bot', 'message', 'hello ' || i), \
-                                      jsonb_build_object('role', 'user', 'message', 'bye ' || i, 'time', i)), \
+                                      jsonb_build_object('role', 'user', 'message', 'bye ' || i, \
+                                                         'time', ((1.7e12 + i * 1234.5678901)::float8)::text::jsonb)), \
                     i % 3 <> 0 \
              FROM generate_series(1, $5) i",
         )

@@ -3,7 +3,7 @@
 //!
 //! The xtask starts its own PostgreSQL cluster (`target/xtask/pg-bench`), a throwaway
 //! `redis-server` (`target/xtask/redis-bench`, for benchmarks 2 and 3) and a `callplane serve`
-//! built with phase 2's backends (`--features phase2`), then drives them with
+//! built with every phase's backends (`--features phase3`), then drives them with
 //! `callplane-loadgen`, `pgbench` and `redis-benchmark`. The server counts usage and serves
 //! function data from Postgres; the benchmarks that measure the Redis backends restart it on
 //! them and back:
@@ -29,6 +29,11 @@
 //!    Each also against Temporal's own limit on the same server: `callplane-temporal-baseline`
 //!    runs empty workflows of the same shape (signal-with-start carrying a report's body, three
 //!    local activities that do nothing) from as many clients, with no database and no HTTP.
+//! 8. Storage (phase 3): on a bulk-loaded database of its own (every call with a transcript),
+//!    the database's size before and after `callplane transcripts move --to object-store` and
+//!    after `callplane partitions archive` of the months older than six, both into an `s3s-fs`
+//!    server; and `GET /v1/calls/{id}` with the transcript in the store against the same calls
+//!    with it in Postgres.
 //!
 //! Every simulation checks its books (each call recorded once, every second billed once) and
 //! the run fails if they do not balance. Results go to `target/bench/results.json` and a
@@ -60,7 +65,10 @@ use crate::util::{self, Report, describe};
 const MARKERS: (&str, &str) = ("<!-- bench:results:start -->", "<!-- bench:results:end -->");
 
 /// The benchmarks, by the names `--only` takes.
-const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory", "pipeline"];
+const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory", "pipeline", "storage"];
+
+/// Benchmark 8's own database, in the same cluster.
+const STORAGE_DATABASE: &str = "callplane_storage";
 
 /// The benchmarks that run the Temporal pipeline (and need a Temporal server).
 const ON_TEMPORAL: &[&str] = &["pipeline"];
@@ -86,13 +94,14 @@ Usage: cargo xtask bench [--quick] [--release] [--only NAME,...] [--profile]
 
   --quick      small sizes, a dev build; checks that every benchmark runs and the books balance
   --release    build the release profile in quick mode too (full mode always does)
-  --only       run some benchmarks: ingest, hot, agent, realtime, dashboard, memory, pipeline
+  --only       run some benchmarks: ingest, hot, agent, realtime, dashboard, memory, pipeline,
+               storage
   --profile    sample the whole machine with `perf` while callplane is measured (a release build
                with frame pointers in target/profiling); writes target/bench/profile-NAME.md
                (CPU by process and by part of callplane's work) and .folded (flame graph input)
 
 CALLPLANE_BIN=/path/to/callplane benchmarks that binary instead of building callplane-server
-(built with `--features phase2` for benchmarks 2 and 3, which also run it on Redis).
+(built with `--features phase3`: benchmarks 2 and 3 also run it on Redis, 8 on object storage).
 ";
 
 /// Command-line options.
@@ -118,6 +127,11 @@ struct Sizes {
     dashboard_months: u32,
     dashboard_transcript_share: f64,
     dashboard_requests: usize,
+    /// Benchmark 8: calls loaded (each with a transcript) over 12 months, organizations, and
+    /// `GET /v1/calls/{id}` requests per backend.
+    storage_calls: u64,
+    storage_orgs: u64,
+    storage_requests: usize,
     /// Time limits for one loadgen invocation.
     short_timeout: Duration,
     long_timeout: Duration,
@@ -141,6 +155,9 @@ impl Sizes {
             dashboard_months: 12,
             dashboard_transcript_share: 1.0,
             dashboard_requests: 100,
+            storage_calls: 3_000,
+            storage_orgs: 10,
+            storage_requests: 100,
             short_timeout: Duration::from_secs(120),
             long_timeout: Duration::from_secs(300),
             // Speed over durability: nothing timed is asserted.
@@ -170,6 +187,9 @@ impl Sizes {
             dashboard_months: 24,
             dashboard_transcript_share: 0.11,
             dashboard_requests: 500,
+            storage_calls: 200_000,
+            storage_orgs: 100,
+            storage_requests: 1000,
             short_timeout: Duration::from_secs(900),
             long_timeout: Duration::from_secs(3600),
             // Production-like durability: every commit is flushed.
@@ -312,14 +332,14 @@ fn run(options: Options, profile: bool, report: &mut Report) -> Result<()> {
     let mut profiling_server = None;
     if profile && std::env::var_os("CALLPLANE_BIN").is_none_or(|v| v.is_empty()) {
         report.step("build callplane with frame pointers (target/profiling)", || {
-            profiling_server = Some(crate::profile::build_server(&["phase2"])?);
+            profiling_server = Some(crate::profile::build_server(&["phase3"])?);
             Ok(())
         });
         if profiling_server.is_none() {
             return Ok(());
         }
     }
-    let Some(binaries) = Binaries::build_with(report, &options, &["phase2"], profiling_server) else { return Ok(()) };
+    let Some(binaries) = Binaries::build_with(report, &options, &["phase3"], profiling_server) else { return Ok(()) };
     let temporal_baseline = match ON_TEMPORAL.iter().any(|name| options.runs(name)) {
         true => match build_temporal_baseline(report, &options) {
             Some(path) => Some(path),
@@ -666,7 +686,7 @@ impl Bench {
 
     fn run_benchmarks(&mut self, report: &mut Report) {
         type Step = fn(&mut Bench) -> Result<()>;
-        let steps: [(&str, &str, Step); 7] = [
+        let steps: [(&str, &str, Step); 8] = [
             ("ingest", "1. ingest: end-of-call reports vs pgbench", Bench::ingest),
             ("hot", "3. hot organization (Postgres and Redis counters) vs uniform ingest", Bench::hot_org),
             ("agent", "2. agent latency with calls in flight (Postgres and Redis) vs /healthz", Bench::agent_latency),
@@ -674,6 +694,7 @@ impl Bench {
             ("dashboard", "4. dashboard: /v1/calls vs an unpartitioned table", Bench::dashboard),
             ("memory", "6. memory: server RSS idle and under ingest", Bench::memory),
             ("pipeline", "7. pipeline: Temporal vs inline, accepted, to the ledger, latency", Bench::pipeline),
+            ("storage", "8. storage: transcripts moved and months archived to s3s-fs, call detail", Bench::storage),
         ];
         for (name, title, step) in steps {
             if self.options.runs(name) {
@@ -1174,6 +1195,167 @@ impl Bench {
         Ok(())
     }
 
+    /// Benchmark 8 (phase 3), on a database of its own in the same cluster, with a server of
+    /// its own and an `s3s-fs`: the bulk loader's calls, every one with a transcript; the
+    /// database's size before and after moving the transcripts to the store (then `VACUUM
+    /// FULL`, without which the space is reused but the files keep their size) and after
+    /// archiving the months older than six; `GET /v1/calls/{id}` for the same calls with the
+    /// transcript in Postgres, then in the store.
+    fn storage(&mut self) -> Result<()> {
+        let (calls, orgs, requests) = (self.sizes.storage_calls, self.sizes.storage_orgs, self.sizes.storage_requests);
+        let timeout = self.sizes.long_timeout;
+        let cluster = self.cluster.as_ref().context("no cluster")?;
+        cluster.psql(&format!("DROP DATABASE IF EXISTS {STORAGE_DATABASE}"))?;
+        cluster.psql(&format!("CREATE DATABASE {STORAGE_DATABASE}"))?;
+        let url = cluster.cluster().url(STORAGE_DATABASE);
+        let s3 = crate::s3::Server::start(&self.out_dir.join("s3"), pg::free_port()?)?;
+        let inbox = self.out_dir.join("storage-inbox");
+        if inbox.exists() {
+            fs::remove_dir_all(&inbox).with_context(|| format!("could not remove {}", inbox.display()))?;
+        }
+        let base = &self.loadgen.as_ref().context("the server is not running")?.spec;
+        let port = pg::free_port()?;
+        let mut spec = ServerSpec::new(base.binary.clone(), port, &url, self.out_dir.join("storage-server.log"))
+            .with_env("CALLPLANE__INBOX__DIR", inbox.to_string_lossy())
+            .with_env("CALLPLANE__BACKENDS__TRANSCRIPTS", "postgres")
+            .with_env(PIPELINE_SETTING, "inline");
+        for name in BACKEND_SETTINGS {
+            spec = spec.with_env(name, Backends::Postgres.setting());
+        }
+        for (name, value) in s3.settings("storage") {
+            spec = spec.with_env(name, value);
+        }
+        spec.migrate()?;
+        let loadgen = |spec: &ServerSpec| Loadgen { binary: self.loadgen_binary.clone(), spec: spec.clone() };
+        let load = loadgen(&spec).json(
+            &format!(
+                "load --database-url {url} --calls {calls} --orgs {orgs} --months 12 --transcript-share 1 --seed 300 --json"
+            ),
+            timeout,
+            false,
+        )?;
+        let sizes = |what: &str| -> Result<Value> {
+            let mut psql = cluster.psql_command();
+            psql.args(["-d", STORAGE_DATABASE, "-c"]).arg(
+                "SELECT json_build_object('database', pg_database_size(current_database()),                  'calls', (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits                            WHERE inhparent = 'calls'::regclass),                  'transcripts', (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits                                  WHERE inhparent = 'call_transcripts'::regclass))",
+            );
+            let out = util::run_captured(&mut psql)?;
+            let sizes: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("sizes {what}"))?;
+            eprintln!("xtask: storage: sizes {what}: {sizes}");
+            Ok(sizes)
+        };
+        let mib = |v: &Value, key: &str| -> Result<f64> { Ok(number(v, &format!("/{key}"))? / (1024.0 * 1024.0)) };
+        let details = |spec: &ServerSpec| -> Result<Value> {
+            let mut server = spec.start(Duration::from_secs(60))?;
+            let summary = loadgen(spec).json(
+                &format!("details --database-url {url} --requests {requests} --orgs 20 --json"),
+                self.sizes.short_timeout,
+                false,
+            );
+            server.stop()?;
+            let summary = summary?;
+            if number(&summary, "/errors")? != 0.0 || number(&summary, "/mean_messages")? <= 0.0 {
+                bail!("GET /v1/calls/{{id}} failed or read no messages: {summary}");
+            }
+            Ok(summary)
+        };
+        let cli = |spec: &ServerSpec, args: &[&str]| -> Result<Value> {
+            let mut command = Command::new(&spec.binary);
+            command
+                .arg("--json")
+                .args(args)
+                .envs(spec.env.iter().cloned())
+                .current_dir(util::repo_root())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            eprintln!("xtask: $ callplane --json {}", args.join(" "));
+            stack::last_json(&run_with_timeout(command, timeout)?)
+        };
+
+        let loaded = sizes("loaded")?;
+        let in_postgres = details(&spec)?;
+        let moved = cli(&spec, &["transcripts", "move", "--to", "object-store", "--batch", "1000"])?;
+        if number(&moved, "/left")? != 0.0 {
+            bail!("transcripts were left in the database: {moved}");
+        }
+        util::run_captured(cluster.psql_command().args([
+            "-d",
+            STORAGE_DATABASE,
+            "-c",
+            "VACUUM FULL call_transcripts",
+        ]))?;
+        let after_move = sizes("after moving the transcripts")?;
+        let on_objects = spec.clone().with_env("CALLPLANE__BACKENDS__TRANSCRIPTS", "object-store");
+        let in_store = details(&on_objects)?;
+        // The months older than six; the CLI is told that no event older than 150 days arrives.
+        let today = chrono::Utc::now().date_naive();
+        let cut = chrono::NaiveDate::from_ymd_opt(chrono::Datelike::year(&today), chrono::Datelike::month(&today), 1)
+            .and_then(|d| d.checked_sub_months(chrono::Months::new(6)))
+            .context("six months ago")?
+            .format("%Y-%m")
+            .to_string();
+        let archiving = on_objects.clone().with_env("CALLPLANE__PARTITIONS__MAX_PAST_DAYS", "150");
+        let archived = cli(&archiving, &["partitions", "archive", "--before", &cut])?;
+        let months = archived["archived"].as_array().cloned().unwrap_or_default();
+        if months.is_empty() {
+            bail!("no month was archived before {cut}: {archived}");
+        }
+        let sum = |key: &str| months.iter().filter_map(|m| m[key].as_f64()).sum::<f64>();
+        let after_archive = sizes("after archiving")?;
+        drop(s3);
+
+        let bench = "8. Storage (phase 3)";
+        let transcripts = number(&moved, "/moved")?;
+        self.rows.push(Row {
+            benchmark: bench.into(),
+            metric: format!("database size after moving {} transcripts to s3s-fs", human_count(transcripts as u64)),
+            unit: "MiB",
+            callplane: mib(&after_move, "database")?,
+            baseline: Some(mib(&loaded, "database")?),
+            baseline_is: format!("the same database before: {} calls, each with a transcript", human_count(calls)),
+            note: format!(
+                "call_transcripts {:.0} → {:.0} MiB (VACUUM FULL); moved at {:.0}/s",
+                mib(&loaded, "transcripts")?,
+                mib(&after_move, "transcripts")?,
+                transcripts / number(&moved, "/seconds")?.max(0.001)
+            ),
+        });
+        self.rows.push(Row {
+            benchmark: bench.into(),
+            metric: format!("database size after archiving the {} months before {cut}", months.len()),
+            unit: "MiB",
+            callplane: mib(&after_archive, "database")?,
+            baseline: Some(mib(&after_move, "database")?),
+            baseline_is: "the same database before archiving".into(),
+            note: format!(
+                "{:.0} calls and {:.0} transcripts in {:.1} MiB of Parquet ({:.0} MiB in the database), in {:.1} s",
+                sum("calls"),
+                sum("transcripts"),
+                sum("bytes") / (1024.0 * 1024.0),
+                sum("database_bytes") / (1024.0 * 1024.0),
+                sum("seconds"),
+            ),
+        });
+        let sampled = number(&in_store, "/calls_sampled")?;
+        for (label, field) in [("p50", "p50_ms"), ("p95", "p95_ms"), ("p99", "p99_ms")] {
+            self.rows.push(Row {
+                benchmark: bench.into(),
+                metric: format!("GET /v1/calls/{{id}} {label}, transcript in s3s-fs ({sampled:.0} calls)"),
+                unit: "ms",
+                callplane: number(&in_store, &format!("/api/{field}"))?,
+                baseline: Some(number(&in_postgres, &format!("/api/{field}"))?),
+                baseline_is: "the same calls, transcript in Postgres".into(),
+                note: format!("{:.0} messages per transcript", number(&in_store, "/mean_messages")?),
+            });
+        }
+        self.raw.insert(
+            "storage".into(),
+            json!({ "load": load, "sizes": { "loaded": loaded, "after_move": after_move, "after_archive": after_archive },
+                    "move": moved, "archive": archived, "details": { "postgres": in_postgres, "object_store": in_store } }),
+        );
+        Ok(())
+    }
+
     fn memory(&mut self) -> Result<()> {
         let idle = self.idle_rss_kb.context("the idle RSS was not measured")?;
         if idle == 0 {
@@ -1312,7 +1494,7 @@ impl Bench {
             text("redis").map_or_else(String::new, |v| format!(" Redis {v} (no persistence).")),
             match facts.get("callplane_bin").and_then(Value::as_str) {
                 Some(path) => format!("binary {path}"),
-                None => format!("{} with `--features phase2`", text("commit").unwrap_or_default()),
+                None => format!("{} with `--features phase3`", text("commit").unwrap_or_default()),
             },
             text("build").unwrap_or_default(),
         ));

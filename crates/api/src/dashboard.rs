@@ -335,14 +335,27 @@ pub async fn list_calls(
 
 /// One call, with its transcript and messages.
 #[utoipa::path(get, path = "/v1/calls/{id}", tag = "calls", params(("id" = String, Path, description = "VAPI call id")),
-    responses((status = 200, body = CallDetail), (status = 404, body = crate::error::ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = CallDetail), (status = 404, body = crate::error::ErrorBody),
+        (status = 410, description = "`call_archived`: the call's month is archived", body = crate::error::ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn get_call(
     State(s): State<AppState>,
     caller: Caller,
     ValidPath(id): ValidPath<String>,
 ) -> Result<Json<CallDetail>, ApiError> {
     let started = Instant::now();
-    let call = s.calls.get_call(caller.org_id, &id).await?.ok_or_else(|| call_not_found(&id))?;
+    let Some(call) = s.calls.get_call(caller.org_id, &id).await? else {
+        // Not found: it may be in a month archived to object storage.
+        return Err(match s.calls.archived_month(caller.org_id, &id).await? {
+            Some(month) => ApiError::client(
+                ErrorCode::CallArchived,
+                format!(
+                    "call {id} is in {month}, archived to object storage; `callplane partitions restore {month}` brings it back"
+                ),
+            ),
+            None => call_not_found(&id),
+        });
+    };
     let transcript = s.transcripts.get(caller.org_id, &id).await?.unwrap_or_default();
     s.metrics.api_query("calls.get", started.elapsed());
     Ok(Json(CallDetail {

@@ -81,6 +81,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
         | C::KeyNotFound
         | C::OrganizationNotFound
         | C::ApiKeyNotFound => StatusCode::NOT_FOUND,
+        C::CallArchived => StatusCode::GONE,
         C::BillingNotConfigured | C::WebhookNotConfigured | C::SearchOff => StatusCode::CONFLICT,
         C::PayloadTooLarge | C::FunctionDataTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         C::FutureTimestamp | C::StaleTimestamp | C::InvalidEvent => StatusCode::UNPROCESSABLE_ENTITY,

@@ -87,6 +87,7 @@ error_codes! {
     TooManyConnections = "too_many_connections", "Too many WebSockets are open for this organization or key; close one or wait `Retry-After` seconds.";
     NotFound = "not_found", "No such route, or the admin API is not enabled.";
     CallNotFound = "call_not_found", "No such call in this organization.";
+    CallArchived = "call_archived", "The call's month is archived to object storage (`callplane partitions restore YYYY-MM` brings it back).";
     KeyNotFound = "key_not_found", "No such function-data key.";
     OrganizationNotFound = "organization_not_found", "No such organization.";
     ApiKeyNotFound = "api_key_not_found", "No such API key in this organization.";

@@ -290,6 +290,12 @@ pub trait CallReads: Send + Sync {
         limit: i64,
     ) -> StoreResult<CallPage>;
     async fn get_call(&self, org: OrgId, call_id: &str) -> StoreResult<Option<CallRecord>>;
+    /// The month (`YYYY-MM`) a call of the organization was archived with (phase 3's
+    /// `callplane partitions archive`), when it was.
+    async fn archived_month(&self, org: OrgId, call_id: &str) -> StoreResult<Option<String>> {
+        let _ = (org, call_id);
+        Ok(None)
+    }
     /// Calls not yet ended, created since `since`.
     async fn live_calls(&self, org: OrgId, since: DateTime<Utc>) -> StoreResult<Vec<CallRecord>>;
     /// The organization's billing time zone and what day it is there; `None`: no such

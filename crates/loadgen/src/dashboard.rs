@@ -109,15 +109,7 @@ pub async fn run(server: Server, config: DashboardConfig) -> Result<DashboardSum
         .await
         .context("connecting to Postgres")?;
     let stored_calls: i64 = sqlx::query_scalar("SELECT count(*) FROM call_keys").fetch_one(&pool).await?;
-    let orgs: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM organizations WHERE starts_with(name, $1) ORDER BY md5(id::text) LIMIT $2")
-            .bind(&config.org_prefix)
-            .bind(config.orgs.max(1) as i64)
-            .fetch_all(&pool)
-            .await?;
-    if orgs.is_empty() {
-        bail!("no organization's name starts with {:?}; run `load` first", config.org_prefix);
-    }
+    let orgs = sample_orgs(&pool, &config).await?;
     let mut keys = Vec::with_capacity(orgs.len());
     for org in &orgs {
         keys.push((*org, server.create_api_key(&org.to_string()).await?));
@@ -176,6 +168,74 @@ pub async fn run(server: Server, config: DashboardConfig) -> Result<DashboardSum
     })
 }
 
+/// A sample of the bulk loader's organizations (`config.orgs` of those named
+/// `config.org_prefix`...), the same on every run over the same data.
+async fn sample_orgs(pool: &PgPool, config: &DashboardConfig) -> Result<Vec<Uuid>> {
+    let orgs: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM organizations WHERE starts_with(name, $1) ORDER BY md5(id::text) LIMIT $2")
+            .bind(&config.org_prefix)
+            .bind(config.orgs.max(1) as i64)
+            .fetch_all(pool)
+            .await?;
+    if orgs.is_empty() {
+        bail!("no organization's name starts with {:?}; run `load` first", config.org_prefix);
+    }
+    Ok(orgs)
+}
+
+/// `details`: `GET /v1/calls/{id}` for calls that have a transcript.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DetailsSummary {
+    pub calls_sampled: usize,
+    pub api: LatencySummary,
+    /// Mean messages per transcript read (to show the transcripts were there).
+    pub mean_messages: f64,
+    pub errors: u64,
+}
+
+/// Times `GET /v1/calls/{id}` (the call and its whole transcript) for a sample of calls with a
+/// transcript, of a sample of organizations, each with its organization's key.
+pub async fn details(server: Server, config: DashboardConfig) -> Result<DetailsSummary> {
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&config.database_url)
+        .await
+        .context("connecting to Postgres")?;
+    let orgs = sample_orgs(&pool, &config).await?;
+    let calls: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT organization_id, call_id FROM call_transcripts WHERE organization_id = ANY($1) \
+         ORDER BY md5(call_id) LIMIT $2",
+    )
+    .bind(&orgs)
+    .bind(config.requests.max(1) as i64)
+    .fetch_all(&pool)
+    .await?;
+    pool.close().await;
+    if calls.is_empty() {
+        bail!(
+            "no call of an organization whose name starts with {:?} has a transcript; run `load` first",
+            config.org_prefix
+        );
+    }
+    let mut keys = std::collections::HashMap::new();
+    for org in &orgs {
+        keys.insert(*org, server.create_api_key(&org.to_string()).await?);
+    }
+    let (api, mean_messages, errors) = time_gets(&server, &config, |i| {
+        let (org, id) = &calls[i % calls.len()];
+        Some((format!("{}/v1/calls/{id}", server.base), keys.get(org)?.clone()))
+    })
+    .await;
+    if !config.quiet {
+        eprintln!(
+            "loadgen: GET /v1/calls/{{id}} ({} calls, {mean_messages:.1} messages each) {}",
+            calls.len(),
+            api.line()
+        );
+    }
+    Ok(DetailsSummary { calls_sampled: calls.len(), api, mean_messages, errors })
+}
+
 /// Creates `calls_flat` (an unpartitioned copy of `calls` with the list index) unless it is
 /// already there with every call. Returns how long building took (0 when reused).
 async fn ensure_flat(pool: &PgPool, stored_calls: i64, rebuild: bool, quiet: bool) -> Result<f64> {
@@ -221,8 +281,8 @@ async fn time_api(
 }
 
 /// Times the GET requests `request(i)` names (URL and API key), after a warm-up, as many at
-/// once as `config.concurrency`: latency, the mean page size (`data`'s length), and how many
-/// failed.
+/// once as `config.concurrency`: latency, the mean page size (`data`'s length; for a call's
+/// detail, its `messages`'), and how many failed.
 async fn time_gets(
     server: &Server,
     config: &DashboardConfig,
@@ -244,7 +304,7 @@ async fn time_gets(
                 if i >= warmup {
                     recorder.record(sent.elapsed());
                 }
-                body.get("data").and_then(serde_json::Value::as_array).map(Vec::len)
+                body.get("data").or_else(|| body.get("messages")).and_then(serde_json::Value::as_array).map(Vec::len)
             }
         })
         .buffer_unordered(config.concurrency.max(1))

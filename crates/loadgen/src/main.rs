@@ -45,6 +45,8 @@ enum Command {
     Realtime(RealtimeArgs),
     /// Time the dashboard's call list against the same query on an unpartitioned copy.
     Dashboard(DashboardArgs),
+    /// Time `GET /v1/calls/{id}` (a call and its whole transcript) for calls with a transcript.
+    Details(DashboardArgs),
     /// Open many idle WebSockets over many organizations and read the server's RSS with them
     /// open and after they close.
     RealtimeHold(RealtimeHoldArgs),
@@ -375,6 +377,20 @@ struct DashboardArgs {
     json: bool,
 }
 
+impl DashboardArgs {
+    fn config(self) -> dashboard::DashboardConfig {
+        dashboard::DashboardConfig {
+            database_url: self.database_url,
+            orgs: self.orgs,
+            requests: self.requests,
+            concurrency: self.concurrency,
+            org_prefix: self.org_prefix,
+            rebuild_flat: self.rebuild_flat,
+            quiet: false,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -547,20 +563,15 @@ async fn run(command: Command) -> Result<bool> {
             Ok(summary.failed == 0 && summary.refused == 0 && summary.opened == summary.sockets)
         }
         Command::Dashboard(args) => {
-            let summary = dashboard::run(
-                args.server.server()?,
-                dashboard::DashboardConfig {
-                    database_url: args.database_url,
-                    orgs: args.orgs,
-                    requests: args.requests,
-                    concurrency: args.concurrency,
-                    org_prefix: args.org_prefix,
-                    rebuild_flat: args.rebuild_flat,
-                    quiet: false,
-                },
-            )
-            .await?;
-            emit(args.json, &summary)?;
+            let json = args.json;
+            let summary = dashboard::run(args.server.server()?, args.config()).await?;
+            emit(json, &summary)?;
+            Ok(summary.errors == 0)
+        }
+        Command::Details(args) => {
+            let json = args.json;
+            let summary = dashboard::details(args.server.server()?, args.config()).await?;
+            emit(json, &summary)?;
             Ok(summary.errors == 0)
         }
         Command::Sample { kind, duration, turns, tool_calls, seed } => {

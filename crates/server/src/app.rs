@@ -615,10 +615,13 @@ impl App {
         callplane_api::router(self.state.clone())
     }
 
-    /// Keeps partitions `months_ahead` ahead and prunes realtime events past their
-    /// retention: now, then every maintenance interval.
+    /// Keeps partitions `months_ahead` ahead, archives the months
+    /// `partitions.archive_after_months` says are due (phase 3), and prunes realtime events
+    /// past their retention: now, then every maintenance interval.
     pub fn spawn_maintenance(&self) {
         let store = self.store.clone();
+        #[cfg(feature = "object-store")]
+        let settings = self.settings.clone();
         let ahead = self.settings.partitions.months_ahead;
         let retention = chrono::Duration::hours(self.settings.realtime.retention_hours);
         let every = Duration::from_secs(self.settings.partitions.maintenance_interval_seconds.max(60));
@@ -630,6 +633,15 @@ impl App {
                     Ok(r) if !r.created.is_empty() => info!(created = ?r.created, "partition maintenance"),
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "partition maintenance failed; will retry"),
+                }
+                #[cfg(feature = "object-store")]
+                match archive_due(&settings, store.clone()).await {
+                    Ok(Some(r)) if !r.archived.is_empty() => {
+                        let months: Vec<&str> = r.archived.iter().map(|m| m.month.as_str()).collect();
+                        info!(?months, store = %r.store, "old months archived (partitions.archive_after_months)");
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %format!("{e:#}"), "archiving old months failed; will retry"),
                 }
                 if let Some(year_ago) = Utc::now().date_naive().checked_sub_days(chrono::Days::new(400))
                     && let Err(e) = store.prune_advisor_days(year_ago).await
@@ -667,4 +679,24 @@ impl App {
         self.follower.goodbye().await;
         served
     }
+}
+
+/// The archive of old months, in `[object_store]`.
+#[cfg(feature = "object-store")]
+pub fn archiver(settings: &Settings, store: PgStore) -> anyhow::Result<callplane_storage::Archiver> {
+    let objects = callplane_storage::Objects::open(&settings.object_store_config())?;
+    Ok(callplane_storage::Archiver::new(store, objects))
+}
+
+/// Archives every month `partitions.archive_after_months` says is due, as
+/// `callplane partitions archive` would; `None` when the setting is 0.
+#[cfg(feature = "object-store")]
+pub async fn archive_due(
+    settings: &Settings,
+    store: PgStore,
+) -> anyhow::Result<Option<callplane_storage::ArchiveReport>> {
+    let now = Utc::now();
+    let Some(before) = settings.archive_before(now) else { return Ok(None) };
+    let report = archiver(settings, store)?.archive(before, settings.stale_before(now), |_| {}).await?;
+    Ok(Some(report))
 }

@@ -11,4 +11,6 @@ pub mod settings;
 pub mod telemetry;
 
 pub use app::App;
+#[cfg(feature = "object-store")]
+pub use app::{archive_due, archiver};
 pub use settings::Settings;

@@ -304,6 +304,21 @@ enum PartitionsCommand {
         #[arg(long)]
         drop_old: bool,
     },
+    /// Archive every month before YYYY-MM to object storage (`[object_store]`, phase 3): its
+    /// calls and transcripts are detached, exported to Parquet with a manifest (row counts,
+    /// checksums, columns), read back and compared, and only then dropped. The usage ledger
+    /// stays. Months that can still receive events (`partitions.max_past_days`) are refused.
+    /// Safe to stop and run again.
+    Archive {
+        /// The first month kept: every month before it is archived (YYYY-MM).
+        #[arg(long)]
+        before: String,
+    },
+    /// Bring an archived month (YYYY-MM) back from object storage, checked against its
+    /// manifest, and attach it again.
+    Restore { month: String },
+    /// The archived months.
+    Archived,
 }
 
 /// `calls_column=legacy_column` pairs from `--map` and a mapping file.
@@ -436,6 +451,85 @@ fn parse_before(raw: &str) -> anyhow::Result<DateTime<Utc>> {
         .or_else(|| DateTime::parse_from_rfc3339(raw).ok().map(|t| t.with_timezone(&Utc)));
     instant
         .with_context(|| format!("--before {raw:?}: give a month (2026-01), a day (2026-01-31) or an RFC 3339 instant"))
+}
+
+/// A month given as YYYY-MM: its first instant, UTC.
+fn parse_month(raw: &str, what: &str) -> anyhow::Result<DateTime<Utc>> {
+    chrono::NaiveDate::parse_from_str(&format!("{raw}-01"), "%Y-%m-%d")
+        .ok()
+        .filter(|_| raw.len() == 7)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .with_context(|| format!("{what} {raw:?}: give a month as YYYY-MM (2025-03)"))
+}
+
+/// One line of an archive's or a restore's progress.
+#[cfg(feature = "object-store")]
+fn archive_progress(p: callplane_storage::ArchiveProgress<'_>) {
+    let share = if p.of > 0 { format!(" ({:.0}%)", 100.0 * p.rows as f64 / p.of as f64) } else { String::new() };
+    progress(&format!("{}: {} {}/{}{share}", p.month, p.stage, p.rows, p.of));
+}
+
+#[cfg(feature = "object-store")]
+async fn archive(settings: &Settings, before: DateTime<Utc>, json_out: bool) -> anyhow::Result<()> {
+    let archiver = callplane_server::archiver(settings, connect(settings).await?)?;
+    let report = archiver
+        .archive(before, settings.stale_before(Utc::now()), archive_progress)
+        .await
+        .context("archiving old months")?;
+    end_progress();
+    let v = serde_json::to_value(&report)?;
+    print(json_out, &v, || {
+        let mut lines: Vec<String> = report
+            .archived
+            .iter()
+            .map(|m| {
+                format!(
+                    "archived {}: {} calls and {} transcripts, {:.1} MB of Parquet ({:.1} MB in the database), in {:.1} s",
+                    m.month,
+                    m.calls,
+                    m.transcripts,
+                    m.bytes as f64 / 1e6,
+                    m.database_bytes as f64 / 1e6,
+                    m.seconds
+                )
+            })
+            .collect();
+        if lines.is_empty() {
+            lines.push(format!("no month before {} is left in the database", report.before));
+        }
+        if !report.already_archived.is_empty() {
+            lines.push(format!("archived before: {}", report.already_archived.join(", ")));
+        }
+        lines.push(format!("store: {}", report.store));
+        lines.join("\n")
+    });
+    Ok(())
+}
+
+#[cfg(feature = "object-store")]
+async fn restore(settings: &Settings, month: DateTime<Utc>, json_out: bool) -> anyhow::Result<()> {
+    let archiver = callplane_server::archiver(settings, connect(settings).await?)?;
+    let report = archiver.restore(month, archive_progress).await.context("restoring an archived month")?;
+    end_progress();
+    let v = serde_json::to_value(&report)?;
+    print(json_out, &v, || {
+        format!(
+            "restored {}: {} calls and {} transcripts, checked against the manifest, attached, in {:.1} s",
+            report.month, report.calls, report.transcripts, report.seconds
+        )
+    });
+    Ok(())
+}
+
+#[cfg(not(feature = "object-store"))]
+async fn archive(_: &Settings, _: DateTime<Utc>, _: bool) -> anyhow::Result<()> {
+    bail!("this build has no object store; build with the `object-store` feature (`--features phase3`)")
+}
+
+#[cfg(not(feature = "object-store"))]
+async fn restore(_: &Settings, _: DateTime<Utc>, _: bool) -> anyhow::Result<()> {
+    bail!("this build has no object store; build with the `object-store` feature (`--features phase3`)")
 }
 
 #[cfg(feature = "object-store")]
@@ -655,6 +749,37 @@ async fn run() -> anyhow::Result<()> {
             end_progress();
             let v = serde_json::to_value(&r)?;
             print(j, &v, || convert_text(&r));
+        }
+        Command::Partitions(PartitionsCommand::Archive { before }) => {
+            archive(&settings, parse_month(&before, "--before")?, j).await?;
+        }
+        Command::Partitions(PartitionsCommand::Restore { month }) => {
+            restore(&settings, parse_month(&month, "the month")?, j).await?;
+        }
+        Command::Partitions(PartitionsCommand::Archived) => {
+            let store = connect(&settings).await?;
+            let months = store.archived_months().await?;
+            let v = serde_json::to_value(&months)?;
+            print(j, &v, || {
+                if months.is_empty() {
+                    return "no month is archived".to_owned();
+                }
+                months
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} {} ({} calls, {} transcripts, {:.1} MB) {}",
+                            m.month.format("%Y-%m"),
+                            m.state,
+                            m.calls.unwrap_or(0),
+                            m.transcripts.unwrap_or(0),
+                            m.bytes.unwrap_or(0) as f64 / 1e6,
+                            m.manifest_key.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
         }
         Command::Billing(BillingCommand::Setup) => {
             let Some(stripe) = settings.stripe_settings() else {

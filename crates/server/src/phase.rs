@@ -832,8 +832,31 @@ impl Mover {
                 "command": "callplane transcripts move --to object-store",
                 "blocked_by": move_blocked_by,
             }));
+            // Old months: `serve` archives them once `partitions.archive_after_months` is set;
+            // done when no month before its cut-off is left in the database.
+            let cut_off = self.settings.archive_before(chrono::Utc::now());
+            let old_left: bool = match cut_off {
+                Some(before) => {
+                    sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                         WHERE i.inhparent = 'calls'::regclass \
+                           AND c.relname < 'calls_' || to_char($1 AT TIME ZONE 'UTC', 'YYYY_MM'))",
+                    )
+                    .bind(before)
+                    .fetch_one(self.store.pool())
+                    .await?
+                }
+                None => true,
+            };
+            steps.push(json!({
+                "step": "old call partitions archived to object storage",
+                "status": if blocked_by.is_some() { "blocked" } else if !old_left { "done" } else { "ready" },
+                "command": "partitions.archive_after_months = N (serve archives on schedule), \
+                            or callplane partitions archive --before YYYY-MM",
+                "archive_before": cut_off.map(|m| m.format("%Y-%m").to_string()),
+                "blocked_by": blocked_by,
+            }));
             for (what, command) in [
-                ("old call partitions archived to object storage", "callplane partitions archive"),
                 ("realtime over Redis pub/sub with live transcripts", "backends.realtime = \"redis\""),
                 ("dashboard reads on a read replica behind a pooler", "database.replica_url"),
             ] {

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use callplane_core::agent::AgentSettings;
 use callplane_core::auth::{HmacAlgorithm, HmacSettings, WebhookAuth};
 use callplane_core::billing::{BillingRules, Plan};
+use chrono::{DateTime, Utc};
 use config::{Config, Environment, File, FileFormat, Source, ValueKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -211,6 +212,9 @@ pub struct PartitionSettings {
     pub max_future_skew_hours: i64,
     pub max_past_days: i64,
     pub maintenance_interval_seconds: u64,
+    /// `serve` archives each month this many months old to object storage (phase 3); 0 never.
+    #[serde(default)]
+    pub archive_after_months: u32,
 }
 
 /// Which backend serves each seam. Each seam's choices are an enum: a name the build does not
@@ -694,15 +698,16 @@ impl Settings {
     }
 
     fn object_store_problems(&self) -> Vec<String> {
-        if self.backends.transcripts != TranscriptBackend::ObjectStore {
+        let archiving = self.partitions.archive_after_months > 0;
+        if self.backends.transcripts != TranscriptBackend::ObjectStore && !archiving {
             return Vec::new();
         }
         if !cfg!(feature = "object-store") {
-            return vec![
-                "backends.transcripts = \"object-store\": this build has no object store; build with the \
-                 `object-store` feature (`--features phase3`)"
-                    .into(),
-            ];
+            let user =
+                if archiving { "partitions.archive_after_months" } else { "backends.transcripts = \"object-store\"" };
+            return vec![format!(
+                "{user}: this build has no object store; build with the `object-store` feature (`--features phase3`)"
+            )];
         }
         let o = &self.object_store;
         let mut errors = Vec::new();
@@ -718,6 +723,23 @@ impl Settings {
             errors.push("object_store.timeout_seconds: must be at least 1".into());
         }
         errors
+    }
+
+    /// The oldest creation time an event may still have (`partitions.max_past_days` before
+    /// `now`): older months receive nothing more, so they may be archived.
+    pub fn stale_before(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - chrono::Duration::days(self.partitions.max_past_days)
+    }
+
+    /// The first month `serve` keeps when `partitions.archive_after_months` is set: every
+    /// month before it is archived, but never one that can still receive events.
+    pub fn archive_before(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let months = self.partitions.archive_after_months;
+        if months == 0 {
+            return None;
+        }
+        let by_age = callplane_core::billing::month_start(now).checked_sub_months(chrono::Months::new(months))?;
+        Some(by_age.min(callplane_core::billing::month_start(self.stale_before(now))))
     }
 
     /// Where objects are kept, for the storage crate.
@@ -1094,6 +1116,7 @@ impl Settings {
                 "max_future_skew_hours": self.partitions.max_future_skew_hours,
                 "max_past_days": self.partitions.max_past_days,
                 "maintenance_interval_seconds": self.partitions.maintenance_interval_seconds,
+                "archive_after_months": self.partitions.archive_after_months,
             },
             "reconcile": {
                 "interval_seconds": self.reconcile.interval_seconds,

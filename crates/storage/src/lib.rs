@@ -7,6 +7,8 @@
 
 mod advisor;
 mod agent_directory;
+#[cfg(feature = "object-store")]
+mod archive;
 mod billing;
 mod calls;
 mod convert;
@@ -26,6 +28,10 @@ mod usage;
 
 pub use advisor::Connections;
 pub use agent_directory::{CACHE_CHANNEL, PgAgentDirectory};
+#[cfg(feature = "object-store")]
+pub use archive::{
+    ArchiveProgress, ArchiveReport, ArchivedColumn, ArchivedTable, Archiver, Manifest, MonthArchived, RestoreReport,
+};
 pub use callplane_core::domain::CallChange;
 pub use callplane_core::domain::{ApiKeyInfo, NewApiKey, NewOrganization};
 pub use calls::{ApplyOptions, LedgerRow};
@@ -36,7 +42,10 @@ pub use function_data::PgFunctionData;
 pub use objects::{
     MoveProgress, MoveReport, MoveRequest, MoveTarget, ObjectStoreConfig, ObjectTranscriptStore, Objects,
 };
-pub use partitions::PartitionReport;
+/// The Parquet reader and writer the archive uses, for tools and tests that read archives.
+#[cfg(feature = "object-store")]
+pub use parquet;
+pub use partitions::{ArchivedMonth, PartitionReport};
 pub use realtime::{PgRealtimeBus, queue_realtime_events};
 pub use routes::{ServerBeat, StoredRoutes};
 pub use search::{SEARCH_SQL, SearchIndexReport, SearchIndexStep};

@@ -64,8 +64,8 @@ pub struct ObjectStoreConfig {
 /// A handle on the object store: where it is, and the prefix every key lives under.
 #[derive(Clone)]
 pub struct Objects {
-    store: Arc<dyn ObjectStore>,
-    prefix: ObjectPath,
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) prefix: ObjectPath,
     /// The URL, for messages (it carries no credentials).
     describe: String,
 }
@@ -198,7 +198,7 @@ fn stored_key(key: &str) -> StoreResult<ObjectPath> {
 }
 
 /// An object-store error as the seams see it: unreachable or timed out means try again later.
-fn object_error(e: object_store::Error) -> StoreError {
+pub(crate) fn object_error(e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::Generic { .. } => StoreError::unavailable(BACKEND, e),
         other => StoreError::backend(BACKEND, other),

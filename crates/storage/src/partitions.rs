@@ -24,6 +24,21 @@ pub struct PartitionReport {
     pub covered_through: Option<String>,
 }
 
+/// A month of `partition_archives`: archived to object storage (`callplane partitions
+/// archive`), or on its way out or back.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct ArchivedMonth {
+    pub month: DateTime<Utc>,
+    /// `archiving`, `archived` or `restoring`.
+    pub state: String,
+    pub manifest_key: Option<String>,
+    pub calls: Option<i64>,
+    pub transcripts: Option<i64>,
+    /// Size of its Parquet files.
+    pub bytes: Option<i64>,
+    pub archived_at: Option<DateTime<Utc>>,
+}
+
 fn month_key(t: DateTime<Utc>) -> i32 {
     t.year() * 12 + t.month0() as i32
 }
@@ -93,5 +108,16 @@ impl PgStore {
         let covered_through =
             calls_partitions.last().and_then(|n| n.strip_prefix("calls_")).map(|s| s.replacen('_', "-", 1));
         Ok(PartitionReport { created: Vec::new(), calls_partitions, covered_through })
+    }
+
+    /// Every month in `partition_archives`, oldest first.
+    pub async fn archived_months(&self) -> StoreResult<Vec<ArchivedMonth>> {
+        sqlx::query_as(
+            "SELECT month, state, manifest_key, calls, transcripts, bytes, archived_at \
+             FROM partition_archives ORDER BY month",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
     }
 }

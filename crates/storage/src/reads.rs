@@ -122,6 +122,19 @@ impl CallReads for PgStore {
         Ok(CallPage { calls, next })
     }
 
+    async fn archived_month(&self, org: OrgId, call_id: &str) -> StoreResult<Option<String>> {
+        sqlx::query_scalar(
+            "SELECT to_char(a.month AT TIME ZONE 'UTC', 'YYYY-MM') FROM call_keys k JOIN partition_archives a \
+             ON a.month = date_trunc('month', k.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' \
+             WHERE k.vapi_call_id = $2 AND k.organization_id = $1",
+        )
+        .bind(org.0)
+        .bind(call_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)
+    }
+
     #[instrument(skip_all, fields(org_id = %org))]
     async fn get_call(&self, org: OrgId, call_id: &str) -> StoreResult<Option<CallRecord>> {
         // call_keys says which partition holds the call; another organization's id finds
