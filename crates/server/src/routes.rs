@@ -166,6 +166,17 @@ impl Follower {
         let _ = self.pipeline.set((pipeline, Box::new(worker)));
     }
 
+    /// The worker a `serve` will run, from its settings, while its pipeline is still being
+    /// built: its first heartbeat can come before, and a phase move reading that beat must not
+    /// conclude that no process would run a worker.
+    fn planned_worker(&self) -> &'static str {
+        #[cfg(feature = "temporal")]
+        if self.kind == "serve" && !matches!(self.settings.temporal.worker, crate::settings::WorkerMode::Off) {
+            return "when routed";
+        }
+        "off"
+    }
+
     async fn capabilities(&self) -> Value {
         let mut caps = Map::new();
         #[cfg(feature = "redis")]
@@ -179,7 +190,10 @@ impl Follower {
             );
         }
         if let Some(target) = &self.abilities.temporal {
-            let worker = self.pipeline.get().map_or("off", |(_, w)| w());
+            let worker = match self.pipeline.get() {
+                Some((_, w)) => w(),
+                None => self.planned_worker(),
+            };
             caps.insert("temporal".into(), serde_json::json!({ "target": target, "worker": worker }));
         }
         if let Some((pipeline, _)) = self.pipeline.get() {
