@@ -75,7 +75,6 @@ impl Server {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        server.port = port;
         Ok(server)
     }
 

@@ -533,12 +533,8 @@ impl App {
         );
         #[cfg(feature = "temporal")]
         let worker_state = {
-            let (worker, mode) = (worker.clone(), settings.temporal.worker);
-            move || match (lock(&worker).is_some(), mode) {
-                (true, _) => "running",
-                (false, crate::settings::WorkerMode::Off) => "off",
-                (false, _) => "when routed",
-            }
+            let (worker, idle) = (worker.clone(), settings.idle_worker_state());
+            move || if lock(&worker).is_some() { "running" } else { idle }
         };
         #[cfg(not(feature = "temporal"))]
         let worker_state = || "off";

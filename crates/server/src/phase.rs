@@ -835,17 +835,8 @@ impl Mover {
             // Old months: `serve` archives them once `partitions.archive_after_months` is set;
             // done when no month before its cut-off is left in the database.
             let cut_off = self.settings.archive_before(chrono::Utc::now());
-            let old_left: bool = match cut_off {
-                Some(before) => {
-                    sqlx::query_scalar(
-                        "SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-                         WHERE i.inhparent = 'calls'::regclass \
-                           AND c.relname < 'calls_' || to_char($1 AT TIME ZONE 'UTC', 'YYYY_MM'))",
-                    )
-                    .bind(before)
-                    .fetch_one(self.store.pool())
-                    .await?
-                }
+            let old_left = match cut_off {
+                Some(before) => self.store.partition_months().await?.first().is_some_and(|oldest| *oldest < before),
                 None => true,
             };
             steps.push(json!({

@@ -170,11 +170,7 @@ impl Follower {
     /// built: its first heartbeat can come before, and a phase move reading that beat must not
     /// conclude that no process would run a worker.
     fn planned_worker(&self) -> &'static str {
-        #[cfg(feature = "temporal")]
-        if self.kind == "serve" && !matches!(self.settings.temporal.worker, crate::settings::WorkerMode::Off) {
-            return "when routed";
-        }
-        "off"
+        if self.kind == "serve" { self.settings.idle_worker_state() } else { "off" }
     }
 
     async fn capabilities(&self) -> Value {

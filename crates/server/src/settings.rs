@@ -775,6 +775,15 @@ impl Settings {
         self.backends.event_pipeline == PipelineBackend::Temporal || self.temporal.worker == WorkerMode::On
     }
 
+    /// What a heartbeat says of `serve`'s Temporal worker while none is running: whether one
+    /// would start when events are routed to Temporal.
+    pub fn idle_worker_state(&self) -> &'static str {
+        match self.temporal.worker {
+            WorkerMode::Off => "off",
+            WorkerMode::Auto | WorkerMode::On => "when routed",
+        }
+    }
+
     /// Whether `serve` runs a Temporal worker.
     pub fn serves_worker(&self) -> bool {
         match self.temporal.worker {

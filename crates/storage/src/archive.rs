@@ -26,7 +26,8 @@
 //! `object_key`, which is valid again once the month is back. One archive or restore runs at a
 //! time (a session advisory lock).
 
-use crate::objects::{Objects, object_error};
+use crate::convert::{ident, refused};
+use crate::objects::{Objects, object_error, stored_key};
 use crate::{PgStore, db};
 use arrow_array::builder::{
     BooleanBuilder, Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder,
@@ -43,7 +44,6 @@ use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use object_store::buffered::{BufReader, BufWriter};
 use object_store::path::{Path as ObjectPath, PathPart};
-use object_store::{PutPayload, PutResult};
 use parquet::arrow::{AsyncArrowWriter, ParquetRecordBatchStreamBuilder};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -94,6 +94,13 @@ pub struct Manifest {
     pub created_at: DateTime<Utc>,
     pub created_by: String,
     pub tables: Vec<ArchivedTable>,
+}
+
+impl Manifest {
+    /// The rows the manifest records for `table` (0 when it has none).
+    fn rows(&self, table: &str) -> i64 {
+        self.tables.iter().find(|t| t.table == table).map_or(0, |t| t.rows)
+    }
 }
 
 /// What `archive` did for one month.
@@ -169,15 +176,8 @@ impl Archiver {
             )));
         }
         let lock = self.lock().await?;
-        let mut months: Vec<DateTime<Utc>> = self
-            .pg
-            .partition_report()
-            .await?
-            .calls_partitions
-            .iter()
-            .filter_map(|name| partition_month(name))
-            .filter(|m| *m < before)
-            .collect();
+        let mut months: Vec<DateTime<Utc>> =
+            self.pg.partition_months().await?.into_iter().filter(|m| *m < before).collect();
         let states: Vec<(DateTime<Utc>, String)> =
             sqlx::query_as("SELECT month, state FROM partition_archives WHERE month < $1")
                 .bind(before)
@@ -246,7 +246,8 @@ impl Archiver {
             let columns = self.columns(parent).await?;
             let (rows, checksum) = self.checksum(&part, &columns, key).await?;
             let object = self.object(month, &format!("{parent}.parquet"));
-            let bytes = self.export(&part, &columns, key, &object, rows, &label, progress).await?;
+            let stage = format!("exporting {parent}");
+            let bytes = self.export(&part, &columns, key, &object, rows, &label, &stage, progress).await?;
             // Read it back the way a restore would, and compare.
             let check = format!("archive_check_{part}");
             self.scratch_table(parent, &check, true).await?;
@@ -283,10 +284,10 @@ impl Archiver {
         };
         let manifest_key = self.object(month, "manifest.json");
         let body = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Internal(e.to_string()))?;
-        let _: PutResult = self.objects.store.put(&manifest_key, PutPayload::from(body)).await.map_err(object_error)?;
+        self.objects.put(&manifest_key, body.into()).await?;
 
         // The commit point: the partitions go, and the month is archived, together.
-        let count = |table: &str| manifest.tables.iter().find(|t| t.table == table).map_or(0, |t| t.rows);
+        let (calls, transcripts) = (manifest.rows("calls"), manifest.rows("call_transcripts"));
         let bytes: u64 = manifest.tables.iter().map(|t| t.bytes).sum();
         let mut tx = pool.begin().await.map_err(db)?;
         for (parent, _) in TABLES {
@@ -301,18 +302,18 @@ impl Archiver {
         )
         .bind(month)
         .bind(manifest_key.to_string())
-        .bind(count("calls"))
-        .bind(count("call_transcripts"))
+        .bind(calls)
+        .bind(transcripts)
         .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        info!(month = %label, calls = count("calls"), transcripts = count("call_transcripts"), bytes, "month archived");
+        info!(month = %label, calls, transcripts, bytes, "month archived");
         Ok(MonthArchived {
             month: label,
-            calls: count("calls"),
-            transcripts: count("call_transcripts"),
+            calls,
+            transcripts,
             bytes,
             database_bytes,
             manifest: manifest_key.to_string(),
@@ -417,13 +418,13 @@ impl Archiver {
             sqlx::query(&format!("ANALYZE {}", partition_name(parent, month))).execute(pool).await.map_err(db)?;
         }
         release(lock).await;
-        let count = |table: &str| manifest.tables.iter().find(|t| t.table == table).map_or(0, |t| t.rows);
-        info!(month = %label, calls = count("calls"), "month restored");
+        let (calls, transcripts) = (manifest.rows("calls"), manifest.rows("call_transcripts"));
+        info!(month = %label, calls, transcripts, "month restored");
         Ok(RestoreReport {
             store: self.objects.describe().to_owned(),
             month: label,
-            calls: count("calls"),
-            transcripts: count("call_transcripts"),
+            calls,
+            transcripts,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -489,7 +490,7 @@ impl Archiver {
 
     /// The table's row count and checksum over `columns`.
     async fn checksum(&self, table: &str, columns: &[ArchivedColumn], key: &str) -> StoreResult<(i64, String)> {
-        let row = columns.iter().map(|c| quote(&c.name)).collect::<Vec<_>>().join(", ");
+        let row = columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ");
         sqlx::query_as(&format!(
             "SELECT count(*), coalesce(md5(string_agg(md5(ROW({row})::text), '' ORDER BY {key})), '') FROM {table}"
         ))
@@ -523,6 +524,7 @@ impl Archiver {
         object: &ObjectPath,
         total: i64,
         month: &str,
+        stage: &str,
         progress: &mut impl FnMut(ArchiveProgress<'_>),
     ) -> StoreResult<u64> {
         let schema = arrow_schema(columns);
@@ -535,7 +537,6 @@ impl Archiver {
         let sink = BufWriter::new(Arc::clone(&self.objects.store), object.clone());
         let mut writer =
             AsyncArrowWriter::try_new(sink, Arc::clone(&schema), Some(properties)).map_err(parquet_error)?;
-        let stage = format!("exporting {}", table_of(part));
         let sql = format!("SELECT {select} FROM {part} ORDER BY {key}");
         let mut rows = sqlx::query(&sql).fetch(self.pg.pool());
         let mut batch = Batch::new(columns);
@@ -545,14 +546,14 @@ impl Archiver {
             if batch.len == BATCH {
                 writer.write(&batch.finish(&schema)?).await.map_err(parquet_error)?;
                 done += BATCH as i64;
-                progress(ArchiveProgress { month, stage: &stage, rows: done, of: total });
+                progress(ArchiveProgress { month, stage, rows: done, of: total });
             }
         }
         drop(rows);
         if batch.len > 0 {
             done += batch.len as i64;
             writer.write(&batch.finish(&schema)?).await.map_err(parquet_error)?;
-            progress(ArchiveProgress { month, stage: &stage, rows: done, of: total });
+            progress(ArchiveProgress { month, stage, rows: done, of: total });
         }
         writer.close().await.map_err(parquet_error)?;
         let meta = self.objects.store.head(object).await.map_err(object_error)?;
@@ -583,7 +584,7 @@ impl Archiver {
             return Err(StoreError::Internal(format!("{object} does not have the columns its manifest lists")));
         }
         let mut batches = builder.with_batch_size(BATCH).build().map_err(parquet_error)?;
-        let names = columns.iter().map(|c| quote(&c.name)).collect::<Vec<_>>().join(", ");
+        let names = columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ");
         let arrays = columns
             .iter()
             .enumerate()
@@ -615,8 +616,10 @@ impl Archiver {
     }
 
     async fn manifest(&self, key: &str) -> StoreResult<Manifest> {
-        let found = self.objects.store.get(&stored_key(key)?).await.map_err(object_error)?;
-        let body = found.bytes().await.map_err(object_error)?;
+        let body =
+            self.objects.get(&stored_key(key)?).await?.ok_or_else(|| {
+                StoreError::Internal(format!("the manifest {key} is not in {}", self.objects.describe()))
+            })?;
         serde_json::from_slice(&body).map_err(|e| StoreError::Internal(format!("{key}: {e}")))
     }
 
@@ -641,30 +644,6 @@ impl Archiver {
 /// `calls_2024_03` for `calls` and March 2024.
 fn partition_name(parent: &str, month: DateTime<Utc>) -> String {
     format!("{parent}_{}", month.format("%Y_%m"))
-}
-
-/// The month of a partition named `calls_YYYY_MM`.
-fn partition_month(name: &str) -> Option<DateTime<Utc>> {
-    let date = chrono::NaiveDate::parse_from_str(&format!("{}_01", name.strip_prefix("calls_")?), "%Y_%m_%d").ok()?;
-    Some(date.and_hms_opt(0, 0, 0)?.and_utc())
-}
-
-/// `calls` for `calls_2024_03`.
-fn table_of(part: &str) -> &str {
-    part.rsplitn(3, '_').nth(2).unwrap_or(part)
-}
-
-/// An archive or restore that cannot go on as asked; the message says why and what to do.
-fn refused(message: String) -> StoreError {
-    StoreError::Internal(message)
-}
-
-fn stored_key(key: &str) -> StoreResult<ObjectPath> {
-    ObjectPath::parse(key).map_err(|e| StoreError::Internal(format!("object key {key:?}: {e}")))
-}
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 async fn drop_table(pool: &sqlx::PgPool, name: &str) -> StoreResult<()> {
@@ -743,8 +722,8 @@ fn arrow_schema(columns: &[ArchivedColumn]) -> SchemaRef {
 
 fn select_expr(c: &ArchivedColumn) -> String {
     match Kind::of(&c.pg_type) {
-        Kind::Text => format!("{}::text", quote(&c.name)),
-        _ => quote(&c.name),
+        Kind::Text => format!("{}::text", ident(&c.name)),
+        _ => ident(&c.name),
     }
 }
 
@@ -855,6 +834,7 @@ fn bind_column<'q>(query: Query<'q>, array: &ArrayRef, kind: Kind, name: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::partitions::partition_month;
 
     #[test]
     fn partitions_are_named_by_month() {
@@ -863,7 +843,6 @@ mod tests {
         assert_eq!(partition_name("call_transcripts", march), "call_transcripts_2024_03");
         assert_eq!(partition_month("calls_unpartitioned"), None);
         assert_eq!(partition_month("call_transcripts_2024_03"), None);
-        assert_eq!(table_of("call_transcripts_2024_03"), "call_transcripts");
     }
 
     #[test]

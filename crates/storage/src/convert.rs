@@ -85,12 +85,13 @@ pub struct ConvertProgress<'a> {
 }
 
 /// A quoted identifier.
-fn ident(name: &str) -> String {
+pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// What the database holds does not allow the conversion asked for.
-fn refused(message: String) -> StoreError {
+/// What the database holds does not allow the operation asked for (a conversion, an archive or
+/// a restore); the message says why and what to do.
+pub(crate) fn refused(message: String) -> StoreError {
     StoreError::Internal(message)
 }
 

@@ -150,12 +150,12 @@ impl Objects {
         self.prefix.parts().chain(parts).collect()
     }
 
-    async fn put(&self, key: &ObjectPath, body: Bytes) -> StoreResult<()> {
+    pub(crate) async fn put(&self, key: &ObjectPath, body: Bytes) -> StoreResult<()> {
         self.store.put(key, PutPayload::from_bytes(body)).await.map(|_| ()).map_err(object_error)
     }
 
     /// The object's bytes; `None` when there is no such object.
-    async fn get(&self, key: &ObjectPath) -> StoreResult<Option<Bytes>> {
+    pub(crate) async fn get(&self, key: &ObjectPath) -> StoreResult<Option<Bytes>> {
         match self.store.get(key).await {
             Ok(found) => found.bytes().await.map(Some).map_err(object_error),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -193,7 +193,7 @@ fn call_segment(call_id: &str) -> String {
 }
 
 /// A key as stored in `call_transcripts.object_key` (already escaped), as a path.
-fn stored_key(key: &str) -> StoreResult<ObjectPath> {
+pub(crate) fn stored_key(key: &str) -> StoreResult<ObjectPath> {
     ObjectPath::parse(key).map_err(|e| StoreError::Internal(format!("object key {key:?}: {e}")))
 }
 

@@ -39,6 +39,12 @@ pub struct ArchivedMonth {
     pub archived_at: Option<DateTime<Utc>>,
 }
 
+/// The month of a partition named `calls_YYYY_MM`.
+pub(crate) fn partition_month(name: &str) -> Option<DateTime<Utc>> {
+    let date = chrono::NaiveDate::parse_from_str(&format!("{}_01", name.strip_prefix("calls_")?), "%Y_%m_%d").ok()?;
+    Some(date.and_hms_opt(0, 0, 0)?.and_utc())
+}
+
 fn month_key(t: DateTime<Utc>) -> i32 {
     t.year() * 12 + t.month0() as i32
 }
@@ -108,6 +114,12 @@ impl PgStore {
         let covered_through =
             calls_partitions.last().and_then(|n| n.strip_prefix("calls_")).map(|s| s.replacen('_', "-", 1));
         Ok(PartitionReport { created: Vec::new(), calls_partitions, covered_through })
+    }
+
+    /// The months `calls` has a partition for, oldest first.
+    pub async fn partition_months(&self) -> StoreResult<Vec<DateTime<Utc>>> {
+        let report = self.partition_report().await?;
+        Ok(report.calls_partitions.iter().filter_map(|name| partition_month(name)).collect())
     }
 
     /// Every month in `partition_archives`, oldest first.
