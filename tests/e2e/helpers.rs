@@ -79,12 +79,17 @@ impl TestApp {
     pub fn callplane_command(&self, args: &[&str]) -> std::process::Command {
         use secrecy::ExposeSecret;
         let settings = &self.app.settings;
+        // Behind the pooler as the server is; else straight to the database (not through a
+        // fault proxy the test may cut).
+        let direct = settings.database.direct_url.expose_secret();
+        let url = if direct.is_empty() { self.db.url.as_str() } else { settings.database.url.expose_secret() };
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_callplane"));
         command
             .args(args)
             .env("CALLPLANE_ENV", "test")
             .env("CALLPLANE_CONFIG_DIR", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config"))
-            .env("CALLPLANE__DATABASE__URL", &self.db.url)
+            .env("CALLPLANE__DATABASE__URL", url)
+            .env("CALLPLANE__DATABASE__DIRECT_URL", direct)
             .env("CALLPLANE__REDIS__URL", settings.redis.url.expose_secret())
             .env("CALLPLANE__TEMPORAL__ADDRESS", &settings.temporal.address)
             .env("CALLPLANE__TEMPORAL__TASK_QUEUE", &settings.temporal.task_queue)
@@ -116,10 +121,40 @@ impl TestApp {
         Self::spawn_with(&[]).await
     }
 
+    /// A callplane on a fresh database; in a run with PgBouncer (phase 3's), its pool goes
+    /// through the pooler in transaction mode and its sessions straight to the database
+    /// (`database.direct_url`), as a user behind a pooler configures it.
     pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
         let db = TestDb::fresh().await.expect("a fresh test database");
+        let Some(pooled) = callplane_testkit::replica::pooled(&db.url) else {
+            let store = db.store.clone();
+            return Self::serve_on(db, store, overrides).await;
+        };
+        let store = callplane_storage::PgStore::connect(&pooled, 10)
+            .await
+            .expect("connects through PgBouncer")
+            .with_direct_url(&db.url)
+            .unwrap();
+        let direct = db.url.clone();
+        let mut all = vec![("database.url", pooled.as_str()), ("database.direct_url", direct.as_str())];
+        all.extend_from_slice(overrides);
+        Self::serve_on(db, store, &all).await
+    }
+
+    /// A callplane whose dashboard reads go to the suite's streaming replica
+    /// (`database.replica_url`), once the replica has this test's database.
+    #[cfg(feature = "read-replica")]
+    pub async fn spawn_with_replica(
+        replica: &callplane_testkit::replica::TestReplica,
+        overrides: &[(&str, &str)],
+    ) -> Self {
+        let db = TestDb::fresh().await.expect("a fresh test database");
+        replica.wait_for_database(&db.name).await;
+        let url = replica.url(&db.name);
         let store = db.store.clone();
-        Self::serve_on(db, store, overrides).await
+        let mut all = vec![("database.replica_url", url.as_str())];
+        all.extend_from_slice(overrides);
+        Self::serve_on(db, store, &all).await
     }
 
     /// A callplane that reaches its database only through `FaultProxy`, which the test can

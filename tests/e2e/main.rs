@@ -31,6 +31,8 @@ mod realtime_limits;
 mod reconcile;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "read-replica")]
+mod replica;
 mod samples;
 mod seams;
 mod search;

@@ -11,9 +11,9 @@ use std::time::Duration as StdDuration;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(url: &str, token: Option<&str>) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+pub(crate) async fn connect(url: &str, token: Option<&str>) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
     let mut req = url.into_client_request().unwrap();
     if let Some(t) = token {
         req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
@@ -33,7 +33,7 @@ async fn next_json(ws: &mut Socket, wait: StdDuration) -> Option<Value> {
 }
 
 /// Reads frames until `ready`, returning the events before it.
-async fn until_ready(ws: &mut Socket) -> Vec<Value> {
+pub(crate) async fn until_ready(ws: &mut Socket) -> Vec<Value> {
     let mut events = Vec::new();
     loop {
         let frame = next_json(ws, StdDuration::from_secs(5)).await.expect("a frame before ready");
@@ -46,7 +46,7 @@ async fn until_ready(ws: &mut Socket) -> Vec<Value> {
 }
 
 /// Collects events until `count` arrived (or 5 s of silence).
-async fn events(ws: &mut Socket, count: usize) -> Vec<Value> {
+pub(crate) async fn events(ws: &mut Socket, count: usize) -> Vec<Value> {
     let mut out = Vec::new();
     while out.len() < count {
         let Some(frame) = next_json(ws, StdDuration::from_secs(5)).await else { break };

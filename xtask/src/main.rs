@@ -8,6 +8,7 @@ mod chaos;
 mod fuzz;
 mod http;
 mod pg;
+mod pooler;
 mod profile;
 mod redis;
 mod run;

@@ -128,6 +128,46 @@ impl Cluster {
         Ok(())
     }
 
+    /// Makes this (not yet existing) cluster a streaming replica of `primary` with
+    /// `pg_basebackup -R`, configured so that a plain `pg_ctl start` serves it on its own port
+    /// with `settings` (the tests stop and start it themselves).
+    pub fn replicate(&self, primary: &Cluster, settings: &[&str]) -> Result<()> {
+        let parent = self.parent_dir();
+        fs::create_dir_all(&parent).with_context(|| format!("could not create {}", parent.display()))?;
+        if self.as_postgres_user {
+            give_to_postgres(&parent, false)?;
+        }
+        let mut command = self.server_tool("pg_basebackup");
+        let port = primary.port.to_string();
+        command.arg("-D").arg(&self.data).args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"]);
+        command.args(["--write-recovery-conf", "--wal-method=stream", "--checkpoint=fast"]);
+        run_captured(&mut command)?;
+        let mut conf = format!(
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            self.port,
+            self.data.display()
+        );
+        for setting in settings {
+            conf.push_str(setting);
+            conf.push('\n');
+        }
+        let auto = self.data.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).with_context(|| format!("could not read {}", auto.display()))?;
+        text.push_str(&conf);
+        fs::write(&auto, text).with_context(|| format!("could not write {}", auto.display()))?;
+        Ok(())
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// The directory of the server binaries.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
     /// Starts the server on loopback and waits until it accepts connections. `settings` are extra
     /// `-c name=value` server options.
     pub fn start(&self, settings: &[&str]) -> Result<()> {

@@ -13,6 +13,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context, Result, bail};
 
 use crate::pg::{self, Cluster, StopOnDrop};
+use crate::pooler;
 use crate::redis::{self, Durability, Redis};
 use crate::s3;
 use crate::temporal::{self, Temporal};
@@ -115,24 +116,34 @@ pub fn test(nextest_args: &[String]) -> Result<ExitCode> {
             Ok(())
         });
 
+        let mut replicated = None;
+        report.step("start phase 3's PostgreSQL: a primary, its streaming replica, and PgBouncer in front", || {
+            replicated = Some(Replicated::start(cluster.bin_dir())?);
+            Ok(())
+        });
+
         let phase2 = format!(
-            "phases 2 and 3 (Redis backends, Temporal pipeline, transcripts in S3): {}",
+            "phases 2 and 3 (Redis backends, Temporal pipeline, transcripts in S3, reads on a replica, \
+             the pool behind PgBouncer): {}",
             util::describe(&with_args(util::cargo(), PHASE2_ARGS))
         );
-        match (&redis_url, &temporal_address, &s3fs) {
-            (Some(redis_url), Some(temporal_address), Some(s3fs)) => report.step(&phase2, || {
+        match (&redis_url, &temporal_address, &s3fs, &replicated) {
+            (Some(redis_url), Some(temporal_address), Some(s3fs), Some(replicated)) => report.step(&phase2, || {
                 let mut command = util::cargo();
                 command
                     .args(PHASE2_ARGS)
                     .args(nextest_args)
-                    .env(TEST_DATABASE_ENV, &url)
+                    .envs(replicated.test_env())
                     .env(TEST_REDIS_ENV, redis_url)
                     .env(TEST_TEMPORAL_ENV, temporal_address)
                     .envs(temporal_cli.iter().map(|cli| ("CALLPLANE_TEST_TEMPORAL_CLI", cli)))
                     .env(s3::TEST_ENV, s3fs);
                 util::run(&mut command)
             }),
-            _ => report.skip(&phase2, "Redis, Temporal or s3s-fs did not start"),
+            _ => report.skip(&phase2, "Redis, Temporal, s3s-fs, the replica or PgBouncer did not start"),
+        }
+        if let Some(mut replicated) = replicated {
+            report.always("stop phase 3's PostgreSQL and PgBouncer", || replicated.stop());
         }
         // Runs even after Ctrl-C, before the benchmarks, which need neither.
         if let Some(mut redis) = redis {
@@ -202,6 +213,61 @@ fn start_test_cluster(bin: PathBuf) -> Result<StopOnDrop> {
     cluster.init()?;
     cluster.start(TEST_SETTINGS)?;
     Ok(StopOnDrop::new(cluster))
+}
+
+/// Phase 3's database servers: a primary, a streaming replica made from it at birth (so it
+/// replays only what this run writes), and PgBouncer in transaction mode in front of the
+/// primary. Stopped when dropped.
+struct Replicated {
+    primary: StopOnDrop,
+    replica: StopOnDrop,
+    pooler: pooler::PgBouncer,
+}
+
+impl Replicated {
+    fn start(bin: &std::path::Path) -> Result<Self> {
+        let root = util::repo_root().join("target/xtask");
+        let primary = Cluster::new(bin.to_path_buf(), root.join("pg-phase3/data"), pg::free_port()?)?;
+        let replica = Cluster::new(bin.to_path_buf(), root.join("pg-phase3-replica/data"), pg::free_port()?)?;
+        replica.destroy()?;
+        primary.destroy()?;
+        primary.init()?;
+        primary.start(TEST_SETTINGS)?;
+        let primary = StopOnDrop::new(primary);
+        replica.replicate(primary.cluster(), TEST_SETTINGS)?;
+        replica.start(TEST_SETTINGS)?;
+        let replica = StopOnDrop::new(replica);
+        let bouncer = pooler::binary()?;
+        let pooler =
+            pooler::PgBouncer::start(&bouncer, &root.join("pgbouncer"), pg::free_port()?, primary.cluster().port())?;
+        eprintln!(
+            "xtask: phase 3: primary on port {}, replica on {}, PgBouncer on {}",
+            primary.cluster().port(),
+            replica.cluster().port(),
+            pooler.url()
+        );
+        Ok(Self { primary, replica, pooler })
+    }
+
+    /// What the tests find these servers by: the primary is the suite's database server.
+    fn test_env(&self) -> Vec<(&'static str, String)> {
+        let replica = self.replica.cluster();
+        vec![
+            (TEST_DATABASE_ENV, self.primary.cluster().url("postgres")),
+            ("CALLPLANE_TEST_REPLICA_URL", replica.url("postgres")),
+            ("CALLPLANE_TEST_REPLICA_DATA", replica.data_dir().display().to_string()),
+            ("CALLPLANE_TEST_PG_BIN", replica.bin_dir().display().to_string()),
+            (pooler::TEST_ENV, self.pooler.url()),
+        ]
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.pooler.stop();
+        // The tests stop and start the replica; one left stopped is no error here.
+        let replica = self.replica.stop();
+        self.primary.stop()?;
+        replica.or_else(|e| if self.replica.cluster().is_running()? { Err(e) } else { Ok(()) })
+    }
 }
 
 /// Starts a `redis-server` that keeps nothing, in a fresh `target/xtask/redis-test`, on a free

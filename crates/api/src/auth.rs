@@ -99,6 +99,9 @@ impl ApiKeyCache {
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
     pub org_id: OrgId,
+    /// The log position the client's reads must see: `Callplane-Read-After`, as its last
+    /// write's answer gave it.
+    pub read_after: Option<callplane_core::reads::Lsn>,
 }
 
 /// An operator, authenticated with the admin token.
@@ -191,7 +194,8 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
         let client = ClientAddr::of(parts, &s.auth_throttle);
-        Ok(Caller { org_id: authenticate_client(s, &client, bearer(&parts.headers)).await? })
+        let org_id = authenticate_client(s, &client, bearer(&parts.headers)).await?;
+        Ok(Caller { org_id, read_after: crate::consistency::read_after(&parts.headers)? })
     }
 }
 

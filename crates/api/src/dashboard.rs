@@ -2,12 +2,13 @@
 //! organization's data; another organization's ids are simply not found.
 
 use crate::auth::Caller;
+use crate::consistency::written;
 use crate::extract::{JsonBody, ValidPath, ValidQuery, refuse_nul_in_json};
 use crate::{ApiError, AppState};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -325,7 +326,10 @@ pub async fn list_calls(
         return Err(bad(ErrorCode::InvalidFilter, format!("`limit` must be between 1 and {MAX_PAGE}")));
     }
     let cursor = q.cursor.as_deref().map(decode_cursor).transpose()?;
-    let page = s.calls.list_calls(caller.org_id, &f, cursor.as_ref(), limit).await?;
+    let org = caller.org_id;
+    let (f, cursor) = (&f, cursor.as_ref());
+    let page =
+        s.reads.run(org, caller.read_after, |r| async move { r.calls.list_calls(org, f, cursor, limit).await }).await?;
     s.metrics.api_query("calls.list", started.elapsed());
     Ok(Json(CallList {
         data: page.calls.into_iter().map(CallView::from).collect(),
@@ -344,19 +348,25 @@ pub async fn get_call(
     ValidPath(id): ValidPath<String>,
 ) -> Result<Json<CallDetail>, ApiError> {
     let started = Instant::now();
-    let Some(call) = s.calls.get_call(caller.org_id, &id).await? else {
-        // Not found: it may be in a month archived to object storage.
-        return Err(match s.calls.archived_month(caller.org_id, &id).await? {
-            Some(month) => ApiError::client(
-                ErrorCode::CallArchived,
-                format!(
-                    "call {id} is in {month}, archived to object storage; `callplane partitions restore {month}` brings it back"
-                ),
-            ),
-            None => call_not_found(&id),
-        });
-    };
-    let transcript = s.transcripts.get(caller.org_id, &id).await?.unwrap_or_default();
+    let org = caller.org_id;
+    let id = id.as_str();
+    let found = s
+        .reads
+        .run(org, caller.read_after, |r| async move {
+            Ok(match r.calls.get_call(org, id).await? {
+                Some(call) => Ok((call, r.transcripts.get(org, id).await?.unwrap_or_default())),
+                // Not found: it may be in a month archived to object storage.
+                None => Err(r.calls.archived_month(org, id).await?),
+            })
+        })
+        .await?;
+    let (call, transcript) = found.map_err(|archived| match archived {
+        Some(month) => ApiError::client(
+            ErrorCode::CallArchived,
+            format!("call {id} is in {month}, archived to object storage; `callplane partitions restore {month}` brings it back"),
+        ),
+        None => call_not_found(&id),
+    })?;
     s.metrics.api_query("calls.get", started.elapsed());
     Ok(Json(CallDetail {
         call: call.into(),
@@ -375,7 +385,8 @@ fn call_not_found(id: &str) -> ApiError {
 pub async fn live_calls(State(s): State<AppState>, caller: Caller) -> Result<Json<LiveCalls>, ApiError> {
     let started = Instant::now();
     // A call still "live" after a day lost its end events; it is not counted as in progress.
-    let calls = s.calls.live_calls(caller.org_id, Utc::now() - Duration::days(1)).await?;
+    let (org, since) = (caller.org_id, Utc::now() - Duration::days(1));
+    let calls = s.reads.run(org, caller.read_after, |r| async move { r.calls.live_calls(org, since).await }).await?;
     s.metrics.api_query("calls.live", started.elapsed());
     Ok(Json(LiveCalls { count: calls.len(), data: calls.into_iter().map(CallView::from).collect() }))
 }
@@ -458,9 +469,10 @@ pub async fn export_csv(
 ) -> Result<Response, ApiError> {
     let f = filter(&q, Utc::now())?;
     let org: OrgId = caller.org_id;
-    let first = s.calls.list_calls(org, &f, None, EXPORT_PAGE).await?;
+    // Every page from the database the first came from.
+    let calls = s.reads.choose(org, caller.read_after).await.calls.clone();
+    let first = calls.list_calls(org, &f, None, EXPORT_PAGE).await?;
     let head: String = std::iter::once(CSV_HEADER.to_owned()).chain(first.calls.iter().map(csv_row)).collect();
-    let calls = s.calls.clone();
     // State: where the next page starts; `None` once the last page was sent.
     let rest = stream::unfold(first.next, move |cursor| {
         let calls = calls.clone();
@@ -503,8 +515,15 @@ pub async fn usage(State(s): State<AppState>, caller: Caller) -> Result<Json<Usa
     let minutes_used = (seconds_used + 59) / 60;
     let hard_limit = plan.is_some_and(|p| p.hard_limit);
     let overage_minutes = if hard_limit { 0 } else { (minutes_used - included).max(0) };
-    let calls = s.calls.period_calls(org.id, org.period_start).await?;
-    let alerts = s.calls.usage_alerts(org.id, org.period_start).await?;
+    let (calls, alerts) = s
+        .reads
+        .run(org.id, caller.read_after, |r| async move {
+            Ok((
+                r.calls.period_calls(org.id, org.period_start).await?,
+                r.calls.usage_alerts(org.id, org.period_start).await?,
+            ))
+        })
+        .await?;
     s.metrics.api_query("usage", started.elapsed());
     Ok(Json(Usage {
         plan: org.plan.clone(),
@@ -535,11 +554,13 @@ pub async fn usage_daily(
     ValidQuery(q): ValidQuery<DailyQuery>,
 ) -> Result<Json<DailyUsageList>, ApiError> {
     let started = Instant::now();
-    let (time_zone, today) = s.calls.billing_day(caller.org_id).await?.ok_or_else(|| {
+    let org = caller.org_id;
+    let day = s.reads.run(org, caller.read_after, |r| async move { r.calls.billing_day(org).await }).await?;
+    let (time_zone, today) = day.ok_or_else(|| {
         ApiError::client(ErrorCode::OrganizationNotFound, "the organization of this key no longer exists")
     })?;
     let (from, to) = days(&q, today)?;
-    let rows = s.calls.daily_usage(caller.org_id, from, to).await?;
+    let rows = s.reads.run(org, caller.read_after, |r| async move { r.calls.daily_usage(org, from, to).await }).await?;
     s.metrics.api_query("usage.daily", started.elapsed());
     Ok(Json(DailyUsageList {
         time_zone,
@@ -592,7 +613,8 @@ fn validate_key(key: &str) -> Result<(), ApiError> {
 /// All of the organization's function data.
 #[utoipa::path(get, path = "/v1/function-data", tag = "function-data", responses((status = 200, body = FunctionDataList)), security(("bearer" = [])))]
 pub async fn list_function_data(State(s): State<AppState>, caller: Caller) -> Result<Json<FunctionDataList>, ApiError> {
-    let all = s.function_data.preload(caller.org_id).await?;
+    let org = caller.org_id;
+    let all = s.reads.run(org, caller.read_after, |r| async move { r.function_data.preload(org).await }).await?;
     Ok(Json(FunctionDataList { data: all.into_iter().map(|(key, value)| FunctionDataEntry { key, value }).collect() }))
 }
 
@@ -605,7 +627,10 @@ pub async fn get_function_data(
     ValidPath(key): ValidPath<String>,
 ) -> Result<Json<FunctionDataEntry>, ApiError> {
     validate_key(&key)?;
-    let value = s.function_data.get(caller.org_id, &key).await?.ok_or_else(|| key_not_found(&key))?;
+    let org = caller.org_id;
+    let k = key.as_str();
+    let value = s.reads.run(org, caller.read_after, |r| async move { r.function_data.get(org, k).await }).await?;
+    let value = value.ok_or_else(|| key_not_found(&key))?;
     Ok(Json(FunctionDataEntry { key, value }))
 }
 
@@ -623,7 +648,7 @@ pub async fn put_function_data(
     caller: Caller,
     ValidPath(key): ValidPath<String>,
     JsonBody(body): JsonBody,
-) -> Result<Json<FunctionDataEntry>, ApiError> {
+) -> Result<(HeaderMap, Json<FunctionDataEntry>), ApiError> {
     validate_key(&key)?;
     if body.len() > s.max_function_data_bytes {
         return Err(ApiError::client(
@@ -637,7 +662,7 @@ pub async fn put_function_data(
     s.function_data.put(caller.org_id, &key, &value).await?;
     // This process's next answer reads the change (others hear of it by notification).
     s.agents.invalidate(caller.org_id);
-    Ok(Json(FunctionDataEntry { key, value }))
+    Ok((written(&s, caller.org_id).await, Json(FunctionDataEntry { key, value })))
 }
 
 /// Deletes a function-data value.
@@ -647,11 +672,11 @@ pub async fn delete_function_data(
     State(s): State<AppState>,
     caller: Caller,
     ValidPath(key): ValidPath<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<(StatusCode, HeaderMap), ApiError> {
     validate_key(&key)?;
     if s.function_data.delete(caller.org_id, &key).await? {
         s.agents.invalidate(caller.org_id);
-        Ok(StatusCode::NO_CONTENT)
+        Ok((StatusCode::NO_CONTENT, written(&s, caller.org_id).await))
     } else {
         Err(key_not_found(&key))
     }

@@ -44,6 +44,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
         | C::InvalidQuery
         | C::InvalidFilter
         | C::InvalidCursor
+        | C::InvalidReadAfter
         | C::InvalidPath
         | C::InvalidBody
         | C::InvalidKey

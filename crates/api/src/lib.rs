@@ -10,6 +10,7 @@ mod admin;
 pub mod advice;
 mod auth;
 mod billing;
+mod consistency;
 mod dashboard;
 mod error;
 mod extract;
@@ -22,6 +23,7 @@ mod throttle;
 mod vapi;
 
 pub use auth::{ApiKeyCache, DashboardAuth};
+pub use consistency::READ_AFTER;
 pub use error::ApiError;
 pub use metrics::{AdvisorLimits, Metrics};
 pub use openapi::openapi_json;
@@ -35,9 +37,9 @@ use axum::routing::{get, post};
 use callplane_core::agent::AgentSettings;
 use callplane_core::auth::WebhookAuth;
 use callplane_core::billing::Plan;
+use callplane_core::reads::Reads;
 use callplane_core::seams::{
-    AgentDirectory, BillingProvider, BillingWebhooks, CallReads, EventIntake, FunctionData, OrgAdmin, OrgDirectory,
-    RealtimeBus, TranscriptStore,
+    AgentDirectory, BillingProvider, BillingWebhooks, EventIntake, FunctionData, OrgAdmin, OrgDirectory, RealtimeBus,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,11 +68,11 @@ pub struct AppState {
     pub inline_budget: std::time::Duration,
     /// `/readyz` reports not ready while the intake's oldest event is older than this.
     pub ready_max_backlog_seconds: f64,
+    /// Function data, as the dashboard writes it (its reads go through `reads`).
     pub function_data: Arc<dyn FunctionData>,
-    pub calls: Arc<dyn CallReads>,
-    /// Transcript search (`backends.search`).
-    pub search: Arc<dyn callplane_core::seams::TranscriptSearch>,
-    pub transcripts: Arc<dyn TranscriptStore>,
+    /// The dashboard's reads (calls, transcripts, search, usage, function data): on a read
+    /// replica when one is configured and has what the reader must see, else on the primary.
+    pub reads: Reads,
     /// The usage counter with its rules (alerts, admission).
     pub metering: Arc<callplane_core::metering::Metering>,
     pub bus: Arc<dyn RealtimeBus>,

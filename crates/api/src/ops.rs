@@ -46,10 +46,14 @@ pub async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
             intake.oldest_age_seconds, intake.depth
         ));
     }
-    let detail = json!({
+    let mut detail = json!({
         "database": match &database { Ok(()) => json!({ "ok": true }), Err(why) => json!({ "ok": false, "error": why }) },
         "intake": intake,
     });
+    // A replica in trouble sends reads to the primary: shown, never a reason to be unready.
+    if let Some(replica) = s.reads.replica_status() {
+        detail["replica"] = json!(replica);
+    }
     if reasons.is_empty() {
         (StatusCode::OK, Json(json!({ "status": "ready", "checks": detail })))
     } else {
@@ -124,8 +128,48 @@ pub async fn metrics(
         ),
     ];
     let mut text = s.metrics.render(&gauges, &counters);
+    if let Some(replica) = s.reads.replica_status() {
+        render_replica(&mut text, &replica);
+    }
     s.pipeline.render_metrics(&mut text);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}
+
+/// The read replica's lag and where reads went.
+fn render_replica(out: &mut String, r: &callplane_core::reads::ReplicaStatus) {
+    use std::fmt::Write;
+    let gauges = [
+        (
+            "callplane_replica_up",
+            "1 while the read replica answers its checks.",
+            f64::from(u8::from(r.state != "down")),
+        ),
+        (
+            "callplane_replica_lag_seconds",
+            "How long ago the primary wrote the oldest change the read replica has not replayed.",
+            r.lag_seconds,
+        ),
+        (
+            "callplane_replica_lag_bytes",
+            "Bytes of the primary's log the read replica has not replayed.",
+            r.lag_bytes as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    }
+    let name = "callplane_replica_reads_total";
+    let _ = writeln!(out, "# HELP {name} Dashboard reads answered by the read replica.\n# TYPE {name} counter");
+    let _ = writeln!(out, "{name} {}", r.reads_on_replica);
+    let name = "callplane_replica_fallbacks_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Dashboard reads sent to the primary instead of the replica, by reason (down, lagging, \
+         behind: had not replayed the reader's writes in time, failed: the read failed there).\n# TYPE {name} counter"
+    );
+    for (reason, n) in &r.fallbacks {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+    }
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

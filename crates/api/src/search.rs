@@ -75,7 +75,21 @@ pub async fn search(
 ) -> Result<Json<SearchResults>, ApiError> {
     let started = Instant::now();
     let request = request(&q, caller.org_id, Utc::now())?;
-    let hits = match s.search.search(&request).await {
+    let org = caller.org_id;
+    let searched = s
+        .reads
+        .run(org, caller.read_after, |r| {
+            let request = &request;
+            async move {
+                match r.search.search(request).await {
+                    // The database's failure is the replica's to hand to the primary.
+                    Err(SearchError::Store(e)) => Err(e),
+                    other => Ok(other),
+                }
+            }
+        })
+        .await;
+    let hits = match searched? {
         Ok(hits) => hits,
         Err(SearchError::Off) => {
             s.metrics.search_refused();

@@ -78,6 +78,7 @@ error_codes! {
     InvalidQuery = "invalid_query", "A query parameter is unknown, malformed or out of range.";
     InvalidFilter = "invalid_filter", "A filter is not one the endpoint accepts.";
     InvalidCursor = "invalid_cursor", "The cursor is not one this API gave.";
+    InvalidReadAfter = "invalid_read_after", "`Callplane-Read-After` is not a log position this API gave.";
     InvalidPath = "invalid_path", "A path segment is not valid text.";
     InvalidBody = "invalid_body", "The request body is not the JSON the endpoint expects.";
     InvalidKey = "invalid_key", "The function-data key is not a valid name.";

@@ -13,6 +13,7 @@ pub mod error_code;
 pub mod events;
 pub mod jwt;
 pub mod metering;
+pub mod reads;
 pub mod routes;
 pub mod seams;
 pub mod text;

@@ -7,10 +7,11 @@ use async_trait::async_trait;
 use callplane_api::{AppState, Metrics, Readiness};
 use callplane_billing::{BillingOff, StripeBilling, StripeWebhooks};
 use callplane_core::metering::Metering;
+use callplane_core::reads::{Readers, Reads};
 use callplane_core::routes::{RoutedCounter, RoutedFunctionData, RoutedPipeline, RoutedSearch, Routes};
 use callplane_core::seams::EventPipeline;
 use callplane_core::seams::{FunctionData, RealtimeBus, TranscriptStore};
-use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgStore, PgUsageCounter};
+use callplane_storage::{PgAgentDirectory, PgFunctionData, PgRealtimeBus, PgReplica, PgStore, PgUsageCounter};
 use callplane_workflow::reconcile::{Reconciler, spawn_sweeper};
 use callplane_workflow::{DeadLetters, Inbox, InlinePipeline, LocalIntake, PipelineSettings, Processor};
 use chrono::Utc;
@@ -219,8 +220,31 @@ impl Clients {
 
     /// Function data, routed, over `primary` (Postgres).
     pub fn function_data(&self, settings: &Settings, primary: &PgStore, routes: &Arc<Routes>) -> Arc<dyn FunctionData> {
-        let pg: Arc<dyn FunctionData> = Arc::new(PgFunctionData(primary.clone()));
-        let redis = self.redis_function_data(settings, pg.clone()).map(|r| r as Arc<dyn FunctionData>);
+        self.routed_function_data(settings, primary, primary, routes)
+    }
+
+    /// Function data as the dashboard reads it on a read replica: Postgres reads there, and the
+    /// Redis cache, when routed, stays the one over the primary (a miss never fills the cache
+    /// from a replica that is behind).
+    pub fn function_data_on(
+        &self,
+        settings: &Settings,
+        replica: &PgStore,
+        routes: &Arc<Routes>,
+    ) -> Arc<dyn FunctionData> {
+        self.routed_function_data(settings, replica, &self.store, routes)
+    }
+
+    fn routed_function_data(
+        &self,
+        settings: &Settings,
+        reads: &PgStore,
+        cache_fills_from: &PgStore,
+        routes: &Arc<Routes>,
+    ) -> Arc<dyn FunctionData> {
+        let pg: Arc<dyn FunctionData> = Arc::new(PgFunctionData(reads.clone()));
+        let fills: Arc<dyn FunctionData> = Arc::new(PgFunctionData(cache_fills_from.clone()));
+        let redis = self.redis_function_data(settings, fills).map(|r| r as Arc<dyn FunctionData>);
         Arc::new(RoutedFunctionData::new(routes.clone(), pg, redis))
     }
 
@@ -278,6 +302,8 @@ struct Backends {
     transcripts: Arc<dyn TranscriptStore>,
     function_data: Arc<dyn FunctionData>,
     bus: Arc<dyn RealtimeBus>,
+    /// The same bus, whose announcements a read replica's router hears.
+    pg_bus: PgRealtimeBus,
 }
 
 impl Backends {
@@ -291,15 +317,15 @@ impl Backends {
         // move waits for it.
         let follower = Arc::new(crate::routes::Follower::new(kind, settings, store.clone(), routes.clone(), &clients));
         follower.clone().spawn();
+        let pg_bus = match b.realtime {
+            RealtimeBackend::Postgres => PgRealtimeBus::start(store.clone(), settings.realtime.queue).await?,
+        };
         Ok(Self {
             metering: clients.metering(settings, &routes),
             transcripts: transcript_store(settings, store)?,
             function_data: clients.function_data(settings, store, &routes),
-            bus: match b.realtime {
-                RealtimeBackend::Postgres => {
-                    Arc::new(PgRealtimeBus::start(store.clone(), settings.realtime.queue).await?)
-                }
-            },
+            bus: Arc::new(pg_bus.clone()),
+            pg_bus,
             clients,
             routes,
             follower,
@@ -421,10 +447,15 @@ impl Pipeline {
 }
 
 impl App {
+    /// The primary, with its sessions on `database.direct_url` when that is set.
     pub async fn connect(settings: &Settings) -> anyhow::Result<PgStore> {
-        PgStore::connect(settings.database.url.expose_secret(), settings.database.max_connections)
+        let store = PgStore::connect(settings.database.url.expose_secret(), settings.database.max_connections)
             .await
-            .context("connecting to the database (database.url)")
+            .context("connecting to the database (database.url)")?;
+        match settings.database.direct_url.expose_secret() {
+            "" => Ok(store),
+            direct => store.with_direct_url(direct).context("database.direct_url"),
+        }
     }
 
     /// Builds every backend from configuration. Needs a migrated database.
@@ -500,14 +531,12 @@ impl App {
         #[cfg(feature = "temporal")]
         let worker = built.serve_worker(&settings)?;
         let Pipeline { pipeline, routed, dead_letters, .. } = built;
-        let Backends { clients, routes, follower, metering, transcripts, function_data, bus } = backends;
+        let Backends { clients, routes, follower, metering, transcripts, function_data, bus, pg_bus } = backends;
         let deadline = settings.answer_deadline();
-        let answers = PgStore::answer_pool(
-            settings.database.url.expose_secret(),
-            settings.database.answer_pool_connections,
-            deadline,
-        )
-        .context("the answer pool (database.url)")?;
+        // Direct, past a pooler: its timeouts are session settings, and it must never queue.
+        let answers =
+            PgStore::answer_pool(settings.database.direct(), settings.database.answer_pool_connections, deadline)
+                .context("the answer pool (database.direct_url or database.url)")?;
         let directory_data = clients.function_data(&settings, &answers, &routes);
         let agents = PgAgentDirectory::new(answers, store.clone(), directory_data, deadline / 4);
         let dashboard_auth = Arc::new(settings.dashboard_auth());
@@ -553,10 +582,8 @@ impl App {
             answer_deadline: deadline,
             inline_budget: Duration::from_millis(settings.inbox.inline_budget_ms),
             ready_max_backlog_seconds: settings.inbox.ready_max_age_seconds,
+            reads: Self::reads(&settings, &store, &clients, &routes, transcripts, function_data.clone(), &pg_bus)?,
             function_data,
-            calls: Arc::new(store.clone()),
-            search: Arc::new(RoutedSearch::new(routes.clone(), vec![Arc::new(store.clone())])),
-            transcripts,
             metering,
             bus: bus.clone(),
             billing: match settings.stripe_settings() {
@@ -605,6 +632,36 @@ impl App {
             #[cfg(feature = "temporal")]
             worker,
         })
+    }
+
+    /// The dashboard's reads: on the primary, or routed to `database.replica_url` with the
+    /// organizations' marks raised by the changes `pg_bus` announces.
+    fn reads(
+        settings: &Settings,
+        store: &PgStore,
+        clients: &Clients,
+        routes: &Arc<Routes>,
+        transcripts: Arc<dyn TranscriptStore>,
+        function_data: Arc<dyn FunctionData>,
+        pg_bus: &PgRealtimeBus,
+    ) -> anyhow::Result<Reads> {
+        let search = |db: &PgStore| Arc::new(RoutedSearch::new(routes.clone(), vec![Arc::new(db.clone())]));
+        let primary = Readers { calls: Arc::new(store.clone()), transcripts, search: search(store), function_data };
+        let Some(url) = settings.database.replica() else { return Ok(Reads::primary(primary)) };
+        let db = &settings.database;
+        let replica =
+            PgStore::connect_lazy(url, db.replica_connections, "callplane-reads").context("database.replica_url")?;
+        let readers = Readers {
+            calls: Arc::new(replica.clone()),
+            transcripts: transcript_store(settings, &replica)?,
+            search: search(&replica),
+            function_data: clients.function_data_on(settings, &replica, routes),
+        };
+        let router = PgReplica::start(store.clone(), replica, db.replica_settings());
+        let raise = router.clone();
+        pg_bus.on_heard(move |org, lsn| raise.raise(org, lsn));
+        info!(replica = %settings.replica_url_masked(), "dashboard reads go to the read replica when it is current");
+        Ok(Reads::with_replica(primary, readers, Arc::new(router)))
     }
 
     pub fn router(&self) -> axum::Router {

@@ -278,16 +278,10 @@ impl Mover {
     pub async fn apply(&self, step: Step, rollback: bool) -> anyhow::Result<StepReport> {
         // One move at a time: held on a connection of its own until this returns (or the
         // process dies, which closes the connection).
-        let mut lock = self.store.pool().acquire().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('callplane_phase_apply'))")
-            .fetch_one(&mut *lock)
-            .await?;
-        if !locked {
-            bail!("another `callplane phase apply` is running against this database; wait for it to finish");
+        match self.store.exclusively("callplane_phase_apply", self.apply_locked(step, rollback)).await? {
+            Some(applied) => applied,
+            None => bail!("another `callplane phase apply` is running against this database; wait for it to finish"),
         }
-        let applied = self.apply_locked(step, rollback).await;
-        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('callplane_phase_apply'))").execute(&mut *lock).await;
-        applied
     }
 
     async fn apply_locked(&self, step: Step, rollback: bool) -> anyhow::Result<StepReport> {

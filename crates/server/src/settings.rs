@@ -131,6 +131,41 @@ pub struct DatabaseSettings {
     pub url: SecretString,
     pub max_connections: u32,
     pub answer_pool_connections: u32,
+    /// Straight to the database, past the transaction-mode pooler `url` goes through: for
+    /// what needs a session (LISTEN, session locks, migrations) and the answer pool. Empty:
+    /// `url` is direct.
+    pub direct_url: SecretString,
+    /// A streaming replica of the primary for the dashboard's reads (`read-replica`). Empty:
+    /// every read on the primary.
+    pub replica_url: SecretString,
+    pub replica_connections: u32,
+    /// Further behind than this, the replica gets no reads.
+    pub replica_max_lag_ms: u64,
+    /// How long a read waits for the replica to replay what its reader must see.
+    pub replica_wait_ms: u64,
+    /// How often the replica's position is compared with the primary's.
+    pub replica_check_ms: u64,
+}
+
+impl DatabaseSettings {
+    /// `direct_url` when set, else `url`.
+    pub fn direct(&self) -> &str {
+        let direct = self.direct_url.expose_secret();
+        if direct.is_empty() { self.url.expose_secret() } else { direct }
+    }
+
+    pub fn replica(&self) -> Option<&str> {
+        Some(self.replica_url.expose_secret()).filter(|u| !u.is_empty())
+    }
+
+    /// How the replica is used.
+    pub fn replica_settings(&self) -> callplane_storage::ReplicaSettings {
+        callplane_storage::ReplicaSettings {
+            max_lag: std::time::Duration::from_millis(self.replica_max_lag_ms),
+            wait: std::time::Duration::from_millis(self.replica_wait_ms),
+            check_every: std::time::Duration::from_millis(self.replica_check_ms),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -564,6 +599,27 @@ impl Settings {
         }
         if self.database.answer_pool_connections == 0 {
             errors.push("database.answer_pool_connections: must be at least 1".into());
+        }
+        if self.database.replica().is_some() {
+            if !cfg!(feature = "read-replica") {
+                errors.push(
+                    "database.replica_url: this build has no read replica routing (`--features phase3` or \
+                     `read-replica`)"
+                        .into(),
+                );
+            }
+            if self.database.replica_connections == 0 {
+                errors.push("database.replica_connections: must be at least 1".into());
+            }
+            if !(10..=60_000).contains(&self.database.replica_check_ms) {
+                errors.push("database.replica_check_ms: must be between 10 and 60000".into());
+            }
+            if self.database.replica_wait_ms > 5_000 {
+                errors.push(
+                    "database.replica_wait_ms: at most 5000 (a read waits this long before the primary answers it)"
+                        .into(),
+                );
+            }
         }
         if self.inbox.dir.as_os_str().is_empty() {
             errors.push("inbox.dir: must name a directory".into());
@@ -1034,16 +1090,12 @@ impl Settings {
     /// `database.url` with the host and database visible and any password masked, for messages
     /// and `callplane config`.
     pub fn database_url_masked(&self) -> String {
-        let url = self.database.url.expose_secret();
-        match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let userinfo = &url[scheme + 3..at];
-                let user = userinfo.split(':').next().unwrap_or("");
-                let masked = if userinfo.contains(':') { format!("{user}:********") } else { user.to_owned() };
-                format!("{}{masked}{}", &url[..scheme + 3], &url[at..])
-            }
-            _ => url.to_owned(),
-        }
+        masked_url(self.database.url.expose_secret())
+    }
+
+    /// `database.replica_url`, masked the same way.
+    pub fn replica_url_masked(&self) -> String {
+        masked_url(self.database.replica_url.expose_secret())
     }
 
     /// The resolved configuration with every secret masked, for `callplane config`.
@@ -1055,7 +1107,13 @@ impl Settings {
                         "max_body_bytes": self.server.max_body_bytes, "log_format": self.server.log_format,
                         "metrics_token": mask(&self.server.metrics_token) },
             "database": { "url": shown_url, "max_connections": self.database.max_connections,
-                          "answer_pool_connections": self.database.answer_pool_connections },
+                          "answer_pool_connections": self.database.answer_pool_connections,
+                          "direct_url": masked_url(self.database.direct_url.expose_secret()),
+                          "replica_url": masked_url(self.database.replica_url.expose_secret()),
+                          "replica_connections": self.database.replica_connections,
+                          "replica_max_lag_ms": self.database.replica_max_lag_ms,
+                          "replica_wait_ms": self.database.replica_wait_ms,
+                          "replica_check_ms": self.database.replica_check_ms },
             "vapi": {
                 "secret": mask(&self.vapi.secret),
                 "extra_secrets": self.vapi.extra_secrets.iter().map(mask).collect::<Vec<_>>(),
@@ -1198,6 +1256,19 @@ pub fn compiled_features() -> Vec<&'static str> {
         }
     }
     f
+}
+
+/// A database URL with the host and database visible and any password masked.
+fn masked_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') { format!("{user}:********") } else { user.to_owned() };
+            format!("{}{masked}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 #[cfg(test)]

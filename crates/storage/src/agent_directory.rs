@@ -118,7 +118,7 @@ impl PgAgentDirectory {
 
     async fn listen_forever(self) {
         loop {
-            match PgListener::connect_with(self.inner.primary.pool()).await {
+            match PgListener::connect_with(self.inner.primary.direct()).await {
                 Ok(mut listener) => match listener.listen(CACHE_CHANNEL).await {
                     Ok(()) => {
                         // Changes made while nobody listened are unknown: read everything

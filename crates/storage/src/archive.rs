@@ -432,7 +432,7 @@ impl Archiver {
     /// The session lock that keeps archives and restores one at a time, on a connection of
     /// its own (closed, and the lock with it, when the run ends or its task dies).
     async fn lock(&self) -> StoreResult<PgConnection> {
-        let mut conn = self.pg.pool().acquire().await.map_err(db)?.detach();
+        let mut conn = self.pg.direct().acquire().await.map_err(db)?.detach();
         let got: bool = sqlx::query_scalar(LOCK).fetch_one(&mut conn).await.map_err(db)?;
         if !got {
             return Err(refused("another archive or restore is running".into()));

@@ -189,19 +189,10 @@ impl PgStore {
         request: &ConvertRequest,
         progress: impl Fn(ConvertProgress<'_>),
     ) -> StoreResult<ConvertReport> {
-        let mut lock = self.pool().acquire().await.map_err(db)?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('callplane_partitions_convert'))")
-            .fetch_one(&mut *lock)
-            .await
-            .map_err(db)?;
-        if !locked {
-            return Err(refused("another `callplane partitions convert` is running against this database".into()));
+        match self.exclusively("callplane_partitions_convert", self.convert_calls_locked(request, progress)).await? {
+            Some(converted) => converted,
+            None => Err(refused("another `callplane partitions convert` is running against this database".into())),
         }
-        let converted = self.convert_calls_locked(request, progress).await;
-        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('callplane_partitions_convert'))")
-            .execute(&mut *lock)
-            .await;
-        converted
     }
 
     async fn convert_calls_locked(

@@ -20,6 +20,7 @@ mod orgs;
 mod partitions;
 mod reads;
 mod realtime;
+mod replica;
 mod routes;
 mod search;
 mod transcripts;
@@ -47,6 +48,7 @@ pub use objects::{
 pub use parquet;
 pub use partitions::{ArchivedMonth, PartitionReport};
 pub use realtime::{PgRealtimeBus, queue_realtime_events};
+pub use replica::{PgReplica, ReplicaSettings};
 pub use routes::{ServerBeat, StoredRoutes};
 pub use search::{SEARCH_SQL, SearchIndexReport, SearchIndexStep};
 pub use transcripts::PgTranscriptStore;
@@ -96,9 +98,17 @@ fn is_transient(e: &sqlx::Error) -> bool {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// What needs a session of its own (LISTEN, session advisory locks, migrations): `pool`
+    /// itself, unless `pool` goes through a transaction-mode pooler (PgBouncer), which hands
+    /// each transaction to any server connection; then a small pool straight to the database.
+    direct: PgPool,
     /// Months (as `year * 12 + month0`) whose partitions are known to exist.
     known_months: Arc<Mutex<HashSet<i32>>>,
 }
+
+/// How many sessions of its own a process holds at most: two listeners, and a lock or a
+/// migration run now and then.
+const DIRECT_CONNECTIONS: u32 = 8;
 
 impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
@@ -110,6 +120,29 @@ impl PgStore {
             .await
             .map_err(db)?;
         Ok(Self::from_pool(pool))
+    }
+
+    /// A store whose pool connects on first use, so that a server starts while this database
+    /// is away (a read replica: its reads go to the primary until it answers).
+    pub fn connect_lazy(url: &str, max_connections: u32, application_name: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(db)?.application_name(application_name);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(options);
+        Ok(Self::from_pool(pool))
+    }
+
+    /// The same store, keeping its sessions (LISTEN, session locks, migrations) on connections
+    /// straight to the database at `direct_url`, past the pooler its queries go through. Connects
+    /// on first use.
+    pub fn with_direct_url(self, direct_url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(direct_url).map_err(db)?.application_name("callplane-direct");
+        let direct = PgPoolOptions::new()
+            .max_connections(DIRECT_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Self { direct, ..self })
     }
 
     /// A store over a small pool for answers VAPI waits for: it connects lazily (so a server
@@ -130,15 +163,21 @@ impl PgStore {
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool, known_months: Arc::new(Mutex::new(HashSet::new())) }
+        Self { direct: pool.clone(), pool, known_months: Arc::new(Mutex::new(HashSet::new())) }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// Connections for what needs a session of its own (see the field).
+    pub fn direct(&self) -> &PgPool {
+        &self.direct
+    }
+
+    /// Applies the migrations, on a direct connection: sqlx holds a session lock while it runs.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::backend("postgres", e))
+        MIGRATOR.run(&self.direct).await.map_err(|e| StoreError::backend("postgres", e))
     }
 
     /// Whether every migration this build knows has been applied.

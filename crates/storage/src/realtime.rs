@@ -17,6 +17,7 @@
 use crate::{PgStore, db};
 use async_trait::async_trait;
 use callplane_core::OrgId;
+use callplane_core::reads::Lsn;
 use callplane_core::seams::{Delivery, PublishedEvent, RealtimeBus, RealtimeEvent, StoreError, StoreResult};
 use futures::stream::{self, BoxStream, StreamExt};
 use sqlx::Row;
@@ -64,13 +65,35 @@ async fn queue<'e>(exec: impl sqlx::PgExecutor<'e>, events: &[RealtimeEvent]) ->
 /// The most event data (as JSON text) one history page carries beyond its first event.
 const HISTORY_PAGE_BYTES: i64 = 64 * 1024;
 
+/// Told of every published event's organization and log position, before its subscribers are.
+type Heard = Arc<dyn Fn(OrgId, Lsn) + Send + Sync>;
+
 /// The per-organization senders of this process.
 #[derive(Default)]
 struct Fanout {
     orgs: Mutex<HashMap<OrgId, broadcast::Sender<Delivery>>>,
+    heard: Mutex<Option<Heard>>,
+}
+
+/// A notification: the event, and where the primary's log ended when it was published (past
+/// the commit of the change it announces; migration `20261207000001_notify_log_position.sql`).
+#[derive(serde::Deserialize)]
+struct Notified {
+    #[serde(flatten)]
+    event: PublishedEvent,
+    lsn: Option<u64>,
 }
 
 impl Fanout {
+    fn hear(&self, notified: Notified) {
+        if let Some(lsn) = notified.lsn
+            && let Some(heard) = self.heard.lock().ok().and_then(|h| h.clone())
+        {
+            heard(notified.event.org_id, Lsn(lsn));
+        }
+        self.dispatch(notified.event);
+    }
+
     fn dispatch(&self, event: PublishedEvent) {
         let Ok(mut orgs) = self.orgs.lock() else { return };
         if let Some(tx) = orgs.get(&event.org_id) {
@@ -128,6 +151,14 @@ impl PgRealtimeBus {
     /// Publishes what is queued, whenever a commit of this process queued events and every
     /// [`PUBLISH_SWEEP`]. A wake-up that arrives while a batch is being published is kept,
     /// so nothing queued before it waits for the sweep.
+    /// Tells `heard` of each published event's organization and log position as it arrives,
+    /// before its subscribers see it (the read replica's router raises that organization's mark).
+    pub fn on_heard(&self, heard: impl Fn(OrgId, Lsn) + Send + Sync + 'static) {
+        if let Ok(mut slot) = self.fanout.heard.lock() {
+            *slot = Some(Arc::new(heard));
+        }
+    }
+
     async fn publish_forever(self) {
         loop {
             if let Err(e) = publish_queued(&self.store).await {
@@ -141,7 +172,7 @@ impl PgRealtimeBus {
     async fn listen_forever(self, ready: watch::Sender<bool>) {
         let mut first = true;
         loop {
-            match PgListener::connect_with(self.store.pool()).await {
+            match PgListener::connect_with(self.store.direct()).await {
                 Ok(mut listener) => match listener.listen(CHANNEL).await {
                     Ok(()) => {
                         if !first {
@@ -170,8 +201,8 @@ impl PgRealtimeBus {
             // `try_recv` reports a dropped connection as `None` (and reconnects on the next
             // call); notifications sent meanwhile are lost, so subscribers must resume.
             match listener.try_recv().await? {
-                Some(n) => match serde_json::from_str::<PublishedEvent>(n.payload()) {
-                    Ok(event) => self.fanout.dispatch(event),
+                Some(n) => match serde_json::from_str::<Notified>(n.payload()) {
+                    Ok(notified) => self.fanout.hear(notified),
                     Err(e) => warn!(error = %e, "ignoring a malformed realtime notification"),
                 },
                 None => {

@@ -96,12 +96,14 @@ impl PgStore {
         Ok(rows.into_iter().map(UnfinishedCall::from).collect())
     }
 
-    /// Holds the sweep's advisory lock while `work` runs, when no other process holds it:
-    /// then one `serve` process sweeps at a time, however many run. Returns `None` (without
-    /// running `work`) when another holds it. The lock is the session's, on one connection
-    /// kept for the whole run, and is let go when `work` ends or the connection drops.
+    /// Holds the advisory lock `name` while `work` runs, when no other process holds it: then
+    /// one process does the work at a time (a sweep, a phase move, a conversion), however many
+    /// run. Returns `None` (without running `work`) when another holds it. The lock is the
+    /// session's, on one direct connection kept for the whole run (a transaction pooler would
+    /// hand the unlock to another session), and is let go when `work` ends or the connection
+    /// drops.
     pub async fn exclusively<T>(&self, name: &str, work: impl Future<Output = T>) -> StoreResult<Option<T>> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let mut conn = self.direct.acquire().await.map_err(db)?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
             .bind(name)
             .fetch_one(&mut *conn)

@@ -16,7 +16,7 @@ pub fn admin_url() -> anyhow::Result<String> {
     }
 }
 
-fn with_database(url: &str, db: &str) -> String {
+pub(crate) fn with_database(url: &str, db: &str) -> String {
     // postgres://user@host:port/dbname?params -> replace dbname.
     let (base, query) = url.split_once('?').map(|(b, q)| (b, format!("?{q}"))).unwrap_or((url, String::new()));
     let cut = base.rfind('/').map(|i| &base[..i]).unwrap_or(base);

@@ -10,6 +10,7 @@ pub mod contracts;
 mod db;
 pub mod fault_proxy;
 pub mod redis;
+pub mod replica;
 pub mod s3;
 pub mod stripe_stub;
 pub mod temporal;
