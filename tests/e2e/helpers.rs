@@ -263,6 +263,21 @@ impl TestApp {
         self.db.store.create_api_key(org, "test").await.unwrap().secret
     }
 
+    /// Sets function data as the dashboard does (`PUT /v1/function-data/{name}`), which must
+    /// succeed; the answer.
+    pub async fn put_function_data(&self, key: &str, name: &str, value: &Value) -> reqwest::Response {
+        let r = self
+            .http
+            .put(format!("{}/v1/function-data/{name}", self.base))
+            .bearer_auth(key)
+            .json(value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "PUT /v1/function-data/{name}");
+        r
+    }
+
     /// GET with a bearer credential; returns status and JSON (Null if not JSON).
     pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
         let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(token).send().await.unwrap();

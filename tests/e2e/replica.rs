@@ -69,19 +69,6 @@ async fn metric(app: &TestApp, series: &str) -> f64 {
         .map_or(0.0, |v| v.parse().unwrap())
 }
 
-async fn put_data(app: &TestApp, key: &str, name: &str, value: Value) -> reqwest::Response {
-    let r = app
-        .http
-        .put(format!("{}/v1/function-data/{name}", app.base))
-        .bearer_auth(key)
-        .json(&value)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    r
-}
-
 /// GET with an optional `Callplane-Read-After`.
 async fn get_after(app: &TestApp, path: &str, key: &str, after: Option<&str>) -> (StatusCode, Value) {
     let mut request = app.http.get(format!("{}{path}", app.base)).bearer_auth(key);
@@ -105,7 +92,7 @@ async fn reads_go_to_the_replica_and_a_client_always_reads_its_own_writes() {
     let other = app.org("pro").await;
     let other_key = app.api_key(other.id).await;
     write_behind_its_back(&app, other.id, "greeting", json!("old")).await;
-    let written = put_data(&app, &key, "greeting", json!("hello")).await;
+    let written = app.put_function_data(&key, "greeting", &json!("hello")).await;
     let after = written.headers().get("callplane-read-after").expect("a write's answer carries its position");
     let after: callplane_core::reads::Lsn = after.to_str().unwrap().parse().unwrap();
     caught_up(&replica, &app).await;
@@ -120,7 +107,7 @@ async fn reads_go_to_the_replica_and_a_client_always_reads_its_own_writes() {
     replica.pause_replay().await;
     let paused = async {
         // A change this server's client made is read at once, from the primary.
-        let written = put_data(&app, &key, "greeting", json!("hi again")).await;
+        let written = app.put_function_data(&key, "greeting", &json!("hi again")).await;
         let next: callplane_core::reads::Lsn =
             written.headers()["callplane-read-after"].to_str().unwrap().parse().unwrap();
         assert!(next > after, "positions move forward: {after} then {next}");
@@ -244,7 +231,7 @@ async fn the_replica_stopped_mid_traffic_costs_no_reader_an_error() {
     for e in lifecycle("kept", Utc::now() - Duration::minutes(3), 30.0) {
         app.post_vapi_in_turn(org.id, &e).await;
     }
-    put_data(&app, &key, "greeting", json!("hello")).await;
+    app.put_function_data(&key, "greeting", &json!("hello")).await;
     caught_up(&replica, &app).await;
 
     // Readers read all along while the replica stops, stays away and comes back.

@@ -18,15 +18,7 @@ async fn acme_function_data(app: &TestApp, org: OrgId) {
     let put = |name: String, value: Value| {
         let (app, key) = (&app, &key);
         async move {
-            let r = app
-                .http
-                .put(format!("{}/v1/function-data/{name}", app.base))
-                .bearer_auth(key)
-                .json(&value)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::OK, "{name}");
+            app.put_function_data(key, &name, &value).await;
         }
     };
     let expected_tools = sample("responses/tool-calls-response.json");

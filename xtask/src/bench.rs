@@ -65,7 +65,7 @@ use crate::util::{self, Report, describe};
 const MARKERS: (&str, &str) = ("<!-- bench:results:start -->", "<!-- bench:results:end -->");
 
 /// The benchmarks, by the names `--only` takes.
-const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory", "pipeline", "storage"];
+const ALL: &[&str] = &["ingest", "hot", "agent", "realtime", "dashboard", "memory", "pipeline", "storage", "replica"];
 
 /// Benchmark 8's own database, in the same cluster.
 const STORAGE_DATABASE: &str = "callplane_storage";
@@ -686,7 +686,7 @@ impl Bench {
 
     fn run_benchmarks(&mut self, report: &mut Report) {
         type Step = fn(&mut Bench) -> Result<()>;
-        let steps: [(&str, &str, Step); 8] = [
+        let steps: [(&str, &str, Step); 9] = [
             ("ingest", "1. ingest: end-of-call reports vs pgbench", Bench::ingest),
             ("hot", "3. hot organization (Postgres and Redis counters) vs uniform ingest", Bench::hot_org),
             ("agent", "2. agent latency with calls in flight (Postgres and Redis) vs /healthz", Bench::agent_latency),
@@ -695,6 +695,11 @@ impl Bench {
             ("memory", "6. memory: server RSS idle and under ingest", Bench::memory),
             ("pipeline", "7. pipeline: Temporal vs inline, accepted, to the ledger, latency", Bench::pipeline),
             ("storage", "8. storage: transcripts moved and months archived to s3s-fs, call detail", Bench::storage),
+            (
+                "replica",
+                "9. replica and pooler: dashboard under ingest, primary connections with calls in flight",
+                Bench::replica,
+            ),
         ];
         for (name, title, step) in steps {
             if self.options.runs(name) {
@@ -1192,6 +1197,176 @@ impl Bench {
             runs.push(json!({ "load": load, "dashboard": summary }));
         }
         self.raw.insert("dashboard".into(), Value::Array(runs));
+        Ok(())
+    }
+
+    /// Benchmark 9 (phase 3), on a cluster of its own, loaded by the bulk loader, then given a
+    /// streaming replica (`pg_basebackup`) and PgBouncer in transaction mode in front: the
+    /// dashboard's first page under webhook ingest with every read on the primary, then with
+    /// reads on the replica; and the primary's client connections, sampled while calls are in
+    /// flight, with callplane connecting straight to it, then through PgBouncer.
+    fn replica(&mut self) -> Result<()> {
+        let (calls, requests, in_flight) =
+            (self.sizes.storage_calls, self.sizes.storage_requests, self.sizes.agent_in_flight);
+        let (short, long, settings) = (self.sizes.short_timeout, self.sizes.long_timeout, self.sizes.settings);
+        let bin = self.cluster.as_ref().context("no cluster")?.cluster().bin_dir().to_path_buf();
+        let root = util::target_dir().join("xtask/bench-replica");
+        let mut primary = Postgres::start_fresh(&bin, root.join("primary/data"), settings)?;
+        let url = primary.database_url();
+        let inbox = self.out_dir.join("replica-inbox");
+        if inbox.exists() {
+            fs::remove_dir_all(&inbox).with_context(|| format!("could not remove {}", inbox.display()))?;
+        }
+        let base = &self.loadgen.as_ref().context("the server is not running")?.spec;
+        let mut spec =
+            ServerSpec::new(base.binary.clone(), pg::free_port()?, &url, self.out_dir.join("replica-server.log"))
+                .with_env("CALLPLANE__INBOX__DIR", inbox.to_string_lossy())
+                .with_env(PIPELINE_SETTING, "inline")
+                .with_env("CALLPLANE__DATABASE__MAX_CONNECTIONS", "40");
+        for name in BACKEND_SETTINGS {
+            spec = spec.with_env(name, Backends::Postgres.setting());
+        }
+        spec.migrate()?;
+        let loadgen_binary = self.loadgen_binary.clone();
+        let loadgen = |spec: &ServerSpec| Loadgen { binary: loadgen_binary.clone(), spec: spec.clone() };
+        loadgen(&spec).json(
+            &format!("load --database-url {url} --calls {calls} --orgs 50 --months 3 --transcript-share 0.2 --seed 400 --json"),
+            long,
+            false,
+        )?;
+        let replica = pg::Cluster::new(bin.clone(), root.join("replica/data"), pg::free_port()?)?;
+        replica.destroy()?;
+        replica.replicate(primary.cluster(), settings)?;
+        replica.start(settings)?;
+        let mut replica = pg::StopOnDrop::new(replica);
+        let replica_url = replica.cluster().url(stack::DATABASE);
+
+        // Calls of about ten webhooks a second apart: `in_flight` of them at once, started at the
+        // pace that keeps that many in flight, three times over (about 30 s).
+        let simulate = |label: &str, in_flight: usize| {
+            format!(
+                "simulate --orgs 20 --plans pro=1,business=1 --calls {calls} --max-concurrent {in_flight} \
+                 --rate {rate:.1} --event-gap-ms 1000 --duration-mean 30 --duration-max 60 --label {label} --seed 43 --json",
+                calls = in_flight * 3,
+                rate = in_flight as f64 / 10.0,
+            )
+        };
+        let dashboard = |spec: &ServerSpec, label: &str| -> Result<(Value, Value, String)> {
+            let mut server = spec.start(Duration::from_secs(60))?;
+            let lg = loadgen(spec);
+            let ingest = lg.spawn(&simulate(label, in_flight), true)?;
+            // Let the ingest reach its pace before measuring.
+            std::thread::sleep(Duration::from_secs(3));
+            let measured = lg.json(
+                &format!("dashboard --database-url {url} --requests {requests} --orgs 50 --json"),
+                short,
+                false,
+            );
+            let metrics = http::get(
+                std::net::SocketAddr::from(([127, 0, 0, 1], spec.http_port)),
+                "/metrics",
+                Duration::from_secs(5),
+            )
+            .map(|r| r.body)
+            .unwrap_or_default();
+            let ingested = stack::last_json(&ingest.wait(long)?)?;
+            server.stop()?;
+            Ok((measured?, ingested, metrics))
+        };
+        let (on_primary, ingest_a, _) = dashboard(&spec, "replica-off")?;
+        let with_replica = spec.clone().with_env("CALLPLANE__DATABASE__REPLICA_URL", &replica_url);
+        let (on_replica, ingest_b, metrics) = dashboard(&with_replica, "replica-on")?;
+        for (summary, what) in [(&on_primary, "primary"), (&on_replica, "replica")] {
+            if number(summary, "/errors")? != 0.0 {
+                bail!("dashboard requests failed with reads on the {what}: {summary}");
+            }
+        }
+        self.check_simulation("9. ingest beside the dashboard, reads on the primary", &ingest_a)?;
+        self.check_simulation("9. ingest beside the dashboard, reads on the replica", &ingest_b)?;
+        let counter = |name: &str| -> f64 {
+            metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+        };
+        let (on, behind) = (
+            counter("callplane_replica_reads_total "),
+            counter("callplane_replica_fallbacks_total{reason=\"behind\"} "),
+        );
+        for (label, field) in [("p50", "p50_ms"), ("p95", "p95_ms")] {
+            self.rows.push(Row {
+                benchmark: "9. Replica".into(),
+                metric: format!("GET /v1/calls first page {label} under ingest, reads on the replica, {} calls", human_count(calls)),
+                unit: "ms",
+                callplane: number(&on_replica, &format!("/first_page/api/{field}"))?,
+                baseline: Some(number(&on_primary, &format!("/first_page/api/{field}"))?),
+                baseline_is: "the same, every read on the primary".into(),
+                note: format!(
+                    "{in_flight} calls in flight alongside; the replica answered {on:.0} reads, the primary {behind:.0} it had not replayed in time"
+                ),
+            });
+        }
+
+        // The primary's client connections while calls are in flight.
+        let bouncer = crate::pooler::binary()?;
+        let mut pooler =
+            crate::pooler::PgBouncer::start(&bouncer, &root.join("pgbouncer"), pg::free_port()?, primary.port())?;
+        let pooled_url = format!("{}/{}", pooler.url().trim_end_matches("/postgres"), stack::DATABASE);
+        let connections = |spec: &ServerSpec, label: &str| -> Result<(f64, Value)> {
+            let mut server = spec.start(Duration::from_secs(60))?;
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sampler = {
+                let (done, mut psql) = (done.clone(), primary.psql_command());
+                psql.arg("-c").arg(
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND application_name <> 'psql'",
+                );
+                std::thread::spawn(move || {
+                    let mut most = 0.0_f64;
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(out) = psql.output() {
+                            most = most.max(String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0.0));
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    most
+                })
+            };
+            let summary = loadgen(spec).json(&simulate(label, in_flight), long, true);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let most = sampler.join().unwrap_or(0.0);
+            server.stop()?;
+            Ok((most, summary?))
+        };
+        let (direct, sim_direct) = connections(&spec, "pool-direct")?;
+        let pooled = spec
+            .clone()
+            .with_env("CALLPLANE__DATABASE__URL", &pooled_url)
+            .with_env("CALLPLANE__DATABASE__DIRECT_URL", &url);
+        let (through, sim_pooled) = connections(&pooled, "pool-pgbouncer")?;
+        pooler.stop();
+        self.check_simulation("9. calls in flight, straight to the primary", &sim_direct)?;
+        self.check_simulation("9. calls in flight, through PgBouncer", &sim_pooled)?;
+        let peak = number(&sim_pooled, "/max_in_flight")?;
+        let p99 = |s: &Value| number(s, "/latency/assistant-request/p99_ms").unwrap_or(f64::NAN);
+        self.rows.push(Row {
+            benchmark: "9. Pooler".into(),
+            metric: format!("primary's client connections (most seen), {peak:.0} calls in flight, through PgBouncer"),
+            unit: "conns",
+            callplane: through,
+            baseline: Some(direct),
+            baseline_is: "the same load, callplane straight to the primary".into(),
+            note: format!(
+                "database.max_connections 40, PgBouncer default_pool_size 20; the answer pool (4) and the listeners stay direct; \
+                 assistant-request p99 {:.1} ms through it, {:.1} ms direct",
+                p99(&sim_pooled),
+                p99(&sim_direct)
+            ),
+        });
+        self.raw.insert(
+            "replica".into(),
+            json!({ "dashboard_on_primary": on_primary, "dashboard_on_replica": on_replica,
+                    "connections_direct": direct, "connections_pooled": through,
+                    "simulate_direct": sim_direct, "simulate_pooled": sim_pooled }),
+        );
+        replica.stop()?;
+        primary.stop()?;
         Ok(())
     }
 

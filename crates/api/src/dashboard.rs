@@ -365,7 +365,7 @@ pub async fn get_call(
             ErrorCode::CallArchived,
             format!("call {id} is in {month}, archived to object storage; `callplane partitions restore {month}` brings it back"),
         ),
-        None => call_not_found(&id),
+        None => call_not_found(id),
     })?;
     s.metrics.api_query("calls.get", started.elapsed());
     Ok(Json(CallDetail {
@@ -641,7 +641,8 @@ fn key_not_found(key: &str) -> ApiError {
 /// Sets a function-data value (any JSON). The agent sees it from the next call on.
 #[utoipa::path(put, path = "/v1/function-data/{key}", tag = "function-data", params(("key" = String, Path)),
     request_body(content = Object, description = "Any JSON value"),
-    responses((status = 200, body = FunctionDataEntry), (status = 400, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)),
+    responses((status = 200, body = FunctionDataEntry, headers(("callplane-read-after" = String, description = "When a read replica serves the dashboard's reads: the primary's log position after this write. Sent back as a request header, it makes reads on any server see this write."))),
+        (status = 400, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn put_function_data(
     State(s): State<AppState>,
@@ -667,7 +668,8 @@ pub async fn put_function_data(
 
 /// Deletes a function-data value.
 #[utoipa::path(delete, path = "/v1/function-data/{key}", tag = "function-data", params(("key" = String, Path)),
-    responses((status = 204), (status = 404, body = crate::error::ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204, headers(("callplane-read-after" = String, description = "When a read replica serves the dashboard's reads: the primary's log position after this write. Sent back as a request header, it makes reads on any server see this write."))),
+        (status = 404, body = crate::error::ErrorBody)), security(("bearer" = [])))]
 pub async fn delete_function_data(
     State(s): State<AppState>,
     caller: Caller,
