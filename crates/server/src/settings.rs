@@ -1331,6 +1331,20 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_needs_a_build_that_routes_reads_to_it() {
+        let mut settings = base();
+        settings.database.replica_url = SecretString::from("postgres://app@replica:5432/callplane");
+        let refused = settings.validate().err().map(|e| format!("{e:#}"));
+        if cfg!(feature = "read-replica") {
+            assert_eq!(refused, None);
+            settings.database.replica_check_ms = 0;
+            assert!(format!("{:#}", settings.validate().unwrap_err()).contains("database.replica_check_ms"));
+        } else {
+            assert!(refused.is_some_and(|e| e.contains("database.replica_url") && e.contains("phase3")));
+        }
+    }
+
+    #[test]
     fn secrets_are_masked_when_printed() {
         let mut settings = base();
         settings.object_store.secret_access_key = SecretString::from("s3-secret-value");
@@ -1339,7 +1353,11 @@ mod tests {
         settings.vapi.api_key = SecretString::from("vapi-private-key");
         settings.database.url = SecretString::from("postgres://app:hunter2@db:5432/callplane");
         settings.redis.url = SecretString::from("redis://:redis-pass@cache:6379/0");
+        settings.database.direct_url = SecretString::from("postgres://app:direct-pass@primary:5432/callplane");
+        settings.database.replica_url = SecretString::from("postgres://app:replica-pass@replica:5432/callplane");
         let printed = settings.redacted().to_string();
+        assert!(!printed.contains("direct-pass") && !printed.contains("replica-pass"), "{printed}");
+        assert!(printed.contains("postgres://app:********@replica:5432/callplane"), "{printed}");
         assert!(!printed.contains("redis-pass") && printed.contains("redis://********@cache:6379/0"), "{printed}");
         assert!(!printed.contains("super-secret-value") && !printed.contains("hunter2"), "{printed}");
         assert!(!printed.contains("s3-secret-value") && !printed.contains("s3-key-id"), "{printed}");
