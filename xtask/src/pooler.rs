@@ -4,7 +4,7 @@
 //! transaction-mode pooler must carry prepared statements across server connections: PgBouncer
 //! does from 1.21 (`max_prepared_statements`). Debian 12's own package is 1.18, so unless a
 //! `pgbouncer` of 1.21 or newer is installed, xtask builds Debian's next source package (the
-//! same sources and patches Debian 13 ships) into `target/xtask/pgbouncer`, once; `.ci/run`
+//! same sources and patches Debian 13 ships) into `target/xtask/pgbouncer-1.24.1`, once; `.ci/run`
 //! adds that source package's repository and the build's dependencies.
 
 use std::fs;
@@ -39,7 +39,7 @@ pub fn binary() -> Result<PathBuf> {
             return Ok(path);
         }
     }
-    let root = util::target_dir().join("xtask/pgbouncer");
+    let root = util::target_dir().join(format!("xtask/pgbouncer-{UPSTREAM}"));
     let bin = root.join("bin/pgbouncer");
     if bin.exists() {
         return Ok(bin);
@@ -62,7 +62,7 @@ pub fn binary() -> Result<PathBuf> {
     let prefix = format!("--prefix={}", root.display());
     util::run(
         Command::new("./configure")
-            .args([prefix.as_str(), "--without-systemd", "--without-pam", "--without-ldap"])
+            .args([prefix.as_str(), "--without-systemd", "--without-pam"])
             .current_dir(&tree)
             .stdout(Stdio::null()),
     )

@@ -238,8 +238,12 @@ impl Replicated {
         replica.start(TEST_SETTINGS)?;
         let replica = StopOnDrop::new(replica);
         let bouncer = pooler::binary()?;
-        let pooler =
-            pooler::PgBouncer::start(&bouncer, &root.join("pgbouncer"), pg::free_port()?, primary.cluster().port())?;
+        let pooler = pooler::PgBouncer::start(
+            &bouncer,
+            &root.join("pgbouncer-test"),
+            pg::free_port()?,
+            primary.cluster().port(),
+        )?;
         eprintln!(
             "xtask: phase 3: primary on port {}, replica on {}, PgBouncer on {}",
             primary.cluster().port(),

@@ -206,14 +206,20 @@ impl ReplicaRouting for PgReplica {
             if Instant::now() >= deadline {
                 return Err(Fallback::Behind);
             }
-            {
+            // Waiting for the question, and its answer, counts against the reader's wait.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let asked = tokio::time::timeout(remaining, async {
                 let _one = inner.asking.lock().await;
                 if inner.replayed.load(Ordering::Relaxed) >= need {
                     return Ok(());
                 }
-                if inner.ask_replayed().await.is_err() {
-                    return Err(Fallback::Down);
-                }
+                inner.ask_replayed().await.map(|_| ())
+            })
+            .await;
+            match asked {
+                Err(_) => return Err(Fallback::Behind),
+                Ok(Err(_)) => return Err(Fallback::Down),
+                Ok(Ok(())) => {}
             }
             if inner.replayed.load(Ordering::Relaxed) < need {
                 tokio::time::sleep(ASK_EVERY.min(deadline.saturating_duration_since(Instant::now()))).await;
