@@ -31,13 +31,6 @@ fn wrong_key(prefix_char: char, i: usize) -> String {
     format!("cp_{}{i:032}", prefix_char.to_string().repeat(8))
 }
 
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not in /metrics"))
-}
-
 async fn last_used(app: &TestApp, key_id: uuid::Uuid) -> Option<chrono::DateTime<Utc>> {
     sqlx::query_scalar("SELECT last_used_at FROM api_keys WHERE id = $1")
         .bind(key_id)
@@ -73,8 +66,8 @@ async fn after_too_many_wrong_api_keys_an_address_gets_429_before_any_query_whil
     assert_eq!(refused, (StatusCode::TOO_MANY_REQUESTS, Some("too_many_failed_attempts".into())));
     assert_eq!(last_used(&app, unseen.id).await, None, "the database was never asked about it");
 
-    assert_eq!(metric(&app, "callplane_auth_failures_total").await, 3.0);
-    assert_eq!(metric(&app, "callplane_auth_throttled_total").await, 2.0);
+    assert_eq!(app.metric("callplane_auth_failures_total").await, 3.0);
+    assert_eq!(app.metric("callplane_auth_throttled_total").await, 2.0);
 }
 
 #[tokio::test]
@@ -252,7 +245,7 @@ async fn wrong_vapi_secrets_are_throttled_but_a_valid_signature_always_passes() 
     // secret is served even from a throttled address (a 256-bit secret is not guessed).
     let ok = post(crate::helpers::SECRET).await.unwrap();
     assert_eq!(ok.status(), StatusCode::OK, "{:?}", ok.text().await);
-    assert_eq!(metric(&app, "callplane_auth_failures_total").await, 3.0);
+    assert_eq!(app.metric("callplane_auth_failures_total").await, 3.0);
 }
 
 #[tokio::test]

@@ -81,7 +81,7 @@ impl TestApp {
         let settings = &self.app.settings;
         // Behind the pooler as the server is; else straight to the database (not through a
         // fault proxy the test may cut).
-        let direct = settings.database.direct_url.expose_secret();
+        let direct = settings.database.direct_url().unwrap_or_default();
         let url = if direct.is_empty() { self.db.url.as_str() } else { settings.database.url.expose_secret() };
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_callplane"));
         command
@@ -126,7 +126,7 @@ impl TestApp {
     /// (`database.direct_url`), as a user behind a pooler configures it.
     pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
         let db = TestDb::fresh().await.expect("a fresh test database");
-        let Some(pooled) = callplane_testkit::replica::pooled(&db.url) else {
+        let Some(pooled) = callplane_testkit::replica::pooled(&db.name) else {
             let store = db.store.clone();
             return Self::serve_on(db, store, overrides).await;
         };
@@ -276,6 +276,14 @@ impl TestApp {
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "PUT /v1/function-data/{name}");
         r
+    }
+
+    /// A series from `/metrics` (a name, with its labels when it has some), which must be there.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.http.get(format!("{}/metrics", self.base)).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} is not in /metrics"))
     }
 
     /// GET with a bearer credential; returns status and JSON (Null if not JSON).

@@ -61,14 +61,6 @@ async fn replica_state(app: &TestApp) -> Value {
     body["checks"]["replica"].clone()
 }
 
-/// A counter or gauge from `/metrics` (0 when absent).
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map_or(0.0, |v| v.parse().unwrap())
-}
-
 /// GET with an optional `Callplane-Read-After`.
 async fn get_after(app: &TestApp, path: &str, key: &str, after: Option<&str>) -> (StatusCode, Value) {
     let mut request = app.http.get(format!("{}{path}", app.base)).bearer_auth(key);
@@ -98,10 +90,10 @@ async fn reads_go_to_the_replica_and_a_client_always_reads_its_own_writes() {
     caught_up(&replica, &app).await;
 
     // The replica answers.
-    let before = metric(&app, "callplane_replica_reads_total").await;
+    let before = app.metric("callplane_replica_reads_total").await;
     let (status, body) = app.get("/v1/function-data/greeting", &key).await;
     assert_eq!((status, &body["value"]), (StatusCode::OK, &json!("hello")));
-    assert!(metric(&app, "callplane_replica_reads_total").await > before, "the read went to the replica");
+    assert!(app.metric("callplane_replica_reads_total").await > before, "the read went to the replica");
 
     // The replica stops replaying: it still answers, with what it has.
     replica.pause_replay().await;
@@ -111,12 +103,12 @@ async fn reads_go_to_the_replica_and_a_client_always_reads_its_own_writes() {
         let next: callplane_core::reads::Lsn =
             written.headers()["callplane-read-after"].to_str().unwrap().parse().unwrap();
         assert!(next > after, "positions move forward: {after} then {next}");
-        let behind = metric(&app, "callplane_replica_fallbacks_total{reason=\"behind\"}").await;
+        let behind = app.metric("callplane_replica_fallbacks_total{reason=\"behind\"}").await;
         let (_, body) = app.get("/v1/function-data/greeting", &key).await;
         assert_eq!(body["value"], json!("hi again"), "a client reads its own write");
         let (_, body) = app.get("/v1/function-data", &key).await;
         assert!(body["data"].as_array().unwrap().iter().any(|e| e["value"] == "hi again"), "{body}");
-        assert!(metric(&app, "callplane_replica_fallbacks_total{reason=\"behind\"}").await >= behind + 2.0);
+        assert!(app.metric("callplane_replica_fallbacks_total{reason=\"behind\"}").await >= behind + 2.0);
 
         // A change nothing announced is not seen on the replica until it replays it: the
         // read really is the replica's.
@@ -209,14 +201,14 @@ async fn lag_is_measured_and_a_replica_too_far_behind_gets_no_reads() {
             assert!(Instant::now() < until, "the replica never counted as lagging: {state}");
             tokio::time::sleep(StdDuration::from_millis(50)).await;
         }
-        assert!(metric(&app, "callplane_replica_lag_seconds").await > 1.0);
+        assert!(app.metric("callplane_replica_lag_seconds").await > 1.0);
         // Ready all the same: the primary answers the reads.
         let r = app.http.get(format!("{}/readyz", app.base)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        let before = metric(&app, "callplane_replica_fallbacks_total{reason=\"lagging\"}").await;
+        let before = app.metric("callplane_replica_fallbacks_total{reason=\"lagging\"}").await;
         let (_, body) = app.get("/v1/function-data/tick", &key).await;
         assert!(body["value"].is_string(), "{body}");
-        assert_eq!(metric(&app, "callplane_replica_fallbacks_total{reason=\"lagging\"}").await, before + 1.0);
+        assert_eq!(app.metric("callplane_replica_fallbacks_total{reason=\"lagging\"}").await, before + 1.0);
     };
     lagging.await;
     replica.resume_replay().await;
@@ -260,15 +252,15 @@ async fn the_replica_stopped_mid_traffic_costs_no_reader_an_error() {
     };
     let (reads, ()) = tokio::join!(reading, stopping);
     assert!(reads > 20, "only {reads} reads");
-    let away = metric(&app, "callplane_replica_fallbacks_total{reason=\"down\"}").await
-        + metric(&app, "callplane_replica_fallbacks_total{reason=\"failed\"}").await;
+    let away = app.metric("callplane_replica_fallbacks_total{reason=\"down\"}").await
+        + app.metric("callplane_replica_fallbacks_total{reason=\"failed\"}").await;
     assert!(away > 0.0, "reads went to the primary while the replica was away");
 
     // Back, it serves reads again.
     tokio::task::spawn_blocking(|| TestReplica::from_env().start()).await.unwrap();
     caught_up(&replica, &app).await;
-    let before = metric(&app, "callplane_replica_reads_total").await;
+    let before = app.metric("callplane_replica_reads_total").await;
     let (status, _) = app.get("/v1/calls/kept", &key).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(metric(&app, "callplane_replica_reads_total").await > before);
+    assert!(app.metric("callplane_replica_reads_total").await > before);
 }

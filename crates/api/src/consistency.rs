@@ -10,7 +10,7 @@ use callplane_core::reads::Lsn;
 use callplane_core::{ErrorCode, OrgId};
 
 /// The header, on a write's answer and on the reads that follow it.
-pub const READ_AFTER: &str = "callplane-read-after";
+const READ_AFTER: &str = "callplane-read-after";
 
 /// The position a request's reads must see, when it sends one.
 pub(crate) fn read_after(headers: &HeaderMap) -> Result<Option<Lsn>, ApiError> {

@@ -23,7 +23,6 @@ mod throttle;
 mod vapi;
 
 pub use auth::{ApiKeyCache, DashboardAuth};
-pub use consistency::READ_AFTER;
 pub use error::ApiError;
 pub use metrics::{AdvisorLimits, Metrics};
 pub use openapi::openapi_json;

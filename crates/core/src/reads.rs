@@ -60,7 +60,8 @@ pub struct Readers {
     pub function_data: Arc<dyn FunctionData>,
 }
 
-/// Why a read went to the primary although a replica is configured.
+/// Why a read went to the primary although a replica is configured. (Declared in the order of
+/// [`Fallback::ALL`], so `why as usize` indexes it.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fallback {
     /// The replica did not answer its last check.
@@ -148,9 +149,8 @@ impl Reads {
         F: Fn(Readers) -> Fut,
         Fut: Future<Output = StoreResult<T>>,
     {
-        let Some((replica, routing)) = &self.replica else { return read(self.primary.clone()).await };
-        let why = match routing.ready(org, after).await {
-            Ok(()) => match read(replica.clone()).await {
+        if let Some((replica, routing)) = self.ready_replica(org, after).await {
+            match read(replica.clone()).await {
                 Ok(value) => {
                     routing.served(None);
                     return Ok(value);
@@ -159,27 +159,34 @@ impl Reads {
                 Err(e @ StoreError::Refused { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %crate::error_chain(&e), "a read failed on the replica; answered by the primary");
-                    Fallback::Failed
+                    routing.served(Some(Fallback::Failed));
                 }
-            },
-            Err(why) => why,
-        };
-        routing.served(Some(why));
+            }
+        }
         read(self.primary.clone()).await
     }
 
     /// The readers a long read (an export's pages) keeps using from its start: the replica's
     /// when it is ready for `org`, else the primary's.
     pub async fn choose(&self, org: OrgId, after: Option<Lsn>) -> &Readers {
-        let Some((replica, routing)) = &self.replica else { return &self.primary };
-        match routing.ready(org, after).await {
-            Ok(()) => {
+        match self.ready_replica(org, after).await {
+            Some((replica, routing)) => {
                 routing.served(None);
                 replica
             }
+            None => &self.primary,
+        }
+    }
+
+    /// The replica and its router when it may take a read of `org` now; `None` (and, with a
+    /// replica, the fallback counted) when the primary must.
+    async fn ready_replica(&self, org: OrgId, after: Option<Lsn>) -> Option<&(Readers, Arc<dyn ReplicaRouting>)> {
+        let replica = self.replica.as_ref()?;
+        match replica.1.ready(org, after).await {
+            Ok(()) => Some(replica),
             Err(why) => {
-                routing.served(Some(why));
-                &self.primary
+                replica.1.served(Some(why));
+                None
             }
         }
     }

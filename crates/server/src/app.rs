@@ -452,9 +452,9 @@ impl App {
         let store = PgStore::connect(settings.database.url.expose_secret(), settings.database.max_connections)
             .await
             .context("connecting to the database (database.url)")?;
-        match settings.database.direct_url.expose_secret() {
-            "" => Ok(store),
-            direct => store.with_direct_url(direct).context("database.direct_url"),
+        match settings.database.direct_url() {
+            None => Ok(store),
+            Some(direct) => store.with_direct_url(direct).context("database.direct_url"),
         }
     }
 

@@ -150,12 +150,16 @@ pub struct DatabaseSettings {
 impl DatabaseSettings {
     /// `direct_url` when set, else `url`.
     pub fn direct(&self) -> &str {
-        let direct = self.direct_url.expose_secret();
-        if direct.is_empty() { self.url.expose_secret() } else { direct }
+        self.direct_url().unwrap_or(self.url.expose_secret())
+    }
+
+    /// `direct_url`, when set.
+    pub fn direct_url(&self) -> Option<&str> {
+        set(&self.direct_url)
     }
 
     pub fn replica(&self) -> Option<&str> {
-        Some(self.replica_url.expose_secret()).filter(|u| !u.is_empty())
+        set(&self.replica_url)
     }
 
     /// How the replica is used.
@@ -1256,6 +1260,11 @@ pub fn compiled_features() -> Vec<&'static str> {
         }
     }
     f
+}
+
+/// A secret setting's value, unless it is left empty.
+fn set(secret: &SecretString) -> Option<&str> {
+    Some(secret.expose_secret()).filter(|v| !v.is_empty())
 }
 
 /// A database URL with the host and database visible and any password masked.

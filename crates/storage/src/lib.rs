@@ -106,13 +106,25 @@ pub struct PgStore {
     known_months: Arc<Mutex<HashSet<i32>>>,
 }
 
+fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOptions, StoreError> {
+    Ok(PgConnectOptions::from_str(url).map_err(db)?.application_name(application_name))
+}
+
+/// A pool that connects on first use, so that a process starts while its database is away.
+fn lazy_pool(options: PgConnectOptions, max_connections: u32, acquire_timeout: Duration) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(acquire_timeout)
+        .connect_lazy_with(options)
+}
+
 /// How many sessions of its own a process holds at most: two listeners, and a lock or a
 /// migration run now and then.
 const DIRECT_CONNECTIONS: u32 = 8;
 
 impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(db)?.application_name("callplane");
+        let options = connect_options(url, "callplane")?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -125,24 +137,15 @@ impl PgStore {
     /// A store whose pool connects on first use, so that a server starts while this database
     /// is away (a read replica: its reads go to the primary until it answers).
     pub fn connect_lazy(url: &str, max_connections: u32, application_name: &str) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(db)?.application_name(application_name);
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy_with(options);
-        Ok(Self::from_pool(pool))
+        Ok(Self::from_pool(lazy_pool(connect_options(url, application_name)?, max_connections, Duration::from_secs(2))))
     }
 
     /// The same store, keeping its sessions (LISTEN, session locks, migrations) on connections
     /// straight to the database at `direct_url`, past the pooler its queries go through. Connects
     /// on first use.
     pub fn with_direct_url(self, direct_url: &str) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(direct_url).map_err(db)?.application_name("callplane-direct");
-        let direct = PgPoolOptions::new()
-            .max_connections(DIRECT_CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options);
-        Ok(Self { direct, ..self })
+        let options = connect_options(direct_url, "callplane-direct")?;
+        Ok(Self { direct: lazy_pool(options, DIRECT_CONNECTIONS, Duration::from_secs(5)), ..self })
     }
 
     /// A store over a small pool for answers VAPI waits for: it connects lazily (so a server
@@ -151,15 +154,9 @@ impl PgStore {
     /// after half of it (`lock_timeout`).
     pub fn answer_pool(url: &str, max_connections: u32, deadline: Duration) -> Result<Self, StoreError> {
         let ms = deadline.as_millis().max(1);
-        let options = PgConnectOptions::from_str(url)
-            .map_err(db)?
-            .application_name("callplane-answers")
+        let options = connect_options(url, "callplane-answers")?
             .options([("statement_timeout", ms.to_string()), ("lock_timeout", (ms / 2).max(1).to_string())]);
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(deadline)
-            .connect_lazy_with(options);
-        Ok(Self::from_pool(pool))
+        Ok(Self::from_pool(lazy_pool(options, max_connections, deadline)))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {

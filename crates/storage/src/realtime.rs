@@ -148,9 +148,6 @@ impl PgRealtimeBus {
         Ok(bus)
     }
 
-    /// Publishes what is queued, whenever a commit of this process queued events and every
-    /// [`PUBLISH_SWEEP`]. A wake-up that arrives while a batch is being published is kept,
-    /// so nothing queued before it waits for the sweep.
     /// Tells `heard` of each published event's organization and log position as it arrives,
     /// before its subscribers see it (the read replica's router raises that organization's mark).
     pub fn on_heard(&self, heard: impl Fn(OrgId, Lsn) + Send + Sync + 'static) {
@@ -159,6 +156,9 @@ impl PgRealtimeBus {
         }
     }
 
+    /// Publishes what is queued, whenever a commit of this process queued events and every
+    /// [`PUBLISH_SWEEP`]. A wake-up that arrives while a batch is being published is kept,
+    /// so nothing queued before it waits for the sweep.
     async fn publish_forever(self) {
         loop {
             if let Err(e) = publish_queued(&self.store).await {

@@ -17,7 +17,6 @@ use crate::{PgStore, db};
 use async_trait::async_trait;
 use callplane_core::OrgId;
 use callplane_core::reads::{Fallback, Lsn, ReplicaRouting, ReplicaStatus};
-use callplane_core::seams::StoreResult;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -117,11 +116,6 @@ impl PgReplica {
         let mark = marks.entry(org).or_default();
         *mark = (*mark).max(lsn.0);
     }
-
-    /// Runs one check now (tests, and the first answer at start).
-    pub async fn check(&self) {
-        self.inner.check().await;
-    }
 }
 
 async fn ask(store: &PgStore, sql: &str) -> Result<Option<i64>, String> {
@@ -178,8 +172,19 @@ impl Inner {
         (seconds, health.primary.saturating_sub(replayed))
     }
 
+    /// Why no read may go to the replica at all now, if so: it is down, or too far behind.
+    fn unusable(&self, health: &Health) -> Option<Fallback> {
+        if health.down.is_some() {
+            Some(Fallback::Down)
+        } else if self.lag(health).0 > self.settings.max_lag.as_secs_f64() {
+            Some(Fallback::Lagging)
+        } else {
+            None
+        }
+    }
+
     fn fallback(&self, why: Fallback) -> &AtomicU64 {
-        &self.fallbacks[Fallback::ALL.iter().position(|&f| f == why).unwrap_or(0)]
+        &self.fallbacks[why as usize]
     }
 }
 
@@ -187,14 +192,8 @@ impl Inner {
 impl ReplicaRouting for PgReplica {
     async fn ready(&self, org: OrgId, after: Option<Lsn>) -> Result<(), Fallback> {
         let inner = &self.inner;
-        {
-            let health = lock(&inner.health);
-            if health.down.is_some() {
-                return Err(Fallback::Down);
-            }
-            if inner.lag(&health).0 > inner.settings.max_lag.as_secs_f64() {
-                return Err(Fallback::Lagging);
-            }
+        if let Some(why) = inner.unusable(&lock(&inner.health)) {
+            return Err(why);
         }
         let mark = lock(&inner.marks).get(&org).copied().unwrap_or(0);
         let need = mark.max(after.map_or(0, |a| a.0));
@@ -250,10 +249,10 @@ impl ReplicaRouting for PgReplica {
         let inner = &self.inner;
         let health = lock(&inner.health);
         let (lag_seconds, lag_bytes) = inner.lag(&health);
-        let state = match (&health.down, lag_seconds > inner.settings.max_lag.as_secs_f64()) {
-            (Some(_), _) => "down",
-            (None, true) => "lagging",
-            (None, false) => "streaming",
+        let state = match inner.unusable(&health) {
+            Some(Fallback::Down) => "down",
+            Some(_) => "lagging",
+            None => "streaming",
         };
         ReplicaStatus {
             state,
@@ -264,13 +263,5 @@ impl ReplicaRouting for PgReplica {
             fallbacks: Fallback::ALL.iter().map(|&f| (f.as_str(), inner.fallback(f).load(Ordering::Relaxed))).collect(),
             error: health.down.clone(),
         }
-    }
-}
-
-impl PgStore {
-    /// The primary's log position now (see [`PRIMARY_LSN`]).
-    pub async fn wal_position(&self) -> StoreResult<Lsn> {
-        let lsn: i64 = sqlx::query_scalar(PRIMARY_LSN).fetch_one(&self.pool).await.map_err(db)?;
-        Ok(Lsn(lsn as u64))
     }
 }

@@ -14,14 +14,13 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// The URL of the test database `db_url` names, through PgBouncer, when the run has one.
-pub fn pooled(db_url: &str) -> Option<String> {
-    let pooler = env("CALLPLANE_TEST_PGBOUNCER_URL")?;
-    let name = db_url.split('?').next()?.rsplit('/').next()?;
-    Some(with_database(&pooler, name))
+/// The URL of test database `name` through PgBouncer, when the run has one.
+pub fn pooled(name: &str) -> Option<String> {
+    Some(with_database(&env("CALLPLANE_TEST_PGBOUNCER_URL")?, name))
 }
 
 /// The suite's streaming replica.
+#[derive(Clone)]
 pub struct TestReplica {
     url: String,
     data: PathBuf,
@@ -65,7 +64,7 @@ impl TestReplica {
     /// failed half way may have left it so).
     pub async fn ensure_replaying(&self) {
         if PgConnection::connect(&self.url).await.is_err() {
-            let replica = Self { url: self.url.clone(), data: self.data.clone(), bin: self.bin.clone() };
+            let replica = self.clone();
             tokio::task::spawn_blocking(move || replica.start()).await.expect("starting the replica");
         }
         self.resume_replay().await;
