@@ -55,8 +55,8 @@ use crate::pg;
 use crate::redis::{self, Durability, Redis};
 use crate::stack::Binaries;
 use crate::stack::{
-    self, DATABASE, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, rss_kb, run_with_timeout,
-    utc_now,
+    self, CpuSampler, DATABASE, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, rss_kb,
+    run_with_timeout, utc_now,
 };
 use crate::temporal::Temporal;
 use crate::util::{self, Report, describe};
@@ -858,12 +858,15 @@ impl Bench {
     fn ingest(&mut self) -> Result<()> {
         let pid = self.server.as_ref().context("no server")?.pid();
         let sampler = RssSampler::start(pid);
+        let cpu = CpuSampler::start(pid);
         let orgs = self.sizes.ingest_orgs;
         let summary = self.profiled("ingest", |b| b.ingest_simulation("ingest", orgs, "0"));
+        let cpu = cpu.stop();
         self.peak_rss_kb = Some(sampler.stop());
         let summary = summary?;
         self.check_simulation("1. ingest", &summary)?;
         let reports = number(&summary, "/reports_per_second")?;
+        let report_count = number(&summary, "/reports")?;
         self.uniform_reports = Some(reports);
 
         self.pgbench_orgs(self.sizes.ingest_orgs)?;
@@ -881,7 +884,9 @@ impl Bench {
         let transcript_bytes = self.psql("SELECT length(transcript) + length(messages::text) FROM bench_transcript")?;
         let script = INGEST_SCRIPT.replace("END;", &format!("{TRANSCRIPT_INSERT}END;"));
         let orgs = self.sizes.ingest_orgs.to_string();
-        let with_transcript = self.pgbench(&script, "ingest-with-transcript", clients, seconds, &[("orgs", orgs)])?;
+        let pgbench_cpu = CpuSampler::start(pid);
+        let with_transcript = self.pgbench(&script, "ingest-with-transcript", clients, seconds, &[("orgs", orgs)]);
+        let (pgbench_cpu, with_transcript) = (pgbench_cpu.stop(), with_transcript?);
         let metric = format!("end-of-call reports/s, {clients} clients, {} orgs", self.sizes.ingest_orgs);
         self.rows.push(Row {
             benchmark: "1. Ingest".into(),
@@ -903,8 +908,40 @@ impl Bench {
             ),
             note: String::new(),
         });
+        self.push_cpu_rows(cpu, report_count, pgbench_cpu, with_transcript * seconds as f64);
         self.raw.insert("ingest".into(), summary);
         Ok(())
+    }
+
+    /// The CPU each process took per end-of-call report during the ingest simulation (`cpu`,
+    /// seconds per [`stack::CPU_PARTS`], over `reports`), next to PostgreSQL's and pgbench's
+    /// per transaction of the transcript baseline (`raw`, over `transactions`): where a report's
+    /// cost goes when everything shares the machine's cores.
+    fn push_cpu_rows(&mut self, cpu: [f64; 4], reports: f64, raw: [f64; 4], transactions: f64) {
+        let per = |seconds: f64, n: f64| seconds * 1000.0 / n.max(1.0);
+        let (postgres, server, loadgen) = (per(cpu[0], reports), per(cpu[1], reports), per(cpu[2], reports));
+        let (raw_postgres, raw_client) = (per(raw[0], transactions), per(raw[3], transactions));
+        let total = postgres + server + loadgen;
+        self.rows.push(Row {
+            benchmark: "1. Ingest".into(),
+            metric: "PostgreSQL CPU per end-of-call report".into(),
+            unit: "ms",
+            callplane: postgres,
+            baseline: Some(raw_postgres),
+            baseline_is: "PostgreSQL CPU per pgbench transaction (the same writes plus the transcript row)".into(),
+            note: format!(
+                "on the same cores per report: callplane {server:.2} ms, load generator {loadgen:.2} ms \
+                 (total {total:.2} ms); per pgbench transaction: pgbench {raw_client:.2} ms"
+            ),
+        });
+        self.raw.insert(
+            "ingest_cpu".into(),
+            json!({
+                "parts": stack::CPU_PARTS,
+                "ingest_seconds": cpu, "reports": reports,
+                "pgbench_seconds": raw, "pgbench_transactions": transactions,
+            }),
+        );
     }
 
     /// The hot organization on each counter, next to uniform ingest: phase 2's Redis counter is

@@ -533,6 +533,95 @@ impl RssSampler {
     }
 }
 
+/// Who a process's CPU time is counted for in a [`CpuSampler`].
+pub const CPU_PARTS: [&str; 4] = ["postgres", "callplane", "load generator", "pgbench"];
+
+/// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The command name and the user plus system CPU ticks from the text of `/proc/<pid>/stat`.
+/// The name is in parentheses and may hold spaces or parentheses itself, so the fields are
+/// counted from its last `)`.
+fn parse_stat(stat: &str) -> Option<(&str, u64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    // After the name: state (0), ppid, ..., utime (11), stime (12).
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((stat.get(open + 1..close)?, ticks))
+}
+
+/// The part a process belongs to: the server by its pid, the others by their command name.
+fn cpu_part(pid: u32, comm: &str, server: u32) -> Option<usize> {
+    if pid == server {
+        Some(1)
+    } else if comm.starts_with("postgres") {
+        Some(0)
+    } else if comm.starts_with("callplane-loadg") {
+        Some(2)
+    } else if comm == "pgbench" {
+        Some(3)
+    } else {
+        None
+    }
+}
+
+/// Adds up the CPU time PostgreSQL, the server, the load generator and pgbench use while it
+/// runs, sampling every process's `/proc/<pid>/stat` every 250 ms on a thread. A process that
+/// was running at the start counts from then, one that starts later from its start; one that
+/// exits loses at most its last 250 ms (pgbench's backends, at its end).
+pub struct CpuSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<[f64; 4]>>,
+}
+
+impl CpuSampler {
+    pub fn start(server: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut seen: std::collections::HashMap<u32, (usize, u64)> = std::collections::HashMap::new();
+            let mut totals = [0u64; 4];
+            let mut first = true;
+            loop {
+                let done = stop_flag.load(Ordering::Relaxed);
+                for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+                    let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+                    let Some((comm, ticks)) = parse_stat(&stat) else { continue };
+                    let Some(part) = cpu_part(pid, comm, server) else { continue };
+                    let before = match seen.get(&pid) {
+                        Some(&(_, before)) => before,
+                        None if first => ticks,
+                        None => 0,
+                    };
+                    totals[part] += ticks.saturating_sub(before);
+                    seen.insert(pid, (part, ticks));
+                }
+                first = false;
+                if done {
+                    return totals.map(|t| t as f64 / TICKS_PER_SECOND);
+                }
+                thread::sleep(Duration::from_millis(250));
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops sampling (after one last sample) and returns the CPU seconds of each of
+    /// [`CPU_PARTS`].
+    pub fn stop(mut self) -> [f64; 4] {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for CpuSampler {
+    /// A sampler left unstopped (a benchmark that failed) ends its thread too.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Drop for RssSampler {
     fn drop(&mut self) {
         self.halt();
@@ -648,6 +737,29 @@ mod tests {
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
         // This very process has a resident set.
         assert!(rss_kb(std::process::id()).is_some_and(|kb| kb > 0));
+    }
+
+    #[test]
+    fn cpu_time_is_read_from_proc_stat_and_counted_for_its_part() {
+        // A command name may hold spaces and parentheses: fields count from the last `)`.
+        let stat = "4242 (postgres: callplane (idle)) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 1 0";
+        assert_eq!(parse_stat(stat), Some(("postgres: callplane (idle)", 1234 + 567)));
+        assert_eq!(parse_stat("4242 (x) S 1"), None);
+        assert_eq!(cpu_part(4242, "postgres: callplane (idle)", 7), Some(0));
+        assert_eq!(cpu_part(7, "callplane", 7), Some(1));
+        assert_eq!(cpu_part(8, "callplane", 7), None, "only the server's pid is callplane");
+        assert_eq!(cpu_part(9, "callplane-loadg", 7), Some(2));
+        assert_eq!(cpu_part(10, "pgbench", 7), Some(3));
+        // This process burns CPU on its own pid while a sampler counts it as "the server".
+        let sampler = CpuSampler::start(std::process::id());
+        let until = Instant::now() + Duration::from_millis(700);
+        let mut spin = 0u64;
+        while Instant::now() < until {
+            spin = spin.wrapping_add(1);
+        }
+        let seconds = sampler.stop();
+        assert!(spin > 0);
+        assert!((0.3..2.0).contains(&seconds[1]), "{seconds:?}");
     }
 
     #[test]
