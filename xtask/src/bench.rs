@@ -55,8 +55,8 @@ use crate::pg;
 use crate::redis::{self, Durability, Redis};
 use crate::stack::Binaries;
 use crate::stack::{
-    self, CpuSampler, DATABASE, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec, rss_kb,
-    run_with_timeout, utc_now,
+    self, CpuSampler, CpuSeconds, DATABASE, Loadgen, Postgres, RssSampler, RunOptions, ServerProcess, ServerSpec,
+    rss_kb, run_with_timeout, utc_now,
 };
 use crate::temporal::Temporal;
 use crate::util::{self, Report, describe};
@@ -908,19 +908,22 @@ impl Bench {
             ),
             note: String::new(),
         });
-        self.push_cpu_rows(cpu, report_count, pgbench_cpu, with_transcript * seconds as f64);
+        self.push_cpu_row(&cpu, report_count, &pgbench_cpu, with_transcript * seconds as f64);
         self.raw.insert("ingest".into(), summary);
         Ok(())
     }
 
     /// The CPU each process took per end-of-call report during the ingest simulation (`cpu`,
-    /// seconds per [`stack::CPU_PARTS`], over `reports`), next to PostgreSQL's and pgbench's
-    /// per transaction of the transcript baseline (`raw`, over `transactions`): where a report's
-    /// cost goes when everything shares the machine's cores.
-    fn push_cpu_rows(&mut self, cpu: [f64; 4], reports: f64, raw: [f64; 4], transactions: f64) {
-        let per = |seconds: f64, n: f64| seconds * 1000.0 / n.max(1.0);
-        let (postgres, server, loadgen) = (per(cpu[0], reports), per(cpu[1], reports), per(cpu[2], reports));
-        let (raw_postgres, raw_client) = (per(raw[0], transactions), per(raw[3], transactions));
+    /// over `reports`), next to PostgreSQL's and pgbench's per transaction of the transcript
+    /// baseline (`raw`, over `transactions`): where a report's cost goes when everything shares
+    /// the machine's cores.
+    fn push_cpu_row(&mut self, cpu: &CpuSeconds, reports: f64, raw: &CpuSeconds, transactions: f64) {
+        let per = |seconds: &CpuSeconds, process: &str, n: f64| {
+            seconds.get(process).copied().unwrap_or(0.0) * 1000.0 / n.max(1.0)
+        };
+        let (postgres, server, loadgen) =
+            (per(cpu, "PostgreSQL", reports), per(cpu, "callplane", reports), per(cpu, "load generator", reports));
+        let (raw_postgres, raw_client) = (per(raw, "PostgreSQL", transactions), per(raw, "pgbench", transactions));
         let total = postgres + server + loadgen;
         self.rows.push(Row {
             benchmark: "1. Ingest".into(),
@@ -937,7 +940,6 @@ impl Bench {
         self.raw.insert(
             "ingest_cpu".into(),
             json!({
-                "parts": stack::CPU_PARTS,
                 "ingest_seconds": cpu, "reports": reports,
                 "pgbench_seconds": raw, "pgbench_transactions": transactions,
             }),

@@ -169,8 +169,9 @@ fn parse_script(text: &str, server_pid: u32) -> Vec<Sample> {
         .collect()
 }
 
-/// The process a sample belongs to, named for the reader.
-fn process_of(comm: &str, pid: u32, server_pid: u32, is_loadgen: bool) -> String {
+/// The process a sample belongs to, named for the reader (the benchmarks' CPU sampler names
+/// processes the same way).
+pub(crate) fn process_of(comm: &str, pid: u32, server_pid: u32, is_loadgen: bool) -> String {
     if pid == server_pid {
         return "callplane".into();
     }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -489,29 +489,64 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|r| r.split_whitespace().next())?.parse().ok()
 }
 
+/// A thread that runs `tick` on its state every `every` until stopped, then once more, and
+/// hands back what `finish` makes of the state. Dropping it unstopped ends the thread too.
+struct Sampling<T> {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<T>>,
+}
+
+impl<T: Send + 'static> Sampling<T> {
+    fn start<S: Send + 'static>(
+        every: Duration,
+        mut state: S,
+        mut tick: impl FnMut(&mut S) + Send + 'static,
+        finish: impl FnOnce(S) -> T + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = thread::spawn(move || {
+            loop {
+                let last = stop_flag.load(Ordering::Relaxed);
+                tick(&mut state);
+                if last {
+                    return finish(state);
+                }
+                thread::sleep(every);
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    fn stop(mut self) -> Option<T> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take()?.join().ok()
+    }
+}
+
+impl<T> Drop for Sampling<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Samples a process's RSS every 100 ms on a thread and keeps the peak. The process can be
 /// swapped for another (a restarted server) while sampling.
 pub struct RssSampler {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
+    sampling: Sampling<u64>,
     pid: Arc<AtomicU32>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl RssSampler {
     pub fn start(pid: u32) -> Self {
-        let (stop, peak, pid) =
-            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU32::new(pid)));
-        let (stop_flag, peak_value, watched) = (stop.clone(), peak.clone(), pid.clone());
-        let thread = thread::spawn(move || {
-            while !stop_flag.load(Ordering::Relaxed) {
-                if let Some(kb) = rss_kb(watched.load(Ordering::Relaxed)) {
-                    peak_value.fetch_max(kb, Ordering::Relaxed);
-                }
-                thread::sleep(Duration::from_millis(100));
+        let pid = Arc::new(AtomicU32::new(pid));
+        let watched = pid.clone();
+        let tick = move |peak: &mut u64| {
+            if let Some(kb) = rss_kb(watched.load(Ordering::Relaxed)) {
+                *peak = (*peak).max(kb);
             }
-        });
-        Self { stop, peak, pid, thread: Some(thread) }
+        };
+        Self { sampling: Sampling::start(Duration::from_millis(100), 0, tick, |peak| peak), pid }
     }
 
     /// Samples another process from now on.
@@ -520,21 +555,10 @@ impl RssSampler {
     }
 
     /// Stops sampling and returns the peak in KiB.
-    pub fn stop(mut self) -> u64 {
-        self.halt();
-        self.peak.load(Ordering::Relaxed)
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    pub fn stop(self) -> u64 {
+        self.sampling.stop().unwrap_or_default()
     }
 }
-
-/// Who a process's CPU time is counted for in a [`CpuSampler`].
-pub const CPU_PARTS: [&str; 4] = ["postgres", "callplane", "load generator", "pgbench"];
 
 /// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -550,81 +574,48 @@ fn parse_stat(stat: &str) -> Option<(&str, u64)> {
     Some((stat.get(open + 1..close)?, ticks))
 }
 
-/// The part a process belongs to: the server by its pid, the others by their command name.
-fn cpu_part(pid: u32, comm: &str, server: u32) -> Option<usize> {
-    if pid == server {
-        Some(1)
-    } else if comm.starts_with("postgres") {
-        Some(0)
-    } else if comm.starts_with("callplane-loadg") {
-        Some(2)
-    } else if comm == "pgbench" {
-        Some(3)
-    } else {
-        None
-    }
+/// Every process now: its pid, what it is (named as the profiles name it, with `server` as
+/// callplane) and its CPU ticks so far.
+fn cpu_ticks(server: u32) -> Vec<(u32, String, u64)> {
+    let entries = fs::read_dir("/proc").into_iter().flatten().flatten();
+    entries
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (comm, ticks) = parse_stat(&stat)?;
+            // The load generator's main thread, by the name the kernel keeps (15 bytes).
+            let process = crate::profile::process_of(comm, pid, server, comm.starts_with("callplane-loadg"));
+            Some((pid, process, ticks))
+        })
+        .collect()
 }
 
-/// Adds up the CPU time PostgreSQL, the server, the load generator and pgbench use while it
-/// runs, sampling every process's `/proc/<pid>/stat` every 250 ms on a thread. A process that
-/// was running at the start counts from then, one that starts later from its start; one that
-/// exits loses at most its last 250 ms (pgbench's backends, at its end).
-pub struct CpuSampler {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<[f64; 4]>>,
-}
+/// CPU seconds per process, named as in the profiles ("PostgreSQL", "callplane", "load
+/// generator", "pgbench", ...).
+pub type CpuSeconds = std::collections::BTreeMap<String, f64>;
+
+/// Adds up the CPU time each kind of process uses while it runs, reading every process's
+/// `/proc/<pid>/stat` every 250 ms on a thread. A process running at the start counts from
+/// then, one that starts later from its start; one that exits loses at most its last 250 ms
+/// (pgbench's backends, at its end).
+pub struct CpuSampler(Sampling<CpuSeconds>);
 
 impl CpuSampler {
     pub fn start(server: u32) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_flag = stop.clone();
-        let thread = thread::spawn(move || {
-            let mut seen: std::collections::HashMap<u32, (usize, u64)> = std::collections::HashMap::new();
-            let mut totals = [0u64; 4];
-            let mut first = true;
-            loop {
-                let done = stop_flag.load(Ordering::Relaxed);
-                for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-                    let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-                    let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
-                    let Some((comm, ticks)) = parse_stat(&stat) else { continue };
-                    let Some(part) = cpu_part(pid, comm, server) else { continue };
-                    let before = match seen.get(&pid) {
-                        Some(&(_, before)) => before,
-                        None if first => ticks,
-                        None => 0,
-                    };
-                    totals[part] += ticks.saturating_sub(before);
-                    seen.insert(pid, (part, ticks));
-                }
-                first = false;
-                if done {
-                    return totals.map(|t| t as f64 / TICKS_PER_SECOND);
-                }
-                thread::sleep(Duration::from_millis(250));
+        let seen: std::collections::HashMap<u32, u64> =
+            cpu_ticks(server).into_iter().map(|(pid, _, ticks)| (pid, ticks)).collect();
+        let tick = move |(seen, totals): &mut (std::collections::HashMap<u32, u64>, CpuSeconds)| {
+            for (pid, process, ticks) in cpu_ticks(server) {
+                let before = seen.insert(pid, ticks).unwrap_or(0);
+                *totals.entry(process).or_default() += ticks.saturating_sub(before) as f64 / TICKS_PER_SECOND;
             }
-        });
-        Self { stop, thread: Some(thread) }
+        };
+        Self(Sampling::start(Duration::from_millis(250), (seen, CpuSeconds::new()), tick, |(_, totals)| totals))
     }
 
-    /// Stops sampling (after one last sample) and returns the CPU seconds of each of
-    /// [`CPU_PARTS`].
-    pub fn stop(mut self) -> [f64; 4] {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
-    }
-}
-
-impl Drop for CpuSampler {
-    /// A sampler left unstopped (a benchmark that failed) ends its thread too.
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Drop for RssSampler {
-    fn drop(&mut self) {
-        self.halt();
+    /// Stops sampling (after one last sample) and returns the CPU seconds per process.
+    pub fn stop(self) -> CpuSeconds {
+        self.0.stop().unwrap_or_default()
     }
 }
 
@@ -745,21 +736,22 @@ mod tests {
         let stat = "4242 (postgres: callplane (idle)) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 1 0";
         assert_eq!(parse_stat(stat), Some(("postgres: callplane (idle)", 1234 + 567)));
         assert_eq!(parse_stat("4242 (x) S 1"), None);
-        assert_eq!(cpu_part(4242, "postgres: callplane (idle)", 7), Some(0));
-        assert_eq!(cpu_part(7, "callplane", 7), Some(1));
-        assert_eq!(cpu_part(8, "callplane", 7), None, "only the server's pid is callplane");
-        assert_eq!(cpu_part(9, "callplane-loadg", 7), Some(2));
-        assert_eq!(cpu_part(10, "pgbench", 7), Some(3));
+        // Processes are named as the profiles name them; `/proc` gives the load generator's
+        // main thread name, cut to 15 bytes.
+        let named = |comm: &str, pid| crate::profile::process_of(comm, pid, 7, comm.starts_with("callplane-loadg"));
+        assert_eq!(named("postgres", 4242), "PostgreSQL");
+        assert_eq!(named("callplane", 7), "callplane");
+        assert_ne!(named("callplane", 8), "callplane", "only the server's pid is callplane");
+        assert_eq!(named("callplane-loadg", 9), "load generator");
+        assert_eq!(named("pgbench", 10), "pgbench");
         // This process burns CPU on its own pid while a sampler counts it as "the server".
         let sampler = CpuSampler::start(std::process::id());
         let until = Instant::now() + Duration::from_millis(700);
-        let mut spin = 0u64;
         while Instant::now() < until {
-            spin = spin.wrapping_add(1);
+            std::hint::black_box(0u64);
         }
         let seconds = sampler.stop();
-        assert!(spin > 0);
-        assert!((0.3..2.0).contains(&seconds[1]), "{seconds:?}");
+        assert!((0.3..2.0).contains(&seconds.get("callplane").copied().unwrap_or(0.0)), "{seconds:?}");
     }
 
     #[test]
