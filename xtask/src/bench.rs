@@ -1187,6 +1187,8 @@ impl Bench {
             loaded += calls;
             let (requests, timeout) = (self.sizes.dashboard_requests, self.sizes.long_timeout);
             let args = format!("dashboard --database-url {db} --requests {requests} --orgs 50 --json");
+            // The unpartitioned copy first, so that a profile samples the requests only.
+            let flat = self.loadgen_json(&format!("{args} --prepare-only"), timeout, false)?;
             let name = format!("dashboard-{}", human_count(loaded));
             let summary = self.profiled(&name, |b| b.loadgen_json(&args, timeout, false))?;
             if number(&summary, "/errors")? != 0.0 {
@@ -1233,7 +1235,7 @@ impl Bench {
                     });
                 }
             }
-            runs.push(json!({ "load": load, "dashboard": summary }));
+            runs.push(json!({ "load": load, "flat": flat, "dashboard": summary }));
         }
         self.raw.insert("dashboard".into(), Value::Array(runs));
         Ok(())

@@ -373,6 +373,9 @@ struct DashboardArgs {
     /// Rebuild `calls_flat` even when it is up to date.
     #[arg(long)]
     rebuild_flat: bool,
+    /// Only build `calls_flat` (unless it is up to date), and time nothing.
+    #[arg(long)]
+    prepare_only: bool,
     #[arg(long)]
     json: bool,
 }
@@ -561,6 +564,12 @@ async fn run(command: Command) -> Result<bool> {
             .await?;
             emit(args.json, &summary)?;
             Ok(summary.failed == 0 && summary.refused == 0 && summary.opened == summary.sockets)
+        }
+        Command::Dashboard(args) if args.prepare_only => {
+            let json = args.json;
+            let flat_build_seconds = dashboard::prepare(&args.config()).await?;
+            emit(json, &serde_json::json!({ "flat_build_seconds": flat_build_seconds }))?;
+            Ok(true)
         }
         Command::Dashboard(args) => {
             let json = args.json;

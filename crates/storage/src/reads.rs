@@ -3,10 +3,9 @@
 
 use crate::{PgStore, db};
 use async_trait::async_trait;
-use callplane_core::billing::month_start;
 use callplane_core::seams::{CallCursor, CallFilter, CallPage, CallReads, DailyUsage, StoreResult};
 use callplane_core::{CallRecord, OrgId};
-use chrono::{DateTime, Months, NaiveDate, Utc};
+use chrono::{DateTime, Duration, Months, NaiveDate, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{QueryBuilder, Row};
 use tracing::instrument;
@@ -15,28 +14,30 @@ pub(crate) const CALL_COLUMNS: &str = "id, organization_id, created_at, call_typ
     ended_at, duration_seconds, cost, costs, summary, analysis, recording_url, assistant_id, phone_number_id, \
     customer_number, billable_seconds, reported_at, last_event_at";
 
+/// A call from a row of [`CALL_COLUMNS`], read by position (in that order: no name lookup per
+/// field of every row of a page).
 pub(crate) fn call_from_row(r: &PgRow) -> Result<CallRecord, sqlx::Error> {
     Ok(CallRecord {
-        id: r.try_get("id")?,
-        organization_id: OrgId(r.try_get("organization_id")?),
-        created_at: r.try_get("created_at")?,
-        call_type: r.try_get("call_type")?,
-        status: r.try_get("status")?,
-        ended_reason: r.try_get("ended_reason")?,
-        started_at: r.try_get("started_at")?,
-        ended_at: r.try_get("ended_at")?,
-        duration_seconds: r.try_get("duration_seconds")?,
-        cost: r.try_get("cost")?,
-        costs: r.try_get("costs")?,
-        summary: r.try_get("summary")?,
-        analysis: r.try_get("analysis")?,
-        recording_url: r.try_get("recording_url")?,
-        assistant_id: r.try_get("assistant_id")?,
-        phone_number_id: r.try_get("phone_number_id")?,
-        customer_number: r.try_get("customer_number")?,
-        billable_seconds: r.try_get("billable_seconds")?,
-        reported_at: r.try_get("reported_at")?,
-        last_event_at: r.try_get("last_event_at")?,
+        id: r.try_get(0)?,
+        organization_id: OrgId(r.try_get(1)?),
+        created_at: r.try_get(2)?,
+        call_type: r.try_get(3)?,
+        status: r.try_get(4)?,
+        ended_reason: r.try_get(5)?,
+        started_at: r.try_get(6)?,
+        ended_at: r.try_get(7)?,
+        duration_seconds: r.try_get(8)?,
+        cost: r.try_get(9)?,
+        costs: r.try_get(10)?,
+        summary: r.try_get(11)?,
+        analysis: r.try_get(12)?,
+        recording_url: r.try_get(13)?,
+        assistant_id: r.try_get(14)?,
+        phone_number_id: r.try_get(15)?,
+        customer_number: r.try_get(16)?,
+        billable_seconds: r.try_get(17)?,
+        reported_at: r.try_get(18)?,
+        last_event_at: r.try_get(19)?,
     })
 }
 
@@ -78,12 +79,13 @@ impl PgStore {
 
 #[async_trait]
 impl CallReads for PgStore {
-    /// Walks back from the cursor (or `to`) until the page is full or `from` is reached, a few
-    /// monthly partitions per statement: the cursor's month and the two before it, then twice
-    /// as many months each step. Each statement's bounds prune it to its months when it is
-    /// planned, and its partitions are read newest first, stopping once the page is full. A
-    /// busy organization's page costs one statement that reads one partition; a quiet one's,
-    /// one or two statements instead of one per month.
+    /// Walks back from the cursor (or `to`) until the page is full or `from` is reached: the
+    /// three months before it in one statement, then twice as long each step. Each statement's
+    /// bounds prune it to the partitions they overlap (four at most for the first), read newest
+    /// first, stopping once the page is full. A busy organization's page costs one statement
+    /// that reads one partition; a quiet one's, one or two instead of one per month. The steps
+    /// are spans of time, not calendar months: early in a month, the first still covers three
+    /// months of calls.
     #[instrument(skip_all, fields(org_id = %org))]
     async fn list_calls(
         &self,
@@ -94,24 +96,19 @@ impl CallReads for PgStore {
     ) -> StoreResult<CallPage> {
         let limit = limit.max(1);
         let mut calls: Vec<CallRecord> = Vec::new();
-        let upper = match after {
-            Some(c) if c.created_at < f.to => c.created_at,
-            Some(_) | None => f.to,
+        // The cursor's instant itself may hold its same-instant siblings (the cursor's
+        // condition keeps the ones after it); timestamps are whole microseconds.
+        let mut hi = match after {
+            Some(c) => c.created_at.checked_add_signed(Duration::microseconds(1)).map_or(f.to, |at| at.min(f.to)),
+            None => f.to,
         };
         let mut months = FIRST_STEP_MONTHS;
-        let back = |at: DateTime<Utc>, n: u32| month_start(at).checked_sub_months(Months::new(n - 1));
-        let mut lo = back(upper, months);
-        // `upper` itself may hold the cursor's call and its same-instant siblings.
-        let mut hi = upper.checked_add_months(Months::new(1)).map(month_start).unwrap_or(upper).min(f.to);
         while hi > f.from && (calls.len() as i64) <= limit {
-            let from = lo.map_or(f.from, |lo| lo.max(f.from));
+            let lo = hi.checked_sub_months(Months::new(months)).map_or(f.from, |lo| lo.max(f.from));
             let want = limit + 1 - calls.len() as i64;
-            calls.extend(self.calls_in(org, f, from, hi, after, want).await.map_err(db)?);
-            let Some(step_start) = lo else { break };
-            hi = step_start;
+            calls.extend(self.calls_in(org, f, lo, hi, after, want).await.map_err(db)?);
+            hi = lo;
             months = months.saturating_mul(2);
-            let Some(prev) = step_start.checked_sub_months(Months::new(1)) else { break };
-            lo = back(prev, months);
         }
         let next = if calls.len() as i64 > limit {
             calls.truncate(limit as usize);
