@@ -3,6 +3,7 @@
 //! loopback port, `callplane-loadgen` run in the foreground or the background, the server's
 //! resident memory, and the facts about the machine that go next to published results.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -574,6 +575,13 @@ fn parse_stat(stat: &str) -> Option<(&str, u64)> {
     Some((stat.get(open + 1..close)?, ticks))
 }
 
+/// What a process found in `/proc` is, named as the profiles name it (`server` is callplane's
+/// pid); the load generator is known by its main thread's name, which the kernel cuts to 15
+/// bytes.
+fn process_name(comm: &str, pid: u32, server: u32) -> String {
+    crate::profile::process_of(comm, pid, server, comm.starts_with("callplane-loadg"))
+}
+
 /// Every process now: its pid, what it is (named as the profiles name it, with `server` as
 /// callplane) and its CPU ticks so far.
 fn cpu_ticks(server: u32) -> Vec<(u32, String, u64)> {
@@ -583,16 +591,14 @@ fn cpu_ticks(server: u32) -> Vec<(u32, String, u64)> {
             let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
             let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
             let (comm, ticks) = parse_stat(&stat)?;
-            // The load generator's main thread, by the name the kernel keeps (15 bytes).
-            let process = crate::profile::process_of(comm, pid, server, comm.starts_with("callplane-loadg"));
-            Some((pid, process, ticks))
+            Some((pid, process_name(comm, pid, server), ticks))
         })
         .collect()
 }
 
 /// CPU seconds per process, named as in the profiles ("PostgreSQL", "callplane", "load
 /// generator", "pgbench", ...).
-pub type CpuSeconds = std::collections::BTreeMap<String, f64>;
+pub type CpuSeconds = BTreeMap<String, f64>;
 
 /// Adds up the CPU time each kind of process uses while it runs, reading every process's
 /// `/proc/<pid>/stat` every 250 ms on a thread. A process running at the start counts from
@@ -602,9 +608,8 @@ pub struct CpuSampler(Sampling<CpuSeconds>);
 
 impl CpuSampler {
     pub fn start(server: u32) -> Self {
-        let seen: std::collections::HashMap<u32, u64> =
-            cpu_ticks(server).into_iter().map(|(pid, _, ticks)| (pid, ticks)).collect();
-        let tick = move |(seen, totals): &mut (std::collections::HashMap<u32, u64>, CpuSeconds)| {
+        let seen: HashMap<u32, u64> = cpu_ticks(server).into_iter().map(|(pid, _, ticks)| (pid, ticks)).collect();
+        let tick = move |(seen, totals): &mut (HashMap<u32, u64>, CpuSeconds)| {
             for (pid, process, ticks) in cpu_ticks(server) {
                 let before = seen.insert(pid, ticks).unwrap_or(0);
                 *totals.entry(process).or_default() += ticks.saturating_sub(before) as f64 / TICKS_PER_SECOND;
@@ -738,7 +743,7 @@ mod tests {
         assert_eq!(parse_stat("4242 (x) S 1"), None);
         // Processes are named as the profiles name them; `/proc` gives the load generator's
         // main thread name, cut to 15 bytes.
-        let named = |comm: &str, pid| crate::profile::process_of(comm, pid, 7, comm.starts_with("callplane-loadg"));
+        let named = |comm: &str, pid| process_name(comm, pid, 7);
         assert_eq!(named("postgres", 4242), "PostgreSQL");
         assert_eq!(named("callplane", 7), "callplane");
         assert_ne!(named("callplane", 8), "callplane", "only the server's pid is callplane");

@@ -110,8 +110,7 @@ pub async fn prepare(config: &DashboardConfig) -> Result<f64> {
         .connect(&config.database_url)
         .await
         .context("connecting to Postgres")?;
-    let stored_calls: i64 = sqlx::query_scalar("SELECT count(*) FROM call_keys").fetch_one(&pool).await?;
-    let seconds = ensure_flat(&pool, stored_calls, config.rebuild_flat, config.quiet).await?;
+    let (_, seconds) = ensure_flat(&pool, config).await?;
     pool.close().await;
     Ok(seconds)
 }
@@ -122,13 +121,12 @@ pub async fn run(server: Server, config: DashboardConfig) -> Result<DashboardSum
         .connect(&config.database_url)
         .await
         .context("connecting to Postgres")?;
-    let stored_calls: i64 = sqlx::query_scalar("SELECT count(*) FROM call_keys").fetch_one(&pool).await?;
+    let (stored_calls, flat_build_seconds) = ensure_flat(&pool, &config).await?;
     let orgs = sample_orgs(&pool, &config).await?;
     let mut keys = Vec::with_capacity(orgs.len());
     for org in &orgs {
         keys.push((*org, server.create_api_key(&org.to_string()).await?));
     }
-    let flat_build_seconds = ensure_flat(&pool, stored_calls, config.rebuild_flat, config.quiet).await?;
 
     let mut errors = 0;
     let mut figures = Vec::new();
@@ -251,18 +249,20 @@ pub async fn details(server: Server, config: DashboardConfig) -> Result<DetailsS
 }
 
 /// Creates `calls_flat` (an unpartitioned copy of `calls` with the list index) unless it is
-/// already there with every call. Returns how long building took (0 when reused).
-async fn ensure_flat(pool: &PgPool, stored_calls: i64, rebuild: bool, quiet: bool) -> Result<f64> {
+/// already there with every call. Returns the calls stored and how long building took (0 when
+/// reused).
+async fn ensure_flat(pool: &PgPool, config: &DashboardConfig) -> Result<(i64, f64)> {
+    let stored_calls: i64 = sqlx::query_scalar("SELECT count(*) FROM call_keys").fetch_one(pool).await?;
     let existing: Option<i64> = sqlx::query_scalar(
         "SELECT CASE WHEN to_regclass('calls_flat') IS NULL THEN NULL ELSE (SELECT count(*) FROM calls_flat) END",
     )
     .fetch_one(pool)
     .await
     .unwrap_or(None);
-    if !rebuild && existing == Some(stored_calls) {
-        return Ok(0.0);
+    if !config.rebuild_flat && existing == Some(stored_calls) {
+        return Ok((stored_calls, 0.0));
     }
-    if !quiet {
+    if !config.quiet {
         eprintln!("loadgen: building calls_flat, an unpartitioned copy of {stored_calls} calls");
     }
     let started = Instant::now();
@@ -275,7 +275,7 @@ async fn ensure_flat(pool: &PgPool, stored_calls: i64, rebuild: bool, quiet: boo
     ] {
         sqlx::query(statement).execute(pool).await.with_context(|| statement.to_owned())?;
     }
-    Ok(started.elapsed().as_secs_f64())
+    Ok((stored_calls, started.elapsed().as_secs_f64()))
 }
 
 /// Requests sent first and not timed, so that caches and prepared statements are warm: enough
@@ -328,8 +328,7 @@ async fn time_gets(
                 if !response.status().is_success() {
                     return None;
                 }
-                let body = response.bytes().await.ok()?;
-                let page: Page = serde_json::from_slice(&body).ok()?;
+                let page: Page = response.json().await.ok()?;
                 if i >= warmup {
                     recorder.record(sent.elapsed());
                 }
