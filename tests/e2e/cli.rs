@@ -14,10 +14,16 @@ pub struct Cli {
     pub addr: String,
 }
 
-/// A free loopback address for a server to bind.
+/// A free loopback address for a server to bind, below the kernel's ephemeral ports (32768 and
+/// up): a port the kernel handed out could be taken by a concurrent test's outgoing connection
+/// between this check and the server's bind.
 pub fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    format!("127.0.0.1:{port}")
+    loop {
+        let port: u16 = rand::random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return format!("127.0.0.1:{port}");
+        }
+    }
 }
 
 impl Cli {
@@ -56,23 +62,38 @@ impl Cli {
     }
 
     pub async fn serve(&self) -> Server {
-        // Each server process keeps its own inbox.
-        let child = self
-            .command(&["serve"])
-            .env("CALLPLANE__INBOX__DIR", crate::helpers::inbox_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server(child);
-        let url = format!("http://{}/readyz", self.addr);
-        for _ in 0..100 {
+        let mut command = self.command(&["serve"]);
+        command.env("CALLPLANE__INBOX__DIR", crate::helpers::inbox_dir());
+        self.start(command, "/readyz", 100).await
+    }
+
+    /// Starts `command` (a `callplane serve`) and waits until `path` answers 200, trying `tries`
+    /// times 100 ms apart. A server that exits or never answers fails the test with what it
+    /// printed on stderr.
+    async fn start(&self, mut command: Command, path: &str, tries: u32) -> Server {
+        let log = std::env::temp_dir().join(format!("callplane-cli-serve-{}.log", uuid::Uuid::new_v4().simple()));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut server = Server(command.stdout(Stdio::null()).stderr(stderr).spawn().unwrap());
+        let url = format!("http://{}{path}", self.addr);
+        let mut exited = None;
+        for _ in 0..tries {
             if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+                // The server keeps writing to the file, unlinked.
+                let _ = std::fs::remove_file(&log);
                 return server;
+            }
+            exited = server.0.try_wait().unwrap();
+            if exited.is_some() {
+                break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        panic!("callplane serve did not become ready");
+        let printed = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        match exited {
+            Some(status) => panic!("callplane serve on {} exited ({status}):\n{printed}", self.addr),
+            None => panic!("callplane serve on {} did not answer {path}:\n{printed}", self.addr),
+        }
     }
 }
 
@@ -80,23 +101,9 @@ impl Cli {
     /// `callplane serve` on `inbox` with `env` added (later entries win); waits until it answers
     /// `/healthz`.
     pub async fn serve_with(&self, inbox: &str, env: &[(&str, String)]) -> Server {
-        let child = self
-            .command(&["serve"])
-            .env("CALLPLANE__INBOX__DIR", inbox)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server(child);
-        let url = format!("http://{}/healthz", self.addr);
-        for _ in 0..200 {
-            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
-                return server;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("callplane serve did not start");
+        let mut command = self.command(&["serve"]);
+        command.env("CALLPLANE__INBOX__DIR", inbox).envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        self.start(command, "/healthz", 200).await
     }
 }
 
