@@ -62,9 +62,12 @@ impl Cli {
     }
 
     pub async fn serve(&self) -> Server {
+        let inbox = crate::helpers::inbox_dir();
         let mut command = self.command(&["serve"]);
-        command.env("CALLPLANE__INBOX__DIR", crate::helpers::inbox_dir());
-        self.start(command, "/readyz", 100).await
+        command.env("CALLPLANE__INBOX__DIR", &*inbox);
+        let mut server = self.start(command, "/readyz", 100).await;
+        server.1 = Some(inbox);
+        server
     }
 
     /// Starts `command` (a `callplane serve`) and waits until `path` answers 200, trying `tries`
@@ -73,7 +76,7 @@ impl Cli {
     async fn start(&self, mut command: Command, path: &str, tries: u32) -> Server {
         let log = std::env::temp_dir().join(format!("callplane-cli-serve-{}.log", uuid::Uuid::new_v4().simple()));
         let stderr = std::fs::File::create(&log).unwrap();
-        let mut server = Server(command.stdout(Stdio::null()).stderr(stderr).spawn().unwrap());
+        let mut server = Server(command.stdout(Stdio::null()).stderr(stderr).spawn().unwrap(), None);
         let url = format!("http://{}{path}", self.addr);
         let mut exited = None;
         for _ in 0..tries {
@@ -107,7 +110,8 @@ impl Cli {
     }
 }
 
-pub struct Server(pub Child);
+/// A `callplane serve`, killed when dropped; with the inbox it was given, if it owns it.
+pub struct Server(pub Child, Option<crate::helpers::ScratchDir>);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -239,7 +243,7 @@ fn a_database_that_cannot_be_reached_is_named_at_once_without_its_password() {
     let org = uuid::Uuid::new_v4().to_string();
     for args in [&["apikey", "create", "--org", org.as_str()][..], &["serve"]] {
         let started = std::time::Instant::now();
-        let out = cli.command(args).env("CALLPLANE__INBOX__DIR", crate::helpers::inbox_dir()).output().unwrap();
+        let out = cli.command(args).env("CALLPLANE__INBOX__DIR", &*crate::helpers::inbox_dir()).output().unwrap();
         let elapsed = started.elapsed();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {stderr}");
@@ -303,9 +307,10 @@ async fn callplane_advise_reads_what_the_servers_counted_and_says_what_to_do() {
     let quiet = cli.json(&["advise", "--json"]);
     assert_eq!((quiet["current_phase"].clone(), quiet["recommended_phase"].clone()), (1.into(), 1.into()), "{quiet:#}");
 
+    let inbox = crate::helpers::inbox_dir();
     let server = cli
         .serve_with(
-            &crate::helpers::inbox_dir(),
+            &inbox,
             &[
                 ("CALLPLANE__ADVISOR__SAMPLE_INTERVAL_SECONDS", "1".into()),
                 ("CALLPLANE__BACKENDS__SEARCH", "off".into()),

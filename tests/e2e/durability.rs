@@ -220,7 +220,7 @@ struct Stack {
     /// The organization's VAPI server URL.
     url: String,
     proxy: callplane_testkit::fault_proxy::FaultProxy,
-    inbox: String,
+    inbox: crate::helpers::ScratchDir,
     server: crate::cli::Server,
 }
 
@@ -279,7 +279,7 @@ async fn the_inbox_commands_show_what_waits_and_drain_it_into_the_database() {
     let Stack { cli, url, proxy, inbox, mut server } = Stack::start().await;
     let inbox_command = |args: &[&str]| {
         let mut command = cli.command(args);
-        command.env("CALLPLANE__INBOX__DIR", &inbox);
+        command.env("CALLPLANE__INBOX__DIR", &*inbox);
         command
     };
 

@@ -21,6 +21,8 @@ pub struct TestApp {
     pub app: App,
     /// Dropping or sending on this shuts the server down.
     pub shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The server's inbox and object store directories, removed with it.
+    _scratch: [ScratchDir; 2],
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -35,10 +37,34 @@ pub fn sample(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// A new, empty inbox directory for one server.
-pub fn inbox_dir() -> String {
-    let dir = std::env::temp_dir().join(format!("callplane-test-inbox-{}", uuid::Uuid::new_v4().simple()));
-    dir.to_string_lossy().into_owned()
+/// A directory of its own under the system's temporary directory, named but not created
+/// (its user creates it), and removed with everything in it when dropped: a suite run leaves
+/// no inboxes or object stores behind.
+pub struct ScratchDir(String);
+
+impl ScratchDir {
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+        Self(dir.to_string_lossy().into_owned())
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A new inbox directory for one server, removed when the returned guard is dropped.
+pub fn inbox_dir() -> ScratchDir {
+    ScratchDir::new("callplane-test-inbox")
 }
 
 pub fn iso(t: DateTime<Utc>) -> String {
@@ -175,14 +201,13 @@ impl TestApp {
         callplane_server::telemetry::init("pretty");
         let inbox = inbox_dir();
         // A build with an object store opens it (a directory by default): one per server.
-        let objects = std::env::temp_dir().join(format!("callplane-test-objects-{}", uuid::Uuid::new_v4().simple()));
-        let objects = objects.to_string_lossy().into_owned();
+        let objects = ScratchDir::new("callplane-test-objects");
         let mut all: Vec<(&str, &str)> = vec![
             ("database.url", db.url.as_str()),
             ("vapi.secret", SECRET),
             ("auth.admin_token", ADMIN_TOKEN),
-            ("inbox.dir", inbox.as_str()),
-            ("object_store.url", objects.as_str()),
+            ("inbox.dir", &inbox),
+            ("object_store.url", &objects),
         ];
         let redis = redis_url();
         if let Some(url) = &redis {
@@ -213,7 +238,7 @@ impl TestApp {
         tokio::spawn(app.clone().serve(listener, async move {
             let _ = rx.await;
         }));
-        Self { base, http: reqwest::Client::new(), db, app, shutdown: Some(tx) }
+        Self { base, http: reqwest::Client::new(), db, app, shutdown: Some(tx), _scratch: [inbox, objects] }
     }
 
     /// An organization whose current billing period started a day ago.

@@ -140,8 +140,9 @@ async fn a_legacy_table_of_another_shape_is_copied_in_through_a_mapping_file() {
     .execute(pool)
     .await
     .unwrap();
-    let dir = tempfile_dir();
-    let file = dir.join("mapping.txt");
+    let dir = crate::helpers::ScratchDir::new("callplane-mapping");
+    std::fs::create_dir_all(&*dir).unwrap();
+    let file = std::path::Path::new(&*dir).join("mapping.txt");
     std::fs::write(
         &file,
         "# calls column = legacy column\nid = call_uuid\norganization_id = org\ncreated_at = started\n\
@@ -204,12 +205,6 @@ async fn a_legacy_table_of_another_shape_is_copied_in_through_a_mapping_file() {
     .await
     .unwrap();
     assert_eq!(app.count("SELECT count(*) FROM calls WHERE id = 'old-after'").await, 0, "no longer synced");
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("callplane-mapping-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A conversion killed in the middle of its copy resumes from its checkpoint; a month whose

@@ -116,7 +116,8 @@ async fn a_move_waits_for_every_running_server() {
     let app = phase1_app(&redis).await;
     // A second server: the same database and Redis, an inbox of its own.
     let mut settings = app.app.settings.clone();
-    settings.inbox.dir = crate::helpers::inbox_dir().into();
+    let inbox = crate::helpers::inbox_dir();
+    settings.inbox.dir = (*inbox).into();
     let second = callplane_server::App::with_store(settings, app.db.store.clone()).await.unwrap();
     let orgs: Vec<OrgId> = vec![app.org("pro").await.id, app.org("business").await.id];
     crate::durability::eventually("both servers heartbeat", async || {

@@ -411,15 +411,16 @@ mod tests {
 
     #[tokio::test]
     async fn appended_events_survive_reopening_and_leave_when_removed() {
-        let dir = tempdir();
-        let inbox = Inbox::open(&dir, ROOMY).unwrap();
+        let scratch = tempdir();
+        let dir = scratch.path();
+        let inbox = Inbox::open(dir, ROOMY).unwrap();
         let a = inbox.append(&webhook("{\"a\":1}")).await.unwrap();
         let b = inbox.append(&webhook("{\"b\":2}")).await.unwrap();
         assert!(b > a);
         assert_eq!(inbox.depth(), 2);
         drop(inbox);
         // The writer thread ends with the last clone; wait for it to release the file.
-        let inbox = reopen(&dir);
+        let inbox = reopen(dir);
         assert_eq!(inbox.depth(), 2);
         let listed = inbox.list(10).unwrap();
         assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
@@ -434,17 +435,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_inbox_refuses_new_events() {
-        let inbox = Inbox::open(&tempdir(), InboxLimits { max_events: 2, max_bytes: 1 << 20 }).unwrap();
+        let dir = tempdir();
+        let inbox = Inbox::open(dir.path(), InboxLimits { max_events: 2, max_bytes: 1 << 20 }).unwrap();
         inbox.append(&webhook("1")).await.unwrap();
         inbox.append(&webhook("2")).await.unwrap();
         assert!(matches!(inbox.append(&webhook("3")).await, Err(InboxError::Full { depth: 2, .. })));
-        let small = Inbox::open(&tempdir(), InboxLimits { max_events: 10, max_bytes: 4 }).unwrap();
+        let dir = tempdir();
+        let small = Inbox::open(dir.path(), InboxLimits { max_events: 10, max_bytes: 4 }).unwrap();
         assert!(matches!(small.append(&webhook("12345")).await, Err(InboxError::Full { .. })));
     }
 
     #[tokio::test]
     async fn a_failed_event_waits_for_its_next_attempt() {
-        let inbox = Inbox::open(&tempdir(), ROOMY).unwrap();
+        let dir = tempdir();
+        let inbox = Inbox::open(dir.path(), ROOMY).unwrap();
         let a = inbox.append(&webhook("1")).await.unwrap();
         let b = inbox.append(&webhook("2")).await.unwrap();
         let later = Utc::now() + chrono::Duration::seconds(60);
@@ -462,14 +466,9 @@ mod tests {
         assert_eq!(due, vec![a, c], "claimed events are skipped");
     }
 
-    fn tempdir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("callplane-inbox-test-{}", uuid_like()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn uuid_like() -> String {
-        format!("{}-{}", std::process::id(), Utc::now().timestamp_nanos_opt().unwrap_or_default())
+    /// A directory of its own, removed with everything in it when dropped.
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::Builder::new().prefix("callplane-inbox-test-").tempdir().unwrap()
     }
 
     fn reopen(dir: &Path) -> Inbox {

@@ -567,8 +567,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_event_waits_out_a_backend_outage_longer_than_max_attempts_and_is_processed_once_it_ends() {
-        let dir = std::env::temp_dir().join(format!("callplane-intake-test-{}", uuid_like()));
-        let inbox = Inbox::open(&dir, InboxLimits { max_events: 10, max_bytes: 1 << 20 }).unwrap();
+        let dir = tempfile::Builder::new().prefix("callplane-intake-test-").tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), InboxLimits { max_events: 10, max_bytes: 1 << 20 }).unwrap();
         let pipeline = Arc::new(Outage { down_for: 7, submitted: AtomicUsize::new(0) });
         let settings =
             IntakeSettings { workers: 2, max_attempts: 3, max_backoff: Duration::from_millis(10), org_hint_key: None };
@@ -620,8 +620,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_event_whose_processing_panics_is_retried_then_kept_as_a_dead_letter_never_dropped() {
-        let dir = std::env::temp_dir().join(format!("callplane-intake-test-{}", uuid_like()));
-        let inbox = Inbox::open(&dir, InboxLimits { max_events: 10, max_bytes: 1 << 20 }).unwrap();
+        let dir = tempfile::Builder::new().prefix("callplane-intake-test-").tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), InboxLimits { max_events: 10, max_bytes: 1 << 20 }).unwrap();
         let pipeline = Arc::new(Panicking::default());
         let settings =
             IntakeSettings { workers: 2, max_attempts: 3, max_backoff: Duration::from_millis(10), org_hint_key: None };
@@ -644,9 +644,5 @@ mod tests {
         assert_eq!(pipeline.submitted.load(Ordering::SeqCst), 3, "tried max_attempts times");
         assert_eq!(*pipeline.kept.lock().unwrap(), vec!["processing_failed".to_owned()]);
         assert_eq!(intake.status().lost_total, 0);
-    }
-
-    fn uuid_like() -> String {
-        format!("{}-{}", std::process::id(), Utc::now().timestamp_nanos_opt().unwrap_or_default())
     }
 }
