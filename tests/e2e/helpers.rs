@@ -37,28 +37,21 @@ pub fn sample(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// A directory of its own under the system's temporary directory, named but not created
-/// (its user creates it), and removed with everything in it when dropped: a suite run leaves
-/// no inboxes or object stores behind.
-pub struct ScratchDir(String);
+/// A directory of its own under the system's temporary directory, removed with everything in
+/// it when dropped (a `tempfile::TempDir`): a suite run leaves no inboxes or object stores
+/// behind. It reads as the `&str` that settings and environment variables take.
+pub struct ScratchDir(tempfile::TempDir);
 
 impl ScratchDir {
     pub fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
-        Self(dir.to_string_lossy().into_owned())
+        Self(tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir().unwrap())
     }
 }
 
 impl std::ops::Deref for ScratchDir {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().to_str().unwrap()
     }
 }
 

@@ -141,7 +141,6 @@ async fn a_legacy_table_of_another_shape_is_copied_in_through_a_mapping_file() {
     .await
     .unwrap();
     let dir = crate::helpers::ScratchDir::new("callplane-mapping");
-    std::fs::create_dir_all(&*dir).unwrap();
     let file = std::path::Path::new(&*dir).join("mapping.txt");
     std::fs::write(
         &file,
