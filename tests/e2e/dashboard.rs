@@ -297,6 +297,14 @@ async fn usage_detail_live_calls_and_csv_show_what_the_webhooks_recorded() {
     assert_eq!(detail["transcript_final"], true);
     assert!(detail["transcript"].as_str().unwrap().starts_with("AI: "));
     assert!(detail["messages"].as_array().unwrap().len() > 5);
+    // VAPI's analysis goes out as the JSON object the report carried (written as stored, not
+    // as a string of it), on the detail and on the listing.
+    let analysis = &crate::helpers::sample("09-end-of-call-report.json")["message"]["analysis"];
+    assert!(analysis["summary"].is_string(), "the sample carries an analysis");
+    assert_eq!(&detail["analysis"], analysis);
+    let (_, list) = app.get("/v1/calls", &key).await;
+    let listed: Vec<&Value> = list["data"].as_array().unwrap().iter().map(|c| &c["analysis"]).collect();
+    assert_eq!(listed, [analysis, analysis]);
 
     app.post_vapi(
         org.id,

@@ -108,9 +108,9 @@ async fn every_sample_is_answered_like_the_sample_responses_and_stored_field_by_
     assert_eq!(row.ended_at, Some(at("2026-03-10T17:03:27.386Z")));
     assert_eq!(row.duration_seconds, Some(74.033));
     assert_eq!(row.cost, m["cost"].as_f64());
-    assert_eq!(row.costs.as_ref(), Some(&m["costs"]));
+    assert_eq!(row.costs.map(|c| c.to_value()).as_ref(), Some(&m["costs"]));
     assert_eq!(row.summary.as_deref(), m["analysis"]["summary"].as_str());
-    assert_eq!(row.analysis.as_ref(), Some(&m["analysis"]));
+    assert_eq!(row.analysis.map(|a| a.to_value()).as_ref(), Some(&m["analysis"]));
     assert_eq!(row.recording_url.as_deref(), m["artifact"]["recording"]["mono"]["combinedUrl"].as_str());
     assert_eq!(row.customer_number.as_deref(), Some("+14155550123"));
     assert_eq!(row.phone_number_id.as_deref(), m["call"]["phoneNumberId"].as_str());

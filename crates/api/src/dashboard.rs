@@ -15,7 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use callplane_core::ErrorCode;
 use callplane_core::seams::{CallCursor, CallFilter};
 use callplane_core::vapi::status_rank;
-use callplane_core::{CallRecord, OrgId};
+use callplane_core::{CallRecord, OrgId, RawJson};
 use chrono::{DateTime, Datelike, Days, Duration, NaiveDate, Utc};
 use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -43,8 +43,9 @@ pub struct CallView {
     /// VAPI's cost in USD.
     pub cost: Option<f64>,
     pub summary: Option<String>,
+    /// VAPI's analysis, as stored (written out as read, not rebuilt).
     #[schema(value_type = Option<Object>)]
-    pub analysis: Option<Value>,
+    pub analysis: Option<RawJson>,
     pub recording_url: Option<String>,
     pub assistant_id: Option<String>,
     pub phone_number_id: Option<String>,

@@ -103,6 +103,27 @@ impl Organization {
     }
 }
 
+/// JSON kept as the text it was read as: a stored `jsonb` value goes out in a response as it
+/// came from the database, without a tree built of it and written out again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(pub Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// The value as a tree, for the few readers that look inside it.
+    pub fn to_value(&self) -> serde_json::Value {
+        // Text that parsed once as JSON parses again.
+        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Equal when they are the same JSON value (key order and spacing aside).
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get() || self.to_value() == other.to_value()
+    }
+}
+
 /// A stored call.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CallRecord {
@@ -116,9 +137,9 @@ pub struct CallRecord {
     pub ended_at: Option<DateTime<Utc>>,
     pub duration_seconds: Option<f64>,
     pub cost: Option<f64>,
-    pub costs: Option<serde_json::Value>,
+    pub costs: Option<RawJson>,
     pub summary: Option<String>,
-    pub analysis: Option<serde_json::Value>,
+    pub analysis: Option<RawJson>,
     pub recording_url: Option<String>,
     pub assistant_id: Option<String>,
     pub phone_number_id: Option<String>,

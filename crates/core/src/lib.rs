@@ -19,7 +19,7 @@ pub mod seams;
 pub mod text;
 pub mod vapi;
 
-pub use domain::{CallRecord, OrgId, OrgStatus, Organization};
+pub use domain::{CallRecord, OrgId, OrgStatus, Organization, RawJson};
 pub use error_code::ErrorCode;
 
 /// An error and its causes on one line (`outer: inner: root`), for logs and for what is kept

@@ -4,9 +4,11 @@
 use crate::{PgStore, db};
 use async_trait::async_trait;
 use callplane_core::seams::{CallCursor, CallFilter, CallPage, CallReads, DailyUsage, StoreResult};
-use callplane_core::{CallRecord, OrgId};
+use callplane_core::{CallRecord, OrgId, RawJson};
 use chrono::{DateTime, Duration, Months, NaiveDate, Utc};
+use serde_json::value::RawValue;
 use sqlx::postgres::PgRow;
+use sqlx::types::Json;
 use sqlx::{QueryBuilder, Row};
 use tracing::instrument;
 
@@ -28,9 +30,9 @@ pub(crate) fn call_from_row(r: &PgRow) -> Result<CallRecord, sqlx::Error> {
         ended_at: r.try_get(7)?,
         duration_seconds: r.try_get(8)?,
         cost: r.try_get(9)?,
-        costs: r.try_get(10)?,
+        costs: raw_json(r, 10)?,
         summary: r.try_get(11)?,
-        analysis: r.try_get(12)?,
+        analysis: raw_json(r, 12)?,
         recording_url: r.try_get(13)?,
         assistant_id: r.try_get(14)?,
         phone_number_id: r.try_get(15)?,
@@ -39,6 +41,12 @@ pub(crate) fn call_from_row(r: &PgRow) -> Result<CallRecord, sqlx::Error> {
         reported_at: r.try_get(18)?,
         last_event_at: r.try_get(19)?,
     })
+}
+
+/// A `jsonb` column as the text PostgreSQL sends: checked as JSON, not built into a tree.
+fn raw_json(r: &PgRow, i: usize) -> Result<Option<RawJson>, sqlx::Error> {
+    let v: Option<Json<Box<RawValue>>> = r.try_get(i)?;
+    Ok(v.map(|Json(raw)| RawJson(raw)))
 }
 
 /// Months the first statement of a listing covers (see `list_calls`).
