@@ -263,10 +263,16 @@ async fn queued_events_are_published_only_after_their_transaction_commits_and_ne
 async fn events_left_queued_by_a_stopped_process_are_published_by_another() {
     let app = TestApp::spawn().await;
     let org = app.org("pro").await;
+    // Holding the publishers' lock keeps this app's own publisher off the queue while it is
+    // counted.
+    let mut turn = app.db.store.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('callplane_publish_outbox'))").execute(&mut *turn).await.unwrap();
     let mut tx = app.db.store.pool().begin().await.unwrap();
     let events: Vec<_> = (0..3).map(|i| status_event(org.id, &format!("orphan-{i}"))).collect();
     callplane_storage::queue_realtime_events(&mut tx, &events).await.unwrap();
     tx.commit().await.unwrap();
+    assert_eq!(app.db.store.realtime_queued().await.unwrap(), 3, "three events queued (in one row)");
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('callplane_publish_outbox'))").execute(&mut *turn).await.unwrap();
     // Nobody was told: this bus finds them by itself.
     let bus = PgRealtimeBus::start(app.db.store.clone(), 64).await.unwrap();
     let deadline = tokio::time::Instant::now() + StdDuration::from_secs(5);
@@ -298,16 +304,39 @@ async fn a_batch_of_interleaved_organizations_is_numbered_gaplessly_in_queue_ord
     .await
     .unwrap();
     let already: i64 = sqlx::query_scalar("SELECT count(*) FROM realtime_events").fetch_one(pool).await.unwrap();
-    // 200 events, the organizations interleaved unevenly, in one queue.
-    for i in 0..200usize {
-        let org = orgs[(i * i) % 3];
-        sqlx::query("INSERT INTO realtime_outbox (organization_id, kind, call_id, data) VALUES ($1, 'test', $2, $3)")
-            .bind(org.0)
-            .bind(format!("call-{i}"))
-            .bind(json!({ "i": i }))
-            .execute(pool)
-            .await
-            .unwrap();
+    // 200 events, the organizations interleaved unevenly, in one queue. Runs of one to four
+    // events are queued by turns as one change (one row per run of an organization's events)
+    // and as rows of the shape a process of the previous version queues (one event each).
+    let org_of = |i: usize| orgs[(i * i) % 3];
+    let (mut i, mut run) = (0usize, 0usize);
+    while i < 200 {
+        let end = (i + run % 4 + 1).min(200);
+        if run % 2 == 0 {
+            let events: Vec<RealtimeEvent> = (i..end)
+                .map(|i| RealtimeEvent {
+                    org_id: org_of(i),
+                    kind: "test".into(),
+                    call_id: Some(format!("call-{i}")),
+                    data: json!({ "i": i }),
+                })
+                .collect();
+            let mut tx = pool.begin().await.unwrap();
+            callplane_storage::queue_realtime_events(&mut tx, &events).await.unwrap();
+            tx.commit().await.unwrap();
+        } else {
+            for i in i..end {
+                sqlx::query(
+                    "INSERT INTO realtime_outbox (organization_id, kind, call_id, data) VALUES ($1, 'test', $2, $3)",
+                )
+                .bind(org_of(i).0)
+                .bind(format!("call-{i}"))
+                .bind(json!({ "i": i }))
+                .execute(pool)
+                .await
+                .unwrap();
+            }
+        }
+        (i, run) = (end, run + 1);
     }
     // Published in batches of 64 (the publisher running beside may take some first).
     while sqlx::query_scalar::<_, i32>("SELECT callplane_publish_outbox(64)").fetch_one(pool).await.unwrap() > 0 {}
@@ -325,7 +354,7 @@ async fn a_batch_of_interleaved_organizations_is_numbered_gaplessly_in_queue_ord
         let seqs: Vec<i64> = rows.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, (first..first + rows.len() as i64).collect::<Vec<_>>(), "org {n}: no gap, no duplicate");
         let order: Vec<u64> = rows.iter().map(|(_, d)| d["i"].as_u64().unwrap()).collect();
-        let expected: Vec<u64> = (0..200u64).filter(|i| orgs[((i * i) % 3) as usize] == *org).collect();
+        let expected: Vec<u64> = (0..200u64).filter(|&i| org_of(i as usize) == *org).collect();
         assert_eq!(order, expected, "org {n}: numbered in queue order");
     }
 }

@@ -22,6 +22,7 @@ use callplane_core::seams::{Delivery, PublishedEvent, RealtimeBus, RealtimeEvent
 use futures::stream::{self, BoxStream, StreamExt};
 use sqlx::Row;
 use sqlx::postgres::PgListener;
+use sqlx::types::Json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,7 +31,7 @@ use tracing::{info, warn};
 
 pub const CHANNEL: &str = "callplane_events";
 
-/// The most events one publishing transaction moves.
+/// The most outbox rows (a change's events each) one publishing transaction moves.
 const PUBLISH_BATCH: i32 = 512;
 
 /// How often a publisher looks for events queued by a process that stopped before publishing.
@@ -44,18 +45,35 @@ pub async fn queue_realtime_events(tx: &mut Tx<'_>, events: &[RealtimeEvent]) ->
     queue(&mut **tx, events).await
 }
 
+/// One queued event, as an element of its outbox row's `events`.
+#[derive(serde::Serialize)]
+struct Queued<'a> {
+    kind: &'a str,
+    call_id: Option<&'a str>,
+    data: &'a serde_json::Value,
+}
+
+/// Queues the events as one outbox row per run of the same organization (a change's events
+/// are one row), in order (migration `20261208000001_outbox_one_row_per_change.sql`).
 async fn queue<'e>(exec: impl sqlx::PgExecutor<'e>, events: &[RealtimeEvent]) -> StoreResult<()> {
-    if events.is_empty() {
+    let mut rows: Vec<(uuid::Uuid, Vec<Queued>)> = Vec::new();
+    for e in events {
+        let q = Queued { kind: &e.kind, call_id: e.call_id.as_deref(), data: &e.data };
+        match rows.last_mut() {
+            Some((org, queued)) if *org == e.org_id.0 => queued.push(q),
+            _ => rows.push((e.org_id.0, vec![q])),
+        }
+    }
+    if rows.is_empty() {
         return Ok(());
     }
+    let (orgs, events): (Vec<_>, Vec<_>) = rows.into_iter().map(|(org, queued)| (org, Json(queued))).unzip();
     sqlx::query(
-        "INSERT INTO realtime_outbox (organization_id, kind, call_id, data) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[])",
+        "INSERT INTO realtime_outbox (organization_id, events) \
+         SELECT org, events FROM unnest($1::uuid[], $2::jsonb[]) WITH ORDINALITY AS r(org, events, n) ORDER BY n",
     )
-    .bind(events.iter().map(|e| e.org_id.0).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.call_id.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
+    .bind(orgs)
+    .bind(events)
     .execute(exec)
     .await
     .map_err(db)?;
@@ -301,6 +319,8 @@ async fn publish_queued(store: &PgStore) -> StoreResult<u64> {
             .await
             .map_err(db)?;
         total += n as u64;
+        // A row holds one event or more: fewer events than the batch's rows means the queue
+        // ran out.
         if n < PUBLISH_BATCH {
             return Ok(total);
         }
@@ -310,7 +330,12 @@ async fn publish_queued(store: &PgStore) -> StoreResult<u64> {
 impl PgStore {
     /// Events queued and not yet published.
     pub async fn realtime_queued(&self) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT count(*) FROM realtime_outbox").fetch_one(&self.pool).await.map_err(db)
+        sqlx::query_scalar(
+            "SELECT coalesce(sum(coalesce(jsonb_array_length(events), 1)), 0)::bigint FROM realtime_outbox",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)
     }
 
     /// Deletes stored events older than the retention window; returns how many.
